@@ -1,0 +1,107 @@
+"""The one place that decides which backend runs an op.
+
+``MANUALBP_BACKEND`` (read at each call) or :func:`use_backend` /
+:func:`set_backend` (which take precedence) choose among:
+
+* ``"auto"`` (default): CUDA tensors go to the Triton kernels, everything else
+  to the reference path (plain torch ops);
+* ``"reference"``: plain torch ops everywhere;
+* ``"triton"``: Triton kernels everywhere. On CPU tensors this needs
+  ``TRITON_INTERPRET=1`` set before anything imports triton (that is how CI
+  runs the kernels).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+
+__all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend", "resolve", "Backend"]
+
+Backend = Literal["reference", "triton"]
+BACKENDS = ("auto", "reference", "triton")
+ENV_VAR = "MANUALBP_BACKEND"
+
+# Set by set_backend()/use_backend(); None means "read the environment variable".
+# A plain module global (not thread-local) so that torch.compile can guard on it.
+_override: str | None = None
+
+
+def _check(name: object, source: str) -> str:
+    if not isinstance(name, str) or name.lower() not in BACKENDS:
+        raise ValueError(
+            f"{source}: unknown manualbp backend {name!r}; expected one of {', '.join(BACKENDS)}"
+        )
+    return name.lower()
+
+
+def get_backend() -> str:
+    """The configured backend: ``"auto"``, ``"reference"`` or ``"triton"``."""
+    if _override is not None:
+        return _override
+    return _check(os.environ.get(ENV_VAR, "auto") or "auto", f"{ENV_VAR} environment variable")
+
+
+def set_backend(name: str | None) -> None:
+    """Choose the backend for this process; ``None`` goes back to ``MANUALBP_BACKEND``."""
+    global _override
+    _override = None if name is None else _check(name, "set_backend")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the enclosed calls on backend ``name``, then restore the previous choice.
+
+    Example::
+
+        with manualbp.use_backend("reference"):
+            y = model(x)
+    """
+    global _override
+    previous = _override
+    _override = _check(name, "use_backend")
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+def interpreter_enabled() -> bool:
+    """Whether Triton's CPU interpreter is on (it is read when triton is imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve(*tensors: torch.Tensor | None) -> Backend:
+    """The backend that runs an op on ``tensors`` under the current setting."""
+    choice = get_backend()
+    if choice == "reference":
+        return "reference"
+    on_cuda = all(t.is_cuda for t in tensors if t is not None)
+    if choice == "auto":
+        return "triton" if on_cuda and triton_available() else "reference"
+    # choice == "triton": honour it, or say exactly why it cannot be honoured.
+    if not triton_available():
+        raise RuntimeError("manualbp backend 'triton' was requested but triton is not installed")
+    if not on_cuda:
+        devices = sorted({str(t.device) for t in tensors if t is not None and not t.is_cuda})
+        if not interpreter_enabled():
+            raise RuntimeError(
+                f"manualbp backend 'triton' got tensors on {', '.join(devices)}; Triton runs them "
+                "only under its interpreter: set TRITON_INTERPRET=1 before importing triton, or "
+                "use the 'reference' or 'auto' backend"
+            )
+    return "triton"

@@ -1,0 +1,6 @@
+"""The ``torch.autograd.Function`` subclasses with hand-written backward passes."""
+
+from manualbp.autograd.linear import LinearFunction
+from manualbp.autograd.mse import MSELossFunction
+
+__all__ = ["LinearFunction", "MSELossFunction"]

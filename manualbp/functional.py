@@ -1,0 +1,171 @@
+"""The functional API: validated entry points over the autograd Functions.
+
+``linear`` and ``mse_loss`` check their arguments the way native PyTorch does
+(shapes, dtypes, devices, options), honour autocast like the native ops, and
+then run :class:`~manualbp.LinearFunction` / :class:`~manualbp.MSELossFunction`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from numbers import Real
+
+import torch
+from torch import Tensor
+
+from manualbp._backends import impl, pick
+from manualbp.activations import get_activation
+from manualbp.autograd.linear import LinearFunction
+from manualbp.autograd.mse import MSELossFunction
+
+__all__ = ["linear", "mse_loss"]
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _require_tensor(name: str, value: object, op: str) -> None:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{op}: {name} must be a Tensor, got {type(value).__name__}")
+
+
+def _check_same_device(op: str, **tensors: Tensor | None) -> None:
+    present = {k: v for k, v in tensors.items() if v is not None}
+    devices = {v.device for v in present.values()}
+    if len(devices) > 1:
+        where = ", ".join(f"{k} on {v.device}" for k, v in present.items())
+        raise RuntimeError(f"{op}: expected all tensors on the same device, got {where}")
+
+
+def _check_linear_args(
+    input: Tensor, weight: Tensor, bias: Tensor | None, negative_slope: float
+) -> None:
+    _require_tensor("input", input, "linear")
+    _require_tensor("weight", weight, "linear")
+    if bias is not None:
+        _require_tensor("bias", bias, "linear")
+    if not isinstance(negative_slope, Real) or isinstance(negative_slope, bool):
+        raise TypeError(
+            f"linear: negative_slope must be a real number, got {type(negative_slope).__name__}"
+        )
+    if weight.dim() != 2:
+        raise ValueError(
+            "linear: weight must be 2-D (out_features, in_features), "
+            f"got shape {tuple(weight.shape)}"
+        )
+    if input.dim() < 1:
+        raise ValueError("linear: input must have at least 1 dimension (*, in_features), got 0-D")
+    if input.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"linear: input.shape[-1] ({input.shape[-1]}) must equal in_features = "
+            f"weight.shape[1] ({weight.shape[1]}); input {tuple(input.shape)}, "
+            f"weight {tuple(weight.shape)}"
+        )
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(
+            f"linear: bias must have shape ({weight.shape[0]},) = (out_features,), "
+            f"got {tuple(bias.shape)}"
+        )
+    dtypes = {"input": input.dtype, "weight": weight.dtype}
+    if bias is not None:
+        dtypes["bias"] = bias.dtype
+    if not input.dtype.is_floating_point or len(set(dtypes.values())) > 1:
+        got = ", ".join(f"{k} {v}" for k, v in dtypes.items())
+        raise TypeError(f"linear: expected floating-point tensors of one dtype, got {got}")
+    _check_same_device("linear", input=input, weight=weight, bias=bias)
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def linear(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    activation: str | None = None,
+    *,
+    negative_slope: float = 0.01,
+) -> Tensor:
+    r"""``act(input @ weight.T + bias)`` with a hand-written backward.
+
+    Args:
+        input: ``(*, in_features)``, rank >= 1 (a 1-D input gives a 1-D output).
+        weight: ``(out_features, in_features)``, the ``nn.Linear`` layout.
+        bias: ``(out_features,)`` or ``None``.
+        activation: ``None``, ``"relu"``, ``"gelu"`` (exact erf form, as ``nn.GELU()``),
+            ``"gelu_tanh"`` (as ``nn.GELU(approximate="tanh")``), ``"silu"``, ``"tanh"``,
+            ``"sigmoid"`` or ``"leaky_relu"``.
+        negative_slope: slope of ``"leaky_relu"`` for negative inputs.
+
+    Returns:
+        ``(*, out_features)``. Under autocast it computes in the autocast dtype, as
+        ``F.linear`` does.
+    """
+    _check_linear_args(input, weight, bias, negative_slope)
+    get_activation(activation)
+    cast = _autocast_dtype(input.device.type)
+    if cast is not None:
+        # As autocast's own casts: every floating tensor but float64 goes to the autocast dtype.
+        input, weight, bias = (
+            t.to(cast) if t is not None and t.dtype != torch.float64 else t
+            for t in (input, weight, bias)
+        )
+        with torch.autocast(input.device.type, enabled=False):
+            return _linear(input, weight, bias, activation, float(negative_slope))
+    return _linear(input, weight, bias, activation, float(negative_slope))
+
+
+def _linear(input, weight, bias, activation, negative_slope) -> Tensor:
+    if torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, weight, bias)
+    ):
+        return LinearFunction.apply(input, weight, bias, activation, negative_slope)[0]
+    # No graph to record: skip the Function and keep no pre-activation.
+    x = input.reshape(-1, input.shape[-1])
+    y, _ = impl(pick(input, weight, bias)).linear_forward(
+        x, weight, bias, get_activation(activation), negative_slope, store_preact=False
+    )
+    return y.view(*input.shape[:-1], weight.shape[0])
+
+
+def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+    r"""Mean squared error with a hand-written backward; the semantics of ``F.mse_loss``.
+
+    ``reduction``: ``"mean"`` (default), ``"sum"`` or ``"none"``. ``input`` and
+    ``target`` broadcast against each other (with the same ``UserWarning`` as
+    ``F.mse_loss`` when their sizes differ) and promote to a common dtype; a target
+    that requires grad gets a gradient. Under autocast it computes in float32.
+    """
+    _require_tensor("input", input, "mse_loss")
+    _require_tensor("target", target, "mse_loss")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    if target.size() != input.size():
+        warnings.warn(
+            f"Using a target size ({target.size()}) that is different to the input size "
+            f"({input.size()}). This will likely lead to incorrect results due to "
+            "broadcasting. Please ensure they have the same size.",
+            stacklevel=2,
+        )
+    try:
+        torch.broadcast_shapes(input.shape, target.shape)
+    except RuntimeError as e:
+        raise ValueError(
+            f"mse_loss: input of shape {tuple(input.shape)} and target of shape "
+            f"{tuple(target.shape)} cannot be broadcast together ({e})"
+        ) from None
+    if not torch.result_type(input, target).is_floating_point:
+        raise TypeError(
+            f"mse_loss: expected a floating-point input or target, got {input.dtype} "
+            f"and {target.dtype}"
+        )
+    _check_same_device("mse_loss", input=input, target=target)
+    if _autocast_dtype(input.device.type) is not None:
+        # Autocast runs mse_loss in float32, widening lower-precision floats.
+        input, target = (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+                         for t in (input, target))  # fmt: skip
+    if torch.is_grad_enabled() and (input.requires_grad or target.requires_grad):
+        return MSELossFunction.apply(input, target, reduction)
+    return MSELossFunction.forward(input, target, reduction)

@@ -1,0 +1,7 @@
+"""The ``nn.Module`` stand-ins for the built-in layers."""
+
+from manualbp.modules.convert import convert
+from manualbp.modules.linear import Linear
+from manualbp.modules.loss import MSELoss
+
+__all__ = ["Linear", "MSELoss", "convert"]

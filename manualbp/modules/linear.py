@@ -1,0 +1,75 @@
+"""``manualbp.Linear``: a drop-in ``nn.Linear`` with a fused activation, hand-written backward."""
+
+from __future__ import annotations
+
+from numbers import Real
+
+import torch
+from torch import Tensor, nn
+
+from manualbp import functional
+from manualbp.activations import get_activation
+
+
+class Linear(nn.Linear):
+    r"""Applies ``y = act(x A^T + b)``, with the activation fused into the layer.
+
+    A subclass of :class:`torch.nn.Linear`: same parameters (``weight`` of shape
+    ``(out_features, in_features)``, ``bias`` of shape ``(out_features,)``), the same
+    initialisation draw for the same seed, and ``state_dict`` keys that load both ways
+    with ``nn.Linear``. Forward and backward run through
+    :class:`manualbp.LinearFunction`, whose backward is derived by hand::
+
+        dZ = dY * act'(Z),  dX = dZ W,  dW = dZ^T X,  db = sum dZ
+
+    Args:
+        in_features: size of each input sample.
+        out_features: size of each output sample.
+        bias: if ``False``, the layer has no additive bias. Default: ``True``.
+        activation: ``None`` (default), ``"relu"``, ``"gelu"``, ``"gelu_tanh"``, ``"silu"``,
+            ``"tanh"``, ``"sigmoid"`` or ``"leaky_relu"``, applied to ``x A^T + b``.
+        negative_slope: slope of ``"leaky_relu"`` for negative inputs. Default: ``0.01``.
+
+    Shape:
+        - Input: :math:`(*, H_{in})`, :math:`H_{in} = \text{in\_features}`.
+        - Output: :math:`(*, H_{out})`, :math:`H_{out} = \text{out\_features}`.
+
+    Examples::
+
+        >>> m = manualbp.Linear(20, 30, activation="gelu")
+        >>> m(torch.randn(128, 20)).size()
+        torch.Size([128, 30])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        activation: str | None = None,
+        negative_slope: float = 0.01,
+    ) -> None:
+        # Validate before nn.Linear draws the initial weights, so a bad call changes nothing.
+        get_activation(activation)
+        if not isinstance(negative_slope, Real) or isinstance(negative_slope, bool):
+            raise TypeError(
+                f"negative_slope must be a real number, got {type(negative_slope).__name__}"
+            )
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.activation = activation
+        self.negative_slope = float(negative_slope)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return functional.linear(
+            input, self.weight, self.bias, self.activation, negative_slope=self.negative_slope
+        )
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        if self.activation is not None:
+            text += f", activation={self.activation!r}"
+            if self.activation == "leaky_relu":
+                text += f", negative_slope={self.negative_slope}"
+        return text

@@ -127,7 +127,7 @@ def _linear(input, weight, bias, activation, negative_slope) -> Tensor:
     y, _ = impl(pick(input, weight, bias)).linear_forward(
         x, weight, bias, get_activation(activation), negative_slope, store_preact=False
     )
-    return y.view(*input.shape[:-1], weight.shape[0])
+    return y.view(*input.shape[:-1], weight.shape[0]).detach()  # no view: see LinearFunction
 
 
 def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:

@@ -43,7 +43,10 @@ class LinearFunction(Function):
             store_preact=saves(act, negative_slope) == "preact",
         )  # fmt: skip
         shape = (*input.shape[:-1], weight.shape[0])
-        return y.view(shape), (None if z is None else z.view(shape))
+        # detach(): a view made in here would make in-place ops on the output (an
+        # nn.ReLU(inplace=True) after the layer, ``y += residual``) an error, as they
+        # are not for F.linear. The detached tensor shares the storage but is no view.
+        return y.view(shape).detach(), (None if z is None else z.view(shape).detach())
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:

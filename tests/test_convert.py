@@ -1,0 +1,105 @@
+"""manualbp.convert: an existing model, after the swap, trains exactly as before."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+import manualbp
+
+
+def _mlp() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(13, 32), nn.GELU(), nn.Linear(32, 32), nn.ReLU(),
+        nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 3),
+    )  # fmt: skip
+
+
+def test_swaps_in_place_keeping_parameters_and_keys():
+    model = _mlp()
+    params_before = [id(p) for p in model.parameters()]
+    keys_before = list(model.state_dict())
+    out = manualbp.convert(model)
+    assert out is model
+    assert [id(p) for p in model.parameters()] == params_before
+    assert list(model.state_dict()) == keys_before
+    assert [type(m).__name__ for m in model] == [
+        "Linear", "Identity", "Linear", "Identity", "Linear", "Identity", "Linear",
+    ]  # fmt: skip
+    assert all(type(m) is manualbp.Linear for m in model[::2])
+    assert [m.activation for m in model[::2]] == ["gelu", "relu", "tanh", None]
+
+
+def test_without_fusion_activations_stay():
+    model = manualbp.convert(_mlp(), fuse_activations=False)
+    assert type(model[1]) is nn.GELU and model[0].activation is None
+
+
+def test_same_outputs_grads_and_50_sgd_steps_as_native():
+    torch.manual_seed(0)
+    native = _mlp()
+    ours = manualbp.convert(copy.deepcopy(native))
+    loss_native, loss_ours = nn.MSELoss(), manualbp.convert(nn.MSELoss())
+    assert type(loss_ours) is manualbp.MSELoss
+    opt_n = torch.optim.SGD(native.parameters(), lr=0.05, momentum=0.9)
+    opt_o = torch.optim.SGD(ours.parameters(), lr=0.05, momentum=0.9)
+    x, y = torch.randn(64, 13), torch.randn(64, 3)
+    for step in range(50):
+        losses = []
+        for model, loss_fn, opt in ((native, loss_native, opt_n), (ours, loss_ours, opt_o)):
+            opt.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            losses.append(loss.detach())
+            opt.step()
+        # The trajectories agree to float32 rounding; a wrong gradient shows at step 0.
+        assert_close(losses[0], losses[1], rtol=1e-4 if step else 1.3e-6, atol=1e-6)
+    for p_o, p_n in zip(ours.parameters(), native.parameters()):
+        assert_close(p_o, p_n, rtol=1e-4, atol=1e-5)
+
+
+def test_optimizer_built_before_the_swap_keeps_working():
+    model = nn.Sequential(nn.Linear(4, 8), nn.SiLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w_before = model[0].weight.detach().clone()
+    manualbp.convert(model)
+    model(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    assert not torch.equal(model[0].weight, w_before)
+
+
+def test_multihead_attention_reading_weights_directly_keeps_working():
+    torch.manual_seed(1)
+    mha = nn.MultiheadAttention(16, 4, batch_first=True)
+    ref = copy.deepcopy(mha)
+    model = nn.Sequential(mha)
+    manualbp.convert(model)
+    q = torch.randn(2, 5, 16)
+    assert_close(mha(q, q, q)[0], ref(q, q, q)[0])
+
+
+def test_hooks_block_fusion_and_survive_the_swap():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    seen = []
+    model[0].register_forward_hook(lambda m, i, o: seen.append(o))
+    manualbp.convert(model)
+    assert type(model[1]) is nn.ReLU  # fusing would change what the hook sees
+    model(torch.randn(2, 4))
+    assert len(seen) == 1
+
+
+def test_leaky_relu_slope_and_gelu_tanh_are_carried():
+    model = manualbp.convert(
+        nn.Sequential(nn.Linear(3, 3), nn.LeakyReLU(0.2), nn.Linear(3, 3), nn.GELU("tanh"))
+    )
+    assert (model[0].activation, model[0].negative_slope) == ("leaky_relu", 0.2)
+    assert model[2].activation == "gelu_tanh"
+
+
+def test_convert_rejects_non_modules():
+    with pytest.raises(TypeError, match="expected an nn.Module"):
+        manualbp.convert("model")

@@ -1,0 +1,98 @@
+"""manualbp's MSE against F.mse_loss and native autograd: values, gradients, warnings, dtypes."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from manualbp import functional
+from tests.helpers import clone_leaf, leaf
+
+
+def _both(x, t, reduction, grad_out=None):
+    """(loss, x.grad, t.grad) from manualbp and from native autograd, on copies."""
+    results = []
+    for fn in (functional.mse_loss, F.mse_loss):
+        xi, ti = clone_leaf(x), clone_leaf(t)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            loss = fn(xi, ti, reduction=reduction)
+        g = torch.ones_like(loss) if grad_out is None else grad_out
+        if loss.requires_grad:
+            loss.backward(g)
+        results.append((loss, xi.grad, ti.grad))
+    return results
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize(
+    "x_shape,t_shape",
+    [((47, 31), (47, 31)), ((5, 47, 31), (47, 31)), ((47, 31), (47, 1)), ((0, 31), (0, 31)),
+     ((1, 31), (47, 31)), ((), ())],
+)  # fmt: skip
+@pytest.mark.parametrize("target_grad", [False, True])
+def test_matches_native(reduction, x_shape, t_shape, target_grad):
+    x = leaf(torch.randn(x_shape))
+    t = torch.randn(t_shape).requires_grad_(target_grad)
+    shape = torch.broadcast_shapes(x_shape, t_shape)
+    grad_out = torch.randn(shape) if reduction == "none" else torch.randn(())
+    ours, native = _both(x, t, reduction, grad_out)
+    for got, want in zip(ours, native):
+        assert_close(got, want, equal_nan=True)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_non_contiguous_and_expanded_views(reduction):
+    x = leaf(torch.randn(31, 94)[:, ::2].T)  # transposed and strided: (47, 31)
+    t = torch.randn(1, 31).expand(47, 31)  # stride-0 rows
+    ours, native = _both(x, t, reduction)
+    for got, want in zip(ours, native):
+        assert_close(got, want)
+
+
+def test_same_warning_as_native():
+    x, t = torch.randn(4, 3), torch.randn(4, 1)
+    with pytest.warns(UserWarning) as ours:
+        functional.mse_loss(x, t)
+    with pytest.warns(UserWarning) as native:
+        F.mse_loss(x, t)
+    assert str(ours[0].message) == str(native[0].message)
+    assert ours[0].filename == __file__  # points at the caller, as native's does
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        functional.mse_loss(x, x)  # same size: no warning
+
+
+@pytest.mark.parametrize(
+    "dx,dt", [(torch.float32, torch.float64), (torch.float16, torch.float32), (torch.int64, torch.float32)]
+)  # fmt: skip
+def test_dtype_promotion(dx, dt):
+    x = (torch.randn(6, 5) * 3).to(dx)
+    t = torch.randn(6, 5).to(dt)
+    ours = functional.mse_loss(x, t)
+    native = F.mse_loss(x, t)
+    assert ours.dtype == native.dtype
+    assert_close(ours, native)
+    if dx.is_floating_point:
+        xl, xn = leaf(x), leaf(x)
+        functional.mse_loss(xl, t).backward()
+        F.mse_loss(xn, t).backward()
+        assert xl.grad.dtype == dx
+        assert_close(xl.grad, xn.grad)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_double_backward_matches_native(reduction):
+    x, t = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    grads = []
+    for fn in (functional.mse_loss, F.mse_loss):
+        xi, ti = leaf(x), leaf(t)
+        (gx,) = torch.autograd.grad(fn(xi, ti, reduction=reduction), xi, create_graph=True)
+        (gx * gx).sum().backward()
+        grads.append((xi.grad, ti.grad))
+    for got, want in zip(*grads):
+        assert_close(got, want)

@@ -65,13 +65,16 @@ def _check_linear_args(
             f"linear: bias must have shape ({weight.shape[0]},) = (out_features,), "
             f"got {tuple(bias.shape)}"
         )
+    _check_same_device("linear", input=input, weight=weight, bias=bias)
+
+
+def _check_linear_dtypes(input: Tensor, weight: Tensor, bias: Tensor | None) -> None:
     dtypes = {"input": input.dtype, "weight": weight.dtype}
     if bias is not None:
         dtypes["bias"] = bias.dtype
     if not input.dtype.is_floating_point or len(set(dtypes.values())) > 1:
         got = ", ".join(f"{k} {v}" for k, v in dtypes.items())
         raise TypeError(f"linear: expected floating-point tensors of one dtype, got {got}")
-    _check_same_device("linear", input=input, weight=weight, bias=bias)
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -109,11 +112,14 @@ def linear(
     if cast is not None:
         # As autocast's own casts: every floating tensor but float64 goes to the autocast dtype.
         input, weight, bias = (
-            t.to(cast) if t is not None and t.dtype != torch.float64 else t
+            t.to(cast) if t is not None and t.is_floating_point() and t.dtype != torch.float64
+            else t
             for t in (input, weight, bias)
-        )
+        )  # fmt: skip
+        _check_linear_dtypes(input, weight, bias)
         with torch.autocast(input.device.type, enabled=False):
             return _linear(input, weight, bias, activation, float(negative_slope))
+    _check_linear_dtypes(input, weight, bias)
     return _linear(input, weight, bias, activation, float(negative_slope))
 
 
@@ -127,7 +133,7 @@ def _linear(input, weight, bias, activation, negative_slope) -> Tensor:
     y, _ = impl(pick(input, weight, bias)).linear_forward(
         x, weight, bias, get_activation(activation), negative_slope, store_preact=False
     )
-    return y.view(*input.shape[:-1], weight.shape[0]).detach()  # no view: see LinearFunction
+    return y.view(*input.shape[:-1], weight.shape[0])
 
 
 def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
@@ -156,7 +162,7 @@ def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
             f"mse_loss: input of shape {tuple(input.shape)} and target of shape "
             f"{tuple(target.shape)} cannot be broadcast together ({e})"
         ) from None
-    if not torch.result_type(input, target).is_floating_point:
+    if not torch.promote_types(input.dtype, target.dtype).is_floating_point:
         raise TypeError(
             f"mse_loss: expected a floating-point input or target, got {input.dtype} "
             f"and {target.dtype}"

@@ -68,8 +68,9 @@ def test_same_warning_as_native():
 
 
 @pytest.mark.parametrize(
-    "dx,dt", [(torch.float32, torch.float64), (torch.float16, torch.float32), (torch.int64, torch.float32)]
-)  # fmt: skip
+    "dx,dt",
+    [(torch.float32, torch.float64), (torch.float16, torch.float32), (torch.int64, torch.float32)],
+)
 def test_dtype_promotion(dx, dt):
     x = (torch.randn(6, 5) * 3).to(dx)
     t = torch.randn(6, 5).to(dt)

@@ -15,7 +15,7 @@ from manualbp._backends import pick
 def broadcast_promoted(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """``input`` and ``target`` as same-shape views (stride 0 where broadcast) in their
     promoted dtype, as ``F.mse_loss`` computes them."""
-    dtype = torch.result_type(input, target)
+    dtype = torch.promote_types(input.dtype, target.dtype)
     input, target = torch.broadcast_tensors(input, target)
     return input.to(dtype), target.to(dtype)
 

@@ -5,11 +5,11 @@ and fused activation) and the MSE loss, drop-in ``nn.Module`` stand-ins for
 ``nn.Linear`` and ``nn.MSELoss``, and Triton kernels on CUDA.
 """
 
-from manualbp import functional
+from manualbp import functional, optim
 from manualbp._dispatch import get_backend, set_backend, use_backend
 from manualbp.activations import ACTIVATIONS
 from manualbp.autograd import LinearFunction, MSELossFunction
-from manualbp.modules import Linear, MSELoss, convert
+from manualbp.modules import Linear, LinearMSELoss, MSELoss, convert
 
 __version__ = "0.1.0"
 
@@ -17,10 +17,12 @@ __all__ = [
     "ACTIVATIONS",
     "Linear",
     "LinearFunction",
+    "LinearMSELoss",
     "MSELoss",
     "MSELossFunction",
     "convert",
     "functional",
+    "optim",
     "get_backend",
     "set_backend",
     "use_backend",

@@ -12,30 +12,29 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from manualbp import reference
+from manualbp import _ops, reference
 from manualbp._dispatch import Backend, resolve
 from manualbp.activations import Activation, saves
 
 
 class _Triton:
-    """The Triton launchers behind the reference path's signatures."""
+    """The Triton kernels (as ``manualbp::`` custom ops) behind the reference signatures."""
 
     @staticmethod
     def linear_forward(x, weight, bias, act, negative_slope, *, store_preact):
-        from triton_kernels.linear_forward import linear_forward
-
-        name = None if act is None else act.name
-        return linear_forward(x, weight, bias, name, negative_slope, store_preact=store_preact)
+        name = _ops.NO_ACTIVATION if act is None else act.name
+        y, z = _ops.linear_forward(x, weight, bias, name, float(negative_slope), store_preact)
+        return y, (z if store_preact else None)
 
     @staticmethod
     def linear_backward(grad_y, x, weight, saved, act, negative_slope, needs_grad):
-        from triton_kernels.linear_backward import linear_backward
-
-        name = None if act is None else act.name
-        return linear_backward(
-            grad_y, x, weight, saved, name, negative_slope,
-            saved_is_output=saves(act, negative_slope) == "output", needs_grad=needs_grad,
+        name = _ops.NO_ACTIVATION if act is None else act.name
+        saved_is_output = saves(act, negative_slope) == "output"
+        grads = _ops.linear_backward(
+            grad_y, x, weight, saved, name, float(negative_slope), saved_is_output,
+            list(needs_grad),
         )  # fmt: skip
+        return tuple(g if need else None for g, need in zip(grads, needs_grad, strict=True))
 
 
 def pick(*tensors: Tensor | None, differentiable: bool = False) -> Backend:

@@ -16,9 +16,10 @@ from torch import Tensor
 from manualbp._backends import impl, pick
 from manualbp.activations import get_activation
 from manualbp.autograd.linear import LinearFunction
+from manualbp.autograd.linear_mse import LinearMSELossFunction, default_chunk_rows
 from manualbp.autograd.mse import MSELossFunction
 
-__all__ = ["linear", "mse_loss"]
+__all__ = ["linear", "linear_mse_loss", "mse_loss"]
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -136,6 +137,21 @@ def _linear(input, weight, bias, activation, negative_slope) -> Tensor:
     return y.view(*input.shape[:-1], weight.shape[0])
 
 
+def _check_reduction(reduction: object) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+
+
+def _warn_if_sizes_differ(input_size: torch.Size, target_size: torch.Size) -> None:
+    if target_size != input_size:
+        warnings.warn(
+            f"Using a target size ({target_size}) that is different to the input size "
+            f"({input_size}). This will likely lead to incorrect results due to "
+            "broadcasting. Please ensure they have the same size.",
+            stacklevel=3,
+        )
+
+
 def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     r"""Mean squared error with a hand-written backward; the semantics of ``F.mse_loss``.
 
@@ -146,15 +162,8 @@ def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     """
     _require_tensor("input", input, "mse_loss")
     _require_tensor("target", target, "mse_loss")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"{reduction} is not a valid value for reduction")
-    if target.size() != input.size():
-        warnings.warn(
-            f"Using a target size ({target.size()}) that is different to the input size "
-            f"({input.size()}). This will likely lead to incorrect results due to "
-            "broadcasting. Please ensure they have the same size.",
-            stacklevel=2,
-        )
+    _check_reduction(reduction)
+    _warn_if_sizes_differ(input.size(), target.size())
     try:
         torch.broadcast_shapes(input.shape, target.shape)
     except RuntimeError as e:
@@ -173,5 +182,81 @@ def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
         input, target = (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
                          for t in (input, target))  # fmt: skip
     if torch.is_grad_enabled() and (input.requires_grad or target.requires_grad):
-        return MSELossFunction.apply(input, target, reduction)
-    return MSELossFunction.forward(input, target, reduction)
+        return MSELossFunction.apply(input, target, reduction)[0]
+    return MSELossFunction.forward(input, target, reduction)[0]
+
+
+def linear_mse_loss(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    reduction: str = "mean",
+    *,
+    chunk_rows: int | None = None,
+) -> Tensor:
+    r"""``mse_loss(linear(input, weight, bias), target, reduction)`` as one memory-lean op.
+
+    Equal to ``F.mse_loss(F.linear(input, weight, bias), target, reduction=reduction)``
+    (with its size warning), but the prediction ``ŷ = input @ weight.T + bias`` is made
+    ``chunk_rows`` rows at a time and never kept: for ``"mean"``/``"sum"`` the gradients
+    for ``input``, ``weight`` and ``bias`` are computed during the forward pass and backward
+    only scales them; for ``"none"`` backward recomputes ``ŷ`` chunk by chunk.
+
+    When it helps: wide outputs (``out_features`` >> ``in_features``, e.g. N >= 4096), where
+    ``ŷ`` and ``dL/dŷ`` (each tokens x N) dominate the memory of the unfused pair. When it
+    does not: narrow outputs, where ``ŷ`` is small anyway and the chunked GEMMs are less
+    efficient than one large one; and a target that requires grad, or ``target`` of another
+    dtype than ``input``, which take the unfused path (same result, no memory saving).
+
+    Args:
+        input: ``(*, in_features)``; weight: ``(out_features, in_features)``;
+        bias: ``(out_features,)`` or None; target: broadcastable to ``(*, out_features)``.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        chunk_rows: rows of ``ŷ`` per chunk; default about ``rows / ceil(N / K)``, so a chunk
+            is about the size of ``input``.
+    """
+    _check_linear_args(input, weight, bias, 0.01)
+    _require_tensor("target", target, "linear_mse_loss")
+    _check_reduction(reduction)
+    if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
+        raise ValueError(f"linear_mse_loss: chunk_rows must be a positive int, got {chunk_rows!r}")
+    out_shape = torch.Size((*input.shape[:-1], weight.shape[0]))
+    _warn_if_sizes_differ(out_shape, target.size())
+    try:
+        shape = torch.broadcast_shapes(out_shape, target.shape)
+    except RuntimeError as e:
+        raise ValueError(
+            f"linear_mse_loss: output of shape {tuple(out_shape)} and target of shape "
+            f"{tuple(target.shape)} cannot be broadcast together ({e})"
+        ) from None
+    _check_same_device("linear_mse_loss", input=input, weight=weight, bias=bias, target=target)
+    cast = _autocast_dtype(input.device.type)
+    if cast is not None:
+        input, weight, bias = (
+            t.to(cast) if t is not None and t.is_floating_point() and t.dtype != torch.float64
+            else t
+            for t in (input, weight, bias)
+        )  # fmt: skip
+    _check_linear_dtypes(input, weight, bias)
+    loss_dtype = torch.float32 if cast is not None and input.dtype != torch.float64 else None
+    if (
+        shape != out_shape  # the target broadcasts the prediction: not a per-row op
+        or target.requires_grad
+        or (loss_dtype is None and target.dtype != input.dtype)
+    ):
+        with torch.autocast(input.device.type, enabled=False):
+            y = _linear(input, weight, bias, None, 0.01)
+            return mse_loss(y if loss_dtype is None else y.float(), target, reduction)
+    loss_dtype = loss_dtype or input.dtype
+    x = input.reshape(-1, input.shape[-1])
+    t = target.expand(out_shape).reshape(-1, weight.shape[0])
+    rows = chunk_rows or default_chunk_rows(x.shape[0], weight.shape[1], weight.shape[0])
+    with torch.autocast(input.device.type, enabled=False):
+        if torch.is_grad_enabled() and any(
+            p is not None and p.requires_grad for p in (input, weight, bias)
+        ):
+            loss = LinearMSELossFunction.apply(x, weight, bias, t, reduction, loss_dtype, rows)[0]
+        else:
+            loss = LinearMSELossFunction.forward(x, weight, bias, t, reduction, loss_dtype, rows)[0]
+    return loss.view(out_shape) if reduction == "none" else loss

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from manualbp import reference
+from manualbp import _ops, reference
 from manualbp._backends import pick
 
 
@@ -24,31 +24,40 @@ class MSELossFunction(Function):
     """``L = reduce((input - target)^2)`` as a ``torch.autograd.Function``.
 
     ``MSELossFunction.apply(input, target, reduction)`` with ``reduction`` one of
-    ``"mean"``, ``"sum"``, ``"none"``; ``input`` and ``target`` broadcast against each
-    other and promote to a common dtype, as in ``F.mse_loss``. Inputs are not validated
-    here: use :func:`manualbp.functional.mse_loss`.
+    ``"mean"``, ``"sum"``, ``"none"`` returns ``(loss, grad)``; ``input`` and ``target``
+    broadcast against each other and promote to a common dtype, as in ``F.mse_loss``.
+    On the Triton path with a scalar reduction, ``grad`` is ``dL/d input`` for an upstream
+    gradient of 1, written by the same kernel pass that reads ``input`` and ``target`` for
+    the loss, so backward only scales it; otherwise ``grad`` is ``None`` and backward
+    computes it. ``grad`` is not differentiable. Inputs are not validated here: use
+    :func:`manualbp.functional.mse_loss`, which returns ``loss`` alone.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(input: Tensor, target: Tensor, reduction: str) -> Tensor:
+    def forward(input: Tensor, target: Tensor, reduction: str) -> tuple[Tensor, Tensor | None]:
         x, t = broadcast_promoted(input, target)
-        backend = pick(x, t)
-        if backend == "triton":
-            from triton_kernels.mse import mse_forward
-
-            return mse_forward(x, t, reduction, compute_grad=False)[0]
-        return reference.mse_forward(x, t, reduction)
+        if pick(x, t) == "triton":
+            wants_grad = reduction != "none" and (input.requires_grad or target.requires_grad)
+            loss, grad = _ops.mse_forward(x, t, reduction, wants_grad)
+            return loss, (grad if wants_grad else None)
+        return reference.mse_forward(x, t, reduction), None
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
         input, target, reduction = inputs
-        ctx.save_for_backward(input, target)
+        _, grad = output
+        ctx.save_for_backward(input, target, grad)
+        if grad is not None:
+            ctx.mark_non_differentiable(grad)
+        ctx.set_materialize_grads(False)
         ctx.reduction = reduction
 
     @staticmethod
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+    def backward(
+        ctx: Any, grad_output: Tensor | None, _grad_grad: None
+    ) -> tuple[Tensor | None, Tensor | None, None]:
         """With ``D = input - target`` over the N broadcast elements and ``g = dL_out``:
 
         L = (1/N) sum D^2  =>  dL/d input = g * 2D/N     (mean; g * 2D for sum;
@@ -56,16 +65,19 @@ class MSELossFunction(Function):
         dL/d target = -dL/d input; where an operand was broadcast, its gradient is summed
         over the broadcast dimensions (the chain rule through the expand).
         """
-        input, target = ctx.saved_tensors
+        if grad_output is None:
+            return None, None, None
+        input, target, precomputed = ctx.saved_tensors
         needs_input, needs_target = ctx.needs_input_grad[:2]
-        x, t = broadcast_promoted(input, target)
-        backend = pick(grad_output, x, t, differentiable=torch.is_grad_enabled())
-        if backend == "triton":
-            from triton_kernels.mse import mse_backward
-
-            grad = mse_backward(grad_output, x, t, ctx.reduction)
+        differentiable = torch.is_grad_enabled()
+        if precomputed is not None and not differentiable:
+            grad = precomputed * grad_output  # 2D/N (or 2D) from the forward pass, times g
         else:
-            grad = reference.mse_backward(grad_output, x, t, ctx.reduction)
+            x, t = broadcast_promoted(input, target)
+            if pick(grad_output, x, t, differentiable=differentiable) == "triton":
+                grad = _ops.mse_backward(grad_output, x, t, ctx.reduction)
+            else:
+                grad = reference.mse_backward(grad_output, x, t, ctx.reduction)
         grad_input = grad_target = None
         if needs_input:
             grad_input = grad.sum_to_size(input.shape).to(input.dtype)

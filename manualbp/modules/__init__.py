@@ -2,6 +2,7 @@
 
 from manualbp.modules.convert import convert
 from manualbp.modules.linear import Linear
+from manualbp.modules.linear_mse import LinearMSELoss
 from manualbp.modules.loss import MSELoss
 
-__all__ = ["Linear", "MSELoss", "convert"]
+__all__ = ["Linear", "LinearMSELoss", "MSELoss", "convert"]

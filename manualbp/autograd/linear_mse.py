@@ -1,0 +1,166 @@
+"""``LinearMSELossFunction``: the last Linear layer and the MSE loss as one memory-lean op.
+
+``loss = mse(x W^T + b, target)``. For ``"mean"``/``"sum"`` the gradients for x, W
+and b are computed during the forward pass, a chunk of rows at a time, so the
+prediction ``ŷ`` (and the full-size ``dL/dŷ``) never exists whole; backward only
+scales the stored gradients by the upstream gradient. For ``"none"`` the upstream
+gradient is per element and unknown at forward time, so backward recomputes each
+chunk of ``ŷ`` and applies it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd import Function
+
+from manualbp._backends import impl, pick
+
+
+def default_chunk_rows(rows: int, in_features: int, out_features: int) -> int:
+    """Rows per chunk: about ``ceil(N / K)`` chunks, so that one chunk of ``ŷ`` (rows x N)
+    is about the size of the input (rows x K), rounded to a power of two for the GEMMs."""
+    chunks = max(1, math.ceil(out_features / max(in_features, 1)))
+    rows_per_chunk = max(1, math.ceil(rows / chunks))
+    return 1 << (rows_per_chunk - 1).bit_length()
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunk_residual(x_c, weight, bias, t_c, loss_dtype, backend):
+    """``D = ŷ - t`` for one chunk of rows, in the loss dtype."""
+    y_c, _ = impl(backend).linear_forward(x_c, weight, bias, None, 0.0, store_preact=False)
+    return y_c.to(loss_dtype) - t_c.to(loss_dtype)
+
+
+class LinearMSELossFunction(Function):
+    """``loss = mse(input @ weight.T + bias, target)`` with gradients made during forward.
+
+    ``apply(input, weight, bias, target, reduction, loss_dtype, chunk_rows)`` on 2-D
+    ``input`` (M, K), ``weight`` (N, K), ``bias`` (N,) or None and ``target`` (M, N)
+    (any strides, stride-0 broadcast views included) returns ``(loss, dx, dW, db)``;
+    the last three are the gradients of the *summed* squared error (``None`` unless a
+    scalar reduction needs them) and are not differentiable. ``loss_dtype`` is the dtype
+    the loss is computed in (float32 under autocast, as for ``F.mse_loss``).
+    """
+
+    @staticmethod
+    def forward(input, weight, bias, target, reduction, loss_dtype, chunk_rows):
+        M, N = input.shape[0], weight.shape[0]
+        backend = pick(input, weight, bias, target)
+        acc = _acc_dtype(loss_dtype)
+        wants_grad = reduction != "none" and (input.requires_grad or weight.requires_grad or (
+            bias is not None and bias.requires_grad))  # fmt: skip
+        if reduction == "none":
+            loss = torch.empty(M, N, dtype=loss_dtype, device=input.device)
+        total = torch.zeros((), dtype=acc, device=input.device)
+        dx = torch.empty_like(input) if wants_grad and input.requires_grad else None
+        dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if wants_grad else None
+        db = torch.zeros(N, dtype=acc, device=weight.device) if wants_grad else None
+        for r0 in range(0, M, chunk_rows):
+            x_c, t_c = input[r0 : r0 + chunk_rows], target[r0 : r0 + chunk_rows]
+            d = _chunk_residual(x_c, weight, bias, t_c, loss_dtype, backend)
+            if reduction == "none":
+                torch.mul(d, d, out=loss[r0 : r0 + chunk_rows])
+                continue
+            total += (d * d).sum(dtype=acc)
+            if wants_grad:
+                # dL/dŷ of the summed loss is 2D; chain it through ŷ = x W^T + b now.
+                g = (2 * d).to(input.dtype)
+                if dx is not None:
+                    torch.mm(g, weight, out=dx[r0 : r0 + chunk_rows])
+                dw += (g.mT @ x_c).to(acc)
+                db += g.sum(0, dtype=acc)
+        if reduction == "none":
+            return loss, None, None, None
+        if reduction == "mean":
+            total = total / (M * N) if M * N else total.new_tensor(float("nan"))
+        dw = None if dw is None else dw.to(weight.dtype)
+        db = None if db is None or bias is None else db.to(bias.dtype)
+        return total.to(loss_dtype), dx, dw, db
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        input, weight, bias, target, reduction, loss_dtype, chunk_rows = inputs
+        _, dx, dw, db = output
+        precomputed = reduction != "none"
+        # A scalar reduction keeps only the gradients (and, for double backward, the
+        # inputs, which live anyway); "none" keeps the inputs to recompute ŷ per chunk.
+        ctx.save_for_backward(input, weight, bias, target, dx, dw, db)
+        ctx.mark_non_differentiable(*(t for t in (dx, dw, db) if t is not None))
+        ctx.set_materialize_grads(False)
+        ctx.reduction, ctx.loss_dtype, ctx.chunk_rows = reduction, loss_dtype, chunk_rows
+        ctx.precomputed = precomputed
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor | None, *_: None) -> tuple:
+        """With ``ŷ = x W^T + b``, ``D = ŷ - t`` and upstream ``g``:
+
+        dL/dŷ = g * 2D / N (mean), g * 2D (sum), g_mn * 2D_mn (none);
+        dx = dL/dŷ W,  dW = (dL/dŷ)^T x,  db = sum_m dL/dŷ,  dt = -dL/dŷ.
+        For mean/sum the forward pass already made dx, dW, db for g = 1 (sum), so this
+        only scales them by g (and 1/N). For none it recomputes ŷ chunk by chunk.
+        """
+        none = (None,) * 7
+        if grad_loss is None:
+            return none
+        input, weight, bias, target, dx, dw, db = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        if torch.is_grad_enabled():
+            return _differentiable_backward(ctx, grad_loss, input, weight, bias, target)
+        if ctx.precomputed:
+            M, N = input.shape[0], weight.shape[0]
+            # max(., 1): with no elements the gradients are zeros (as natively), not 0 * inf.
+            scale = grad_loss / max(M * N, 1) if ctx.reduction == "mean" else grad_loss
+            scale = scale.to(input.dtype)
+            return (
+                dx * scale if needs[0] else None,
+                dw * scale.to(dw.dtype) if needs[1] else None,
+                db * scale.to(db.dtype) if needs[2] and db is not None else None,
+                None, None, None, None,
+            )  # fmt: skip
+        return _none_backward(ctx, grad_loss, input, weight, bias, target, needs)
+
+
+def _none_backward(ctx, grad_loss, input, weight, bias, target, needs):
+    backend = pick(input, weight, bias, target)
+    acc = _acc_dtype(ctx.loss_dtype)
+    dx = torch.empty_like(input) if needs[0] else None
+    dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs[1] else None
+    db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if needs[2] else None
+    step = ctx.chunk_rows
+    for r0 in range(0, input.shape[0], step):
+        x_c, t_c = input[r0 : r0 + step], target[r0 : r0 + step]
+        d = _chunk_residual(x_c, weight, bias, t_c, ctx.loss_dtype, backend)
+        g = (2 * d * grad_loss[r0 : r0 + step]).to(input.dtype)
+        if dx is not None:
+            torch.mm(g, weight, out=dx[r0 : r0 + step])
+        if dw is not None:
+            dw += (g.mT @ x_c).to(acc)
+        if db is not None:
+            db += g.sum(0, dtype=acc)
+    dw = None if dw is None else dw.to(weight.dtype)
+    db = None if db is None else db.to(bias.dtype)
+    return dx, dw, db, None, None, None, None
+
+
+def _differentiable_backward(ctx, grad_loss, input, weight, bias, target):
+    """The same gradients in plain differentiable ops, for double backward."""
+    y = F.linear(input, weight, bias).to(ctx.loss_dtype)
+    d = y - target.to(ctx.loss_dtype)
+    norm = 2.0 / max(d.numel(), 1) if ctx.reduction == "mean" else 2.0
+    g = grad_loss * norm * d
+    g = g.to(input.dtype)
+    needs = ctx.needs_input_grad
+    return (
+        g @ weight if needs[0] else None,
+        g.mT @ input if needs[1] else None,
+        g.sum(0) if needs[2] else None,
+        None, None, None, None,
+    )  # fmt: skip

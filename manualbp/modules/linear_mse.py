@@ -1,0 +1,86 @@
+"""``manualbp.LinearMSELoss``: an output Linear layer and its MSE loss fused into one op."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from manualbp import functional
+from manualbp.functional import REDUCTIONS
+
+
+class LinearMSELoss(nn.Module):
+    r"""``loss = mse(x A^T + b, target)``: the last Linear layer and the MSE loss as one op.
+
+    Holds ``weight`` ``(out_features, in_features)`` and ``bias`` ``(out_features,)``
+    exactly as :class:`torch.nn.Linear` does (same names, shapes and initial draw for the
+    same seed; ``state_dict`` loads both ways with ``nn.Linear``), and is called as
+    ``loss = head(x, target)``. The result equals
+    ``nn.MSELoss(reduction)(nn.Linear(...)(x), target)``, but the prediction is never
+    stored: for ``"mean"``/``"sum"`` the gradients for x, W and b are computed during the
+    forward pass in row chunks and backward only scales them by the upstream gradient;
+    for ``"none"`` backward recomputes the prediction chunk by chunk and applies the
+    per-element upstream gradient.
+
+    When it helps: large output widths (``out_features`` of several thousand and more
+    than ``in_features``), where the unfused pair keeps the prediction and its gradient
+    (tokens x out_features each) alive. When it does not: narrow outputs, where those
+    tensors are small and one large GEMM beats the chunked ones; and when you need the
+    prediction itself (this op does not return it).
+
+    Args:
+        in_features: size of each input sample.
+        out_features: size of each prediction (and target) sample.
+        bias: if ``False``, no additive bias. Default ``True``.
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
+        chunk_rows: rows per chunk (default: chosen from the shapes, see
+            :func:`manualbp.functional.linear_mse_loss`).
+
+    Shape:
+        - x: :math:`(*, H_{in})`; target: :math:`(*, H_{out})` (broadcastable).
+        - Output: scalar, or :math:`(*, H_{out})` for ``reduction="none"``.
+
+    Examples::
+
+        >>> head = manualbp.LinearMSELoss(1024, 32768)
+        >>> loss = head(torch.randn(64, 1024), torch.randn(64, 32768))
+        >>> loss.backward()
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        reduction: str = "mean",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        chunk_rows: int | None = None,
+    ) -> None:
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"{reduction} is not a valid value for reduction")
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features = in_features, out_features
+        self.reduction, self.chunk_rows = reduction, chunk_rows
+        self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The initialisation of ``nn.Linear`` (the same draw for the same seed)."""
+        nn.Linear.reset_parameters(self)  # type: ignore[arg-type]
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return functional.linear_mse_loss(
+            input, self.weight, self.bias, target, self.reduction, chunk_rows=self.chunk_rows
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, reduction={self.reduction!r}"
+        )

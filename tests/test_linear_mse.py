@@ -1,0 +1,158 @@
+"""LinearMSELoss: the fused output head equals nn.Linear + nn.MSELoss and saves memory."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd import gradcheck, gradgradcheck
+from torch.testing import assert_close
+
+import manualbp
+from manualbp import functional
+from tests.helpers import assert_close_through_sum, clone_leaf, leaf
+
+
+def _pair(K, N, bias, reduction, chunk_rows=None, dtype=torch.float32):
+    torch.manual_seed(5)
+    head = manualbp.LinearMSELoss(K, N, bias=bias, reduction=reduction, chunk_rows=chunk_rows,
+                                  dtype=dtype)  # fmt: skip
+    torch.manual_seed(5)
+    return head, nn.Linear(K, N, bias=bias, dtype=dtype)
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 1, 8, 1000])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("lead", [(47,), (3, 17), (0,), ()], ids=str)
+def test_matches_linear_then_mse(lead, reduction, bias, chunk_rows):
+    K, N = 31, 123
+    head, ref = _pair(K, N, bias, reduction, chunk_rows)
+    assert_close(head.weight, ref.weight, rtol=0, atol=0)  # nn.Linear's very draw
+    x = leaf(torch.randn(*lead, K))
+    xr = clone_leaf(x)
+    t = torch.randn(*lead, N)
+    loss, want = head(x, t), F.mse_loss(ref(xr), t, reduction=reduction)
+    assert_close(loss, want, equal_nan=True)
+    # A non-uniform upstream gradient: per element for "none".
+    g = torch.randn_like(want)
+    loss.backward(g)
+    want.backward(g)
+    # The grads are GEMM sums over chunks in another order than one GEMM: allow the
+    # rounding a sum may add (tests/helpers.py), nothing more.
+    d = (ref(xr) - t).detach().abs() * 2 * g.abs()
+    d = d.reshape(-1, N)
+    assert_close_through_sum(x.grad, xr.grad, (d @ head.weight.detach().abs()).reshape(x.shape))
+    assert_close_through_sum(
+        head.weight.grad, ref.weight.grad, d.mT @ x.detach().reshape(-1, K).abs()
+    )
+    if bias:
+        assert_close_through_sum(head.bias.grad, ref.bias.grad, d.sum(0))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_gradcheck_and_gradgradcheck(reduction):
+    kw = {"dtype": torch.float64}
+    x, w, b = (
+        leaf(torch.randn(7, 4, **kw)),
+        leaf(torch.randn(5, 4, **kw)),
+        leaf(torch.randn(5, **kw)),
+    )
+    t = torch.randn(7, 5, **kw)
+
+    def f(x, w, b):
+        return functional.linear_mse_loss(x, w, b, t, reduction, chunk_rows=3)
+
+    assert gradcheck(f, (x, w, b))
+    assert gradgradcheck(f, (x, w, b))
+
+
+def test_broadcast_target_and_target_requiring_grad_match_native():
+    head, ref = _pair(6, 9, True, "mean")
+    x = leaf(torch.randn(11, 6))
+    for t in (torch.randn(9), torch.randn(11, 9, requires_grad=True)):
+        tr = clone_leaf(t)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            loss, want = head(x, t), F.mse_loss(ref(x), tr)
+        assert_close(loss, want)
+        if t.requires_grad:
+            loss.backward()
+            want.backward()
+            assert_close(t.grad, tr.grad)
+
+
+def test_same_size_warning_as_native():
+    head = manualbp.LinearMSELoss(3, 4)
+    with pytest.warns(UserWarning, match=r"target size \(torch.Size\(\[5, 1\]\)\)"):
+        head(torch.randn(5, 3), torch.randn(5, 1))
+
+
+def test_state_dict_loads_both_ways_with_nn_linear():
+    head, ref = manualbp.LinearMSELoss(4, 3), nn.Linear(4, 3)
+    head.load_state_dict(ref.state_dict())
+    ref.load_state_dict(head.state_dict())
+    assert "reduction='mean'" in repr(head)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="avg is not a valid value for reduction"):
+        manualbp.LinearMSELoss(3, 4, reduction="avg")
+    head = manualbp.LinearMSELoss(3, 4)
+    with pytest.raises(ValueError, match=r"input.shape\[-1\] \(5\) must equal"):
+        head(torch.randn(2, 5), torch.randn(2, 4))
+    with pytest.raises(ValueError, match="cannot be broadcast"), pytest.warns(UserWarning):
+        head(torch.randn(2, 3), torch.randn(2, 7))
+    with pytest.raises(ValueError, match="chunk_rows must be a positive int"):
+        functional.linear_mse_loss(torch.randn(2, 3), head.weight, None, torch.randn(2, 4),
+                                   chunk_rows=0)  # fmt: skip
+
+
+def test_autocast_computes_the_loss_in_float32():
+    head, ref = _pair(8, 16, True, "mean")
+    x, t = torch.randn(12, 8), torch.randn(12, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = head(x, t)
+        want = F.mse_loss(ref(x), t)
+    assert loss.dtype == want.dtype == torch.float32
+    assert_close(loss, want)
+
+
+_MEASURE = textwrap.dedent(
+    """
+    import resource, sys, torch, manualbp
+    from torch import nn
+    fused = sys.argv[1] == "fused"
+    def make(M, K, N):
+        layer = manualbp.LinearMSELoss(K, N) if fused else nn.Linear(K, N)
+        return layer, torch.randn(M, K, requires_grad=True), torch.randn(M, N)
+    def step(layer, x, t):
+        (layer(x, t) if fused else nn.MSELoss()(layer(x), t)).backward()
+    step(*make(64, 16, 128))  # warm-up: thread pools, BLAS buffers, the autograd engine
+    layer, x, t = make(2048, 256, 8192)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step(layer, x, t)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+    """
+)
+
+
+@pytest.mark.slow
+def test_peak_memory_is_well_below_the_unfused_pair():
+    # Measured, not assumed: the high-water mark of the process's resident memory during
+    # one forward+backward, in a fresh process each (M=2048, K=256, N=8192, float32: the
+    # prediction alone is 64 MiB).
+    def peak_kib(kind: str) -> int:
+        out = subprocess.run([sys.executable, "-c", _MEASURE, kind], check=True,
+                             capture_output=True, text=True)  # fmt: skip
+        return int(out.stdout.strip())
+
+    fused, unfused = peak_kib("fused"), peak_kib("unfused")
+    assert unfused > 64 * 1024, unfused  # the unfused pair holds at least the prediction
+    assert fused <= 0.7 * unfused, (fused, unfused)

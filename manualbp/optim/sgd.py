@@ -78,7 +78,8 @@ class SGD(torch.optim.SGD):
     ``isinstance(opt, torch.optim.SGD)`` keeps working. Only :meth:`step` is replaced; none of
     torch's functional SGD code runs.
 
-    Sparse gradients raise ``RuntimeError``.
+    Sparse gradients raise ``RuntimeError``. A step captured in a CUDA graph runs the
+    reference ops (graph-safe) instead of the multi-tensor kernel.
     """
 
     def __init__(
@@ -145,7 +146,11 @@ class SGD(torch.optim.SGD):
                     dampening=group["dampening"], nesterov=group["nesterov"],
                     maximize=group["maximize"],
                 )  # fmt: skip
-                if resolve(params[0]) == "triton" and _kernel_supports(params, grads, bufs):
+                if (
+                    resolve(params[0]) == "triton"
+                    and not _capturing(params[0])
+                    and _kernel_supports(params, grads, bufs)
+                ):
                     from triton_kernels.sgd import sgd_step_
 
                     sgd_step_(params, grads, bufs, **kwargs)
@@ -156,6 +161,13 @@ class SGD(torch.optim.SGD):
                         self.state[p]["momentum_buffer"] = buf
 
         return loss
+
+
+def _capturing(p: Tensor) -> bool:
+    # The kernel reads a device table of addresses uploaded from the host and cached; inside
+    # a CUDA graph capture that upload (and the cache's lifetime) cannot be made safe, so a
+    # captured step runs the reference ops, which replay correctly.
+    return p.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _kernel_supports(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None]) -> bool:

@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# One GPU session, under 8 minutes in total: environment, the CUDA tests, the full benchmark.
+#
+#   benchmarks/gpu_run.sh [OUT_DIR]        (default: benchmarks/results/gpu-<timestamp>)
+#
+# Needs only what a bare GPU machine has: python with torch, triton and numpy. Installs nothing
+# and needs no network: the repository root goes on PYTHONPATH. pytest (and hypothesis) may be
+# missing: then the test phase is skipped and says so. matplotlib may be missing: then there
+# are no plots; the table, results.json and summary.md are always written.
+#
+# Time budget (seconds; override with the environment variables named):
+#   phase 1  environment                          ~5    (nvidia-smi, versions)
+#   phase 2  CUDA tests: pytest -m cuda           150   TEST_LIMIT_S
+#   phase 3  benchmark: python -m benchmarks      the rest of TOTAL_BUDGET_S (470) less 40 s
+#            (30 s kept for phase 4, 10 s for the kill grace), with the runner's own --budget
+#            45 s below its limit, so that the provider in flight when it stops starting new
+#            ones can finish and the plots be drawn; the runner writes results.json after every
+#            case, so an outer timeout still leaves everything measured so far. Cases run most
+#            important first and the 8192x8192 fp32 GEMMs last, so they are the first dropped.
+#   phase 4  only if phase 3 was cut off: re-render table/summary/plots (limit 30 s)
+# Worst case: 470 s + the 10 s kill grace, under the 8 minutes (480 s).
+# Everything (logs, results.json, summary.md, plots/, phases.txt) lands in OUT_DIR.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+
+OUT=${1:-benchmarks/results/gpu-$(date +%Y%m%d-%H%M%S)}
+TOTAL_BUDGET_S=${TOTAL_BUDGET_S:-470}
+TEST_LIMIT_S=${TEST_LIMIT_S:-150}
+BENCH_ARGS=${BENCH_ARGS:-"--rep-ms 50 --warmup-ms 10"}
+PY=${PYTHON:-python}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET
+T0=$(date +%s)
+PHASES="$OUT/phases.txt"
+: >"$PHASES"
+
+elapsed() { echo $(($(date +%s) - T0)); }
+phase_done() { # name, start, status
+    local line
+    line=$(printf '%-12s %4d s  (total %4d s)  %s' "$1" $(($(date +%s) - $2)) "$(elapsed)" "$3")
+    echo "== $line"
+    echo "$line" >>"$PHASES"
+}
+
+# ---- phase 1: environment --------------------------------------------------------------------
+t=$(date +%s)
+{
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "git: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+    timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
+    timeout 60 "$PY" - <<'EOF' 2>&1
+import sys, torch
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)
+print("cuda available:", torch.cuda.is_available(),
+      torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+for mod in ("triton", "numpy", "pytest", "hypothesis", "matplotlib", "pytest_benchmark"):
+    try:
+        m = __import__(mod)
+        print(mod, getattr(m, "__version__", "?"))
+    except Exception as e:
+        print(mod, "MISSING:", type(e).__name__)
+import manualbp
+print("manualbp", manualbp.__version__, "backend", manualbp.get_backend())
+EOF
+} | tee "$OUT/environment.txt"
+phase_done environment "$t" "see environment.txt"
+
+# ---- phase 2: CUDA tests ---------------------------------------------------------------------
+t=$(date +%s)
+if "$PY" -c "import pytest" 2>/dev/null; then
+    timeout -k 5 "$TEST_LIMIT_S" "$PY" -m pytest -m cuda -q -p no:cacheprovider \
+        --continue-on-collection-errors --junitxml="$OUT/tests.xml" tests/ \
+        >"$OUT/tests.log" 2>&1
+    rc=$?
+    tail -n 15 "$OUT/tests.log"
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        status="STOPPED at the ${TEST_LIMIT_S} s limit (partial: tests.log)"
+    else
+        status="pytest exit $rc (0 = all selected passed; see tests.log)"
+    fi
+else
+    status="SKIPPED: pytest is not installed on this machine"
+    echo "$status" | tee "$OUT/tests.log"
+fi
+phase_done tests "$t" "$status"
+
+# ---- phase 3: benchmark ----------------------------------------------------------------------
+t=$(date +%s)
+left=$((TOTAL_BUDGET_S - $(elapsed) - 40))
+if [ "$left" -lt 60 ]; then left=60; fi
+runner_budget=$((left - 45))
+# shellcheck disable=SC2086
+timeout -k 10 --signal=INT "$left" "$PY" -m benchmarks --out "$OUT" --budget "$runner_budget" \
+    $BENCH_ARGS 2>&1 | tee "$OUT/benchmark.log"
+rc=${PIPESTATUS[0]}
+case "$rc" in
+0) status="complete" ;;
+1) status="complete; some providers errored (see results.json / benchmark.log)" ;;
+124 | 130 | 137) status="STOPPED at the ${left} s limit; results.json holds every case finished" ;;
+*) status="runner exit $rc (see benchmark.log)" ;;
+esac
+phase_done benchmark "$t" "$status"
+
+# ---- phase 4: re-render if phase 3 was cut off ------------------------------------------------
+if [ -f "$OUT/results.json" ] && ! grep -q '"complete": true' "$OUT/results.json"; then
+    t=$(date +%s)
+    timeout -k 2 30 "$PY" -m benchmarks --from-json "$OUT/results.json" >"$OUT/rerender.log" 2>&1
+    phase_done rerender "$t" "exit $? (see rerender.log)"
+fi
+
+echo
+cat "$PHASES"
+echo "total $(elapsed) s; everything is in $OUT"

@@ -1,0 +1,215 @@
+"""The performance targets, judged from the measured results: pass / fall short / not measured.
+
+Each target names the cases and modes it is judged on; it passes when every measured instance
+meets it, falls short when any does not (the worst ones are listed), and is "not measured" when
+nothing it needs was measured in this run (or the run did not measure the Triton kernels).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["TARGETS", "evaluate_targets"]
+
+PASS, SHORT, NOT_MEASURED = "pass", "fall short", "not measured"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target: ``collect(doc)`` yields ``(where, value)``; it is met when ``value >= bound``
+    (``lower_is_better``: ``value <= bound``)."""
+
+    key: str
+    text: str
+    bound: float
+    unit: str
+    collect: Callable[[dict[str, Any]], Iterator[tuple[str, float]]]
+    lower_is_better: bool = False
+
+
+def _ran(case: dict[str, Any], mode: str, provider: str) -> dict[str, Any] | None:
+    r = case.get("results", {}).get(mode, {}).get(provider)
+    return r if r is not None and r.get("status") == "ran" else None
+
+
+def _speedup(
+    doc: dict[str, Any], group: str, mode: str, other: str, pred: Callable[[dict[str, Any]], bool]
+) -> Iterator[tuple[str, float]]:
+    for c in doc["cases"]:
+        if c["group"] != group or not pred(c["params"]):
+            continue
+        value = c.get("speedups", {}).get(mode, {}).get(f"manualbp_vs_{other}")
+        if value is not None:
+            yield f"{c['name']} {mode}", value
+
+
+def _linear_gelu(other: str) -> Callable[[dict[str, Any]], Iterator[tuple[str, float]]]:
+    return lambda doc: _speedup(
+        doc, "linear", "fwd+bwd", other, lambda p: p["activation"] == "gelu"
+    )
+
+
+def _plain_linear(doc: dict[str, Any]) -> Iterator[tuple[str, float]]:
+    for mode in ("fwd+bwd", "fwd", "bwd"):
+        yield from _speedup(doc, "linear", mode, "native", lambda p: p["activation"] is None)
+
+
+def _gemm_pct(doc: dict[str, Any]) -> Iterator[tuple[str, float]]:
+    for c in doc["cases"]:
+        if c["group"] != "linear":
+            continue
+        for mode in c["modes"]:
+            r = _ran(c, mode, "manualbp")
+            if r is not None and r.get("pct_of_ceiling") is not None:
+                yield f"{c['name']} {mode}", r["pct_of_ceiling"]
+
+
+def _pct(group: str, mode: str, min_numel: int = 0):
+    def collect(doc: dict[str, Any]) -> Iterator[tuple[str, float]]:
+        for c in doc["cases"]:
+            if c["group"] != group or c["params"].get("numel", 1 << 62) < min_numel:
+                continue
+            r = _ran(c, mode, "manualbp")
+            if r is not None and r.get("pct_of_ceiling") is not None:
+                yield c["name"], r["pct_of_ceiling"]
+
+    return collect
+
+
+def _linear_mse_memory(doc: dict[str, Any]) -> Iterator[tuple[str, float]]:
+    for c in doc["cases"]:
+        if c["group"] != "linear_mse" or c["params"]["N"] < 4096:
+            continue
+        mine = c["providers"].get("manualbp", {}).get("peak_mem_bytes")
+        theirs = c["providers"].get("native", {}).get("peak_mem_bytes")
+        if mine and theirs and c["providers"]["manualbp"].get("status") == "ran":
+            yield c["name"], mine / theirs
+
+
+TARGETS: list[Target] = [
+    Target(
+        "linear_gelu_vs_native",
+        "Linear+GELU fwd+bwd >= 1.15x native eager (every shape and dtype measured)",
+        1.15,
+        "x",
+        _linear_gelu("native"),
+    ),
+    Target(
+        "linear_gelu_vs_compile",
+        "Linear+GELU fwd+bwd >= 1.0x torch.compile (every shape and dtype measured)",
+        1.0,
+        "x",
+        _linear_gelu("compile"),
+    ),
+    Target(
+        "linear_plain_vs_cublas",
+        "plain Linear within 5% of cuBLAS: >= 0.95x native (fwd, bwd, fwd+bwd)",
+        0.95,
+        "x",
+        _plain_linear,
+    ),
+    Target(
+        "gemm_pct_of_matmul",
+        "manualbp Linear GEMMs >= 90% of torch.matmul's measured TFLOP/s (same dtype)",
+        90.0,
+        "%",
+        _gemm_pct,
+    ),
+    Target(
+        "mse_bandwidth",
+        "MSE fwd+bwd >= 85% of the measured copy bandwidth (sizes >= 2^24 elements; "
+        "smaller ones are latency-bound)",
+        85.0,
+        "%",
+        _pct("mse", "fwd+bwd", 1 << 24),
+    ),
+    Target(
+        "mse_vs_native",
+        "MSE fwd+bwd >= 2.5x native eager (every size measured)",
+        2.5,
+        "x",
+        lambda doc: _speedup(doc, "mse", "fwd+bwd", "native", lambda p: True),
+    ),
+    Target(
+        "sgd_vs_fused",
+        "SGD step >= torch's fused SGD (speedup >= 1.0x)",
+        1.0,
+        "x",
+        lambda doc: _speedup(doc, "sgd", "step", "native_fused", lambda p: True),
+    ),
+    Target(
+        "sgd_bandwidth",
+        "SGD step >= 85% of the measured copy bandwidth",
+        85.0,
+        "%",
+        _pct("sgd", "step"),
+    ),
+    Target(
+        "linear_mse_peak_memory",
+        "LinearMSELoss peak memory <= 0.7x the unfused nn.Linear + nn.MSELoss "
+        "(output width >= 4096; max_memory_allocated during fwd+bwd)",
+        0.7,
+        "x",
+        _linear_mse_memory,
+        lower_is_better=True,
+    ),
+    Target(
+        "mlp_step_vs_native",
+        "whole 4-layer GELU MLP training step >= 1.2x native eager",
+        1.2,
+        "x",
+        lambda doc: _speedup(doc, "mlp_step", "step", "native", lambda p: True),
+    ),
+]
+
+
+def _fmt(value: float, unit: str) -> str:
+    return f"{value:.1f}%" if unit == "%" else f"{value:.3f}x"
+
+
+def evaluate_targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """One verdict per target, with the figures it rests on."""
+    measures_triton = doc.get("label", "").endswith("runs its Triton kernels")
+    out = []
+    for t in TARGETS:
+        entry: dict[str, Any] = {"key": t.key, "target": t.text, "bound": t.bound, "unit": t.unit}
+        if not measures_triton:
+            entry.update(
+                verdict=NOT_MEASURED,
+                detail=f"not measured: this run does not measure the Triton kernels "
+                f"({doc.get('label')})",
+            )
+            out.append(entry)
+            continue
+        values = list(t.collect(doc))
+        if not values:
+            entry.update(verdict=NOT_MEASURED, detail="not measured: no case it needs ran")
+            out.append(entry)
+            continue
+        ok = [(w, v) for w, v in values if (v <= t.bound if t.lower_is_better else v >= t.bound)]
+        bad = [(w, v) for w, v in values if (w, v) not in ok]
+        bad.sort(key=lambda wv: -wv[1] if t.lower_is_better else wv[1])
+        worst = (
+            bad[0] if bad else min(values, key=lambda wv: -wv[1] if t.lower_is_better else wv[1])
+        )
+        entry.update(
+            verdict=PASS if not bad else SHORT,
+            n_measured=len(values),
+            n_met=len(ok),
+            worst={"where": worst[0], "value": worst[1]},
+            values=[{"where": w, "value": v} for w, v in values],
+            detail=(
+                f"{len(ok)}/{len(values)} meet it; worst {_fmt(worst[1], t.unit)} at {worst[0]}"
+                + (
+                    ""
+                    if not bad
+                    else "; short: "
+                    + ", ".join(f"{w} ({_fmt(v, t.unit)})" for w, v in bad[:4])
+                    + (f", ... {len(bad) - 4} more" if len(bad) > 4 else "")
+                )
+            ),
+        )
+        out.append(entry)
+    return out

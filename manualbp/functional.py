@@ -7,6 +7,7 @@ then run :class:`~manualbp.LinearFunction` / :class:`~manualbp.MSELossFunction`.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from numbers import Real
 
@@ -84,6 +85,17 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     return None
 
 
+def _autocast_cast(cast: torch.dtype | None, *tensors: Tensor | None) -> tuple:
+    """``tensors`` as autocast casts them for a lower-precision op: every floating tensor but
+    float64 goes to the autocast dtype ``cast`` (no-op when autocast is off)."""
+    if cast is None:
+        return tensors
+    return tuple(
+        t.to(cast) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+        for t in tensors
+    )
+
+
 def linear(
     input: Tensor,
     weight: Tensor,
@@ -110,18 +122,10 @@ def linear(
     _check_linear_args(input, weight, bias, negative_slope)
     get_activation(activation)
     cast = _autocast_dtype(input.device.type)
-    if cast is not None:
-        # As autocast's own casts: every floating tensor but float64 goes to the autocast dtype.
-        input, weight, bias = (
-            t.to(cast) if t is not None and t.is_floating_point() and t.dtype != torch.float64
-            else t
-            for t in (input, weight, bias)
-        )  # fmt: skip
-        _check_linear_dtypes(input, weight, bias)
-        with torch.autocast(input.device.type, enabled=False):
-            return _linear(input, weight, bias, activation, float(negative_slope))
+    input, weight, bias = _autocast_cast(cast, input, weight, bias)
     _check_linear_dtypes(input, weight, bias)
-    return _linear(input, weight, bias, activation, float(negative_slope))
+    with torch.autocast(input.device.type, enabled=False) if cast else contextlib.nullcontext():
+        return _linear(input, weight, bias, activation, float(negative_slope))
 
 
 def _linear(input, weight, bias, activation, negative_slope) -> Tensor:
@@ -232,12 +236,7 @@ def linear_mse_loss(
         ) from None
     _check_same_device("linear_mse_loss", input=input, weight=weight, bias=bias, target=target)
     cast = _autocast_dtype(input.device.type)
-    if cast is not None:
-        input, weight, bias = (
-            t.to(cast) if t is not None and t.is_floating_point() and t.dtype != torch.float64
-            else t
-            for t in (input, weight, bias)
-        )  # fmt: skip
+    input, weight, bias = _autocast_cast(cast, input, weight, bias)
     _check_linear_dtypes(input, weight, bias)
     loss_dtype = torch.float32 if cast is not None and input.dtype != torch.float64 else None
     if (

@@ -1,0 +1,473 @@
+"""Compile audit: build every kernel in every shipped config for sm_80 and sm_90, no GPU needed.
+
+Usage::
+
+    python -m triton_kernels.audit [--quick] [--arch 80,90] [--kernel NAME[,NAME]] [-j N]
+
+For each (kernel, config, arch, dtype) it compiles the kernel to a cubin with Triton's own
+toolchain (``triton.compile`` on an ``ASTSource`` for a ``GPUTarget``), reads the register count
+and spill bytes from ``ptxas -v`` (the ptxas bundled with Triton), the shared memory from the
+compiled metadata, and, on sm_90, whether the GEMM main loop uses wgmma (``HGMMA`` in the SASS
+from ``cuobjdump -sass``). It prints a table and exits non-zero if any compile fails, any
+kernel spills, a config needs more shared memory than the architecture has, or a Hopper
+fp16/bf16 GEMM does not use wgmma.
+
+The specialisation compiled is the common one (contiguous row-major operands, sizes multiple
+of 16): unit strides are constexpr 1 and pointers / other strides / sizes divisible by 16,
+which is what Triton's launcher would pick for such tensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import io
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stdout
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from triton_kernels._activations import ACTIVATIONS
+from triton_kernels._matmul import configs_for, matmul_kernel, smem_limit
+from triton_kernels.linear_backward import (
+    ELEMENTWISE_CONFIGS,
+    act_grad_kernel,
+    bias_grad_kernel,
+)
+from triton_kernels.linear_forward import linear_forward_kernel
+
+ARCHS = (80, 90)
+# (dtype, tl.dot input precision) pairs compiled for the GEMMs: fp32 in both the IEEE mode
+# (torch's default "highest" float32 matmul precision) and TF32 ("high"/"medium").
+GEMM_VARIANTS = (
+    (torch.float16, "ieee"),
+    (torch.bfloat16, "ieee"),
+    (torch.float32, "ieee"),
+    (torch.float32, "tf32"),
+    (torch.float64, "ieee"),
+)
+TL_NAME = {
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float32: "fp32",
+    torch.float64: "fp64",
+}
+_NV_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+@dataclass
+class Job:
+    """One compile: kernel name, arch, dtype, config and the ASTSource description."""
+
+    kernel: str
+    arch: int
+    dtype: str
+    config: str
+    types: dict[str, str]
+    constexprs: dict[str, Any]
+    div16: set[str]
+    num_warps: int
+    num_stages: int
+    gemm: bool = False
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+_KERNELS = {
+    "linear_forward": linear_forward_kernel,
+    "matmul": matmul_kernel,
+    "act_grad": act_grad_kernel,
+    "bias_grad": bias_grad_kernel,
+}
+
+
+def _cfg_name(cfg: dict[str, int]) -> str:
+    return (
+        f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} g{cfg['GROUP_M']} "
+        f"w{cfg['num_warps']} s{cfg['num_stages']}"
+    )
+
+
+def _gemm_jobs(
+    arch: int, dtype: torch.dtype, precision: str, quick: bool, kernels: set[str]
+) -> list[Job]:
+    dname = "tf32" if precision == "tf32" else TL_NAME[dtype]
+    jobs = []
+    for kernel in ("linear_forward", "matmul"):
+        if kernel not in kernels:
+            continue
+        cfgs = configs_for(arch, dtype, precision, epilogue=kernel == "linear_forward")
+        for cfg in cfgs[:1] if quick else cfgs:
+            jobs += _gemm_job(kernel, arch, dtype, dname, precision, cfg)
+    return jobs
+
+
+def _gemm_job(
+    kernel: str, arch: int, dtype: torch.dtype, dname: str, precision: str, cfg: dict[str, int]
+) -> list[Job]:
+    t = TL_NAME[dtype]
+    blocks = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+    common = dict(ACC_FP64=dtype == torch.float64, INPUT_PRECISION=precision, **blocks)
+    warps, stages = cfg["num_warps"], cfg["num_stages"]
+    if kernel == "matmul":
+        # dX = dZ @ W: A (M, N) row-major, B = W (N, K) row-major, C row-major.
+        types = {
+            "a_ptr": f"*{t}",
+            "b_ptr": f"*{t}",
+            "c_ptr": f"*{t}",
+            "M": "i32",
+            "N": "i32",
+            "K": "i32",
+            "stride_am": "i32",
+            "stride_bk": "i32",
+            "stride_cm": "i32",
+        }
+        const = dict(stride_ak=1, stride_bn=1, stride_cn=1, **common)
+        div16 = set(types)
+        return [
+            Job(
+                "matmul", arch, dname, _cfg_name(cfg), types, const, div16, warps, stages, gemm=True
+            )
+        ]
+    # linear_forward: the heaviest epilogues, bias + stored pre-activation + erf-GELU or
+    # tanh-GELU (the other activations need fewer registers).
+    types = {
+        "x_ptr": f"*{t}",
+        "w_ptr": f"*{t}",
+        "b_ptr": f"*{t}",
+        "y_ptr": f"*{t}",
+        "z_ptr": f"*{t}",
+        "negative_slope": "fp32",
+        "M": "i32",
+        "N": "i32",
+        "K": "i32",
+        "stride_xm": "i32",
+        "stride_wn": "i32",
+        "stride_ym": "i32",
+        "stride_zm": "i32",
+    }
+    div16 = set(types) - {"negative_slope"}
+    jobs = []
+    for act in ("gelu", "gelu_tanh"):
+        const = dict(
+            stride_xk=1,
+            stride_wk=1,
+            stride_b=1,
+            stride_yn=1,
+            stride_zn=1,
+            HAS_BIAS=True,
+            ACTIVATION=ACTIVATIONS[act],
+            STORE_PREACT=True,
+            **common,
+        )
+        jobs.append(
+            Job(
+                "linear_forward",
+                arch,
+                dname,
+                f"{_cfg_name(cfg)} {act}",
+                types,
+                const,
+                div16,
+                warps,
+                stages,
+                gemm=True,
+            )
+        )
+    return jobs
+
+
+def _elementwise_jobs(arch: int, dtype: torch.dtype, quick: bool, kernels: set[str]) -> list[Job]:
+    t = TL_NAME[dtype]
+    fp64 = dtype == torch.float64
+    cfg = ELEMENTWISE_CONFIGS["cuda_fp64" if fp64 else "cuda"]
+    acc = "fp64" if fp64 else "fp32"
+    jobs = []
+    if "act_grad" in kernels:
+        acts = ["gelu"] if quick else [a for a in ACTIVATIONS if a is not None]
+        for act in acts:
+            types = {
+                "g_ptr": f"*{t}",
+                "s_ptr": f"*{t}",
+                "dz_ptr": f"*{t}",
+                "part_ptr": f"*{acc}",
+                "negative_slope": "fp32",
+                "M": "i32",
+                "N": "i32",
+                "stride_gm": "i32",
+                "stride_sm": "i32",
+                "stride_dzm": "i32",
+            }
+            const = dict(
+                stride_gn=1,
+                stride_sn=1,
+                stride_dzn=1,
+                ACTIVATION=ACTIVATIONS[act],
+                STORE_DZ=True,
+                COMPUTE_DB=True,
+                ACC_FP64=fp64,
+                BLOCK_M=cfg["BLOCK_M"],
+                BLOCK_N=cfg["BLOCK_N"],
+                ROW_STEPS=cfg["ROW_STEPS"],
+            )
+            div16 = {
+                "g_ptr",
+                "s_ptr",
+                "dz_ptr",
+                "part_ptr",
+                "M",
+                "N",
+                "stride_gm",
+                "stride_sm",
+                "stride_dzm",
+            }
+            name = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['ROW_STEPS']} w{cfg['num_warps']} {act}"
+            jobs.append(Job("act_grad", arch, t, name, types, const, div16, cfg["num_warps"], 1))
+    if "bias_grad" in kernels:
+        types = {"part_ptr": f"*{acc}", "db_ptr": f"*{t}", "R": "i32", "N": "i32"}
+        const = dict(stride_db=1, BLOCK_R=cfg["BLOCK_R"], BLOCK_N=cfg["BLOCK_N"], ACC_FP64=fp64)
+        div16 = {"part_ptr", "db_ptr", "N"}
+        name = f"{cfg['BLOCK_R']}x{cfg['BLOCK_N']} w{cfg['num_warps']}"
+        jobs.append(Job("bias_grad", arch, t, name, types, const, div16, cfg["num_warps"], 1))
+    return jobs
+
+
+def build_jobs(
+    archs: tuple[int, ...] = ARCHS,
+    kernels: set[str] | None = None,
+    quick: bool = False,
+) -> list[Job]:
+    """Every (kernel, config, arch, dtype) the audit compiles."""
+    kernels = set(_KERNELS) if kernels is None else kernels
+    unknown = kernels - set(_KERNELS)
+    if unknown:
+        raise ValueError(f"unknown kernel(s) {sorted(unknown)}; choose from {sorted(_KERNELS)}")
+    jobs: list[Job] = []
+    for arch in archs:
+        for dtype, precision in GEMM_VARIANTS:
+            if quick and (dtype == torch.float64 or precision == "tf32"):
+                continue
+            jobs += _gemm_jobs(arch, dtype, precision, quick, kernels)
+            if precision == "ieee":
+                jobs += _elementwise_jobs(arch, dtype, quick, kernels)
+    return jobs
+
+
+def _ptxas(arch: int) -> str:
+    """The ptxas Triton itself uses for ``arch`` (its bundled legacy one is too old for PTX 9)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(arch).path
+    except (ImportError, AttributeError, TypeError):
+        return os.path.join(_NV_BIN, "ptxas")
+
+
+@contextmanager
+def _env(**values: str) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _parse_ptxas_log(log: str) -> tuple[int, int] | None:
+    """(registers, spill bytes) from a ``ptxas -v`` log, or None if it has none."""
+    regs = re.search(r"Used (\d+) registers", log)
+    if regs is None:
+        return None
+    spills = [int(s) for s in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
+    return int(regs.group(1)), sum(spills)
+
+
+def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
+    """(registers, spill bytes) from ``ptxas -v`` on the kernel's PTX."""
+    m = re.search(r"^\s*\.target\s+(\S+)", ptx, re.M)
+    gpu = m.group(1).rstrip(",") if m else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        # Same ptxas and register-allocation flag as Triton's own cubin build.
+        out = subprocess.run(
+            [
+                _ptxas(arch),
+                "-v",
+                "--regAllocOptLevel=2",
+                f"--gpu-name={gpu}",
+                src,
+                "-o",
+                os.path.join(tmp, "k.cubin"),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    return _parse_ptxas_log(out.stdout + out.stderr) or (-1, 0)
+
+
+def _sass(cubin: bytes) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        out = subprocess.run(
+            [os.path.join(_NV_BIN, "cuobjdump"), "-sass", path],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    return out.stdout
+
+
+def compile_job(job: Job) -> dict[str, Any]:
+    """Compile one job; returns a result row (``error`` set on failure)."""
+    fn = _KERNELS[job.kernel]
+    row: dict[str, Any] = dict(
+        kernel=job.kernel,
+        config=job.config,
+        arch=job.arch,
+        dtype=job.dtype,
+        gemm=job.gemm,
+        error=None,
+    )
+    t0 = time.time()
+    try:
+        signature: dict[str, str] = {}
+        attrs: dict[tuple[int, ...], list[list[Any]]] = {}
+        for i, name in enumerate(fn.arg_names):
+            if name in job.constexprs:
+                signature[name] = "constexpr"
+            else:
+                signature[name] = job.types[name]
+                if name in job.div16:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        src = ASTSource(fn=fn, signature=signature, constexprs=dict(job.constexprs), attrs=attrs)
+        target = GPUTarget("cuda", job.arch, 32)
+        # Recompile (no cache hit) with Triton's ptxas log printed, and capture that log: it
+        # has the register and spill counts. Fall back to running ptxas -v ourselves.
+        log = io.StringIO()
+        with _env(TRITON_ALWAYS_COMPILE="1", TRITON_DUMP_PTXAS_LOG="1"), redirect_stdout(log):
+            compiled = triton.compile(
+                src,
+                target=target,
+                options=dict(num_warps=job.num_warps, num_stages=job.num_stages),
+            )
+        row["shared"] = int(compiled.metadata.shared)
+        usage = _parse_ptxas_log(log.getvalue())
+        row["regs"], row["spills"] = usage or _ptxas_usage(compiled.asm["ptx"], job.arch)
+        row["wgmma"] = "HGMMA" in _sass(compiled.asm["cubin"]) if job.arch >= 90 else None
+    except Exception as e:  # any compile failure is reported, not raised
+        row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+    row["seconds"] = time.time() - t0
+    return row
+
+
+def problems(row: dict[str, Any]) -> list[str]:
+    """Why a result row fails the audit (empty list: it passes)."""
+    if row["error"]:
+        return ["compile failed"]
+    out = []
+    if row["spills"] > 0:
+        out.append("spills")
+    if row["shared"] > smem_limit(row["arch"]):
+        out.append("shared memory over limit")
+    needs_wgmma = row["dtype"] in ("fp16", "bf16", "tf32")
+    if row["gemm"] and row["arch"] >= 90 and needs_wgmma and not row["wgmma"]:
+        out.append("no wgmma")
+    return out
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The audit table as text."""
+    head = ["kernel", "config", "arch", "dtype", "regs", "spill B", "smem B", "wgmma", "status"]
+    lines = []
+    for r in rows:
+        bad = problems(r)
+        status = "OK" if not bad else "FAIL: " + ", ".join(bad)
+        if r["error"]:
+            status += f" ({r['error']})"
+        wg = "-" if not r["gemm"] or r.get("wgmma") is None else ("yes" if r["wgmma"] else "no")
+        lines.append(
+            [
+                r["kernel"],
+                r["config"],
+                f"sm_{r['arch']}",
+                r["dtype"],
+                str(r.get("regs", "-")),
+                str(r.get("spills", "-")),
+                str(r.get("shared", "-")),
+                wg,
+                status,
+            ]
+        )
+    widths = [
+        max(len(h), *(len(line[i]) for line in lines)) if lines else len(h)
+        for i, h in enumerate(head)
+    ]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths[:-1]) + "  {}"
+    out = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+    out += [fmt.format(*line) for line in lines]
+    return "\n".join(out)
+
+
+def run_audit(jobs: list[Job], workers: int) -> list[dict[str, Any]]:
+    """Compile all jobs (in ``workers`` processes when > 1), in job order."""
+    if workers <= 1:
+        return [compile_job(j) for j in jobs]
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(compile_job, jobs))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m triton_kernels.audit",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="one config per GEMM kernel, one activation, no fp64"
+    )
+    parser.add_argument("--arch", default="80,90", help="comma-separated, e.g. 90")
+    parser.add_argument(
+        "--kernel", default=None, help=f"comma-separated subset of {','.join(_KERNELS)}"
+    )
+    parser.add_argument(
+        "-j", "--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes"
+    )
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("audit: unset TRITON_INTERPRET (the audit compiles real GPU code)", file=sys.stderr)
+        return 2
+    archs = tuple(int(a) for a in args.arch.split(","))
+    kernels = set(args.kernel.split(",")) if args.kernel else None
+    jobs = build_jobs(archs, kernels, args.quick)
+    t0 = time.time()
+    rows = run_audit(jobs, args.jobs)
+    print(format_table(rows))
+    failed = [r for r in rows if problems(r)]
+    print(
+        f"\n{len(rows)} compiles in {time.time() - t0:.1f} s, {len(failed)} failing "
+        f"(triton {triton.__version__})"
+    )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,6 +9,8 @@ Optional outputs come back as empty tensors (custom ops return tensors only).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -17,6 +19,11 @@ NO_ACTIVATION = "none"
 
 def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
+
+
+def _on_device(t: Tensor) -> contextlib.AbstractContextManager:
+    """Make ``t``'s GPU the current one for the launch (Triton launches on the current one)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 @torch.library.custom_op("manualbp::linear_forward", mutates_args=())
@@ -32,7 +39,8 @@ def linear_forward(
     from triton_kernels.linear_forward import linear_forward as launch
 
     name = None if activation == NO_ACTIVATION else activation
-    y, z = launch(x, weight, bias, name, negative_slope, store_preact=store_preact)
+    with _on_device(x):
+        y, z = launch(x, weight, bias, name, negative_slope, store_preact=store_preact)
     return y, (_empty(y) if z is None else z)
 
 
@@ -57,10 +65,11 @@ def linear_backward(
     from triton_kernels.linear_backward import linear_backward as launch
 
     name = None if activation == NO_ACTIVATION else activation
-    grads = launch(
-        grad_y, x, weight, saved, name, negative_slope,
-        saved_is_output=saved_is_output, needs_grad=tuple(needs_grad),
-    )  # fmt: skip
+    with _on_device(grad_y):
+        grads = launch(
+            grad_y, x, weight, saved, name, negative_slope,
+            saved_is_output=saved_is_output, needs_grad=tuple(needs_grad),
+        )  # fmt: skip
     return tuple(_empty(grad_y) if g is None else g for g in grads)  # type: ignore[return-value]
 
 
@@ -80,7 +89,8 @@ def mse_forward(
     """``(loss, dloss/dinput for g = 1 or empty)``; see triton_kernels.mse.mse_forward."""
     from triton_kernels.mse import mse_forward as launch
 
-    loss, grad = launch(input, target, reduction, compute_grad=compute_grad)
+    with _on_device(input):
+        loss, grad = launch(input, target, reduction, compute_grad=compute_grad)
     return loss, (_empty(loss) if grad is None else grad)
 
 
@@ -96,7 +106,8 @@ def mse_backward(grad_output: Tensor, input: Tensor, target: Tensor, reduction: 
     """``g * 2 (input - target) [/ N]``; see triton_kernels.mse.mse_backward."""
     from triton_kernels.mse import mse_backward as launch
 
-    return launch(grad_output, input, target, reduction)
+    with _on_device(input):
+        return launch(grad_output, input, target, reduction)
 
 
 @mse_backward.register_fake

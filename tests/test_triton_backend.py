@@ -51,9 +51,8 @@ def test_gradcheck_through_the_kernels(activation):
 @pytest.mark.parametrize("layout", ["contiguous", "noncontig"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("activation", ACTIVATION_NAMES)
-def test_linear_float32_matches_native(activation, bias, layout, monkeypatch):
+def test_linear_float32_matches_native(activation, bias, layout):
     # "highest": the kernels then use exact fp32 products (no TF32), as cuBLAS does.
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     prev = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
     try:

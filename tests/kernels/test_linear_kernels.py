@@ -33,9 +33,9 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from tests.helpers import native_activation
 from triton_kernels.linear_backward import linear_backward
 from triton_kernels.linear_forward import linear_forward
 
@@ -58,16 +58,7 @@ M_, K_, N_ = 47, 31, 123
 # References (float64 torch math, PyTorch's own backward formulas)
 # ------------------------------------------------------------------------------------------
 def _act(name: str | None, slope: float):
-    return {
-        None: lambda z: z,
-        "relu": F.relu,
-        "gelu": F.gelu,
-        "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
-        "silu": F.silu,
-        "tanh": torch.tanh,
-        "sigmoid": torch.sigmoid,
-        "leaky_relu": lambda z: F.leaky_relu(z, slope),
-    }[name]
+    return native_activation(name, slope)
 
 
 def _saves_output(activation: str | None, slope: float) -> bool:

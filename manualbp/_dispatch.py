@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import contextlib
-import functools
+import importlib.util
 import os
 from collections.abc import Iterator
 from typing import Literal
@@ -76,13 +76,13 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.cache
+# Whether triton is installed, looked up once without importing it (importing triton reads
+# TRITON_INTERPRET, which must be set first). A constant, so torch.compile can fold it.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _TRITON_INSTALLED
 
 
 def resolve(*tensors: torch.Tensor | None) -> Backend:

@@ -203,9 +203,12 @@ def linear_mse_loss(
 
     Equal to ``F.mse_loss(F.linear(input, weight, bias), target, reduction=reduction)``
     (with its size warning), but the prediction ``ŷ = input @ weight.T + bias`` is made
-    ``chunk_rows`` rows at a time and never kept: for ``"mean"``/``"sum"`` the gradients
-    for ``input``, ``weight`` and ``bias`` are computed during the forward pass and backward
-    only scales them; for ``"none"`` backward recomputes ``ŷ`` chunk by chunk.
+    ``chunk_rows`` rows at a time and never kept: for ``"mean"``/``"sum"`` in float32 and
+    float64 the gradients for ``input``, ``weight`` and ``bias`` are computed during the
+    forward pass and backward only scales them; for ``"none"``, and in float16/bfloat16
+    (autocast included), backward recomputes ``ŷ`` chunk by chunk instead, so that the
+    upstream gradient (per element, or a GradScaler's scale) is applied before rounding,
+    exactly as native autograd does.
 
     When it helps: wide outputs (``out_features`` >> ``in_features``, e.g. N >= 4096), where
     ``ŷ`` and ``dL/dŷ`` (each tokens x N) dominate the memory of the unfused pair. When it

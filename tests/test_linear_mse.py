@@ -164,3 +164,27 @@ def test_peak_memory_is_well_below_the_unfused_pair():
     fused, unfused = peak_kib("fused"), peak_kib("unfused")
     assert unfused > 64 * 1024, unfused  # the unfused pair holds at least the prediction
     assert fused <= 0.7 * unfused, (fused, unfused)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("scale", [1.0, 2.0**10], ids=["g=1", "g=2^10"])
+def test_low_precision_matches_native_even_with_a_loss_scale(dtype, scale):
+    # dL/dŷ = g * 2D/N must be formed before it is rounded to the low-precision dtype, as
+    # natively: the unscaled row sums of 2D x (~1e5 here) overflow float16, and a GradScaler's
+    # g (2^10 here) is what keeps 2D/N from underflowing at large N.
+    reduction = "mean"
+    head, ref = _pair(4, 4, True, reduction, dtype=dtype)
+    x = leaf(torch.rand(32768, 4).to(dtype))
+    xr = clone_leaf(x)
+    t = torch.full((32768, 4), 3.0).to(dtype)
+    loss, want = head(x, t), F.mse_loss(ref(xr), t, reduction=reduction)
+    assert_close(loss, want)
+    g = torch.tensor(scale, dtype=loss.dtype)
+    loss.backward(g)
+    want.backward(g)
+    for got, native in ((head.weight.grad, ref.weight.grad), (head.bias.grad, ref.bias.grad)):
+        assert got.isfinite().all()
+        # dW, db sum 32768 rows: chunked sums in another order than one GEMM, each part
+        # rounded to the dtype once: a few ulps of the dtype.
+        assert_close(got, native, rtol=4 * torch.finfo(dtype).eps, atol=0)
+    assert_close(x.grad, xr.grad)

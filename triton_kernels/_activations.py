@@ -58,11 +58,21 @@ def _sigmoid(x):
 
 
 @triton.jit
+def _expm1(y):
+    # exp(y) - 1 without the cancellation of the plain formula near 0 (Kahan's trick:
+    # (u - 1) * y / log(u) corrects the rounding of u = exp(y)); libdevice's expm1 is not
+    # available in the interpreter. NaN propagates.
+    u = tl.exp(y)
+    um1 = u - 1.0
+    return tl.where(u == 1.0, y, tl.where(um1 == -1.0, -1.0, um1 * y / tl.log(u)))
+
+
+@triton.jit
 def _tanh(x):
-    # tanh(|x|) = (1 - e) / (1 + e) with e = exp(-2|x|) in (0, 1]: never overflows.
-    # (libdevice tanh is not available in the interpreter.) NaN propagates through exp.
-    e = tl.exp(-2.0 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
+    # tanh(|x|) = -m / (2 + m) with m = expm1(-2|x|) in (-1, 0]: never overflows, and keeps
+    # full relative precision near 0 (where 1 - exp(-2|x|) would cancel).
+    m = _expm1(-2.0 * tl.abs(x))
+    t = -m / (2.0 + m)
     return tl.where(x < 0, -t, t)
 
 

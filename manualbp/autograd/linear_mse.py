@@ -20,12 +20,16 @@ from torch.autograd import Function
 
 from manualbp._backends import impl, pick
 
+MIN_CHUNK_ROWS = 256
+
 
 def default_chunk_rows(rows: int, in_features: int, out_features: int) -> int:
     """Rows per chunk: about ``ceil(N / K)`` chunks, so that one chunk of ``ŷ`` (rows x N)
-    is about the size of the input (rows x K), rounded to a power of two for the GEMMs."""
+    is about the size of the input (rows x K), rounded to a power of two for the GEMMs, and
+    at least ``MIN_CHUNK_ROWS`` rows, so that a very wide, narrow-input head does not turn
+    into thousands of tiny GEMMs bound by launch overhead."""
     chunks = max(1, math.ceil(out_features / max(in_features, 1)))
-    rows_per_chunk = max(1, math.ceil(rows / chunks))
+    rows_per_chunk = max(1, math.ceil(rows / chunks), min(rows, MIN_CHUNK_ROWS))
     return 1 << (rows_per_chunk - 1).bit_length()
 
 
@@ -45,8 +49,9 @@ class LinearMSELossFunction(Function):
     ``apply(input, weight, bias, target, reduction, loss_dtype, chunk_rows)`` on 2-D
     ``input`` (M, K), ``weight`` (N, K), ``bias`` (N,) or None and ``target`` (M, N)
     (any strides, stride-0 broadcast views included) returns ``(loss, dx, dW, db)``;
-    the last three are the gradients of the *summed* squared error (``None`` unless a
-    scalar reduction needs them) and are not differentiable. ``loss_dtype`` is the dtype
+    the last three are the gradients of the loss itself (upstream gradient 1; ``None``
+    unless a scalar reduction needs them), dW and db kept in the fp32/fp64 accumulator
+    until backward, and are not differentiable. ``loss_dtype`` is the dtype
     the loss is computed in (float32 under autocast, as for ``F.mse_loss``).
     """
 
@@ -55,14 +60,19 @@ class LinearMSELossFunction(Function):
         M, N = input.shape[0], weight.shape[0]
         backend = pick(input, weight, bias, target)
         acc = _acc_dtype(loss_dtype)
-        wants_grad = reduction != "none" and (input.requires_grad or weight.requires_grad or (
-            bias is not None and bias.requires_grad))  # fmt: skip
+        precompute = _precomputes(reduction, input.dtype)
         if reduction == "none":
             loss = torch.empty(M, N, dtype=loss_dtype, device=input.device)
         total = torch.zeros((), dtype=acc, device=input.device)
-        dx = torch.empty_like(input) if wants_grad and input.requires_grad else None
-        dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if wants_grad else None
-        db = torch.zeros(N, dtype=acc, device=weight.device) if wants_grad else None
+        dx = torch.empty_like(input) if precompute and input.requires_grad else None
+        dw = None
+        if precompute and weight.requires_grad:
+            dw = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        db = None
+        if precompute and bias is not None and bias.requires_grad:
+            db = torch.zeros(N, dtype=acc, device=weight.device)
+        wants_grad = any(t is not None for t in (dx, dw, db))
+        norm = _norm(reduction, M * N)
         for r0 in range(0, M, chunk_rows):
             x_c, t_c = input[r0 : r0 + chunk_rows], target[r0 : r0 + chunk_rows]
             d = _chunk_residual(x_c, weight, bias, t_c, loss_dtype, backend)
@@ -71,32 +81,31 @@ class LinearMSELossFunction(Function):
                 continue
             total += (d * d).sum(dtype=acc)
             if wants_grad:
-                # dL/dŷ of the summed loss is 2D; chain it through ŷ = x W^T + b now.
-                g = (2 * d).to(input.dtype)
+                # Chain dL/dŷ through ŷ = x W^T + b now, a chunk of rows at a time.
+                g = (norm * d).to(input.dtype)
                 if dx is not None:
                     torch.mm(g, weight, out=dx[r0 : r0 + chunk_rows])
-                dw += (g.mT @ x_c).to(acc)
-                db += g.sum(0, dtype=acc)
+                if dw is not None:
+                    dw += (g.mT @ x_c).to(acc)
+                if db is not None:
+                    db += g.sum(0, dtype=acc)
         if reduction == "none":
             return loss, None, None, None
         if reduction == "mean":
             total = total / (M * N) if M * N else total.new_tensor(float("nan"))
-        dw = None if dw is None else dw.to(weight.dtype)
-        db = None if db is None or bias is None else db.to(bias.dtype)
         return total.to(loss_dtype), dx, dw, db
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
         input, weight, bias, target, reduction, loss_dtype, chunk_rows = inputs
         _, dx, dw, db = output
-        precomputed = reduction != "none"
-        # A scalar reduction keeps only the gradients (and, for double backward, the
-        # inputs, which live anyway); "none" keeps the inputs to recompute ŷ per chunk.
+        # The inputs are kept for the recomputing backward and for double backward (they
+        # live anyway: they are the caller's); never ŷ.
         ctx.save_for_backward(input, weight, bias, target, dx, dw, db)
         ctx.mark_non_differentiable(*(t for t in (dx, dw, db) if t is not None))
         ctx.set_materialize_grads(False)
         ctx.reduction, ctx.loss_dtype, ctx.chunk_rows = reduction, loss_dtype, chunk_rows
-        ctx.precomputed = precomputed
+        ctx.precomputed = _precomputes(reduction, input.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor | None, *_: None) -> tuple:
@@ -104,8 +113,9 @@ class LinearMSELossFunction(Function):
 
         dL/dŷ = g * 2D / N (mean), g * 2D (sum), g_mn * 2D_mn (none);
         dx = dL/dŷ W,  dW = (dL/dŷ)^T x,  db = sum_m dL/dŷ,  dt = -dL/dŷ.
-        For mean/sum the forward pass already made dx, dW, db for g = 1 (sum), so this
-        only scales them by g (and 1/N). For none it recomputes ŷ chunk by chunk.
+        For mean/sum in float32/float64 the forward pass already made dx, dW, db for g = 1,
+        so this only scales them by g. Otherwise (reduction none, or float16/bfloat16) it
+        recomputes ŷ chunk by chunk and applies g before rounding, as native autograd does.
         """
         none = (None,) * 7
         if grad_loss is None:
@@ -115,30 +125,44 @@ class LinearMSELossFunction(Function):
         if torch.is_grad_enabled():
             return _differentiable_backward(ctx, grad_loss, input, weight, bias, target)
         if ctx.precomputed:
-            M, N = input.shape[0], weight.shape[0]
-            # max(., 1): with no elements the gradients are zeros (as natively), not 0 * inf.
-            scale = grad_loss / max(M * N, 1) if ctx.reduction == "mean" else grad_loss
-            scale = scale.to(input.dtype)
             return (
-                dx * scale if needs[0] else None,
-                dw * scale.to(dw.dtype) if needs[1] else None,
-                db * scale.to(db.dtype) if needs[2] and db is not None else None,
+                dx * grad_loss.to(dx.dtype) if needs[0] else None,
+                (dw * grad_loss.to(dw.dtype)).to(weight.dtype) if needs[1] else None,
+                (db * grad_loss.to(db.dtype)).to(bias.dtype) if needs[2] else None,
                 None, None, None, None,
             )  # fmt: skip
-        return _none_backward(ctx, grad_loss, input, weight, bias, target, needs)
+        return _recomputing_backward(ctx, grad_loss, input, weight, bias, target, needs)
 
 
-def _none_backward(ctx, grad_loss, input, weight, bias, target, needs):
+def _precomputes(reduction: str, dtype: torch.dtype) -> bool:
+    """Whether forward makes the gradients (for upstream gradient 1) for backward to scale.
+
+    Not for "none" (the upstream gradient is per element), and not in float16/bfloat16:
+    there dL/dŷ = g * 2D/N must be formed before rounding, since g (a GradScaler's 2^16, say)
+    is what keeps 2D/N from underflowing; backward recomputes ŷ instead, one chunk at a time.
+    """
+    return reduction != "none" and dtype in (torch.float32, torch.float64)
+
+
+def _norm(reduction: str, numel: int) -> float:
+    # dL/dŷ = norm * D * g; max(., 1): with no elements the gradients are zeros, as natively.
+    return 2.0 / max(numel, 1) if reduction == "mean" else 2.0
+
+
+def _recomputing_backward(ctx, grad_loss, input, weight, bias, target, needs):
     backend = pick(input, weight, bias, target)
     acc = _acc_dtype(ctx.loss_dtype)
     dx = torch.empty_like(input) if needs[0] else None
     dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs[1] else None
     db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if needs[2] else None
     step = ctx.chunk_rows
+    norm = _norm(ctx.reduction, input.shape[0] * weight.shape[0])
+    scalar = grad_loss.dim() == 0
     for r0 in range(0, input.shape[0], step):
         x_c, t_c = input[r0 : r0 + step], target[r0 : r0 + step]
         d = _chunk_residual(x_c, weight, bias, t_c, ctx.loss_dtype, backend)
-        g = (2 * d * grad_loss[r0 : r0 + step]).to(input.dtype)
+        g_c = grad_loss if scalar else grad_loss[r0 : r0 + step]
+        g = (norm * d * g_c.to(d.dtype)).to(input.dtype)
         if dx is not None:
             torch.mm(g, weight, out=dx[r0 : r0 + step])
         if dw is not None:
@@ -154,8 +178,7 @@ def _differentiable_backward(ctx, grad_loss, input, weight, bias, target):
     """The same gradients in plain differentiable ops, for double backward."""
     y = F.linear(input, weight, bias).to(ctx.loss_dtype)
     d = y - target.to(ctx.loss_dtype)
-    norm = 2.0 / max(d.numel(), 1) if ctx.reduction == "mean" else 2.0
-    g = grad_loss * norm * d
+    g = grad_loss * _norm(ctx.reduction, d.numel()) * d
     g = g.to(input.dtype)
     needs = ctx.needs_input_grad
     return (

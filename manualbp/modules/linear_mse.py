@@ -17,10 +17,11 @@ class LinearMSELoss(nn.Module):
     same seed; ``state_dict`` loads both ways with ``nn.Linear``), and is called as
     ``loss = head(x, target)``. The result equals
     ``nn.MSELoss(reduction)(nn.Linear(...)(x), target)``, but the prediction is never
-    stored: for ``"mean"``/``"sum"`` the gradients for x, W and b are computed during the
-    forward pass in row chunks and backward only scales them by the upstream gradient;
-    for ``"none"`` backward recomputes the prediction chunk by chunk and applies the
-    per-element upstream gradient.
+    stored: for ``"mean"``/``"sum"`` in float32/float64 the gradients for x, W and b are
+    computed during the forward pass in row chunks and backward only scales them by the
+    upstream gradient; for ``"none"`` (a per-element upstream gradient) and in
+    float16/bfloat16 (where a GradScaler's scale must be applied before rounding) backward
+    recomputes the prediction chunk by chunk instead.
 
     When it helps: large output widths (``out_features`` of several thousand and more
     than ``in_features``), where the unfused pair keeps the prediction and its gradient

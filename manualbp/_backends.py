@@ -7,6 +7,7 @@ imported only when first used, so ``import manualbp`` never needs a GPU.
 
 from __future__ import annotations
 
+import math
 from types import ModuleType
 
 import torch
@@ -35,6 +36,12 @@ class _Triton:
             list(needs_grad),
         )  # fmt: skip
         return tuple(g if need else None for g, need in zip(grads, needs_grad, strict=True))
+
+
+def as_rows(t: Tensor) -> Tensor:
+    """``t`` (*, F) as a matrix (rows, F), a view where possible. ``reshape(-1, F)`` cannot
+    infer the row count when F == 0, so the rows are counted explicitly."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
 def pick(*tensors: Tensor | None, differentiable: bool = False) -> Backend:

@@ -14,7 +14,7 @@ from numbers import Real
 import torch
 from torch import Tensor
 
-from manualbp._backends import impl, pick
+from manualbp._backends import as_rows, impl, pick
 from manualbp.activations import get_activation
 from manualbp.autograd.linear import LinearFunction
 from manualbp.autograd.linear_mse import LinearMSELossFunction, default_chunk_rows
@@ -134,7 +134,7 @@ def _linear(input, weight, bias, activation, negative_slope) -> Tensor:
     ):
         return LinearFunction.apply(input, weight, bias, activation, negative_slope)[0]
     # No graph to record: skip the Function and keep no pre-activation.
-    x = input.reshape(-1, input.shape[-1])
+    x = as_rows(input)
     y, _ = impl(pick(input, weight, bias)).linear_forward(
         x, weight, bias, get_activation(activation), negative_slope, store_preact=False
     )
@@ -251,8 +251,8 @@ def linear_mse_loss(
             y = _linear(input, weight, bias, None, 0.01)
             return mse_loss(y if loss_dtype is None else y.float(), target, reduction)
     loss_dtype = loss_dtype or input.dtype
-    x = input.reshape(-1, input.shape[-1])
-    t = target.expand(out_shape).reshape(-1, weight.shape[0])
+    x = as_rows(input)
+    t = as_rows(target.expand(out_shape))
     rows = chunk_rows or default_chunk_rows(x.shape[0], weight.shape[1], weight.shape[0])
     with torch.autocast(input.device.type, enabled=False):
         if torch.is_grad_enabled() and any(

@@ -103,3 +103,14 @@ def test_leaky_relu_slope_and_gelu_tanh_are_carried():
 def test_convert_rejects_non_modules():
     with pytest.raises(TypeError, match="expected an nn.Module"):
         manualbp.convert("model")
+
+
+def test_a_shared_linear_is_not_fused():
+    # The same Linear used twice: fusing the ReLU into it would apply it at both uses.
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    x = torch.randn(5, 4)
+    want = model(x)
+    manualbp.convert(model)
+    assert type(model[1]) is nn.ReLU and model[0].activation is None
+    assert_close(model(x), want)

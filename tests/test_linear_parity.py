@@ -106,3 +106,15 @@ def test_other_dtypes_match_native(dtype):
     assert ours[0].dtype == dtype
     assert_close(ours[0], native[0])
     _assert_grads_close(ours[1:], native[1:], x, w, b, "silu", grad_out)
+
+
+@pytest.mark.parametrize("K,N", [(0, 5), (4, 0), (0, 0)])
+@pytest.mark.parametrize("activation", [None, "gelu", "relu"])
+def test_zero_features_match_native(K, N, activation):
+    x, w, b = leaf(torch.randn(3, 2, K)), leaf(torch.randn(N, K)), leaf(torch.randn(N))
+    grad_out = torch.randn(3, 2, N)
+    ours = _run(functional.linear, x, w, b, activation, grad_out)
+    xn, wn, bn = clone_leaf(x), clone_leaf(w), clone_leaf(b)
+    native = _run(native_linear, xn, wn, bn, activation, grad_out)
+    for got, want in zip(ours, native):
+        assert_close(got, want)

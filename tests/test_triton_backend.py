@@ -129,3 +129,22 @@ def test_linear_mse_head_matches_native(reduction):
     want.backward(g)
     for got, ref in ((x.grad, xr.grad), (w.grad, wr.grad), (b.grad, br.grad)):
         assert_close(got, ref)
+
+
+@pytest.mark.parametrize("K,N", [(0, 5), (4, 0)])
+def test_zero_features_through_the_kernels(K, N):
+    kw = {"dtype": torch.float64, "device": DEVICE}
+    x, w, b = (
+        leaf(torch.randn(3, K, **kw)),
+        leaf(torch.randn(N, K, **kw)),
+        leaf(torch.randn(N, **kw)),
+    )
+    y = functional.linear(x, w, b, "gelu")
+    xr, wr, br = clone_leaf(x), clone_leaf(w), clone_leaf(b)
+    want = native_linear(xr, wr, br, "gelu")
+    assert_close(y, want)
+    g = torch.randn_like(want)
+    y.backward(g)
+    want.backward(g)
+    for got, ref in ((x.grad, xr.grad), (w.grad, wr.grad), (b.grad, br.grad)):
+        assert_close(got, ref)

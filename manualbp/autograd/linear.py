@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
 
-from manualbp._backends import impl, pick
+from manualbp._backends import as_rows, impl, pick
 from manualbp.activations import get_activation, saves
 
 
@@ -37,7 +37,7 @@ class LinearFunction(Function):
         negative_slope: float,
     ) -> tuple[Tensor, Tensor | None]:
         act = get_activation(activation)
-        x = input.reshape(-1, input.shape[-1])
+        x = as_rows(input)
         y, z = impl(pick(input, weight, bias)).linear_forward(
             x, weight, bias, act, negative_slope,
             store_preact=saves(act, negative_slope) == "preact",
@@ -85,14 +85,13 @@ class LinearFunction(Function):
             return None, None, None, None, None
         input, weight, bias, saved = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
-        n_out = grad_output.shape[-1]
-        grad_y = grad_output.reshape(-1, n_out)
-        x = None if input is None else input.reshape(-1, input.shape[-1])
+        grad_y = as_rows(grad_output)
+        x = None if input is None else as_rows(input)
         differentiable = torch.is_grad_enabled()
         if saved is not None:
             if differentiable and ctx.kind == "preact":
                 saved = F.linear(input, weight, bias)
-            saved = saved.reshape(-1, n_out)
+            saved = as_rows(saved)
         backend = pick(grad_y, x, weight, saved, differentiable=differentiable)
         dx, dw, db = impl(backend).linear_backward(
             grad_y, x, weight, saved, ctx.act, ctx.negative_slope, needs

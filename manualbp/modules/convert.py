@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 
 from torch import nn
 
@@ -53,12 +54,14 @@ def _swap(module: nn.Module) -> None:
         module.__class__ = MSELoss
 
 
-def _fuse(seq: nn.Sequential) -> None:
+def _fuse(seq: nn.Sequential, shared: set[int]) -> None:
     names = list(seq._modules)
     for name, next_name in itertools.pairwise(names):
         linear, act_module = seq._modules[name], seq._modules[next_name]
         if type(linear) is not Linear or linear.activation is not None:
             continue
+        if id(linear) in shared:
+            continue  # used elsewhere too: the activation would apply at every use
         fused = _fusable_activation(act_module)
         if fused is None or _has_hooks(linear) or _has_hooks(act_module):
             continue
@@ -77,7 +80,8 @@ def convert(model: nn.Module, fuse_activations: bool = True) -> nn.Module:
 
     With ``fuse_activations``, where an ``nn.Sequential`` has a Linear followed by an
     ``nn.ReLU``, ``nn.GELU``, ``nn.SiLU``, ``nn.Tanh``, ``nn.Sigmoid`` or ``nn.LeakyReLU``
-    (and neither has hooks), the activation is folded into the Linear and an
+    (and neither has hooks, and the Linear is not registered anywhere else in ``model``),
+    the activation is folded into the Linear and an
     ``nn.Identity`` is left in its slot, so indices and ``state_dict`` keys are unchanged.
 
     Returns ``model`` itself.
@@ -97,7 +101,10 @@ def convert(model: nn.Module, fuse_activations: bool = True) -> nn.Module:
     for module in model.modules():
         _swap(module)
     if fuse_activations:
+        # A Linear registered in more than one place (tied, or reused) is never fused.
+        uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+        shared = {key for key, count in uses.items() if count > 1}
         for module in model.modules():
             if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
-                _fuse(module)
+                _fuse(module, shared)
     return model

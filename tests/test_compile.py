@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -62,9 +63,27 @@ def test_compiled_backward_is_the_hand_written_one(monkeypatch):
     torch._dynamo.reset()
 
 
-def test_backend_choice_is_respected_under_compile():
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+    reason="the Triton path needs a GPU or TRITON_INTERPRET=1",
+)
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_backend_choice_is_respected_under_compile(backend, monkeypatch):
+    # The choice is made when the graph is traced: count the Triton path's uses then.
+    from manualbp import _backends
+
+    calls = []
+    real = _backends._Triton.linear_forward
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_backends._Triton, "linear_forward", staticmethod(counting))
     torch._dynamo.reset()
     f = torch.compile(lambda x, w: manualbp.functional.linear(x, w, None, "relu"), fullgraph=True)
     x, w = torch.randn(4, 3), torch.randn(2, 3)
-    with manualbp.use_backend("reference"):
+    with manualbp.use_backend(backend):
         assert_close(f(x, w), torch.relu(x @ w.T))
+    assert bool(calls) == (backend == "triton")
+    torch._dynamo.reset()

@@ -69,10 +69,18 @@ def _expm1(y):
 
 @triton.jit
 def _tanh(x):
-    # tanh(|x|) = -m / (2 + m) with m = expm1(-2|x|) in (-1, 0]: never overflows, and keeps
-    # full relative precision near 0 (where 1 - exp(-2|x|) would cancel).
-    m = _expm1(-2.0 * tl.abs(x))
-    t = -m / (2.0 + m)
+    # tanh(|x|) from exp(-2|x|) in (0, 1], which never overflows; libdevice's tanh is not
+    # available in the interpreter. 1 - exp(-2|x|) cancels near 0:
+    if x.dtype == tl.float64:
+        # fp64 (small tiles, registers to spare): -m / (2 + m), m = expm1(-2|x|), to ~1 ulp.
+        m = _expm1(-2.0 * tl.abs(x))
+        t = -m / (2.0 + m)
+    else:
+        # fp32, in the epilogue of big tensor-core tiles: (1 - e) / (1 + e). Near 0 this is
+        # accurate to ~eps absolutely, not relatively; the cheaper accurate forms tried (the
+        # expm1 above, a Taylor branch) made the 128x128 / 128x64 GELU-tanh tiles spill.
+        e = tl.exp(-2.0 * tl.abs(x))
+        t = (1.0 - e) / (1.0 + e)
     return tl.where(x < 0, -t, t)
 
 

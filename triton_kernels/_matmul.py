@@ -295,12 +295,22 @@ def matmul_kernel(
     tl.store(c_ptrs, cast_out(acc, c_ptr.dtype.element_ty), mask=c_mask)
 
 
+def size_bucket(*sizes: int) -> tuple[int, ...]:
+    """Sizes rounded up to powers of two: the autotuning key. Keying on exact sizes would
+    re-run the whole config search for every new token count (variable batches, the last
+    partial batch); shapes within a factor of two share their best config."""
+    return tuple(triton.next_power_of_2(max(s, 1)) for s in sizes)
+
+
 @functools.cache
-def _tuned_matmul(arch: int, dtype: torch.dtype, input_precision: str) -> Any:
+def _tuned_matmul(
+    arch: int, dtype: torch.dtype, input_precision: str, bucket: tuple[int, ...]
+) -> Any:
+    # One autotuner per size bucket (see size_bucket), tuned on the first shape it sees.
     # Every C element is written exactly once per launch: no reset_to_zero needed.
     return triton.autotune(
         configs=to_triton_configs(configs_for(arch, dtype, input_precision)),
-        key=["M", "N", "K", "ACC_FP64", "INPUT_PRECISION"],
+        key=["ACC_FP64", "INPUT_PRECISION"],
     )(matmul_kernel)
 
 
@@ -343,7 +353,6 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             *args, ACC_FP64=acc_fp64, INPUT_PRECISION=precision, **INTERPRETER_CONFIG
         )
     else:
-        _tuned_matmul(arch_of(a.device), a.dtype, precision)[grid_for(M, N)](
-            *args, ACC_FP64=acc_fp64, INPUT_PRECISION=precision
-        )
+        tuned = _tuned_matmul(arch_of(a.device), a.dtype, precision, size_bucket(M, N, K))
+        tuned[grid_for(M, N)](*args, ACC_FP64=acc_fp64, INPUT_PRECISION=precision)
     return c

@@ -26,6 +26,7 @@ from triton_kernels._matmul import (
     gemm_mainloop,
     grid_for,
     input_precision_for,
+    size_bucket,
     tile_offsets,
     to_triton_configs,
     use_fixed_config,
@@ -105,14 +106,15 @@ def linear_forward_kernel(
 
 
 @functools.cache
-def _tuned_forward(arch: int, dtype: torch.dtype, input_precision: str) -> Any:
+def _tuned_forward(
+    arch: int, dtype: torch.dtype, input_precision: str, bucket: tuple[int, ...]
+) -> Any:
+    # One autotuner per power-of-two size bucket (see _matmul.size_bucket), so a new token
+    # count re-tunes only when it crosses a power of two.
     # Y and Z are fully overwritten by each launch: no reset_to_zero needed when autotuning.
     return triton.autotune(
         configs=to_triton_configs(configs_for(arch, dtype, input_precision, epilogue=True)),
         key=[
-            "M",
-            "N",
-            "K",
             "HAS_BIAS",
             "ACTIVATION",
             "STORE_PREACT",
@@ -188,6 +190,7 @@ def linear_forward(
     if use_fixed_config(x.device):
         linear_forward_kernel[grid_for(M, N)](*args, **meta, **INTERPRETER_CONFIG)
     else:
-        tuned = _tuned_forward(arch_of(x.device), x.dtype, meta["INPUT_PRECISION"])
+        bucket = size_bucket(M, N, K)
+        tuned = _tuned_forward(arch_of(x.device), x.dtype, meta["INPUT_PRECISION"], bucket)
         tuned[grid_for(M, N)](*args, **meta)
     return y, z

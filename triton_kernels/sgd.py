@@ -124,13 +124,18 @@ def _meta(
     n_blocks = sum(counts)
 
     def make() -> Tensor:
-        first, block_map, acc = [], [], 0
-        for i, c in enumerate(counts):
+        first, acc = [], 0
+        for c in counts:
             first.append(acc)
-            block_map.extend([i] * c)
             acc += c
-        return _to_device(p_addr + g_addr + bufs + numels + first + init + block_map,
-                          torch.int64, device)  # fmt: skip
+        # Only O(tensors) values cross from the host; the O(blocks) block -> tensor map is
+        # expanded on the device (output_size given: no host sync), so a miss stays cheap
+        # for a model of billions of parameters.
+        head = _to_device(p_addr + g_addr + bufs + numels + first + init, torch.int64, device)
+        counts_dev = _to_device(counts, torch.int64, device)
+        tensor_ids = torch.arange(len(counts), dtype=torch.int64, device=device)
+        block_map = torch.repeat_interleave(tensor_ids, counts_dev, output_size=n_blocks)
+        return torch.cat([head, block_map])
 
     return _cached(_meta_cache, key, make), n_blocks
 

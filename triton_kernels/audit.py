@@ -15,6 +15,12 @@ fp16/bf16 GEMM does not use wgmma.
 The specialisation compiled is the common one (contiguous row-major operands, sizes multiple
 of 16): unit strides are constexpr 1 and pointers / other strides / sizes divisible by 16,
 which is what Triton's launcher would pick for such tensors.
+
+Besides the Linear kernels (``linear_forward``, ``matmul``, ``act_grad``, ``bias_grad``) it
+covers the MSE kernels of ``triton_kernels.mse`` (``mse_fwd``, ``mse_sum``, ``mse_bwd``,
+``mse_scale``; each both contiguous and as a general 4-d strided view) and the multi-tensor SGD
+kernel of ``triton_kernels.sgd`` (``sgd``, in its main constexpr combinations), in their shipped
+CUDA launch configs. Those are elementwise / reduction kernels: no wgmma requirement.
 """
 
 from __future__ import annotations
@@ -35,9 +41,12 @@ from typing import Any
 
 import torch
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from triton_kernels import mse as _mse
+from triton_kernels import sgd as _sgd
 from triton_kernels._activations import ACTIVATIONS
 from triton_kernels._matmul import configs_for, matmul_kernel, smem_limit
 from triton_kernels.linear_backward import (
@@ -88,7 +97,13 @@ _KERNELS = {
     "matmul": matmul_kernel,
     "act_grad": act_grad_kernel,
     "bias_grad": bias_grad_kernel,
+    "mse_fwd": _mse._mse_fwd_kernel,
+    "mse_sum": _mse._sum_kernel,
+    "mse_bwd": _mse._mse_bwd_kernel,
+    "mse_scale": _mse._scale_kernel,
+    "sgd": _sgd._sgd_kernel,
 }
+_MSE_KERNELS = ("mse_fwd", "mse_sum", "mse_bwd", "mse_scale")
 
 
 def _cfg_name(cfg: dict[str, int]) -> str:
@@ -242,6 +257,156 @@ def _elementwise_jobs(arch: int, dtype: torch.dtype, quick: bool, kernels: set[s
     return jobs
 
 
+def _strided_args(prefix: str, contiguous: bool) -> tuple[dict[str, str], dict[str, Any], set[str]]:
+    """Types, constexprs and div16 set for one operand's strides ``{prefix}0..3`` of the MSE
+    kernels' 4-d layout: contiguous (coalesced to one dim: strides ``0, 0, 0, 1``) or a general
+    strided view (four plain i32 strides, nothing specialised)."""
+    names = [f"{prefix}{i}" for i in range(4)]
+    if contiguous:
+        return {n: "i32" for n in names[:3]}, {names[3]: 1}, set(names[:3])
+    return {n: "i32" for n in names}, {}, set()
+
+
+def _mse_layout(
+    contiguous: bool, *prefixes: str
+) -> tuple[dict[str, str], dict[str, Any], set[str], int]:
+    """Sizes ``S1..S3`` and the strides of ``prefixes`` for the MSE kernels, plus ``NDIM``.
+
+    Contiguous: the launcher coalesces to ``NDIM=1``, sizes ``1, 1, N`` (``N`` a multiple of
+    16), unit strides constexpr 1 (what Triton's launcher specialises). Strided: ``NDIM=4``
+    with every size and stride a plain i32 (the heaviest indexing: three int64 div/mod per
+    element and no vectorised loads)."""
+    if contiguous:
+        types, const, div16 = {"S3": "i32"}, {"S1": 1, "S2": 1}, {"S3"}
+    else:
+        types, const, div16 = {"S1": "i32", "S2": "i32", "S3": "i32"}, {}, set()
+    for prefix in prefixes:
+        t, c, d = _strided_args(prefix, contiguous)
+        types.update(t)
+        const.update(c)
+        div16 |= d
+    return types, const, div16, 1 if contiguous else 4
+
+
+def _mse_jobs(arch: int, dtype: torch.dtype, quick: bool, kernels: set[str]) -> list[Job]:
+    """The MSE kernels of ``triton_kernels.mse`` in their shipped CUDA configs."""
+    t = TL_NAME[dtype]
+    fp64 = dtype == torch.float64
+    acc_name = "fp64" if fp64 else "fp32"
+    acc = tl.float64 if fp64 else tl.float32
+    jobs = []
+    if "mse_fwd" in kernels:
+        # (REDUCE, MEAN, COMPUTE_GRAD, contiguous); quick: the fused loss + gradient only.
+        variants = [(True, True, True, True)]
+        if not quick:
+            variants += [
+                (True, True, True, False),
+                (True, True, False, True),
+                (False, False, False, True),
+                (False, False, False, False),
+            ]
+        for reduce, mean, grad, contiguous in variants:
+            lay_t, lay_c, lay_d, ndim = _mse_layout(contiguous, "xs", "ts")
+            block, warps = _mse.fwd_config(ndim, cuda=True)  # the launcher's choice
+            types = {
+                "x_ptr": f"*{t}",
+                "t_ptr": f"*{t}",
+                "out_ptr": f"*{t}",
+                "grad_ptr": f"*{t}",
+                "part_ptr": f"*{acc_name}",
+                "N": "i32",  # do_not_specialize
+                **lay_t,
+            }
+            const = dict(
+                NDIM=ndim, REDUCE=reduce, MEAN=mean, COMPUTE_GRAD=grad, ACC=acc, BLOCK=block,
+                **lay_c,
+            )  # fmt: skip
+            div16 = {"x_ptr", "t_ptr", "out_ptr", "grad_ptr", "part_ptr"} | lay_d
+            what = ("mean+grad" if grad else "mean") if reduce else "none"
+            name = f"{block} w{warps} {what} {'contig' if contiguous else 'ndim4'}"
+            jobs.append(Job("mse_fwd", arch, t, name, types, const, div16, warps, 3))
+    if "mse_sum" in kernels:
+        block, warps = _mse._CUDA_SUM
+        # The last pass: partials in the accumulation dtype, mean, cast to the loss dtype.
+        types = {"in_ptr": f"*{acc_name}", "out_ptr": f"*{t}", "n": "i32", "N": "i32"}
+        const = dict(FINAL_MEAN=True, BLOCK=block)
+        name = f"{block} w{warps} final mean"
+        jobs.append(Job("mse_sum", arch, t, name, types, const, {"in_ptr", "out_ptr"}, warps, 3))
+    if "mse_bwd" in kernels:
+        block, warps = _mse._CUDA_ELEMWISE
+        # (GO_SCALAR, MEAN, contiguous): "mean" (scalar grad_output) and "none" (grad_output
+        # of the input's shape).
+        variants = [(True, True, True)]
+        if not quick:
+            variants += [(False, False, True), (False, False, False)]
+        for scalar, mean, contiguous in variants:
+            lay_t, lay_c, lay_d, ndim = _mse_layout(contiguous, "gs", "xs", "ts")
+            if scalar:  # the launcher passes grad_output strides 0, 0, 0, 0
+                for i in range(4):
+                    lay_c.pop(f"gs{i}", None)
+                    lay_t[f"gs{i}"] = "i32"
+                    lay_d.add(f"gs{i}")
+            types = {
+                "go_ptr": f"*{t}",
+                "x_ptr": f"*{t}",
+                "t_ptr": f"*{t}",
+                "out_ptr": f"*{t}",
+                "N": "i32",
+                **lay_t,
+            }
+            const = dict(NDIM=ndim, GO_SCALAR=scalar, MEAN=mean, ACC=acc, BLOCK=block, **lay_c)
+            div16 = {"go_ptr", "x_ptr", "t_ptr", "out_ptr"} | lay_d
+            what = "mean" if scalar else "none"
+            name = f"{block} w{warps} {what} {'contig' if contiguous else 'ndim4'}"
+            jobs.append(Job("mse_bwd", arch, t, name, types, const, div16, warps, 3))
+    if "mse_scale" in kernels:
+        block, warps = _mse._CUDA_ELEMWISE
+        for contiguous in (True,) if quick else (True, False):
+            lay_t, lay_c, lay_d, ndim = _mse_layout(contiguous, "gs")
+            types = {"g_ptr": f"*{t}", "go_ptr": f"*{t}", "N": "i32", **lay_t}
+            const = dict(NDIM=ndim, ACC=acc, BLOCK=block, **lay_c)
+            div16 = {"g_ptr", "go_ptr"} | lay_d
+            name = f"{block} w{warps} {'contig' if contiguous else 'ndim4'}"
+            jobs.append(Job("mse_scale", arch, t, name, types, const, div16, warps, 3))
+    return jobs
+
+
+# SGD constexpr combinations compiled: (name, HAS_WD, HAS_MOMENTUM, NESTEROV, MAXIMIZE,
+# LR_TENSOR). The last one switches every branch on (the heaviest); --quick compiles it alone.
+SGD_VARIANTS = (
+    ("plain", False, False, False, False, False),
+    ("wd lr_tensor", True, False, False, False, True),
+    ("momentum", False, True, False, False, False),
+    ("nesterov wd maximize lr_tensor", True, True, True, True, True),
+)
+
+
+def _sgd_jobs(arch: int, dtype: torch.dtype, quick: bool) -> list[Job]:
+    """The multi-tensor SGD kernel of ``triton_kernels.sgd`` in its shipped CUDA config."""
+    t = TL_NAME[dtype]
+    block, warps = _sgd._CUDA_CFG
+    compute = tl.float64 if dtype == torch.float64 else tl.float32
+    jobs = []
+    for name, wd, mom, nesterov, maximize, lr_tensor in (
+        SGD_VARIANTS[-1:] if quick else SGD_VARIANTS
+    ):
+        types = {
+            "p_witness": f"*{t}",
+            "meta_ptr": "*i64",
+            "hp_ptr": "*fp64",
+            # A tensor lr is moved to the device as is (typically fp32); else hp is passed.
+            "lr_ptr": "*fp32" if lr_tensor else "*fp64",
+            "T": "i32",  # do_not_specialize
+        }
+        const = dict(
+            HAS_WD=wd, HAS_MOMENTUM=mom, NESTEROV=nesterov, MAXIMIZE=maximize,
+            LR_TENSOR=lr_tensor, COMPUTE=compute, BLOCK=block,
+        )  # fmt: skip
+        div16 = {"p_witness", "meta_ptr", "hp_ptr", "lr_ptr"}
+        jobs.append(Job("sgd", arch, t, f"{block} w{warps} {name}", types, const, div16, warps, 3))
+    return jobs
+
+
 def build_jobs(
     archs: tuple[int, ...] = ARCHS,
     kernels: set[str] | None = None,
@@ -260,6 +425,9 @@ def build_jobs(
             jobs += _gemm_jobs(arch, dtype, precision, quick, kernels)
             if precision == "ieee":
                 jobs += _elementwise_jobs(arch, dtype, quick, kernels)
+                jobs += _mse_jobs(arch, dtype, quick, kernels)
+                if "sgd" in kernels:
+                    jobs += _sgd_jobs(arch, dtype, quick)
     return jobs
 
 
@@ -372,7 +540,10 @@ def compile_job(job: Job) -> dict[str, Any]:
         row["shared"] = int(compiled.metadata.shared)
         usage = _parse_ptxas_log(log.getvalue())
         row["regs"], row["spills"] = usage or _ptxas_usage(compiled.asm["ptx"], job.arch)
-        row["wgmma"] = "HGMMA" in _sass(compiled.asm["cubin"]) if job.arch >= 90 else None
+        # Only the GEMMs are checked for wgmma (disassembling is a good part of a small
+        # kernel's compile time).
+        hopper_gemm = job.gemm and job.arch >= 90
+        row["wgmma"] = "HGMMA" in _sass(compiled.asm["cubin"]) if hopper_gemm else None
     except Exception as e:  # any compile failure is reported, not raised
         row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
     row["seconds"] = time.time() - t0
@@ -442,7 +613,9 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--quick", action="store_true", help="one config per GEMM kernel, one activation, no fp64"
+        "--quick",
+        action="store_true",
+        help="one config per GEMM kernel, one activation, one variant per MSE/SGD kernel, no fp64",
     )
     parser.add_argument("--arch", default="80,90", help="comma-separated, e.g. 90")
     parser.add_argument(

@@ -43,6 +43,10 @@ def _interpreting() -> bool:
 # Fixed launch configurations (BLOCK, num_warps). The interpreter gets small blocks so that tests
 # on small tensors still cover several programs and several reduction passes; tests may patch these.
 _CUDA_FWD = (4096, 8)
+# Views that stay 3- or 4-d after merging dims carry per-element index math (div/mod by each
+# size, four strides per operand): at 4096 x 8 warps that spilled (the audit shows it).
+_CUDA_FWD_STRIDED = (1024, 4)
+_INTERP_FWD_STRIDED = (64, 1)
 _CUDA_ELEMWISE = (2048, 8)
 _CUDA_SUM = (1024, 4)
 _INTERP_FWD = (64, 1)
@@ -53,6 +57,15 @@ _INTERP_SUM = (16, 1)
 def _cfg(kind: str) -> tuple[int, int]:
     prefix = "_INTERP_" if _interpreting() else "_CUDA_"
     return globals()[prefix + kind]
+
+
+def fwd_config(ndim: int, *, cuda: bool | None = None) -> tuple[int, int]:
+    """(BLOCK, num_warps) of the forward kernel for a layout of ``ndim`` merged dims; the
+    CUDA or the interpreter's (``cuda=None``: whichever this process runs)."""
+    kind = "FWD_STRIDED" if ndim >= 3 else "FWD"
+    if cuda is None:
+        return _cfg(kind)
+    return globals()[("_CUDA_" if cuda else "_INTERP_") + kind]
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,7 +321,7 @@ def mse_forward(
         return out, grad
 
     (x, t), ndim, sizes, (xs, ts) = _layout(input, target)
-    block, warps = _cfg("FWD")
+    block, warps = fwd_config(ndim)
     grid = triton.cdiv(n, block)
     acc = _acc_torch_dtype(dtype)
     partials = torch.empty(grid if reduce else 1, dtype=acc, device=device)

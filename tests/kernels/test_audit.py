@@ -84,3 +84,54 @@ def test_every_shipped_config_is_audited():
                 if j.kernel == "matmul" and j.arch == arch and j.dtype == name
             }
             assert len(audited) == len(configs_for(arch, dtype, "ieee"))
+
+
+def test_mse_and_sgd_kernels_are_audited():
+    from triton_kernels import mse, sgd
+    from triton_kernels.audit import SGD_VARIANTS, build_jobs
+
+    names = {"mse_fwd", "mse_sum", "mse_bwd", "mse_scale", "sgd"}
+    jobs = build_jobs()
+    for arch in (80, 90):
+        for dtype in ("fp16", "bf16", "fp32", "fp64"):
+            built = {j.kernel for j in jobs if j.arch == arch and j.dtype == dtype}
+            assert names <= built, (arch, dtype, built)
+    # Shipped CUDA launch configs, not the interpreter's.
+    block_warps = {
+        "mse_sum": mse._CUDA_SUM,
+        "mse_bwd": mse._CUDA_ELEMWISE,
+        "mse_scale": mse._CUDA_ELEMWISE,
+        "sgd": sgd._CUDA_CFG,
+    }
+    for j in jobs:
+        if j.kernel == "mse_fwd":  # the launcher picks by layout: see mse.fwd_config
+            expected = mse._CUDA_FWD_STRIDED if j.constexprs["NDIM"] >= 3 else mse._CUDA_FWD
+            assert (j.constexprs["BLOCK"], j.num_warps) == expected, j
+        elif j.kernel in names:
+            assert (j.constexprs["BLOCK"], j.num_warps) == block_warps[j.kernel], j
+        if j.kernel in names:
+            assert not j.gemm
+    fwd = {
+        (j.constexprs["REDUCE"], j.constexprs["COMPUTE_GRAD"])
+        for j in jobs
+        if j.kernel == "mse_fwd"
+    }
+    assert fwd == {(True, True), (True, False), (False, False)}
+    sgd_cfgs = {j.config for j in jobs if j.kernel == "sgd" and j.arch == 90 and j.dtype == "fp32"}
+    assert len(sgd_cfgs) == len(SGD_VARIANTS)
+    assert build_jobs(kernels={"sgd"}, quick=True) and all(
+        j.kernel == "sgd" for j in build_jobs(kernels={"sgd"}, quick=True)
+    )
+
+
+def test_quick_audit_mse_and_sgd_compile_without_spills():
+    pytest.importorskip("triton.backends.nvidia")
+    proc = _run_audit("--quick", "--arch", "80", "--kernel", "mse_fwd,sgd", "-j", "1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [
+        line.split() for line in proc.stdout.splitlines() if line.startswith(("mse_fwd ", "sgd "))
+    ]
+    assert {r[0] for r in rows} == {"mse_fwd", "sgd"}, proc.stdout
+    for r in rows:
+        # Columns from the right: status, wgmma, smem, spill bytes, regs.
+        assert r[-1] == "OK" and r[-4] == "0", r

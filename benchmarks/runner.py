@@ -157,14 +157,7 @@ def run_case(
 ) -> dict[str, Any]:
     """Measure one case on all its providers; never raises (errors are recorded)."""
     rec: dict[str, Any] = {
-        "name": case.name,
-        "group": case.group,
-        "params": case.params,
-        "label": label,
-        "metric": case.metric,
-        "work": case.work,
-        "work_note": case.work_note,
-        "modes": case.modes,
+        **_record_header(case, label),
         "providers": {},
         "results": {m: {} for m in case.modes},
         "plot": {"key": case.plot_key, "x": case.plot_x, "x_label": case.plot_x_label},
@@ -303,7 +296,8 @@ def _speedups(rec: dict[str, Any]) -> dict[str, dict[str, float]]:
     return out
 
 
-def _skipped_record(case: Case, reason: str, label: str) -> dict[str, Any]:
+def _record_header(case: Case, label: str) -> dict[str, Any]:
+    """What every record of a case says about the case itself."""
     return {
         "name": case.name,
         "group": case.group,
@@ -313,6 +307,12 @@ def _skipped_record(case: Case, reason: str, label: str) -> dict[str, Any]:
         "work": case.work,
         "work_note": case.work_note,
         "modes": case.modes,
+    }
+
+
+def _skipped_record(case: Case, reason: str, label: str) -> dict[str, Any]:
+    return {
+        **_record_header(case, label),
         "status": "skipped",
         "reason": reason,
         "providers": {p: {"status": "skipped", "reason": reason} for p in case.providers},

@@ -98,6 +98,22 @@ def _strided_offsets(idx, S1, S2, S3, st0, st1, st2, st3, NDIM: tl.constexpr):
     return off
 
 
+@triton.jit
+def _load_block(
+    x_ptr, t_ptr, N, S1, S2, S3, xs0, xs1, xs2, xs3, ts0, ts1, ts2, ts3,
+    NDIM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """This program's block of linear indices, its mask, and ``x``, ``t`` there (in ACC)."""
+    pid = tl.program_id(0).to(tl.int64)
+    idx = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < N
+    x_off = _strided_offsets(idx, S1, S2, S3, xs0, xs1, xs2, xs3, NDIM)
+    t_off = _strided_offsets(idx, S1, S2, S3, ts0, ts1, ts2, ts3, NDIM)
+    x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC)
+    t = tl.load(t_ptr + t_off, mask=mask, other=0.0).to(ACC)
+    return idx, mask, x, t
+
+
 @triton.jit(do_not_specialize=["N"])
 def _mse_fwd_kernel(
     x_ptr, t_ptr, out_ptr, grad_ptr, part_ptr, N,
@@ -109,17 +125,13 @@ def _mse_fwd_kernel(
 ):  # fmt: skip
     """One block of ``(x - t)**2``: stored elementwise (``REDUCE=False``) or summed into
     ``part_ptr[pid]``, with the gradient ``2 (x - t) [/ N]`` written contiguously alongside."""
-    pid = tl.program_id(0).to(tl.int64)
-    idx = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = idx < N
-    x_off = _strided_offsets(idx, S1, S2, S3, xs0, xs1, xs2, xs3, NDIM)
-    t_off = _strided_offsets(idx, S1, S2, S3, ts0, ts1, ts2, ts3, NDIM)
-    x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC)
-    t = tl.load(t_ptr + t_off, mask=mask, other=0.0).to(ACC)
+    idx, mask, x, t = _load_block(
+        x_ptr, t_ptr, N, S1, S2, S3, xs0, xs1, xs2, xs3, ts0, ts1, ts2, ts3, NDIM, ACC, BLOCK
+    )
     d = x - t
     sq = d * d
     if REDUCE:
-        tl.store(part_ptr + pid, tl.sum(sq, axis=0))
+        tl.store(part_ptr + tl.program_id(0), tl.sum(sq, axis=0))
         if COMPUTE_GRAD:
             scale = 2.0 / N.to(ACC) if MEAN else 2.0
             g = d * scale
@@ -152,13 +164,9 @@ def _mse_bwd_kernel(
     ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """``out = (2 [/ N]) * (x - t) * go``, ``out`` contiguous, ``go`` a scalar or strided."""
-    pid = tl.program_id(0).to(tl.int64)
-    idx = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = idx < N
-    x_off = _strided_offsets(idx, S1, S2, S3, xs0, xs1, xs2, xs3, NDIM)
-    t_off = _strided_offsets(idx, S1, S2, S3, ts0, ts1, ts2, ts3, NDIM)
-    x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC)
-    t = tl.load(t_ptr + t_off, mask=mask, other=0.0).to(ACC)
+    idx, mask, x, t = _load_block(
+        x_ptr, t_ptr, N, S1, S2, S3, xs0, xs1, xs2, xs3, ts0, ts1, ts2, ts3, NDIM, ACC, BLOCK
+    )
     if GO_SCALAR:
         go = tl.load(go_ptr).to(ACC)
     else:

@@ -36,7 +36,7 @@ def linear_forward(
     store_preact: bool,
 ) -> tuple[Tensor, Tensor]:
     """``(act(x W^T + b), x W^T + b or empty)`` for 2-D ``x``; see triton_kernels.linear_forward."""
-    from triton_kernels.linear_forward import linear_forward as launch
+    from manualbp.kernels.linear_forward import linear_forward as launch
 
     name = None if activation == NO_ACTIVATION else activation
     with _on_device(x):
@@ -62,7 +62,7 @@ def linear_backward(
     needs_grad: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx, dW, db)`` (empty where not needed); see triton_kernels.linear_backward."""
-    from triton_kernels.linear_backward import linear_backward as launch
+    from manualbp.kernels.linear_backward import linear_backward as launch
 
     name = None if activation == NO_ACTIVATION else activation
     with _on_device(grad_y):
@@ -87,7 +87,7 @@ def mse_forward(
     input: Tensor, target: Tensor, reduction: str, compute_grad: bool
 ) -> tuple[Tensor, Tensor]:
     """``(loss, dloss/dinput for g = 1 or empty)``; see triton_kernels.mse.mse_forward."""
-    from triton_kernels.mse import mse_forward as launch
+    from manualbp.kernels.mse import mse_forward as launch
 
     with _on_device(input):
         loss, grad = launch(input, target, reduction, compute_grad=compute_grad)
@@ -104,7 +104,7 @@ def _(input, target, reduction, compute_grad):
 @torch.library.custom_op("manualbp::mse_backward", mutates_args=())
 def mse_backward(grad_output: Tensor, input: Tensor, target: Tensor, reduction: str) -> Tensor:
     """``g * 2 (input - target) [/ N]``; see triton_kernels.mse.mse_backward."""
-    from triton_kernels.mse import mse_backward as launch
+    from manualbp.kernels.mse import mse_backward as launch
 
     with _on_device(input):
         return launch(grad_output, input, target, reduction)

@@ -272,7 +272,7 @@ def test_tensor_lr_can_change_in_place(backend):
 def test_triton_backend_launches_once_per_device_dtype_split(monkeypatch):
     if not _TRITON_OK:
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
-    import triton_kernels.sgd as kernels
+    import manualbp.kernels.sgd as kernels
 
     calls = []
     real = kernels.sgd_step_

@@ -45,16 +45,16 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from triton_kernels import mse as _mse
-from triton_kernels import sgd as _sgd
-from triton_kernels._activations import ACTIVATIONS
-from triton_kernels._matmul import configs_for, matmul_kernel, smem_limit
-from triton_kernels.linear_backward import (
+from . import mse as _mse
+from . import sgd as _sgd
+from ._activations import ACTIVATIONS
+from ._matmul import configs_for, matmul_kernel, smem_limit
+from .linear_backward import (
     ELEMENTWISE_CONFIGS,
     act_grad_kernel,
     bias_grad_kernel,
 )
-from triton_kernels.linear_forward import linear_forward_kernel
+from .linear_forward import linear_forward_kernel
 
 ARCHS = (80, 90)
 # (dtype, tl.dot input precision) pairs compiled for the GEMMs: fp32 in both the IEEE mode

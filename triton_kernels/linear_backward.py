@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_kernels._activations import activation_code, activation_grad
-from triton_kernels._matmul import cast_out, interpreting, matmul
+from ._activations import activation_code, activation_grad
+from ._matmul import cast_out, interpreting, matmul
 
 __all__ = ["linear_backward", "act_grad_kernel", "bias_grad_kernel", "ELEMENTWISE_CONFIGS"]
 

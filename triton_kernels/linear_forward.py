@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_kernels._activations import activation_code, apply_activation
-from triton_kernels._matmul import (
+from ._activations import activation_code, apply_activation
+from ._matmul import (
     INTERPRETER_CONFIG,
     arch_of,
     cast_out,

@@ -151,7 +151,7 @@ class SGD(torch.optim.SGD):
                     and not _capturing(params[0])
                     and _kernel_supports(params, grads, bufs)
                 ):
-                    from triton_kernels.sgd import sgd_step_
+                    from manualbp.kernels.sgd import sgd_step_
 
                     sgd_step_(params, grads, bufs, **kwargs)
                 else:
@@ -171,7 +171,7 @@ def _capturing(p: Tensor) -> bool:
 
 
 def _kernel_supports(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None]) -> bool:
-    from triton_kernels.sgd import supports
+    from manualbp.kernels.sgd import supports
 
     return supports(params, grads, bufs)
 

@@ -21,7 +21,7 @@ def _run_audit(*args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences a triton 3.9 warning
     return subprocess.run(
-        [sys.executable, "-m", "triton_kernels.audit", *args],
+        [sys.executable, "-m", "manualbp.kernels.audit", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -46,7 +46,7 @@ def test_quick_audit_hopper_gemm_uses_wgmma():
 def test_audit_rejects_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "triton_kernels.audit", "--quick"],
+        [sys.executable, "-m", "manualbp.kernels.audit", "--quick"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -57,7 +57,7 @@ def test_audit_rejects_interpreter():
 
 
 def test_problem_rules():
-    from triton_kernels.audit import problems
+    from manualbp.kernels.audit import problems
 
     ok = dict(error=None, spills=0, shared=1024, arch=90, gemm=True, dtype="fp16", wgmma=True)
     assert problems(ok) == []
@@ -72,8 +72,8 @@ def test_problem_rules():
 def test_every_shipped_config_is_audited():
     import torch
 
-    from triton_kernels._matmul import configs_for
-    from triton_kernels.audit import build_jobs
+    from manualbp.kernels._matmul import configs_for
+    from manualbp.kernels.audit import build_jobs
 
     jobs = build_jobs()
     for arch in (80, 90):
@@ -87,8 +87,8 @@ def test_every_shipped_config_is_audited():
 
 
 def test_mse_and_sgd_kernels_are_audited():
-    from triton_kernels import mse, sgd
-    from triton_kernels.audit import SGD_VARIANTS, build_jobs
+    from manualbp.kernels import mse, sgd
+    from manualbp.kernels.audit import SGD_VARIANTS, build_jobs
 
     names = {"mse_fwd", "mse_sum", "mse_bwd", "mse_scale", "sgd"}
     jobs = build_jobs()

@@ -36,8 +36,8 @@ import torch
 from torch import Tensor
 
 from tests.helpers import native_activation
-from triton_kernels.linear_backward import linear_backward
-from triton_kernels.linear_forward import linear_forward
+from manualbp.kernels.linear_backward import linear_backward
+from manualbp.kernels.linear_forward import linear_forward
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 pytestmark = pytest.mark.skipif(

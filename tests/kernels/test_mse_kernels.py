@@ -23,7 +23,7 @@ if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_av
         allow_module_level=True,
     )
 
-from triton_kernels import mse
+from manualbp.kernels import mse
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]

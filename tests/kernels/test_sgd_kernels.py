@@ -21,7 +21,7 @@ if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_av
         allow_module_level=True,
     )
 
-from triton_kernels import sgd
+from manualbp.kernels import sgd
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(47, 31), (1,), (0,), (130,), (3, 5)]

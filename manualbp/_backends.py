@@ -15,7 +15,7 @@ from torch import Tensor
 
 from manualbp import _ops, reference
 from manualbp._dispatch import Backend, resolve
-from manualbp.activations import Activation, saves
+from manualbp.activations import Activation
 
 
 class _Triton:
@@ -30,7 +30,7 @@ class _Triton:
     @staticmethod
     def linear_backward(grad_y, x, weight, saved, act, negative_slope, needs_grad):
         name = _ops.NO_ACTIVATION if act is None else act.name
-        saved_is_output = saves(act, negative_slope) == "output"
+        saved_is_output = act is not None and act.saved_for(negative_slope) == "output"
         grads = _ops.linear_backward(
             grad_y, x, weight, saved, name, float(negative_slope), saved_is_output,
             list(needs_grad),

@@ -1,4 +1,10 @@
-"""The fused activations: their names, forward maps and hand-written derivatives.
+"""The activation registry: each fusable activation as one entry.
+
+An entry holds the activation's name, its forward map, its hand-derived derivative, what that
+derivative reads (the output or the pre-activation) and the native module ``convert`` folds.
+Its Triton code lives under the same name in ``triton_kernels/_activations.py``. Everything
+else (``convert``, the CLI, the tests) derives its list from :data:`ACTIVATIONS`: adding an
+activation touches this file and the Triton one, nothing else (see CONTRIBUTING.md).
 
 Each derivative follows the formula PyTorch's own backward uses (so NaN and Inf
 propagate as they do natively) and is written in plain, differentiable torch ops,
@@ -9,31 +15,62 @@ Derivations: ``docs/derivations.md``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["ACTIVATIONS", "Activation", "get_activation", "saves"]
+__all__ = ["ACTIVATIONS", "Activation", "activation_of_module", "get_activation"]
 
-SavedKind = Literal["nothing", "output", "preact"]
+Saved = Literal["output", "preact"]
 
 
 @dataclass(frozen=True)
 class Activation:
-    """One fusable activation ``y = f(z)`` and its derivative ``f'``.
+    """One fusable activation ``y = f(z)``: everything manualbp knows about it, in one place.
 
-    ``grad`` maps ``(dY, s, negative_slope)`` to ``dZ = dY * f'(z)`` where ``s`` is the
-    saved tensor: the output ``y`` when ``saves == "output"``, else the pre-activation ``z``.
+    Attributes:
+        name: the string users pass (``activation="gelu"``); also the ``ACTIVATION``
+            ``tl.constexpr`` the Triton kernels branch on (``triton_kernels/_activations.py``).
+        forward: ``(z, negative_slope) -> y``.
+        grad: ``(dY, s, negative_slope) -> dZ = dY * f'(z)``, the hand-derived derivative read
+            off the saved tensor ``s`` (see :meth:`saved_for`).
+        saves: what ``grad`` reads: the output ``y`` (``"output"``) or the pre-activation
+            ``z`` (``"preact"``).
+        module: the native module type :func:`manualbp.convert` folds into this activation.
+        module_attrs: attributes the native module must have for that (``approximate``).
+        slope_attr: the module attribute holding the slope (``LeakyReLU.negative_slope``).
     """
 
     name: str
     forward: Callable[[Tensor, float], Tensor]
     grad: Callable[[Tensor, Tensor, float], Tensor]
-    saves: SavedKind
+    saves: Saved
+    module: type[nn.Module]
+    module_attrs: Mapping[str, object] = field(default_factory=dict)
+    slope_attr: str | None = None
+
+    def saved_for(self, negative_slope: float) -> Saved:
+        """What backward keeps for this activation at ``negative_slope``: ``y`` or ``z``."""
+        if self.slope_attr is not None and negative_slope < 0:
+            return "preact"  # a negative slope flips the sign of y: y no longer tells z > 0
+        return self.saves
+
+    def native_module(self, negative_slope: float = 0.01) -> nn.Module:
+        """The native module computing this activation (the oracle tests compare against)."""
+        kwargs = dict(self.module_attrs)
+        if self.slope_attr is not None:
+            kwargs[self.slope_attr] = negative_slope
+        return self.module(**kwargs)
+
+    def matches(self, module: nn.Module) -> bool:
+        """Whether ``module`` is exactly this activation's native module."""
+        return type(module) is self.module and all(
+            getattr(module, k, None) == v for k, v in self.module_attrs.items()
+        )
 
 
 _SQRT1_2 = 1.0 / math.sqrt(2.0)
@@ -87,15 +124,29 @@ def _silu_grad(g: Tensor, z: Tensor, _: float) -> Tensor:
 ACTIVATIONS: dict[str, Activation] = {
     a.name: a
     for a in (
-        Activation("relu", lambda z, _: F.relu(z), _relu_grad, "output"),
-        Activation("gelu", lambda z, _: F.gelu(z), _gelu_grad, "preact"),
+        Activation("relu", lambda z, _: F.relu(z), _relu_grad, "output", nn.ReLU),
         Activation(
-            "gelu_tanh", lambda z, _: F.gelu(z, approximate="tanh"), _gelu_tanh_grad, "preact"
+            "gelu", lambda z, _: F.gelu(z), _gelu_grad, "preact", nn.GELU, {"approximate": "none"}
         ),
-        Activation("silu", lambda z, _: F.silu(z), _silu_grad, "preact"),
-        Activation("tanh", lambda z, _: torch.tanh(z), _tanh_grad, "output"),
-        Activation("sigmoid", lambda z, _: torch.sigmoid(z), _sigmoid_grad, "output"),
-        Activation("leaky_relu", lambda z, s: F.leaky_relu(z, s), _leaky_relu_grad, "output"),
+        Activation(
+            "gelu_tanh",
+            lambda z, _: F.gelu(z, approximate="tanh"),
+            _gelu_tanh_grad,
+            "preact",
+            nn.GELU,
+            {"approximate": "tanh"},
+        ),
+        Activation("silu", lambda z, _: F.silu(z), _silu_grad, "preact", nn.SiLU),
+        Activation("tanh", lambda z, _: torch.tanh(z), _tanh_grad, "output", nn.Tanh),
+        Activation("sigmoid", lambda z, _: torch.sigmoid(z), _sigmoid_grad, "output", nn.Sigmoid),
+        Activation(
+            "leaky_relu",
+            lambda z, s: F.leaky_relu(z, s),
+            _leaky_relu_grad,
+            "output",
+            nn.LeakyReLU,
+            slope_attr="negative_slope",
+        ),
     )
 }
 
@@ -110,10 +161,11 @@ def get_activation(name: str | None) -> Activation | None:
     return ACTIVATIONS[name]
 
 
-def saves(act: Activation | None, negative_slope: float) -> SavedKind:
-    """What the backward of ``act`` needs kept: nothing, the output ``y`` or the input ``z``."""
-    if act is None:
-        return "nothing"
-    if act.name == "leaky_relu" and negative_slope < 0:
-        return "preact"  # a negative slope flips the sign of y, so y no longer tells z > 0
-    return act.saves
+def activation_of_module(module: nn.Module) -> tuple[Activation, float] | None:
+    """``(activation, negative_slope)`` when ``module`` is a native activation module of the
+    registry (exactly its type: a subclass may compute something else), else ``None``."""
+    for act in ACTIVATIONS.values():
+        if act.matches(module):
+            slope = float(getattr(module, act.slope_attr)) if act.slope_attr else 0.01
+            return act, slope
+    return None

@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.autograd import Function
 
 from manualbp._backends import as_rows, impl, pick
-from manualbp.activations import get_activation, saves
+from manualbp.activations import get_activation
 
 
 class LinearFunction(Function):
@@ -40,7 +40,7 @@ class LinearFunction(Function):
         x = as_rows(input)
         y, z = impl(pick(input, weight, bias)).linear_forward(
             x, weight, bias, act, negative_slope,
-            store_preact=saves(act, negative_slope) == "preact",
+            store_preact=act is not None and act.saved_for(negative_slope) == "preact",
         )  # fmt: skip
         shape = (*input.shape[:-1], weight.shape[0])
         # detach(): a view made in here would make in-place ops on the output (an
@@ -53,7 +53,7 @@ class LinearFunction(Function):
         input, weight, bias, activation, negative_slope = inputs
         y, z = output
         act = get_activation(activation)
-        kind = saves(act, negative_slope)
+        kind = "nothing" if act is None else act.saved_for(negative_slope)
         needs_x, needs_w, _ = ctx.needs_input_grad[:3]
         # Keep only what backward reads: X for dW, W for dX, and Y or Z for act'.
         # For act'(Z), also X, W, b: double backward recomputes Z with a graph from them.

@@ -69,7 +69,7 @@ def main() -> None:
             print(text, flush=True)
     if rank == 0:
         print(f"done: {world} ranks, backend {dist.get_backend()}, "
-              f"manualbp path {manualbp._dispatch.resolve(x)}")  # fmt: skip
+              f"manualbp path {manualbp.dispatch.resolve(x)}")  # fmt: skip
     dist.destroy_process_group()
 
 

@@ -6,9 +6,9 @@ and fused activation) and the MSE loss, drop-in ``nn.Module`` stand-ins for
 """
 
 from manualbp import functional, optim
-from manualbp._dispatch import get_backend, set_backend, use_backend
 from manualbp.activations import ACTIVATIONS
-from manualbp.autograd import LinearFunction, MSELossFunction
+from manualbp.autograd import LinearFunction, LinearMSELossFunction, MSELossFunction
+from manualbp.dispatch import get_backend, set_backend, use_backend
 from manualbp.modules import Linear, LinearMSELoss, MSELoss, convert
 
 __version__ = "0.1.0"
@@ -18,6 +18,7 @@ __all__ = [
     "Linear",
     "LinearFunction",
     "LinearMSELoss",
+    "LinearMSELossFunction",
     "MSELoss",
     "MSELossFunction",
     "convert",

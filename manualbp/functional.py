@@ -14,11 +14,11 @@ from numbers import Real
 import torch
 from torch import Tensor
 
-from manualbp._backends import as_rows, impl, pick
 from manualbp.activations import get_activation
-from manualbp.autograd.linear import LinearFunction
+from manualbp.autograd.linear import LinearFunction, as_rows
 from manualbp.autograd.linear_mse import LinearMSELossFunction, default_chunk_rows
 from manualbp.autograd.mse import MSELossFunction
+from manualbp.dispatch import backend_for
 
 __all__ = ["linear", "linear_mse_loss", "mse_loss"]
 
@@ -135,7 +135,7 @@ def _linear(input, weight, bias, activation, negative_slope) -> Tensor:
         return LinearFunction.apply(input, weight, bias, activation, negative_slope)[0]
     # No graph to record: skip the Function and keep no pre-activation.
     x = as_rows(input)
-    y, _ = impl(pick(input, weight, bias)).linear_forward(
+    y, _ = backend_for(input, weight, bias).linear_forward(
         x, weight, bias, get_activation(activation), negative_slope, store_preact=False
     )
     return y.view(*input.shape[:-1], weight.shape[0])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import manualbp
-from manualbp._dispatch import resolve
+from manualbp.dispatch import resolve
 
 
 def test_default_is_auto_and_cpu_tensors_take_the_reference_path(monkeypatch):

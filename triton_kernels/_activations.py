@@ -1,11 +1,16 @@
-"""Activation functions and their derivatives as ``@triton.jit`` helpers.
+"""The activations of manualbp's registry (``manualbp/activations.py``) as ``@triton.jit`` code.
 
-The activation is selected by an integer ``tl.constexpr`` code (see :data:`ACTIVATIONS`), so
-each kernel specialisation contains only the branch it needs. All helpers compute in the dtype
-of their input (the kernels pass the fp32 or fp64 accumulator) and use only core ``tl`` ops
-(``exp``, ``erf``, ``where``) that both the CPU interpreter and the CUDA backend support.
+Each activation is two helpers named after its registry entry, ``<name>(z, slope)`` and
+``<name>_grad(g, s, slope)``, and kernels select one with a string ``tl.constexpr``
+``ACTIVATION`` (``"none"`` or a registry name), as Triton's tutorials do: each specialisation
+contains only the branch it needs, and an unknown name fails at compile time. All helpers
+compute in the dtype of their input (the kernels pass the fp32 or fp64 accumulator) and use
+only core ``tl`` ops (``exp``, ``erf``, ``where``) that both the interpreter and the CUDA
+backend support. Derivatives follow PyTorch's own backward formulas, NaN propagation included.
 
-Derivatives follow PyTorch's own backward formulas, including NaN propagation.
+``s`` in the derivatives is the tensor the registry entry saves: the output y (relu, tanh,
+sigmoid, leaky_relu with slope >= 0) or the pre-activation z (gelu, gelu_tanh, silu,
+leaky_relu with slope < 0).
 """
 
 from __future__ import annotations
@@ -13,26 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Activation name -> constexpr code used by the kernels.
-ACTIVATIONS: dict[str | None, int] = {
-    None: 0,
-    "relu": 1,
-    "gelu": 2,
-    "gelu_tanh": 3,
-    "silu": 4,
-    "tanh": 5,
-    "sigmoid": 6,
-    "leaky_relu": 7,
-}
-
-ACT_NONE: tl.constexpr = tl.constexpr(0)
-ACT_RELU: tl.constexpr = tl.constexpr(1)
-ACT_GELU: tl.constexpr = tl.constexpr(2)
-ACT_GELU_TANH: tl.constexpr = tl.constexpr(3)
-ACT_SILU: tl.constexpr = tl.constexpr(4)
-ACT_TANH: tl.constexpr = tl.constexpr(5)
-ACT_SIGMOID: tl.constexpr = tl.constexpr(6)
-ACT_LEAKY_RELU: tl.constexpr = tl.constexpr(7)
+NO_ACTIVATION = "none"
 
 # 1/sqrt(2), 1/sqrt(2*pi), sqrt(2/pi) and the tanh-GELU cubic coefficient.
 SQRT1_2: tl.constexpr = tl.constexpr(0.7071067811865476)
@@ -41,14 +27,9 @@ SQRT_2_OVER_PI: tl.constexpr = tl.constexpr(0.7978845608028654)
 GELU_KAPPA: tl.constexpr = tl.constexpr(0.044715)
 
 
-def activation_code(activation: str | None) -> int:
-    """The constexpr code of ``activation`` (``ValueError`` for an unknown name)."""
-    try:
-        return ACTIVATIONS[activation]
-    except KeyError:
-        raise ValueError(
-            f"unknown activation {activation!r}; expected one of {list(ACTIVATIONS)}"
-        ) from None
+def constexpr_name(activation: str | None) -> str:
+    """The ``ACTIVATION`` constexpr for a registry name (``None``: no activation)."""
+    return NO_ACTIVATION if activation is None else activation
 
 
 @triton.jit
@@ -84,66 +65,136 @@ def _tanh(x):
     return tl.where(x < 0, -t, t)
 
 
+# --------------------------------------------------------------------------------------------
+# One pair of helpers per registry entry.
+# --------------------------------------------------------------------------------------------
 @triton.jit
-def apply_activation(z, negative_slope, ACTIVATION: tl.constexpr):
-    """``act(z)`` for the activation selected by the constexpr code ``ACTIVATION``."""
-    if ACTIVATION == ACT_RELU:
-        # where(z < 0, 0, z) keeps NaN (torch.relu(nan) is nan).
-        y = tl.where(z < 0, 0.0, z)
-    elif ACTIVATION == ACT_GELU:
-        y = 0.5 * z * (1.0 + tl.erf(z * SQRT1_2))
-    elif ACTIVATION == ACT_GELU_TANH:
-        inner = SQRT_2_OVER_PI * (z + GELU_KAPPA * z * z * z)
-        y = 0.5 * z * (1.0 + _tanh(inner))
-    elif ACTIVATION == ACT_SILU:
-        y = z * _sigmoid(z)
-    elif ACTIVATION == ACT_TANH:
-        y = _tanh(z)
-    elif ACTIVATION == ACT_SIGMOID:
-        y = _sigmoid(z)
-    elif ACTIVATION == ACT_LEAKY_RELU:
-        y = tl.where(z > 0, z, z * negative_slope)
-    else:
+def relu(z, slope):
+    return tl.where(z < 0, 0.0, z)  # keeps NaN (torch.relu(nan) is nan)
+
+
+@triton.jit
+def relu_grad(g, y, slope):
+    return tl.where(y <= 0, 0.0, g)  # aten threshold_backward: a NaN output passes g through
+
+
+@triton.jit
+def gelu(z, slope):
+    return 0.5 * z * (1.0 + tl.erf(z * SQRT1_2))
+
+
+@triton.jit
+def gelu_grad(g, z, slope):
+    cdf = 0.5 * (1.0 + tl.erf(z * SQRT1_2))
+    pdf = tl.exp(-0.5 * z * z) * INV_SQRT_2PI
+    return g * (cdf + z * pdf)
+
+
+@triton.jit
+def gelu_tanh(z, slope):
+    inner = (z + z * z * z * GELU_KAPPA) * SQRT_2_OVER_PI
+    return 0.5 * z * (1.0 + _tanh(inner))
+
+
+@triton.jit
+def gelu_tanh_grad(g, z, slope):
+    # aten GeluBackward, tanh branch.
+    z_sq = z * z
+    t = _tanh((z + z_sq * z * GELU_KAPPA) * SQRT_2_OVER_PI)
+    left_derivative = 0.5 * (1.0 + t)
+    inner_derivative = (1.0 + z_sq * (3.0 * GELU_KAPPA)) * SQRT_2_OVER_PI
+    right_derivative = 0.5 * z * (1.0 - t * t) * inner_derivative
+    return g * (left_derivative + right_derivative)
+
+
+@triton.jit
+def silu(z, slope):
+    return z * _sigmoid(z)
+
+
+@triton.jit
+def silu_grad(g, z, slope):
+    sig = _sigmoid(z)
+    return g * sig * (1.0 + z * (1.0 - sig))
+
+
+@triton.jit
+def tanh(z, slope):
+    return _tanh(z)
+
+
+@triton.jit
+def tanh_grad(g, y, slope):
+    return g * (1.0 - y * y)
+
+
+@triton.jit
+def sigmoid(z, slope):
+    return _sigmoid(z)
+
+
+@triton.jit
+def sigmoid_grad(g, y, slope):
+    return g * (1.0 - y) * y
+
+
+@triton.jit
+def leaky_relu(z, slope):
+    return tl.where(z > 0, z, z * slope)
+
+
+@triton.jit
+def leaky_relu_grad(g, s, slope):
+    # sign(y) == sign(z) for slope >= 0, so the formula holds whichever of y, z was saved.
+    return tl.where(s > 0, g, g * slope)
+
+
+# --------------------------------------------------------------------------------------------
+# Selection by the ACTIVATION constexpr (only the taken branch is compiled).
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def apply_activation(z, slope, ACTIVATION: tl.constexpr):
+    """``act(z)`` for the activation named by ``ACTIVATION``."""
+    if ACTIVATION == "none":
         y = z
+    elif ACTIVATION == "relu":
+        y = relu(z, slope)
+    elif ACTIVATION == "gelu":
+        y = gelu(z, slope)
+    elif ACTIVATION == "gelu_tanh":
+        y = gelu_tanh(z, slope)
+    elif ACTIVATION == "silu":
+        y = silu(z, slope)
+    elif ACTIVATION == "tanh":
+        y = tanh(z, slope)
+    elif ACTIVATION == "sigmoid":
+        y = sigmoid(z, slope)
+    elif ACTIVATION == "leaky_relu":
+        y = leaky_relu(z, slope)
+    else:
+        tl.static_assert(False, "unknown ACTIVATION")
     return y
 
 
 @triton.jit
-def activation_grad(g, s, negative_slope, ACTIVATION: tl.constexpr):
-    """``dZ = g * act'(.)`` given the saved tensor ``s``.
-
-    ``s`` is the activation output y for relu, leaky_relu (slope >= 0), tanh and sigmoid, and
-    the pre-activation z for gelu, gelu_tanh, silu and leaky_relu (slope < 0); leaky_relu's
-    formula is the same for both because sign(y) == sign(z) when the slope is >= 0.
-    """
-    if ACTIVATION == ACT_RELU:
-        # aten threshold_backward: where(y <= 0, 0, g); a NaN output passes g through.
-        dz = tl.where(s <= 0, 0.0, g)
-    elif ACTIVATION == ACT_GELU:
-        cdf = 0.5 * (1.0 + tl.erf(s * SQRT1_2))
-        pdf = tl.exp(-0.5 * s * s) * INV_SQRT_2PI
-        dz = g * (cdf + s * pdf)
-    elif ACTIVATION == ACT_GELU_TANH:
-        # aten GeluBackward, tanh branch.
-        s_sq = s * s
-        inner = SQRT_2_OVER_PI * (s + GELU_KAPPA * s_sq * s)
-        t = _tanh(inner)
-        left = 0.5 * s
-        right = 1.0 + t
-        left_derivative = 0.5 * right
-        tanh_derivative = 1.0 - t * t
-        inner_derivative = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_KAPPA * s_sq)
-        right_derivative = left * tanh_derivative * inner_derivative
-        dz = g * (left_derivative + right_derivative)
-    elif ACTIVATION == ACT_SILU:
-        sig = _sigmoid(s)
-        dz = g * sig * (1.0 + s * (1.0 - sig))
-    elif ACTIVATION == ACT_TANH:
-        dz = g * (1.0 - s * s)
-    elif ACTIVATION == ACT_SIGMOID:
-        dz = g * (1.0 - s) * s
-    elif ACTIVATION == ACT_LEAKY_RELU:
-        dz = tl.where(s > 0, g, g * negative_slope)
-    else:
+def activation_grad(g, s, slope, ACTIVATION: tl.constexpr):
+    """``dZ = g * act'(.)`` given the saved tensor ``s`` (module docstring)."""
+    if ACTIVATION == "none":
         dz = g
+    elif ACTIVATION == "relu":
+        dz = relu_grad(g, s, slope)
+    elif ACTIVATION == "gelu":
+        dz = gelu_grad(g, s, slope)
+    elif ACTIVATION == "gelu_tanh":
+        dz = gelu_tanh_grad(g, s, slope)
+    elif ACTIVATION == "silu":
+        dz = silu_grad(g, s, slope)
+    elif ACTIVATION == "tanh":
+        dz = tanh_grad(g, s, slope)
+    elif ACTIVATION == "sigmoid":
+        dz = sigmoid_grad(g, s, slope)
+    elif ACTIVATION == "leaky_relu":
+        dz = leaky_relu_grad(g, s, slope)
+    else:
+        tl.static_assert(False, "unknown ACTIVATION")
     return dz

@@ -17,8 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._activations import activation_code, activation_grad
-from ._matmul import cast_out, interpreting, matmul
+from ._activations import NO_ACTIVATION, activation_grad, constexpr_name
+from ._matmul import cast_out, matmul
+from ._runtime import interpreting
 
 __all__ = ["linear_backward", "act_grad_kernel", "bias_grad_kernel", "ELEMENTWISE_CONFIGS"]
 
@@ -73,7 +74,7 @@ def act_grad_kernel(
         mask = (offs_m[:, None] < M) & mask_n[None, :]
         g_ptrs = g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn
         g = tl.load(g_ptrs, mask=mask, other=0.0).to(acc_dtype)
-        if ACTIVATION != 0:
+        if ACTIVATION != "none":
             s_ptrs = s_ptr + offs_m[:, None] * stride_sm + offs_n[None, :] * stride_sn
             s = tl.load(s_ptrs, mask=mask, other=0.0).to(acc_dtype)
             dz = activation_grad(g, s, slope, ACTIVATION)
@@ -124,7 +125,7 @@ def elementwise_config(device: torch.device, dtype: torch.dtype) -> dict[str, in
 def _act_grad_and_bias(
     grad_y: torch.Tensor,
     saved: torch.Tensor | None,
-    act: int,
+    act: str,
     negative_slope: float,
     store_dz: bool,
     compute_db: bool,
@@ -188,7 +189,6 @@ def linear_backward(
     activation: str | None,
     negative_slope: float,
     *,
-    saved_is_output: bool,
     needs_grad: tuple[bool, bool, bool],
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of ``y = act(x @ weight.T + bias)``.
@@ -197,12 +197,10 @@ def linear_backward(
         grad_y: dY, (M, N), any strides.
         x: (M, K), or ``None`` when dweight is not needed.
         weight: (N, K), or ``None`` when dx is not needed.
-        saved: the activation output y (``saved_is_output=True``: relu, leaky_relu with slope
-            >= 0, tanh, sigmoid) or the pre-activation z (gelu, gelu_tanh, silu, leaky_relu
-            with slope < 0); ``None`` when ``activation`` is ``None``.
+        saved: what the activation's registry entry saves (``Activation.saved_for``): the
+            output y (relu, leaky_relu with slope >= 0, tanh, sigmoid) or the pre-activation z
+            (gelu, gelu_tanh, silu, leaky_relu with slope < 0); ``None`` without activation.
         activation, negative_slope: as in :func:`~triton_kernels.linear_forward.linear_forward`.
-        saved_is_output: which of y / z ``saved`` is. The derivative formulas are chosen by
-            activation (each activation has one saved kind), so this is informational.
         needs_grad: ``(dx, dweight, dbias)``.
 
     Returns:
@@ -210,7 +208,6 @@ def linear_backward(
         ``grad_y.dtype``, ``None`` where not needed. Deterministic (no atomics). M == 0 gives
         empty dx and zero dweight/dbias without launching.
     """
-    del saved_is_output  # the formula for each activation fixes which tensor it reads
     need_dx, need_dw, need_db = needs_grad
     M, N = grad_y.shape
     if need_dx:
@@ -220,7 +217,7 @@ def linear_backward(
     else:
         K = 0
     dev, dt = grad_y.device, grad_y.dtype
-    act = activation_code(activation)
+    act = constexpr_name(activation)
 
     if M == 0 or N == 0:
         # Nothing to launch: every output is empty or a sum over nothing.
@@ -230,7 +227,7 @@ def linear_backward(
         return dx, dw, db
 
     need_gemm = need_dx or need_dw
-    store_dz = act != 0 and need_gemm
+    store_dz = act != NO_ACTIVATION and need_gemm
     dz, db = grad_y, None
     if store_dz or need_db:
         dz_act, db = _act_grad_and_bias(grad_y, saved, act, negative_slope, store_dz, need_db)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._activations import activation_code, apply_activation
+from ._activations import apply_activation, constexpr_name
 from ._matmul import (
     INTERPRETER_CONFIG,
     arch_of,
@@ -151,7 +151,6 @@ def linear_forward(
     """
     M, K = x.shape
     N = weight.shape[0]
-    act = activation_code(activation)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     z = torch.empty((M, N), dtype=x.dtype, device=x.device) if store_preact else None
     if M == 0 or N == 0:
@@ -182,7 +181,7 @@ def linear_forward(
     )
     meta = dict(
         HAS_BIAS=has_bias,
-        ACTIVATION=act,
+        ACTIVATION=constexpr_name(activation),
         STORE_PREACT=store_preact,
         ACC_FP64=x.dtype == torch.float64,
         INPUT_PRECISION=input_precision_for(x.dtype),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -9,8 +10,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
 
-from manualbp._backends import as_rows, impl, pick
 from manualbp.activations import get_activation
+from manualbp.dispatch import backend_for
+
+
+def as_rows(t: Tensor) -> Tensor:
+    """``t`` (*, F) as a matrix (rows, F), a view where possible. ``reshape(-1, F)`` cannot
+    infer the row count when F == 0, so the rows are counted explicitly."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
 class LinearFunction(Function):
@@ -38,7 +45,7 @@ class LinearFunction(Function):
     ) -> tuple[Tensor, Tensor | None]:
         act = get_activation(activation)
         x = as_rows(input)
-        y, z = impl(pick(input, weight, bias)).linear_forward(
+        y, z = backend_for(input, weight, bias).linear_forward(
             x, weight, bias, act, negative_slope,
             store_preact=act is not None and act.saved_for(negative_slope) == "preact",
         )  # fmt: skip
@@ -92,8 +99,8 @@ class LinearFunction(Function):
             if differentiable and ctx.kind == "preact":
                 saved = F.linear(input, weight, bias)
             saved = as_rows(saved)
-        backend = pick(grad_y, x, weight, saved, differentiable=differentiable)
-        dx, dw, db = impl(backend).linear_backward(
+        backend = backend_for(grad_y, x, weight, saved, differentiable=differentiable)
+        dx, dw, db = backend.linear_backward(
             grad_y, x, weight, saved, ctx.act, ctx.negative_slope, needs
         )
         if dx is not None:

@@ -10,7 +10,6 @@ chunk of ``ŷ`` and applies it.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -18,29 +17,63 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
 
-from manualbp._backends import impl, pick
+from manualbp.backends import Backend
+from manualbp.dispatch import backend_for
 
 MIN_CHUNK_ROWS = 256
+# Each chunk's temporaries (its rows of ŷ and of dx) stay within this share of the unfused
+# pair's ŷ, so the head's peak memory stays well under that of nn.Linear + nn.MSELoss.
+CHUNK_SHARE = 8
 
 
 def default_chunk_rows(rows: int, in_features: int, out_features: int) -> int:
-    """Rows per chunk: about ``ceil(N / K)`` chunks, so that one chunk of ``ŷ`` (rows x N)
-    is about the size of the input (rows x K), rounded to a power of two for the GEMMs, and
-    at least ``MIN_CHUNK_ROWS`` rows, so that a very wide, narrow-input head does not turn
-    into thousands of tiny GEMMs bound by launch overhead."""
-    chunks = max(1, math.ceil(out_features / max(in_features, 1)))
-    rows_per_chunk = max(1, math.ceil(rows / chunks), min(rows, MIN_CHUNK_ROWS))
-    return 1 << (rows_per_chunk - 1).bit_length()
+    """Rows per chunk: a power of two whose chunk of ŷ and dx (rows x (N + K)) is at most
+    1/:data:`CHUNK_SHARE` of the whole ŷ (M x N), and at least :data:`MIN_CHUNK_ROWS` rows
+    so that a narrow head does not turn into many tiny GEMMs bound by launch overhead."""
+    budget = rows * out_features // CHUNK_SHARE
+    per_row = max(in_features + out_features, 1)
+    rows_per_chunk = max(budget // per_row, min(rows, MIN_CHUNK_ROWS), 1)
+    return 1 << (rows_per_chunk.bit_length() - 1)  # round down to a power of two
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunk_residual(x_c, weight, bias, t_c, loss_dtype, backend):
-    """``D = ŷ - t`` for one chunk of rows, in the loss dtype."""
-    y_c, _ = impl(backend).linear_forward(x_c, weight, bias, None, 0.0, store_preact=False)
-    return y_c.to(loss_dtype) - t_c.to(loss_dtype)
+def _chunk_residual(
+    backend: Backend,
+    x_c: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    t_c: Tensor,
+    loss_dtype: torch.dtype,
+) -> Tensor:
+    """``D = ŷ - t`` for one chunk of rows, in the loss dtype, in a buffer of its own (the
+    chunk's ŷ, reused), which the caller may overwrite with the chunk's gradient."""
+    y_c, _ = backend.linear_forward(x_c, weight, bias, None, 0.0, store_preact=False)
+    return y_c.to(loss_dtype).sub_(t_c.to(loss_dtype))
+
+
+def _accumulate_chunk_grads(
+    backend: Backend,
+    g: Tensor,
+    x_c: Tensor,
+    weight: Tensor,
+    r0: int,
+    dx: Tensor | None,
+    dw: Tensor | None,
+    db: Tensor | None,
+) -> None:
+    """Chain one chunk's ``dL/dŷ`` through ``ŷ = x W^T + b`` (the backend's Linear backward)
+    into the full ``dx`` rows and the fp32/fp64 ``dw``/``db`` accumulators."""
+    needs = (dx is not None, dw is not None, db is not None)
+    dx_c, dw_c, db_c = backend.linear_backward(g, x_c, weight, None, None, 0.0, needs)
+    if dx is not None:
+        dx[r0 : r0 + x_c.shape[0]].copy_(dx_c)
+    if dw is not None:
+        dw += dw_c
+    if db is not None:
+        db += db_c
 
 
 class LinearMSELossFunction(Function):
@@ -58,7 +91,7 @@ class LinearMSELossFunction(Function):
     @staticmethod
     def forward(input, weight, bias, target, reduction, loss_dtype, chunk_rows):
         M, N = input.shape[0], weight.shape[0]
-        backend = pick(input, weight, bias, target)
+        backend = backend_for(input, weight, bias, target)
         acc = _acc_dtype(loss_dtype)
         precompute = _precomputes(reduction, input.dtype)
         if reduction == "none":
@@ -75,20 +108,15 @@ class LinearMSELossFunction(Function):
         norm = _norm(reduction, M * N)
         for r0 in range(0, M, chunk_rows):
             x_c, t_c = input[r0 : r0 + chunk_rows], target[r0 : r0 + chunk_rows]
-            d = _chunk_residual(x_c, weight, bias, t_c, loss_dtype, backend)
+            d = _chunk_residual(backend, x_c, weight, bias, t_c, loss_dtype)
             if reduction == "none":
                 torch.mul(d, d, out=loss[r0 : r0 + chunk_rows])
                 continue
             total += (d * d).sum(dtype=acc)
             if wants_grad:
-                # Chain dL/dŷ through ŷ = x W^T + b now, a chunk of rows at a time.
-                g = (norm * d).to(input.dtype)
-                if dx is not None:
-                    torch.mm(g, weight, out=dx[r0 : r0 + chunk_rows])
-                if dw is not None:
-                    dw += (g.mT @ x_c).to(acc)
-                if db is not None:
-                    db += g.sum(0, dtype=acc)
+                # Chain dL/dŷ = 2D/N through ŷ = x W^T + b now; D's buffer becomes dL/dŷ.
+                g = d.mul_(norm).to(input.dtype)
+                _accumulate_chunk_grads(backend, g, x_c, weight, r0, dx, dw, db)
         if reduction == "none":
             return loss, None, None, None
         if reduction == "mean":
@@ -101,11 +129,15 @@ class LinearMSELossFunction(Function):
         _, dx, dw, db = output
         # The inputs are kept for the recomputing backward and for double backward (they
         # live anyway: they are the caller's); never ŷ.
-        ctx.save_for_backward(input, weight, bias, target, dx, dw, db)
+        ctx.save_for_backward(input, weight, bias, target)
+        # Not saved_tensors: backward scales them in place (a saved tensor's version is
+        # checked); they are no view of anything and nothing else holds them.
+        ctx.grads = (dx, dw, db)
         ctx.mark_non_differentiable(*(t for t in (dx, dw, db) if t is not None))
         ctx.set_materialize_grads(False)
         ctx.reduction, ctx.loss_dtype, ctx.chunk_rows = reduction, loss_dtype, chunk_rows
         ctx.precomputed = _precomputes(reduction, input.dtype)
+        ctx.consumed = False
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor | None, *_: None) -> tuple:
@@ -120,15 +152,19 @@ class LinearMSELossFunction(Function):
         none = (None,) * 7
         if grad_loss is None:
             return none
-        input, weight, bias, target, dx, dw, db = ctx.saved_tensors
+        input, weight, bias, target = ctx.saved_tensors
+        dx, dw, db = ctx.grads
         needs = ctx.needs_input_grad
         if torch.is_grad_enabled():
             return _differentiable_backward(ctx, grad_loss, input, weight, bias, target)
-        if ctx.precomputed:
+        if ctx.precomputed and not ctx.consumed:
+            # Scale the stored gradients in place (no second copy of dx and dW); a second
+            # backward through the same graph (retain_graph) recomputes instead.
+            ctx.consumed = True
             return (
-                dx * grad_loss.to(dx.dtype) if needs[0] else None,
-                (dw * grad_loss.to(dw.dtype)).to(weight.dtype) if needs[1] else None,
-                (db * grad_loss.to(db.dtype)).to(bias.dtype) if needs[2] else None,
+                dx.mul_(grad_loss) if needs[0] else None,
+                dw.mul_(grad_loss).to(weight.dtype) if needs[1] else None,
+                db.mul_(grad_loss).to(bias.dtype) if needs[2] else None,
                 None, None, None, None,
             )  # fmt: skip
         return _recomputing_backward(ctx, grad_loss, input, weight, bias, target, needs)
@@ -150,7 +186,7 @@ def _norm(reduction: str, numel: int) -> float:
 
 
 def _recomputing_backward(ctx, grad_loss, input, weight, bias, target, needs):
-    backend = pick(input, weight, bias, target)
+    backend = backend_for(input, weight, bias, target)
     acc = _acc_dtype(ctx.loss_dtype)
     dx = torch.empty_like(input) if needs[0] else None
     dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs[1] else None
@@ -160,15 +196,11 @@ def _recomputing_backward(ctx, grad_loss, input, weight, bias, target, needs):
     scalar = grad_loss.dim() == 0
     for r0 in range(0, input.shape[0], step):
         x_c, t_c = input[r0 : r0 + step], target[r0 : r0 + step]
-        d = _chunk_residual(x_c, weight, bias, t_c, ctx.loss_dtype, backend)
         g_c = grad_loss if scalar else grad_loss[r0 : r0 + step]
-        g = (norm * d * g_c.to(d.dtype)).to(input.dtype)
-        if dx is not None:
-            torch.mm(g, weight, out=dx[r0 : r0 + step])
-        if dw is not None:
-            dw += (g.mT @ x_c).to(acc)
-        if db is not None:
-            db += g.sum(0, dtype=acc)
+        d = _chunk_residual(backend, x_c, weight, bias, t_c, ctx.loss_dtype)
+        # g * 2D/N formed before rounding to the input dtype, as native autograd does.
+        g = d.mul_(norm).mul_(g_c.to(d.dtype)).to(input.dtype)
+        _accumulate_chunk_grads(backend, g, x_c, weight, r0, dx, dw, db)
     dw = None if dw is None else dw.to(weight.dtype)
     db = None if db is None else db.to(bias.dtype)
     return dx, dw, db, None, None, None, None

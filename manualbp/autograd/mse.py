@@ -8,8 +8,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from manualbp import _ops, reference
-from manualbp._backends import pick
+from manualbp.dispatch import backend_for
 
 
 def broadcast_promoted(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -38,21 +37,20 @@ class MSELossFunction(Function):
     @staticmethod
     def forward(input: Tensor, target: Tensor, reduction: str) -> tuple[Tensor, Tensor | None]:
         x, t = broadcast_promoted(input, target)
-        if pick(x, t) == "triton":
-            wants_grad = reduction != "none" and (input.requires_grad or target.requires_grad)
-            loss, grad = _ops.mse_forward(x, t, reduction, wants_grad)
-            return loss, (grad if wants_grad else None)
-        return reference.mse_forward(x, t, reduction), None
+        wants_grad = input.requires_grad or target.requires_grad
+        return backend_for(x, t).mse_forward(x, t, reduction, compute_grad=wants_grad)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
         input, target, reduction = inputs
         _, grad = output
-        ctx.save_for_backward(input, target, grad)
+        ctx.save_for_backward(input, target)
+        ctx.grad = grad  # not saved_tensors: backward may scale it in place
         if grad is not None:
             ctx.mark_non_differentiable(grad)
         ctx.set_materialize_grads(False)
         ctx.reduction = reduction
+        ctx.consumed = False
 
     @staticmethod
     def backward(
@@ -67,17 +65,20 @@ class MSELossFunction(Function):
         """
         if grad_output is None:
             return None, None, None
-        input, target, precomputed = ctx.saved_tensors
+        input, target = ctx.saved_tensors
+        precomputed = ctx.grad
         needs_input, needs_target = ctx.needs_input_grad[:2]
         differentiable = torch.is_grad_enabled()
-        if precomputed is not None and not differentiable:
-            grad = precomputed * grad_output  # 2D/N (or 2D) from the forward pass, times g
+        if precomputed is not None and not differentiable and not ctx.consumed:
+            # 2D/N (or 2D) from the forward pass, times g; the backend may scale it in place,
+            # so a second backward (retain_graph) recomputes instead.
+            ctx.consumed = True
+            backend = backend_for(precomputed, grad_output)
+            grad = backend.mse_grad_scale(precomputed, grad_output)
         else:
             x, t = broadcast_promoted(input, target)
-            if pick(grad_output, x, t, differentiable=differentiable) == "triton":
-                grad = _ops.mse_backward(grad_output, x, t, ctx.reduction)
-            else:
-                grad = reference.mse_backward(grad_output, x, t, ctx.reduction)
+            backend = backend_for(grad_output, x, t, differentiable=differentiable)
+            grad = backend.mse_backward(grad_output, x, t, ctx.reduction)
         grad_input = grad_target = None
         if needs_input:
             grad_input = grad.sum_to_size(input.shape).to(input.dtype)

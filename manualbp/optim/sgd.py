@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from manualbp._dispatch import resolve
+from manualbp.dispatch import backend_for
 
 __all__ = ["SGD"]
 
@@ -36,10 +36,9 @@ class SGD(torch.optim.SGD):
     ``"momentum_buffer"``) as :class:`torch.optim.SGD`; a state dict saved by either loads into
     the other. Only :meth:`step` differs: for each param group, the params with a gradient are
     split by (device, dtype) and each split is updated by the backend that
-    :func:`manualbp._dispatch.resolve` picks: ``"triton"`` runs one multi-tensor kernel launch
-    per split (:func:`triton_kernels.sgd.sgd_step_`), ``"reference"`` runs plain torch ops.
-    Splits the kernel cannot take (non-contiguous params, grads or buffers) use the reference
-    path.
+    :func:`manualbp.dispatch.backend_for` picks: Triton runs one multi-tensor kernel launch
+    per split (``triton_kernels/sgd.py``), the reference backend plain torch ops. Splits the
+    kernel cannot take (non-contiguous params, grads or buffers) use the reference ops.
 
     Update, per parameter :math:`w` with gradient :math:`g = \partial L / \partial w`:
 
@@ -146,69 +145,9 @@ class SGD(torch.optim.SGD):
                     dampening=group["dampening"], nesterov=group["nesterov"],
                     maximize=group["maximize"],
                 )  # fmt: skip
-                if (
-                    resolve(params[0]) == "triton"
-                    and not _capturing(params[0])
-                    and _kernel_supports(params, grads, bufs)
-                ):
-                    from manualbp.kernels.sgd import sgd_step_
-
-                    sgd_step_(params, grads, bufs, **kwargs)
-                else:
-                    _reference_sgd_(params, grads, bufs, **kwargs)
+                backend_for(params[0]).sgd_step(params, grads, bufs, **kwargs)
                 if use_momentum:
                     for p, buf in zip(params, bufs, strict=True):
                         self.state[p]["momentum_buffer"] = buf
 
         return loss
-
-
-def _capturing(p: Tensor) -> bool:
-    # The kernel reads a device table of addresses uploaded from the host and cached; inside
-    # a CUDA graph capture that upload (and the cache's lifetime) cannot be made safe, so a
-    # captured step runs the reference ops, which replay correctly.
-    return p.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
-def _kernel_supports(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None]) -> bool:
-    from manualbp.kernels.sgd import supports
-
-    return supports(params, grads, bufs)
-
-
-def _reference_sgd_(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    *,
-    lr: float | Tensor,
-    weight_decay: float | Tensor,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    maximize: bool,
-) -> None:
-    """The SGD update with plain torch ops, one param at a time (see :class:`SGD`).
-
-    ``momentum_buffers`` is filled in place where an entry is ``None`` (momentum != 0). A tensor
-    ``lr`` is used as a tensor (``addcmul_``), so no host sync is forced.
-    """
-    lr_t = lr.detach().reshape(()) if isinstance(lr, Tensor) else None
-    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-        d_p = -g if maximize else g
-        if weight_decay != 0:
-            d_p = d_p.add(p, alpha=weight_decay)
-        if momentum != 0:
-            buf = momentum_buffers[i]
-            if buf is None:
-                buf = torch.clone(d_p).detach()
-                momentum_buffers[i] = buf
-            else:
-                buf.mul_(momentum).add_(d_p, alpha=1 - dampening)
-            d_p = d_p.add(buf, alpha=momentum) if nesterov else buf
-        if lr_t is not None:
-            # A 0-dim CPU tensor combines with tensors on any device; others must move.
-            same = lr_t.device == p.device or lr_t.device.type == "cpu"
-            p.addcmul_(d_p, lr_t if same else lr_t.to(p.device), value=-1)
-        else:
-            p.add_(d_p, alpha=-lr)

@@ -33,11 +33,12 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from torch import Tensor
-
-from tests.helpers import native_activation
 from manualbp.kernels.linear_backward import linear_backward
 from manualbp.kernels.linear_forward import linear_forward
+from torch import Tensor
+
+from manualbp.activations import ACTIVATIONS as REGISTRY
+from tests.helpers import native_activation
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 pytestmark = pytest.mark.skipif(
@@ -47,9 +48,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-ACTIVATIONS = [None, "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid", "leaky_relu"]
-# Activations whose backward reads the output y (the others read the pre-activation z).
-SAVES_OUTPUT = {"relu", "tanh", "sigmoid"}
+ACTIVATIONS = [None, *REGISTRY]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 M_, K_, N_ = 47, 31, 123
 
@@ -62,7 +61,8 @@ def _act(name: str | None, slope: float):
 
 
 def _saves_output(activation: str | None, slope: float) -> bool:
-    return activation in SAVES_OUTPUT or (activation == "leaky_relu" and slope >= 0)
+    """Whether the launchers get y (else z) as the saved tensor: what the registry says."""
+    return activation is not None and REGISTRY[activation].saved_for(slope) == "output"
 
 
 def ref_forward(x: Tensor, w: Tensor, b: Tensor | None, act: str | None, slope: float = 0.01):
@@ -167,7 +167,6 @@ def run_both(x, w, b, act, slope=0.01, g=None, needs=(True, True, True)):
         saved,
         act,
         slope,
-        saved_is_output=saves_out,
         needs_grad=needs,
     )
     return y, z, dx, dw, db, saved, g
@@ -258,9 +257,7 @@ def test_saved_and_grad_layouts():
     _, z = linear_forward(x, w, b, "gelu", store_preact=True)
     saved = z.t().contiguous().t()  # column-major copy of z
     g = make((M_, N_), "noncontig")
-    dx, dw, db = linear_backward(
-        g, x, w, saved, "gelu", 0.01, saved_is_output=False, needs_grad=(True, True, True)
-    )
+    dx, dw, db = linear_backward(g, x, w, saved, "gelu", 0.01, needs_grad=(True, True, True))
     dx_ref, dw_ref, db_ref = ref_backward(g, x, w, z, "gelu", 0.01, torch.float32)
     close(dx, dx_ref, torch.float32, N_)
     close(dw, dw_ref, torch.float32, M_)
@@ -301,7 +298,6 @@ def test_empty_batch(act):
         None if act is None else y,
         act,
         0.01,
-        saved_is_output=True,
         needs_grad=(True, True, True),
     )
     assert dx.shape == (0, K_)
@@ -318,9 +314,7 @@ def test_empty_reduction_dim(has_bias):
     torch.testing.assert_close(z, z_ref)
     torch.testing.assert_close(y, torch.sigmoid(z_ref))
     g = make((M_, N_))
-    dx, dw, db = linear_backward(
-        g, x, w, y, "sigmoid", 0.01, saved_is_output=True, needs_grad=(True, True, True)
-    )
+    dx, dw, db = linear_backward(g, x, w, y, "sigmoid", 0.01, needs_grad=(True, True, True))
     assert dx.shape == (M_, 0) and dw.shape == (N_, 0)
     close(db, ref_act_grad(g, y, "sigmoid", 0.01).sum(0), torch.float32, M_)
 
@@ -330,7 +324,7 @@ def test_empty_out_features():
     y, _ = linear_forward(x, w, b, "relu", store_preact=False)
     assert y.shape == (M_, 0)
     dx, dw, db = linear_backward(
-        make((M_, 0)), x, w, y, "relu", 0.01, saved_is_output=True, needs_grad=(True, True, True)
+        make((M_, 0)), x, w, y, "relu", 0.01, needs_grad=(True, True, True)
     )
     torch.testing.assert_close(dx, torch.zeros(M_, K_, device=DEVICE), rtol=0, atol=0)
     assert dw.shape == (0, K_) and db.shape == (0,)
@@ -342,9 +336,7 @@ def test_nan_propagation_like_native():
     y, _ = linear_forward(x, w, None, "relu", store_preact=False)
     assert torch.isnan(y[0]).all() and not torch.isnan(y[1:]).any()  # relu(nan) is nan
     g = torch.ones(4, 5, device=DEVICE)
-    _, _, db = linear_backward(
-        g, x, w, y, "relu", 0.0, saved_is_output=True, needs_grad=(False, False, True)
-    )
+    _, _, db = linear_backward(g, x, w, y, "relu", 0.0, needs_grad=(False, False, True))
     ref = torch.ops.aten.threshold_backward(g, y, 0).sum(0)  # a NaN output passes g
     torch.testing.assert_close(db, ref)
 
@@ -379,7 +371,6 @@ class _KernelLinear(torch.autograd.Function):
             saved,
             ctx.act,
             ctx.slope,
-            saved_is_output=ctx.saves_out,
             needs_grad=tuple(ctx.needs_input_grad[:3]),
         )
         return dx, dw, db, None, None
@@ -460,9 +451,7 @@ def test_cuda_int64_offsets():
     close(y[tail], y_ref, torch.float16, K)
     g = torch.zeros(M, N, dtype=torch.float16, device="cuda")
     g[-1] = 1
-    dx, dw, _ = linear_backward(
-        g, x, w, y, "relu", 0.0, saved_is_output=True, needs_grad=(True, True, False)
-    )
+    dx, dw, _ = linear_backward(g, x, w, y, "relu", 0.0, needs_grad=(True, True, False))
     dx_ref, dw_ref, _ = ref_backward(g[tail], x[tail], w, y[tail], "relu", 0.0, torch.float16)
     close(dx[tail], dx_ref, torch.float16, N)
     close(dw, dw_ref, torch.float16, 1)

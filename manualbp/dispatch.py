@@ -1,14 +1,17 @@
 """The one place that decides which backend runs an op.
 
-``MANUALBP_BACKEND`` (read at each call) or :func:`use_backend` /
-:func:`set_backend` (which take precedence) choose among:
+``MANUALBP_BACKEND`` (read at each call) or :func:`use_backend` / :func:`set_backend` (which
+take precedence) choose among:
 
-* ``"auto"`` (default): CUDA tensors go to the Triton kernels, everything else
-  to the reference path (plain torch ops);
+* ``"auto"`` (default): CUDA tensors go to the Triton kernels, everything else to the
+  reference path (plain torch ops);
 * ``"reference"``: plain torch ops everywhere;
-* ``"triton"``: Triton kernels everywhere. On CPU tensors this needs
-  ``TRITON_INTERPRET=1`` set before anything imports triton (that is how CI
-  runs the kernels).
+* ``"triton"``: Triton kernels everywhere. On CPU tensors this needs ``TRITON_INTERPRET=1``
+  set before anything imports triton (that is how CI runs the kernels).
+
+:func:`backend_for` turns that setting and the call's tensors into a
+:class:`~manualbp.backends.Backend`; every autograd Function, the fused head and the
+optimizer ask it, and only it, which backend to call.
 """
 
 from __future__ import annotations
@@ -21,9 +24,22 @@ from typing import Literal
 
 import torch
 
-__all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend", "resolve", "Backend"]
+from manualbp.backends import Backend
+from manualbp.backends.reference import REFERENCE
+from manualbp.backends.triton import TRITON
 
-Backend = Literal["reference", "triton"]
+__all__ = [
+    "BACKENDS",
+    "backend_for",
+    "get_backend",
+    "interpreter_enabled",
+    "resolve",
+    "set_backend",
+    "triton_available",
+    "use_backend",
+]
+
+BackendName = Literal["reference", "triton"]
 BACKENDS = ("auto", "reference", "triton")
 ENV_VAR = "MANUALBP_BACKEND"
 
@@ -85,23 +101,34 @@ def triton_available() -> bool:
     return _TRITON_INSTALLED
 
 
-def resolve(*tensors: torch.Tensor | None) -> Backend:
-    """The backend that runs an op on ``tensors`` under the current setting."""
+def resolve(*tensors: torch.Tensor | None) -> BackendName:
+    """The name of the backend that runs an op on ``tensors`` under the current setting."""
     choice = get_backend()
     if choice == "reference":
         return "reference"
     on_cuda = all(t.is_cuda for t in tensors if t is not None)
     if choice == "auto":
-        return "triton" if on_cuda and triton_available() else "reference"
+        return "triton" if on_cuda and _TRITON_INSTALLED else "reference"
     # choice == "triton": honour it, or say exactly why it cannot be honoured.
-    if not triton_available():
+    if not _TRITON_INSTALLED:
         raise RuntimeError("manualbp backend 'triton' was requested but triton is not installed")
-    if not on_cuda:
+    if not on_cuda and not interpreter_enabled():
         devices = sorted({str(t.device) for t in tensors if t is not None and not t.is_cuda})
-        if not interpreter_enabled():
-            raise RuntimeError(
-                f"manualbp backend 'triton' got tensors on {', '.join(devices)}; Triton runs them "
-                "only under its interpreter: set TRITON_INTERPRET=1 before importing triton, or "
-                "use the 'reference' or 'auto' backend"
-            )
+        raise RuntimeError(
+            f"manualbp backend 'triton' got tensors on {', '.join(devices)}; Triton runs them "
+            "only under its interpreter: set TRITON_INTERPRET=1 before importing triton, or "
+            "use the 'reference' or 'auto' backend"
+        )
     return "triton"
+
+
+def backend_for(*tensors: torch.Tensor | None, differentiable: bool = False) -> Backend:
+    """The backend for one call on ``tensors``.
+
+    ``differentiable``: the result must carry a graph (a backward recorded for double
+    backward), which only plain torch ops give. Inside ``torch.func`` transforms (vmap, grad,
+    jvp) the reference path runs too: the kernels have no batching or forward-mode rules.
+    """
+    if differentiable or torch._C._are_functorch_transforms_active():
+        return REFERENCE
+    return TRITON if resolve(*tensors) == "triton" else REFERENCE

@@ -1,0 +1,137 @@
+"""The reference backend: the hand-derived math in plain torch ops, on any device.
+
+It runs CPU tensors, ``torch.func`` transforms and double backward (every op here is itself
+differentiable), and is the formula the Triton kernels implement. The tests' oracle is native
+autograd or float64 math, never this file.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from manualbp.activations import Activation
+
+__all__ = ["ReferenceBackend", "REFERENCE"]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class ReferenceBackend:
+    """Plain torch ops behind the :class:`~manualbp.backends.Backend` interface."""
+
+    name = "reference"
+
+    @staticmethod
+    def linear_forward(
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        act: Activation | None,
+        negative_slope: float,
+        *,
+        store_preact: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        """``(y, z)``: ``z = x W^T + b``, ``y = act(z)``; ``z`` only when ``store_preact``."""
+        z = F.linear(x, weight, bias)
+        if act is None:
+            return z, None
+        return act.forward(z, negative_slope), (z if store_preact else None)
+
+    @staticmethod
+    def linear_backward(
+        grad_y: Tensor,
+        x: Tensor | None,
+        weight: Tensor | None,
+        saved: Tensor | None,
+        act: Activation | None,
+        negative_slope: float,
+        needs_grad: tuple[bool, bool, bool],
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """``(dx, dW, db)`` for 2-D ``x`` (M, K) and ``grad_y`` (M, N), by the chain rule.
+
+        dZ = dY * act'(Z)    (``saved`` is Y or Z, whichever ``act`` derives from)
+        dX = dZ W,   dW = dZ^T X,   db = sum_rows dZ
+        """
+        if act is None:
+            grad_z = grad_y
+        elif grad_y.dtype in _LOW_PRECISION:
+            # Evaluate act' in float32 and round once, as aten's kernels do.
+            grad_z = act.grad(grad_y.float(), saved.float(), negative_slope).to(grad_y.dtype)
+        else:
+            grad_z = act.grad(grad_y, saved, negative_slope)
+        dx = grad_z @ weight if needs_grad[0] else None
+        dw = grad_z.mT @ x if needs_grad[1] else None
+        db = grad_z.sum(0) if needs_grad[2] else None
+        return dx, dw, db
+
+    @staticmethod
+    def mse_forward(
+        input: Tensor, target: Tensor, reduction: str, *, compute_grad: bool = False
+    ) -> tuple[Tensor, None]:
+        """``L = reduce((input - target)^2)``; the gradient is left to :meth:`mse_backward`."""
+        diff = input - target
+        sq = diff * diff
+        if reduction == "mean":
+            return sq.mean(), None
+        if reduction == "sum":
+            return sq.sum(), None
+        return sq, None
+
+    @staticmethod
+    def mse_backward(grad_output: Tensor, input: Tensor, target: Tensor, reduction: str) -> Tensor:
+        """``dL/d input``, scaled by the upstream gradient ``g``:
+
+        L = (1/N) sum (x - y)^2  =>  dL/dx = g * 2 (x - y) / N    (mean)
+        L = sum (x - y)^2        =>  dL/dx = g * 2 (x - y)        (sum)
+        L_i = (x_i - y_i)^2      =>  dL/dx_i = g_i * 2 (x_i - y_i) (none)
+        and dL/dy = -dL/dx in every case.
+        """
+        # max(., 1): an empty mean has an empty gradient, whatever the factor.
+        norm = 2.0 / max(input.numel(), 1) if reduction == "mean" else 2.0
+        return norm * (input - target) * grad_output
+
+    @staticmethod
+    def mse_grad_scale(grad: Tensor, grad_output: Tensor) -> Tensor:
+        return grad * grad_output
+
+    @staticmethod
+    def sgd_step(
+        params: list[Tensor],
+        grads: list[Tensor],
+        momentum_buffers: list[Tensor | None],
+        *,
+        lr: float | Tensor,
+        weight_decay: float | Tensor,
+        momentum: float,
+        dampening: float,
+        nesterov: bool,
+        maximize: bool,
+    ) -> None:
+        """The SGD update one param at a time (see :class:`manualbp.optim.SGD`).
+
+        A tensor ``lr`` is used as a tensor (``addcmul_``), so no host sync is forced.
+        """
+        lr_t = lr.detach().reshape(()) if isinstance(lr, Tensor) else None
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            d_p = -g if maximize else g
+            if weight_decay != 0:
+                d_p = d_p.add(p, alpha=weight_decay)
+            if momentum != 0:
+                buf = momentum_buffers[i]
+                if buf is None:
+                    buf = torch.clone(d_p).detach()
+                    momentum_buffers[i] = buf
+                else:
+                    buf.mul_(momentum).add_(d_p, alpha=1 - dampening)
+                d_p = d_p.add(buf, alpha=momentum) if nesterov else buf
+            if lr_t is not None:
+                # A 0-dim CPU tensor combines with tensors on any device; others must move.
+                same = lr_t.device == p.device or lr_t.device.type == "cpu"
+                p.addcmul_(d_p, lr_t if same else lr_t.to(p.device), value=-1)
+            else:
+                p.add_(d_p, alpha=-lr)
+
+
+REFERENCE = ReferenceBackend()

@@ -9,7 +9,7 @@ from manualbp import functional, optim
 from manualbp.activations import ACTIVATIONS
 from manualbp.autograd import LinearFunction, LinearMSELossFunction, MSELossFunction
 from manualbp.dispatch import get_backend, set_backend, use_backend
-from manualbp.modules import Linear, LinearMSELoss, MSELoss, convert
+from manualbp.modules import Linear, LinearMSELoss, MSELoss, Sequential, convert
 
 __version__ = "0.1.0"
 
@@ -21,6 +21,7 @@ __all__ = [
     "LinearMSELossFunction",
     "MSELoss",
     "MSELossFunction",
+    "Sequential",
     "convert",
     "functional",
     "optim",

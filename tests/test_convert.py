@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+from unittest import mock
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
@@ -27,15 +29,20 @@ def test_swaps_in_place_keeping_parameters_and_keys():
     assert out is model
     assert [id(p) for p in model.parameters()] == params_before
     assert list(model.state_dict()) == keys_before
+    assert type(model) is manualbp.Sequential
     assert [type(m).__name__ for m in model] == [
-        "Linear", "Identity", "Linear", "Identity", "Linear", "Identity", "Linear",
+        "Linear", "GELU", "Linear", "ReLU", "Linear", "Tanh", "Linear",
     ]  # fmt: skip
     assert all(type(m) is manualbp.Linear for m in model[::2])
-    assert [m.activation for m in model[::2]] == ["gelu", "relu", "tanh", None]
+    # Fused in the container; the modules themselves keep no activation.
+    assert [m.activation for m in model[::2]] == [None] * 4
+    assert model.fused_pairs() == [("0", "1"), ("2", "3"), ("4", "5")]
+    assert "fused=[0+1, 2+3, 4+5]" in repr(model)
 
 
 def test_without_fusion_activations_stay():
     model = manualbp.convert(_mlp(), fuse_activations=False)
+    assert type(model) is nn.Sequential
     assert type(model[1]) is nn.GELU and model[0].activation is None
 
 
@@ -87,17 +94,30 @@ def test_hooks_block_fusion_and_survive_the_swap():
     seen = []
     model[0].register_forward_hook(lambda m, i, o: seen.append(o))
     manualbp.convert(model)
-    assert type(model[1]) is nn.ReLU  # fusing would change what the hook sees
-    model(torch.randn(2, 4))
+    assert type(model[1]) is nn.ReLU and model.fused_pairs() == []
+    x = torch.randn(2, 4)
+    model(x)
     assert len(seen) == 1
+    assert_close(seen[0], torch.nn.functional.linear(x, model[0].weight, model[0].bias))
 
 
 def test_leaky_relu_slope_and_gelu_tanh_are_carried():
     model = manualbp.convert(
         nn.Sequential(nn.Linear(3, 3), nn.LeakyReLU(0.2), nn.Linear(3, 3), nn.GELU("tanh"))
     )
-    assert (model[0].activation, model[0].negative_slope) == ("leaky_relu", 0.2)
-    assert model[2].activation == "gelu_tanh"
+    x = torch.randn(7, 3)
+    want = F.gelu(F.linear(F.leaky_relu(F.linear(x, model[0].weight, model[0].bias), 0.2),
+                           model[2].weight, model[2].bias), approximate="tanh")  # fmt: skip
+    calls = []
+    real = manualbp.functional.linear
+
+    def spy(*args, **kwargs):
+        calls.append((args[3], kwargs.get("negative_slope")))
+        return real(*args, **kwargs)
+
+    with mock.patch.object(manualbp.modules.sequential.functional, "linear", spy):
+        assert_close(model(x), want)
+    assert calls == [("leaky_relu", 0.2), ("gelu_tanh", 0.01)]
 
 
 def test_convert_rejects_non_modules():
@@ -114,3 +134,67 @@ def test_a_shared_linear_is_not_fused():
     manualbp.convert(model)
     assert type(model[1]) is nn.ReLU and model[0].activation is None
     assert_close(model(x), want)
+
+
+def _native_and_converted():
+    torch.manual_seed(3)
+    native = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6), nn.GELU(), nn.Linear(6, 2))
+    return native, manualbp.convert(copy.deepcopy(native))
+
+
+def test_each_module_returns_what_it_returns_natively():
+    native, ours = _native_and_converted()
+    x = torch.randn(5, 4)
+    assert_close(ours[0](x), native[0](x))  # the pre-activation, negatives included
+    assert bool((ours[0](x) < 0).any())
+    assert_close(ours[:-1](x), native[:-1](x))  # a backbone slice
+    assert_close(ours[:1](x), native[:1](x))
+    assert_close(ours(x), native(x))
+
+
+def test_hooks_added_after_convert_see_native_values():
+    native, ours = _native_and_converted()
+    x = torch.randn(5, 4)
+    seen = {"native": [], "ours": []}
+    grads = {"native": [], "ours": []}
+    for key, model in (("native", native), ("ours", ours)):
+        model[0].register_forward_hook(lambda m, i, o, key=key: seen[key].append(o))
+        model[0].register_full_backward_hook(lambda m, gi, go, key=key: grads[key].append(go[0]))
+        model(x).sum().backward()
+    assert_close(seen["ours"][0], seen["native"][0])
+    assert_close(grads["ours"][0], grads["native"][0])
+    assert ours.fused_pairs() == [("2", "3")]  # the hooked pair runs apart; the other fuses
+
+
+def test_global_module_hooks_see_the_activation_modules():
+    native, ours = _native_and_converted()
+    x = torch.randn(5, 4)
+    seen = {}
+    for key, model in (("native", native), ("ours", ours)):
+        names = []
+        handle = nn.modules.module.register_module_forward_hook(
+            lambda m, i, o, names=names: names.append(type(m).__name__)
+        )
+        try:
+            model(x)
+        finally:
+            handle.remove()
+        seen[key] = names
+    assert seen["ours"] == seen["native"]
+    assert "ReLU" in seen["ours"]
+    assert ours.fused_pairs() == [("0", "1"), ("2", "3")]  # hooks gone: fused again
+
+
+def test_a_parent_calling_children_itself_gets_native_values():
+    class Parent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.seq = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+
+        def forward(self, x):
+            return self.seq[0](x)  # the pre-activation, on purpose
+
+    native = Parent()
+    ours = manualbp.convert(copy.deepcopy(native))
+    x = torch.randn(3, 4)
+    assert_close(ours(x), native(x))

@@ -4,5 +4,6 @@ from manualbp.modules.convert import convert
 from manualbp.modules.linear import Linear
 from manualbp.modules.linear_mse import LinearMSELoss
 from manualbp.modules.loss import MSELoss
+from manualbp.modules.sequential import Sequential
 
-__all__ = ["Linear", "LinearMSELoss", "MSELoss", "convert"]
+__all__ = ["Linear", "LinearMSELoss", "MSELoss", "Sequential", "convert"]

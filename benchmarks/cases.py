@@ -15,6 +15,9 @@ Providers:
   ``manualbp.LinearMSELoss`` / ``manualbp.optim.SGD``, on the same weights;
 * ``native_fused`` (SGD only): ``torch.optim.SGD(fused=True)``;
 * ``manualbp_unfused`` (LinearMSELoss only): ``manualbp.Linear`` + ``manualbp.MSELoss``.
+
+The suites (which cases, in which order) are in :mod:`benchmarks.suites`; the host-overhead and
+reference-path cases of the CPU run in :mod:`benchmarks.host_cases`.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from benchmarks.bounds import linear_min_bytes
 from benchmarks.ceilings import DTYPE_NAMES
 
 __all__ = [
@@ -41,7 +45,11 @@ __all__ = [
     "MANUALBP",
     "NATIVE_FUSED",
     "MANUALBP_UNFUSED",
-    "build_cases",
+    "linear_case",
+    "linear_mse_case",
+    "mlp_step_case",
+    "mse_case",
+    "sgd_case",
 ]
 
 NATIVE = "native"
@@ -65,6 +73,7 @@ class Bound:
     modes: dict[str, tuple[Prepare, Run]]
     label: str
     output: Callable[[Any], Tensor] | None = None  # forward result on a set, for the check
+    unavailable: dict[str, str] = field(default_factory=dict)  # mode -> why it is not offered
 
 
 @dataclass
@@ -90,28 +99,22 @@ class Case:
     tol: float
     priority: int = 0
     provider_labels: dict[str, str] = field(default_factory=dict)
+    # Providers measured in a later pass (at this priority) than the rest of the case: e.g.
+    # torch.compile where no priority-0 target needs it (its warm-up is the costly part).
+    provider_priority: dict[str, int] = field(default_factory=dict)
+    # Per mode: the bytes any implementation of this dataflow must move (see
+    # benchmarks.bounds); with the FLOPs in ``work`` it gives the case's best achievable time.
+    min_bytes: dict[str, float] | None = None
+    # Time the providers side by side (interleaved repetitions) instead of one after another.
+    interleaved: bool = False
+    # torch threads while this case runs (CPU); None: leave as set.
+    threads: int | None = None
+
+    def priority_of(self, provider: str) -> int:
+        """The priority of the pass that measures ``provider``."""
+        return self.provider_priority.get(provider, self.priority)
 
 
-# ---------------------------------------------------------------------------------------------
-# Sizes
-# ---------------------------------------------------------------------------------------------
-
-GPU_TOKENS = 8192
-GPU_LINEAR_SHAPES = [(1024, 4096), (4096, 1024), (4096, 4096), (8192, 8192)]
-GPU_MSE_LOG2 = [20, 22, 24, 26, 28]
-GPU_MLP = (1024, 4096, 4096, 4096, 1024)
-
-CPU_TOKENS = 512
-CPU_LINEAR_SHAPES = [(128, 512), (512, 128), (512, 512), (1024, 1024)]
-CPU_MSE_LOG2 = [16, 18, 20, 22]
-CPU_MLP = (128, 512, 512, 512, 128)
-
-CPU_QUICK_TOKENS = 256
-CPU_QUICK_LINEAR_SHAPES = [(256, 512)]
-CPU_QUICK_MSE_LOG2 = [16, 20]
-CPU_QUICK_MLP = (128, 256, 256, 256, 128)
-
-ACTIVATIONS = (None, "relu", "gelu")
 TOLERANCE = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
@@ -136,7 +139,10 @@ def _manualbp() -> Any:
 
 
 def _compile(obj: Any) -> Any:
-    return torch.compile(obj)
+    """``torch.compile`` (default mode), specialised to each shape it sees: the runner does not
+    reset dynamo between cases (it raises the recompile limits instead), so without
+    ``dynamic=False`` the second shape of a function would get a dynamic-shape graph."""
+    return torch.compile(obj, dynamic=False)
 
 
 def _clear_grads(*tensors: Tensor) -> None:
@@ -193,6 +199,60 @@ def _copy_linear_(dst_weight: Tensor, dst_bias: Tensor | None, src: nn.Linear) -
 # ---------------------------------------------------------------------------------------------
 
 
+def _linear_native_model(
+    K: int, N: int, act: str | None, device: torch.device, dtype: torch.dtype
+) -> nn.Sequential:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Linear(K, N, device=device, dtype=dtype)]
+    act_mod = _act_module(act)
+    if act_mod is not None:
+        layers.append(act_mod)
+    return nn.Sequential(*layers)
+
+
+def _linear_set(i: int, M: int, K: int, N: int, device, dtype) -> dict[str, Any]:
+    """Input set ``i``: x (M, K) requiring grad and the upstream gradient gy (M, N)."""
+    g = _gen(device, 1000 + i)
+    x = _randn((M, K), g, device, dtype).requires_grad_()
+    return {"x": x, "gy": _randn((M, N), g, device, dtype), "leaves": [x]}
+
+
+def _gemms_native(weight: Tensor) -> tuple[Prepare, Run]:
+    """Mode ``gemms``, native: the layer's three GEMMs alone (forward ``X W^T``, ``dX = dY W``,
+    ``dW = dY^T X``, dY standing in for dZ) as ``torch.matmul`` on the same operand layouts."""
+
+    def run(s: dict[str, Any]) -> None:
+        with torch.no_grad():
+            x, g = s["x"], s["gy"]
+            torch.matmul(x, weight.t())
+            torch.matmul(g, weight)
+            torch.matmul(g.t(), x)
+
+    return (lambda s: s, run)
+
+
+def _gemms_manualbp(weight: Tensor) -> tuple[Prepare, Run]:
+    """Mode ``gemms``, manualbp: the same three GEMMs on the kernels manualbp.Linear launches
+    (the forward kernel with no bias and no activation; the strided GEMM for dX and dW)."""
+    if weight.device.type != "cuda":
+        raise UnavailableError("manualbp's GEMM kernels run on CUDA only")
+    try:
+        from manualbp.kernels._matmul import matmul
+        from manualbp.kernels.linear_forward import linear_forward
+    except Exception as e:
+        raise UnavailableError(f"manualbp's GEMM kernels: {type(e).__name__}: {e}") from e
+    w = weight.detach()
+
+    def run(s: dict[str, Any]) -> None:
+        x, g = s["x"].detach(), s["gy"]
+        with torch.cuda.device(x.device):
+            linear_forward(x, w, None, None, store_preact=False)
+            matmul(g, w)
+            matmul(g.t(), x)
+
+    return (lambda s: s, run)
+
+
 def linear_case(
     M: int,
     K: int,
@@ -201,63 +261,48 @@ def linear_case(
     dtype: torch.dtype,
     device: torch.device,
     priority: int,
+    *,
+    gemms: bool = False,
+    provider_priority: dict[str, int] | None = None,
 ) -> Case:
-    """``act(x W^T + b)`` with ``x`` of shape ``(M, K)`` requiring grad (an MLP's hidden layer)."""
+    """``act(x W^T + b)`` with ``x`` of shape ``(M, K)`` requiring grad (an MLP's hidden layer).
+
+    ``gemms``: also mode ``gemms``, the layer's three GEMMs alone on manualbp's kernels against
+    ``torch.matmul`` at the same shapes (GEMM efficiency without bias, activation or autograd).
+    """
     dname = DTYPE_NAMES[dtype]
     aname = act or "none"
 
-    def make_set(i: int) -> dict[str, Any]:
-        g = _gen(device, 1000 + i)
-        x = _randn((M, K), g, device, dtype).requires_grad_()
-        return {"x": x, "gy": _randn((M, N), g, device, dtype), "leaves": [x]}
-
-    def native_model() -> nn.Module:
-        torch.manual_seed(0)
-        layers: list[nn.Module] = [nn.Linear(K, N, device=device, dtype=dtype)]
-        act_mod = _act_module(act)
-        if act_mod is not None:
-            layers.append(act_mod)
-        return nn.Sequential(*layers)
-
-    act_label = {None: "", "relu": " + nn.ReLU", "gelu": " + nn.GELU"}[act]
-
     def bind(provider: str) -> Bound:
-        if provider in (NATIVE, COMPILE):
-            model = native_model()
-            fn = _compile(model) if provider == COMPILE else model
-            label = f"nn.Linear{act_label}" + (
-                ", torch.compile" if provider == COMPILE else ", eager"
-            )
-        elif provider == MANUALBP:
-            mbp = _manualbp()
-            ref = native_model()[0]
-            model = mbp.Linear(K, N, activation=act, device=device, dtype=dtype)
-            _copy_linear_(model.weight, model.bias, ref)
-            fn = model
-            label = f"manualbp.Linear(activation={act!r})"
-        else:
-            raise UnavailableError(f"provider {provider!r} does not apply to this case")
+        model, fn, label, gemm_mode = _bind_linear(provider, K, N, act, device, dtype)
         params = list(model.parameters())
         forward = lambda s: fn(s["x"])
-        return Bound(
-            modes=_autograd_modes(forward, params, loss=False),
-            label=label,
-            output=lambda s: forward(s).detach(),
-        )
+        modes = _autograd_modes(forward, params, loss=False)
+        out = Bound(modes, label, lambda s: forward(s).detach())
+        if gemms and gemm_mode is not None:
+            try:
+                out.modes["gemms"] = gemm_mode()
+            except UnavailableError as e:
+                out.unavailable["gemms"] = str(e)
+        return out
 
     el = torch.empty((), dtype=dtype).element_size()
     gemm = 2.0 * M * N * K
+    work = {"fwd": gemm, "bwd": 2 * gemm, "fwd+bwd": 3 * gemm}
+    if gemms:
+        work["gemms"] = 3 * gemm
     return Case(
         name=f"linear/{aname}/{dname}/M{M}_K{K}_N{N}",
         group="linear",
         params={"M": M, "K": K, "N": N, "activation": act, "dtype": dname, "bias": True},
-        modes=["fwd+bwd", "fwd", "bwd"],
+        modes=["fwd+bwd", "fwd", "bwd"] + (["gemms"] if gemms else []),
         providers=[NATIVE, COMPILE, MANUALBP],
         metric="tflops",
-        work={"fwd": gemm, "bwd": 2 * gemm, "fwd+bwd": 3 * gemm},
-        work_note="2*M*N*K FLOPs per GEMM; fwd = 1 GEMM, bwd = 2 (dX, dW), fwd+bwd = 3",
+        work=work,
+        work_note="2*M*N*K FLOPs per GEMM; fwd = 1 GEMM, bwd = 2 (dX, dW), fwd+bwd = 3; "
+        "gemms = the 3 GEMMs alone",
         dtype=dtype,
-        make_set=make_set,
+        make_set=lambda i: _linear_set(i, M, K, N, device, dtype),
         bind=bind,
         set_bytes=(M * K + M * N) * el,
         plot_key=f"linear_{aname}_{dname}",
@@ -266,7 +311,31 @@ def linear_case(
         memory_mode="fwd+bwd",
         tol=TOLERANCE[dtype],
         priority=priority,
+        provider_priority=dict(provider_priority or {}),
+        min_bytes=linear_min_bytes(M, K, N, act, el, gemms=gemms),
     )
+
+
+def _bind_linear(
+    provider: str, K: int, N: int, act: str | None, device: torch.device, dtype: torch.dtype
+) -> tuple[nn.Module, Callable[[Tensor], Tensor], str, Callable[[], Any] | None]:
+    """``(model, fn, label, gemm_mode)`` of one provider of a Linear case; ``gemm_mode()``
+    makes its ``gemms`` mode (``None``: not offered)."""
+    act_label = {None: "", "relu": " + nn.ReLU", "gelu": " + nn.GELU"}[act]
+    if provider in (NATIVE, COMPILE):
+        model = _linear_native_model(K, N, act, device, dtype)
+        if provider == COMPILE:
+            return model, _compile(model), f"nn.Linear{act_label}, torch.compile", None
+        weight = model[0].weight
+        return model, model, f"nn.Linear{act_label}, eager", lambda: _gemms_native(weight)
+    if provider == MANUALBP:
+        mbp = _manualbp()
+        ref = _linear_native_model(K, N, act, device, dtype)[0]
+        model = mbp.Linear(K, N, activation=act, device=device, dtype=dtype)
+        _copy_linear_(model.weight, model.bias, ref)
+        label = f"manualbp.Linear(activation={act!r})"
+        return model, model, label, lambda: _gemms_manualbp(model.weight)
+    raise UnavailableError(f"provider {provider!r} does not apply to this case")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,7 +347,14 @@ def _mse_native(x: Tensor, t: Tensor) -> Tensor:
     return F.mse_loss(x, t)
 
 
-def mse_case(log2n: int, dtype: torch.dtype, device: torch.device, priority: int) -> Case:
+def mse_case(
+    log2n: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    priority: int,
+    *,
+    provider_priority: dict[str, int] | None = None,
+) -> Case:
     """``mse_loss(x, t)`` (mean) forward + backward on ``2**log2n`` elements."""
     n = 1 << log2n
     dname = DTYPE_NAMES[dtype]
@@ -325,6 +401,7 @@ def mse_case(log2n: int, dtype: torch.dtype, device: torch.device, priority: int
         memory_mode="fwd+bwd",
         tol=TOLERANCE[dtype],
         priority=priority,
+        provider_priority=dict(provider_priority or {}),
     )
 
 
@@ -338,6 +415,57 @@ def _mlp_param_shapes(dims: tuple[int, ...]) -> list[tuple[int, ...]]:
     for d_in, d_out in itertools.pairwise(dims):
         shapes += [(d_out, d_in), (d_out,)]
     return shapes
+
+
+def _sgd_maker(
+    provider: str, lr: float, momentum: float, device: torch.device, dtype: torch.dtype
+) -> tuple[Callable[[list[Tensor]], Any], str]:
+    """``(make(params) -> optimizer, label)`` of one SGD provider."""
+    if provider == NATIVE:
+        make = lambda ps: torch.optim.SGD(ps, lr=lr, momentum=momentum)
+        return make, "torch.optim.SGD (default: foreach on CUDA, for-loop on CPU)"
+    if provider == NATIVE_FUSED:
+        make = lambda ps: torch.optim.SGD(ps, lr=lr, momentum=momentum, fused=True)
+        probe = nn.Parameter(torch.zeros(4, device=device, dtype=dtype))
+        probe.grad = torch.zeros_like(probe)
+        try:
+            make([probe]).step()
+        except Exception as e:
+            raise UnavailableError(f"fused SGD not supported here: {type(e).__name__}: {e}") from e
+        return make, "torch.optim.SGD(fused=True)"
+    if provider == MANUALBP:
+        _manualbp()
+        try:
+            from manualbp.optim import SGD
+        except Exception as e:
+            raise UnavailableError(
+                f"manualbp.optim.SGD not available: {type(e).__name__}: {e}"
+            ) from e
+        return (lambda ps: SGD(ps, lr=lr, momentum=momentum)), "manualbp.optim.SGD"
+    raise UnavailableError(f"provider {provider!r} does not apply to this case")
+
+
+def _sgd_bound(make: Callable[[list[Tensor]], Any], label: str) -> Bound:
+    """Mode ``step``: one ``opt.step()`` per set (one optimizer per set, made untimed)."""
+    optimizers: dict[int, Any] = {}
+
+    def prepare(s: dict[str, Any]) -> Any:
+        key = id(s)
+        if key not in optimizers:
+            optimizers[key] = make(s["params"])
+        return optimizers[key]
+
+    def output(s: dict[str, Any]) -> Tensor:
+        # Two steps (the second uses the momentum buffer) on copies of the set's params.
+        ps = [nn.Parameter(p.detach().clone()) for p in s["params"]]
+        for p, q in zip(ps, s["params"], strict=True):
+            p.grad = q.grad.clone()
+        opt = make(ps)
+        opt.step()
+        opt.step()
+        return torch.cat([p.detach().reshape(-1) for p in ps])
+
+    return Bound(modes={"step": (prepare, lambda opt: opt.step())}, label=label, output=output)
 
 
 def sgd_case(
@@ -364,72 +492,21 @@ def sgd_case(
         return {"params": params}
 
     def bind(provider: str) -> Bound:
-        if provider == NATIVE:
-            make = lambda ps: torch.optim.SGD(ps, lr=lr, momentum=momentum)
-            label = "torch.optim.SGD (default: foreach on CUDA, for-loop on CPU)"
-        elif provider == NATIVE_FUSED:
-            make = lambda ps: torch.optim.SGD(ps, lr=lr, momentum=momentum, fused=True)
-            label = "torch.optim.SGD(fused=True)"
-            probe = nn.Parameter(torch.zeros(4, device=device, dtype=dtype))
-            probe.grad = torch.zeros_like(probe)
-            try:
-                make([probe]).step()
-            except Exception as e:
-                raise UnavailableError(
-                    f"fused SGD not supported here: {type(e).__name__}: {e}"
-                ) from e
-        elif provider == MANUALBP:
-            mbp = _manualbp()
-            try:
-                from manualbp.optim import SGD
-            except Exception as e:
-                raise UnavailableError(
-                    f"manualbp.optim.SGD not available: {type(e).__name__}: {e}"
-                ) from e
-            del mbp
-            make = lambda ps: SGD(ps, lr=lr, momentum=momentum)
-            label = "manualbp.optim.SGD"
-        else:
-            raise UnavailableError(f"provider {provider!r} does not apply to this case")
-        optimizers: dict[int, Any] = {}
+        return _sgd_bound(*_sgd_maker(provider, lr, momentum, device, dtype))
 
-        def prepare(s: dict[str, Any]) -> Any:
-            key = id(s)
-            if key not in optimizers:
-                optimizers[key] = make(s["params"])
-            return optimizers[key]
-
-        def output(s: dict[str, Any]) -> Tensor:
-            # Two steps (the second uses the momentum buffer) on copies of the set's params.
-            ps = [nn.Parameter(p.detach().clone()) for p in s["params"]]
-            for p, q in zip(ps, s["params"], strict=True):
-                p.grad = q.grad.clone()
-            opt = make(ps)
-            opt.step()
-            opt.step()
-            return torch.cat([p.detach().reshape(-1) for p in ps])
-
-        return Bound(modes={"step": (prepare, lambda opt: opt.step())}, label=label, output=output)
-
-    moved = (5 if momentum else 3) * numel * el
+    k = 5 if momentum else 3
     return Case(
         name=f"sgd/{dname}/momentum{momentum:g}",
         group="sgd",
-        params={
-            "dims": list(dims),
-            "numel": numel,
-            "momentum": momentum,
-            "lr": lr,
-            "dtype": dname,
-        },
+        params={"dims": list(dims), "numel": numel, "momentum": momentum, "lr": lr, "dtype": dname},
         modes=["step"],
         providers=[NATIVE, NATIVE_FUSED, MANUALBP],
         metric="gbps",
-        work={"step": float(moved)},
+        work={"step": float(k * numel * el)},
         work_note=(
             "bytes that must move per step: read param and grad, write param"
             + (", read and write the momentum buffer" if momentum else "")
-            + f" = {5 if momentum else 3}*numel*elsize"
+            + f" = {k}*numel*elsize"
         ),
         dtype=dtype,
         make_set=make_set,
@@ -461,8 +538,42 @@ class _LinearMSE(nn.Module):
         return self.loss(self.linear(x), target)
 
 
+def _bind_linear_mse(
+    provider: str, native_linear: Callable[[], nn.Linear], K: int, N: int, dtype, device
+) -> tuple[nn.Module, Callable[..., Tensor], str]:
+    """``(head, fn, label)`` of one provider of a LinearMSELoss case."""
+    if provider in (NATIVE, COMPILE):
+        head = _LinearMSE(native_linear(), nn.MSELoss())
+        if provider == COMPILE:
+            return head, _compile(head), "nn.Linear + nn.MSELoss, torch.compile"
+        return head, head, "nn.Linear + nn.MSELoss, eager"
+    if provider == MANUALBP:
+        cls = getattr(_manualbp(), "LinearMSELoss", None)
+        if cls is None:
+            raise UnavailableError("not available: manualbp.LinearMSELoss does not exist yet")
+        head = cls(K, N, bias=True, reduction="mean", device=device, dtype=dtype)
+        weight, bias = getattr(head, "weight", None), getattr(head, "bias", None)
+        if isinstance(weight, Tensor) and tuple(weight.shape) == (N, K):
+            _copy_linear_(weight, bias if isinstance(bias, Tensor) else None, native_linear())
+        return head, head, "manualbp.LinearMSELoss"
+    if provider == MANUALBP_UNFUSED:
+        mbp = _manualbp()
+        lin = mbp.Linear(K, N, device=device, dtype=dtype)
+        _copy_linear_(lin.weight, lin.bias, native_linear())
+        head = _LinearMSE(lin, mbp.MSELoss())
+        return head, head, "manualbp.Linear + manualbp.MSELoss"
+    raise UnavailableError(f"provider {provider!r} does not apply to this case")
+
+
 def linear_mse_case(
-    M: int, K: int, N: int, dtype: torch.dtype, device: torch.device, priority: int
+    M: int,
+    K: int,
+    N: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    priority: int,
+    *,
+    provider_priority: dict[str, int] | None = None,
 ) -> Case:
     """``loss = head(x, target)`` forward + backward: the fused head against the unfused pair."""
     dname = DTYPE_NAMES[dtype]
@@ -478,38 +589,11 @@ def linear_mse_case(
         return nn.Linear(K, N, device=device, dtype=dtype)
 
     def bind(provider: str) -> Bound:
-        if provider in (NATIVE, COMPILE):
-            head = _LinearMSE(native_linear(), nn.MSELoss())
-            fn = _compile(head) if provider == COMPILE else head
-            label = "nn.Linear + nn.MSELoss, " + (
-                "torch.compile" if provider == COMPILE else "eager"
-            )
-        elif provider == MANUALBP:
-            cls = getattr(_manualbp(), "LinearMSELoss", None)
-            if cls is None:
-                raise UnavailableError("not available: manualbp.LinearMSELoss does not exist yet")
-            head = cls(K, N, bias=True, reduction="mean", device=device, dtype=dtype)
-            weight, bias = getattr(head, "weight", None), getattr(head, "bias", None)
-            if isinstance(weight, Tensor) and tuple(weight.shape) == (N, K):
-                _copy_linear_(weight, bias if isinstance(bias, Tensor) else None, native_linear())
-            fn = head
-            label = "manualbp.LinearMSELoss"
-        elif provider == MANUALBP_UNFUSED:
-            mbp = _manualbp()
-            lin = mbp.Linear(K, N, device=device, dtype=dtype)
-            _copy_linear_(lin.weight, lin.bias, native_linear())
-            head = _LinearMSE(lin, mbp.MSELoss())
-            fn = head
-            label = "manualbp.Linear + manualbp.MSELoss"
-        else:
-            raise UnavailableError(f"provider {provider!r} does not apply to this case")
-        params = list(head.parameters())
+        head, fn, label = _bind_linear_mse(provider, native_linear, K, N, dtype, device)
         forward = lambda s: fn(s["x"], s["t"])
-        modes = _autograd_modes(forward, params, loss=True)
+        modes = _autograd_modes(forward, list(head.parameters()), loss=True)
         return Bound(
-            modes={"fwd+bwd": modes["fwd+bwd"]},
-            label=label,
-            output=lambda s: forward(s).detach(),
+            modes={"fwd+bwd": modes["fwd+bwd"]}, label=label, output=lambda s: forward(s).detach()
         )
 
     gemm = 2.0 * M * N * K
@@ -532,6 +616,7 @@ def linear_mse_case(
         memory_mode="fwd+bwd",
         tol=TOLERANCE[dtype],
         priority=priority,
+        provider_priority=dict(provider_priority or {}),
     )
 
 
@@ -539,14 +624,56 @@ def linear_mse_case(
 # Whole training step
 # ---------------------------------------------------------------------------------------------
 
+MLP_LR, MLP_MOMENTUM = 1e-3, 0.9
+
+
+def _mlp_native_model(dims: tuple[int, ...], device, dtype) -> nn.Sequential:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for j, (d_in, d_out) in enumerate(itertools.pairwise(dims)):
+        layers.append(nn.Linear(d_in, d_out, device=device, dtype=dtype))
+        if j < len(dims) - 2:
+            layers.append(nn.GELU())
+    return nn.Sequential(*layers)
+
+
+def _bind_mlp(provider: str, model: nn.Sequential) -> tuple[Any, nn.Module, Any, str]:
+    """``(fn, loss_fn, optimizer, label)`` of one provider of the MLP step."""
+    sgd = lambda m: torch.optim.SGD(m.parameters(), lr=MLP_LR, momentum=MLP_MOMENTUM)
+    if provider == NATIVE:
+        label = "nn.Sequential(nn.Linear, nn.GELU, ...) + nn.MSELoss + torch.optim.SGD, eager"
+        return model, nn.MSELoss(), sgd(model), label
+    if provider == COMPILE:
+        label = "torch.compile(model) + nn.MSELoss + torch.optim.SGD"
+        return _compile(model), nn.MSELoss(), sgd(model), label
+    if provider != MANUALBP:
+        raise UnavailableError(f"provider {provider!r} does not apply to this case")
+    mbp = _manualbp()
+    model = mbp.convert(copy.deepcopy(model))
+    label = "manualbp.convert(model) + manualbp.MSELoss + "
+    try:
+        from manualbp.optim import SGD
+
+        opt = SGD(model.parameters(), lr=MLP_LR, momentum=MLP_MOMENTUM)
+        label += "manualbp.optim.SGD"
+    except Exception as e:
+        opt = sgd(model)
+        label += f"torch.optim.SGD (manualbp.optim.SGD unavailable: {type(e).__name__})"
+    return model, mbp.MSELoss(), opt, label
+
 
 def mlp_step_case(
-    M: int, dims: tuple[int, ...], dtype: torch.dtype, device: torch.device, priority: int
+    M: int,
+    dims: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+    priority: int,
+    *,
+    provider_priority: dict[str, int] | None = None,
 ) -> Case:
     """zero_grad, forward of a 4-layer GELU MLP, MSE loss, backward, SGD (momentum 0.9) step."""
     dname = DTYPE_NAMES[dtype]
     el = torch.empty((), dtype=dtype).element_size()
-    lr, momentum = 1e-3, 0.9
 
     def make_set(i: int) -> dict[str, Any]:
         g = _gen(device, 5000 + i)
@@ -555,53 +682,16 @@ def mlp_step_case(
             "t": _randn((M, dims[-1]), g, device, dtype),
         }
 
-    def native_model() -> nn.Sequential:
-        torch.manual_seed(0)
-        layers: list[nn.Module] = []
-        for j, (d_in, d_out) in enumerate(itertools.pairwise(dims)):
-            layers.append(nn.Linear(d_in, d_out, device=device, dtype=dtype))
-            if j < len(dims) - 2:
-                layers.append(nn.GELU())
-        return nn.Sequential(*layers)
-
     def bind(provider: str) -> Bound:
-        model = native_model()
-        if provider == NATIVE:
-            fn, loss_fn = model, nn.MSELoss()
-            opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-            label = "nn.Sequential(nn.Linear, nn.GELU, ...) + nn.MSELoss + torch.optim.SGD, eager"
-        elif provider == COMPILE:
-            fn, loss_fn = _compile(model), nn.MSELoss()
-            opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-            label = "torch.compile(model) + nn.MSELoss + torch.optim.SGD"
-        elif provider == MANUALBP:
-            mbp = _manualbp()
-            model = mbp.convert(copy.deepcopy(model))
-            fn, loss_fn = model, mbp.MSELoss()
-            try:
-                from manualbp.optim import SGD
-
-                opt = SGD(model.parameters(), lr=lr, momentum=momentum)
-                label = "manualbp.convert(model) + manualbp.MSELoss + manualbp.optim.SGD"
-            except Exception as e:
-                opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-                label = (
-                    "manualbp.convert(model) + manualbp.MSELoss + torch.optim.SGD "
-                    f"(manualbp.optim.SGD unavailable: {type(e).__name__})"
-                )
-        else:
-            raise UnavailableError(f"provider {provider!r} does not apply to this case")
+        fn, loss_fn, opt, label = _bind_mlp(provider, _mlp_native_model(dims, device, dtype))
 
         def step(s: dict[str, Any]) -> None:
             opt.zero_grad(set_to_none=True)
             loss_fn(fn(s["x"]), s["t"]).backward()
             opt.step()
 
-        return Bound(
-            modes={"step": (lambda s: s, step)},
-            label=label,
-            output=lambda s: loss_fn(fn(s["x"]), s["t"]).detach(),
-        )
+        output = lambda s: loss_fn(fn(s["x"]), s["t"]).detach()
+        return Bound(modes={"step": (lambda s: s, step)}, label=label, output=output)
 
     pairs = list(itertools.pairwise(dims))
     flops = sum(6.0 * M * a * b for a, b in pairs) - 2.0 * M * pairs[0][0] * pairs[0][1]
@@ -613,7 +703,7 @@ def mlp_step_case(
             "dims": list(dims),
             "activation": "gelu",
             "dtype": dname,
-            "optimizer": f"SGD(lr={lr}, momentum={momentum})",
+            "optimizer": f"SGD(lr={MLP_LR}, momentum={MLP_MOMENTUM})",
         },
         modes=["step"],
         providers=[NATIVE, COMPILE, MANUALBP],
@@ -631,76 +721,5 @@ def mlp_step_case(
         memory_mode="step",
         tol=TOLERANCE[dtype] * 2,
         priority=priority,
+        provider_priority=dict(provider_priority or {}),
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# The suites
-# ---------------------------------------------------------------------------------------------
-
-
-def build_cases(device: torch.device, quick: bool) -> list[Case]:
-    """Every case of the suite for ``device``, most important first (``priority`` ascending).
-
-    On CUDA: MLP training sizes (tokens M = 8192). On CPU: small sizes (the reference path),
-    and no fp16 (torch's CPU fp16 GEMM is no fast path).
-    ``quick`` keeps a small subset (bf16 on CUDA, fp32 on CPU).
-    """
-    cuda = device.type == "cuda"
-    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
-    cases: list[Case] = []
-    if quick:
-        dt = bf16 if cuda else fp32
-        M = GPU_TOKENS if cuda else CPU_QUICK_TOKENS
-        shapes = [(4096, 4096)] if cuda else CPU_QUICK_LINEAR_SHAPES
-        for act in (None, "gelu"):
-            for K, N in shapes:
-                cases.append(linear_case(M, K, N, act, dt, device, 0))
-        for log2n in [24, 26] if cuda else CPU_QUICK_MSE_LOG2:
-            cases.append(mse_case(log2n, fp32, device, 0))
-        dims = GPU_MLP if cuda else CPU_QUICK_MLP
-        for momentum in (0.0, 0.9):
-            cases.append(sgd_case(dims, momentum, fp32, device, 0))
-        K, N = shapes[0]
-        cases.append(linear_mse_case(M, K, N, dt, device, 0))
-        cases.append(mlp_step_case(M, dims, dt, device, 0))
-        return cases
-
-    M = GPU_TOKENS if cuda else CPU_TOKENS
-    shapes = GPU_LINEAR_SHAPES if cuda else CPU_LINEAR_SHAPES
-    mse_sizes = GPU_MSE_LOG2 if cuda else CPU_MSE_LOG2
-    dims = GPU_MLP if cuda else CPU_MLP
-    largest = shapes[-1]
-    # Priority 0: what the targets are stated on.
-    for act in ("gelu", None):
-        for K, N in shapes:
-            cases.append(linear_case(M, K, N, act, bf16, device, 0))
-    for log2n in mse_sizes:
-        cases.append(mse_case(log2n, fp32, device, 0))
-    for momentum in (0.0, 0.9):
-        cases.append(sgd_case(dims, momentum, fp32, device, 0))
-    for K, N in [(4096, 1024), (4096, 4096), (4096, 8192)] if cuda else shapes[1:]:
-        cases.append(linear_mse_case(M, K, N, bf16, device, 0))
-    cases.append(mlp_step_case(M, dims, bf16, device, 0))
-    # Priority 1: the rest of the bf16 / fp16 matrix.
-    for K, N in shapes:
-        cases.append(linear_case(M, K, N, "relu", bf16, device, 1))
-    if cuda:  # torch's CPU fp16 GEMM is no fast path (seconds per call): GPU only
-        for act in ACTIVATIONS:
-            for K, N in shapes:
-                cases.append(linear_case(M, K, N, act, fp16, device, 1))
-    for log2n in mse_sizes:
-        cases.append(mse_case(log2n, bf16, device, 1))
-    # Priority 2: fp32 (IEEE unless the float32 matmul precision says otherwise).
-    for act in ACTIVATIONS:
-        for K, N in shapes:
-            if largest != (K, N):
-                cases.append(linear_case(M, K, N, act, fp32, device, 2))
-    cases.append(mlp_step_case(M, dims, fp32, device, 2))
-    for momentum in (0.0, 0.9):
-        cases.append(sgd_case(dims, momentum, bf16, device, 2))
-    # Priority 3: the largest fp32 GEMMs, dropped first when time runs out.
-    for act in ACTIVATIONS:
-        cases.append(linear_case(M, *largest, act, fp32, device, 3))
-    cases.sort(key=lambda c: c.priority)  # stable: definition order within a priority
-    return cases

@@ -29,7 +29,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     import re
 
-    from benchmarks.cases import build_cases
+    from benchmarks.suites import build_cases
 
     config = metafunc.config
     device = bench_device(config)

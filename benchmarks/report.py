@@ -15,6 +15,7 @@ from benchmarks.targets import evaluate_targets
 __all__ = [
     "format_case",
     "format_ceilings",
+    "format_ratios",
     "format_table",
     "format_targets",
     "write_outputs",
@@ -37,53 +38,46 @@ def _rate(res: dict[str, Any]) -> str:
     return "-"
 
 
+def _ran_row(rec: dict[str, Any], mode: str, provider: str, res: dict[str, Any]) -> list[str]:
+    prec = rec["providers"].get(provider, {})
+    speed = rec.get("speedups", {}).get(mode, {})
+    vs = ", ".join(
+        f"{key.split('_vs_')[1]} {value:.2f}x"
+        for key, value in speed.items()
+        if key.startswith(provider + "_vs_")
+    )
+    peak = prec.get("peak_mem_bytes")
+    check = prec.get("check")
+    flag = "" if check is None or check["ok"] else "CHECK-MISMATCH"
+    return [
+        rec["name"],
+        mode,
+        provider,
+        _num(res["median_ms"]),
+        _rate(res),
+        _num(res.get("pct_of_ceiling"), ".1f"),
+        _num(res.get("pct_of_bound"), ".1f"),
+        "-" if peak is None else f"{peak / MIB:.0f}",
+        vs or "-",
+        flag,
+    ]
+
+
 def _rows(rec: dict[str, Any]) -> list[list[str]]:
     results = [r for per in rec["results"].values() for r in per.values()]
+    blank = [""] * 5
     if rec["status"] == "skipped" and not any(r.get("status") == "ran" for r in results):
         reason = rec.get("reason") or "; ".join(sorted({str(r.get("reason")) for r in results}))
-        return [[rec["name"], "*", "*", "skipped", "", "", "", "", reason[:90]]]
+        return [[rec["name"], "*", "*", "skipped", *blank, reason[:90]]]
     rows = []
     for mode in rec["modes"]:
-        speed = rec.get("speedups", {}).get(mode, {})
         for provider, res in rec["results"].get(mode, {}).items():
-            prec = rec["providers"].get(provider, {})
-            if res.get("status") != "ran":
-                reason = res.get("reason") or prec.get("reason") or ""
-                rows.append(
-                    [
-                        rec["name"],
-                        mode,
-                        provider,
-                        res.get("status", "?"),
-                        "",
-                        "",
-                        "",
-                        "",
-                        reason[:90],
-                    ]
-                )
+            if res.get("status") == "ran":
+                rows.append(_ran_row(rec, mode, provider, res))
                 continue
-            vs = ", ".join(
-                f"{key.split('_vs_')[1]} {value:.2f}x"
-                for key, value in speed.items()
-                if key.startswith(provider + "_vs_")
-            )
-            peak = prec.get("peak_mem_bytes")
-            check = prec.get("check")
-            flag = "" if check is None else ("" if check["ok"] else " CHECK-MISMATCH")
-            rows.append(
-                [
-                    rec["name"],
-                    mode,
-                    provider,
-                    _num(res["median_ms"]),
-                    _rate(res),
-                    _num(res.get("pct_of_ceiling"), ".1f"),
-                    "-" if peak is None else f"{peak / MIB:.0f}",
-                    vs or "-",
-                    flag.strip(),
-                ]
-            )
+            prec = rec["providers"].get(provider, {})
+            reason = res.get("reason") or prec.get("reason") or ""
+            rows.append([rec["name"], mode, provider, res.get("status", "?"), *blank, reason[:90]])
     return rows
 
 
@@ -94,6 +88,7 @@ HEADER = [
     "median_ms",
     "rate",
     "%ceil",
+    "%bound",
     "peak_MiB",
     "speedup vs (time_other/time_this)",
     "note",
@@ -135,6 +130,32 @@ def format_ceilings(ceilings: dict[str, Any]) -> str:
     return "measured ceilings: " + "; ".join(parts)
 
 
+def format_ratios(doc: dict[str, Any]) -> str:
+    """The host-overhead / reference-path cases: time ratio manualbp / native against its goal
+    (empty when the run has none)."""
+    lines = []
+    for rec in doc["cases"]:
+        goal = rec.get("params", {}).get("goal_ratio")
+        if goal is None:
+            continue
+        for mode in rec["modes"]:
+            ratio = rec.get("speedups", {}).get(mode, {}).get("native_vs_manualbp")
+            if ratio is None:
+                lines.append(f"  {rec['name']} {mode}: not measured ({rec.get('status')})")
+                continue
+            verdict = "pass" if ratio <= goal else "fall short"
+            n = rec["results"][mode]["manualbp"].get("n_reps")
+            lines.append(
+                f"  {rec['name']} {mode}: manualbp/native {ratio:.3f}x "
+                f"(goal <= {goal:g}x): {verdict}  [{n} interleaved reps each]"
+            )
+    if not lines:
+        return ""
+    threads = {rec.get("threads") for rec in doc["cases"] if rec.get("params", {}).get("goal")}
+    head = f"host overhead and reference path (CPU, {', '.join(map(str, threads))} thread(s)):"
+    return "\n".join([head, *lines])
+
+
 def format_targets(doc: dict[str, Any]) -> str:
     lines = ["targets:"]
     for t in doc.get("targets", []):
@@ -164,6 +185,9 @@ def _markdown(doc: dict[str, Any]) -> str:
     ]
     for t in doc.get("targets", []):
         out.append(f"| {t['target']} | **{t['verdict']}** | {t['detail']} |")
+    ratios = format_ratios(doc)
+    if ratios:
+        out += ["", "## Host overhead and reference path", "", "```", ratios, "```"]
     out += ["", "## Notes", ""] + [f"- {n}" for n in doc.get("notes", [])]
     out += ["", "## Results", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     for rec in doc["cases"]:

@@ -2,7 +2,12 @@
 
 Each target names the cases and modes it is judged on; it passes when every measured instance
 meets it, falls short when any does not (the worst ones are listed), and is "not measured" when
-nothing it needs was measured in this run (or the run did not measure the Triton kernels).
+nothing it needs was measured in this run.
+
+Two kinds: the GPU targets (``path="triton"``) are judged only on a run that measures the
+Triton kernels; the host-overhead and reference-path goals (``path="reference"``,
+:data:`REFERENCE_GOALS`, the cases of :mod:`benchmarks.host_cases`) are judged on the CPU run
+that measures them, as the time ratio manualbp / native (lower is better).
 """
 
 from __future__ import annotations
@@ -11,9 +16,26 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["TARGETS", "evaluate_targets"]
+__all__ = ["REFERENCE_GOALS", "TARGETS", "evaluate_targets"]
 
 PASS, SHORT, NOT_MEASURED = "pass", "fall short", "not measured"
+
+# Goals of the CPU run's host-overhead and reference-path cases (benchmarks/host_cases.py):
+# the most manualbp's fwd+bwd time may be, as a multiple of native PyTorch's, on one thread.
+REFERENCE_GOALS: dict[str, float] = {
+    "host_linear_tiny": 1.3,  # Linear, input 8x32, 32 -> 32
+    "host_mse_tiny": 1.3,  # mse_loss on 8x32
+    "ref_linear_gelu": 1.10,  # Linear+GELU 256x1024 -> 1024 fp32
+    "ref_linear_gelu_zstd8": 1.2,  # the same, pre-activations of std ~8 (GELU' subnormals)
+    "ref_mse_4m": 1.05,  # mse_loss on 4M (2^22) fp32 elements
+}
+REFERENCE_TEXT: dict[str, str] = {
+    "host_linear_tiny": "tiny Linear (input 8x32, 32->32) fwd+bwd",
+    "host_mse_tiny": "tiny mse_loss (8x32) fwd+bwd",
+    "ref_linear_gelu": "Linear+GELU 256x1024->1024 fp32 fwd+bwd",
+    "ref_linear_gelu_zstd8": "Linear+GELU 256x1024->1024 fp32 fwd+bwd, pre-activations std ~8",
+    "ref_mse_4m": "mse_loss fwd+bwd on 4M fp32 elements",
+}
 
 
 @dataclass(frozen=True)
@@ -27,6 +49,7 @@ class Target:
     unit: str
     collect: Callable[[dict[str, Any]], Iterator[tuple[str, float]]]
     lower_is_better: bool = False
+    path: str = "triton"  # "triton": judged on runs of the Triton kernels; "reference": any
 
 
 def _ran(case: dict[str, Any], mode: str, provider: str) -> dict[str, Any] | None:
@@ -57,13 +80,29 @@ def _plain_linear(doc: dict[str, Any]) -> Iterator[tuple[str, float]]:
 
 
 def _gemm_pct(doc: dict[str, Any]) -> Iterator[tuple[str, float]]:
+    """Mode ``gemms``: the Linear's three GEMMs alone, manualbp's kernels against
+    ``torch.matmul`` at the same shapes and layouts: 100 * time(torch.matmul) / time(manualbp)."""
     for c in doc["cases"]:
-        if c["group"] != "linear":
+        if c["group"] != "linear" or "gemms" not in c["modes"]:
             continue
-        for mode in c["modes"]:
-            r = _ran(c, mode, "manualbp")
-            if r is not None and r.get("pct_of_ceiling") is not None:
-                yield f"{c['name']} {mode}", r["pct_of_ceiling"]
+        value = c.get("speedups", {}).get("gemms", {}).get("manualbp_vs_native")
+        if value is not None:
+            yield f"{c['name']} gemms", 100.0 * value
+
+
+def _time_ratio(goal: str) -> Callable[[dict[str, Any]], Iterator[tuple[str, float]]]:
+    """time(manualbp) / time(native) of the cases of ``goal`` (``native_vs_manualbp``)."""
+
+    def collect(doc: dict[str, Any]) -> Iterator[tuple[str, float]]:
+        for c in doc["cases"]:
+            if c.get("params", {}).get("goal") != goal:
+                continue
+            for mode in c["modes"]:
+                value = c.get("speedups", {}).get(mode, {}).get("native_vs_manualbp")
+                if value is not None:
+                    yield f"{c['name']} {mode}", value
+
+    return collect
 
 
 def _pct(group: str, mode: str, min_numel: int = 0):
@@ -112,7 +151,8 @@ TARGETS: list[Target] = [
     ),
     Target(
         "gemm_pct_of_matmul",
-        "manualbp Linear GEMMs >= 90% of torch.matmul's measured TFLOP/s (same dtype)",
+        "manualbp Linear's GEMMs alone >= 90% of torch.matmul at the same shapes "
+        "(100 * time(torch.matmul) / time(manualbp), mode gemms)",
         90.0,
         "%",
         _gemm_pct,
@@ -162,6 +202,18 @@ TARGETS: list[Target] = [
         "x",
         lambda doc: _speedup(doc, "mlp_step", "step", "native", lambda p: True),
     ),
+] + [
+    Target(
+        key,
+        f"CPU reference path: {REFERENCE_TEXT[key]}: manualbp / native time <= {goal:g}x "
+        "(1 thread, interleaved repetitions, medians)",
+        goal,
+        "x",
+        _time_ratio(key),
+        lower_is_better=True,
+        path="reference",
+    )
+    for key, goal in REFERENCE_GOALS.items()
 ]
 
 
@@ -174,8 +226,15 @@ def evaluate_targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
     measures_triton = doc.get("label", "").endswith("runs its Triton kernels")
     out = []
     for t in TARGETS:
-        entry: dict[str, Any] = {"key": t.key, "target": t.text, "bound": t.bound, "unit": t.unit}
-        if not measures_triton:
+        entry: dict[str, Any] = {
+            "key": t.key,
+            "target": t.text,
+            "bound": t.bound,
+            "unit": t.unit,
+            "lower_is_better": t.lower_is_better,
+            "path": t.path,
+        }
+        if t.path == "triton" and not measures_triton:
             entry.update(
                 verdict=NOT_MEASURED,
                 detail=f"not measured: this run does not measure the Triton kernels "

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from benchmarks.cases import COMPILE, Case, UnavailableError
+from benchmarks.measure import configure_compile
 from benchmarks.runner import CPU_LABEL
 from benchmarks.timing import synchronize
 
@@ -26,9 +27,7 @@ def test_bench(
     if provider == COMPILE and device.type == "cpu":
         pytest.skip("torch.compile not benchmarked on CPU (inductor's C++ compile is slow)")
     if provider == COMPILE:
-        import torch._dynamo as dynamo
-
-        dynamo.reset()
+        configure_compile()  # raise the recompile limits; dynamo is not reset between cases
     torch.manual_seed(0)
     try:
         bound = case.bind(provider)

@@ -14,6 +14,11 @@ the same as its own (and the same on torch 2.11 / triton 3.6 and torch 2.13 / tr
 
 On CPU, each repetition is timed with ``time.perf_counter`` around the call; there is no cache
 flush and no peak-memory figure (torch keeps no CPU allocator statistics).
+
+:func:`bench_interleaved` times several implementations of one call side by side (each
+repetition runs every one once, the order reversed every other repetition, gc off), for ratios
+that load drifts on a shared machine would otherwise distort: the host-overhead and
+reference-path cases of the CPU run.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch
 __all__ = [
     "Timing",
     "bench",
+    "bench_interleaved",
     "peak_memory",
     "release_flush_buffers",
     "synchronize",
@@ -91,6 +97,70 @@ def _quantile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
+def _time_once(
+    run: Callable[[Any], Any], prepare: Callable[[Any], Any], s: Any, device: torch.device
+) -> float:
+    """Wall time (ms) of one ``run(prepare(s))``, ``prepare`` untimed, device synchronised."""
+    arg = prepare(s)
+    synchronize(device)
+    t0 = time.perf_counter()
+    run(arg)
+    synchronize(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _estimate(
+    run: Callable[[Any], Any], prepare: Callable[[Any], Any], sets: Sequence[Any], device
+) -> tuple[float, float]:
+    """``(first_call_ms, estimate_ms)``: the first call (compilation, autotuning, lazy
+    initialisation: reported, never counted) and the least of the next three."""
+    first = _time_once(run, prepare, sets[0], device)
+    est = min(_time_once(run, prepare, sets[(k + 1) % len(sets)], device) for k in range(3))
+    return first, max(est, 1e-3)
+
+
+def _timed_cuda(run, prepare, sets, device, n_reps: int, flush: bool) -> list[float]:
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_reps)]
+    for k in range(n_reps):
+        arg = prepare(sets[k % len(sets)])
+        if flush:
+            _flush(device)
+        starts[k].record()
+        run(arg)
+        ends[k].record()
+        del arg
+    torch.cuda.synchronize(device)
+    return [s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)]
+
+
+def _timed_cpu(run, prepare, sets, n_reps: int) -> list[float]:
+    times = []
+    for k in range(n_reps):
+        arg = prepare(sets[k % len(sets)])
+        t0 = time.perf_counter()
+        run(arg)
+        times.append((time.perf_counter() - t0) * 1e3)
+        del arg
+    return times
+
+
+def _timing(times: list[float], n_warmup: int, n_sets: int, first: float, method: str) -> Timing:
+    times = sorted(times)
+    return Timing(
+        median_ms=statistics.median(times),
+        p20_ms=_quantile(times, 0.2),
+        p80_ms=_quantile(times, 0.8),
+        min_ms=times[0],
+        mean_ms=statistics.fmean(times),
+        n_reps=len(times),
+        n_warmup=n_warmup,
+        n_sets=n_sets,
+        first_call_ms=first,
+        method=method,
+    )
+
+
 def bench(
     run: Callable[[Any], Any],
     prepare: Callable[[Any], Any],
@@ -111,78 +181,65 @@ def bench(
     """
     if not sets:
         raise ValueError("bench needs at least one input set")
-    cuda = device.type == "cuda"
-    n_sets = len(sets)
-
-    # First call: compilation, autotuning, lazy initialisation. Reported, never counted.
-    arg = prepare(sets[0])
-    synchronize(device)
-    t0 = time.perf_counter()
-    run(arg)
-    synchronize(device)
-    first_call_ms = (time.perf_counter() - t0) * 1e3
-    del arg
-
-    # Estimate the steady-state time of one call from a few calls.
-    est_times = []
-    for k in range(3):
-        arg = prepare(sets[(k + 1) % n_sets])
-        synchronize(device)
-        t0 = time.perf_counter()
-        run(arg)
-        synchronize(device)
-        est_times.append((time.perf_counter() - t0) * 1e3)
-        del arg
-    est = max(min(est_times), 1e-3)
+    first, est = _estimate(run, prepare, sets, device)
     n_warmup = max(1, min(max_reps, int(warmup_ms / est)))
     n_reps = max(min_reps, min(max_reps, int(rep_ms / est)))
-
     for k in range(n_warmup):
-        arg = prepare(sets[k % n_sets])
-        run(arg)
-        del arg
+        run(prepare(sets[k % len(sets)]))
     synchronize(device)
-
-    times: list[float] = []
-    if cuda:
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_reps)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_reps)]
-        for k in range(n_reps):
-            arg = prepare(sets[k % n_sets])
-            if flush:
-                _flush(device)
-            starts[k].record()
-            run(arg)
-            ends[k].record()
-            del arg
-        torch.cuda.synchronize(device)
-        times = [s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)]
-        method = (
-            "cuda events around each call; L2 flushed before each"
-            if flush
-            else ("cuda events around each call")
-        )
+    if device.type == "cuda":
+        times = _timed_cuda(run, prepare, sets, device, n_reps, flush)
+        method = "cuda events around each call" + ("; L2 flushed before each" if flush else "")
     else:
-        for k in range(n_reps):
-            arg = prepare(sets[k % n_sets])
-            t0 = time.perf_counter()
-            run(arg)
-            times.append((time.perf_counter() - t0) * 1e3)
-            del arg
+        times = _timed_cpu(run, prepare, sets, n_reps)
         method = "time.perf_counter around each call (CPU)"
-    times.sort()
-    return Timing(
-        median_ms=statistics.median(times),
-        p20_ms=_quantile(times, 0.2),
-        p80_ms=_quantile(times, 0.8),
-        min_ms=times[0],
-        mean_ms=statistics.fmean(times),
-        n_reps=n_reps,
-        n_warmup=n_warmup,
-        n_sets=n_sets,
-        first_call_ms=first_call_ms,
-        method=method,
+    return _timing(times, n_warmup, len(sets), first, method)
+
+
+def bench_interleaved(
+    entries: Sequence[tuple[Callable[[Any], Any], Callable[[Any], Any]]],
+    sets: Sequence[Any],
+    device: torch.device,
+    *,
+    warmup_ms: float = 50.0,
+    rep_ms: float = 500.0,
+    min_reps: int = 40,
+    max_reps: int = 5000,
+) -> list[Timing]:
+    """Time several ``(prepare, run)`` entries side by side: every repetition runs each entry
+    once (on the same input set), in forward order on even repetitions and in reverse order on
+    odd ones, so that drifts (clock, temperature, other load) and order effects hit all alike;
+    one :class:`Timing` per entry, medians over the repetitions. Wall clock around each call
+    with the device synchronised; the garbage collector is off while timing.
+
+    Repetitions: ``rep_ms`` worth of the slowest entry (``min_reps`` .. ``max_reps``); warm-up
+    ``warmup_ms`` worth, excluded.
+    """
+    if not sets or not entries:
+        raise ValueError("bench_interleaved needs input sets and entries")
+    firsts, ests = zip(*(_estimate(run, prep, sets, device) for prep, run in entries), strict=True)
+    slowest = max(ests)
+    n_warmup = max(2, min(max_reps, int(warmup_ms / slowest)))
+    n_reps = max(min_reps, min(max_reps, int(rep_ms / slowest)))
+    times: list[list[float]] = [[] for _ in entries]
+    order = list(range(len(entries)))
+    gc.collect()
+    gc.disable()
+    try:
+        for k in range(n_warmup + n_reps):
+            s = sets[k % len(sets)]
+            for i in order if k % 2 == 0 else order[::-1]:
+                prepare, run = entries[i]
+                t = _time_once(run, prepare, s, device)
+                if k >= n_warmup:
+                    times[i].append(t)
+    finally:
+        gc.enable()
+    method = (
+        f"interleaved with {len(entries) - 1} other(s), order alternating; wall clock around "
+        "each call, device synchronised; gc off"
     )
+    return [_timing(t, n_warmup, len(sets), f, method) for t, f in zip(times, firsts, strict=True)]
 
 
 def peak_memory(

@@ -1,35 +1,41 @@
 """Independent references and input builders for the tests.
 
 The oracle is always native PyTorch autograd (``F.linear`` + the native
-activation, ``F.mse_loss``) or float64 math, never manualbp's own code.
+activation, ``F.mse_loss``) or float64 math, never manualbp's own code; it and
+the tolerances come from :mod:`manualbp.testing` (re-exported here), the input
+builders are below.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-ACTIVATION_NAMES = [None, "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid", "leaky_relu"]
+# The oracle and the tolerances live in the library, shared with ``manualbp check``.
+from manualbp.testing import (
+    ACTIVATION_CASES,
+    ACTIVATION_NAMES,
+    DEFAULT_TOLERANCES,
+    assert_close_through_sum,
+    linear_abs_sums,
+    native_activation,
+    native_linear,
+    native_mse_loss,
+)
 
-
-def native_activation(name: str | None, negative_slope: float = 0.01) -> Callable[[Tensor], Tensor]:
-    return {
-        None: lambda z: z,
-        "relu": F.relu,
-        "gelu": F.gelu,
-        "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
-        "silu": F.silu,
-        "tanh": torch.tanh,
-        "sigmoid": torch.sigmoid,
-        "leaky_relu": lambda z: F.leaky_relu(z, negative_slope),
-    }[name]
-
-
-def native_linear(x, w, b, activation, negative_slope=0.01):
-    return native_activation(activation, negative_slope)(F.linear(x, w, b))
+__all__ = [
+    "ACTIVATION_CASES",
+    "ACTIVATION_NAMES",
+    "DEFAULT_TOLERANCES",
+    "assert_close_through_sum",
+    "clone_leaf",
+    "leaf",
+    "linear_abs_sums",
+    "make_layout",
+    "native_activation",
+    "native_linear",
+    "native_mse_loss",
+]
 
 
 def make_layout(shape: tuple[int, ...], layout: str, **kw) -> Tensor:
@@ -59,31 +65,3 @@ def clone_leaf(t: Tensor) -> Tensor:
     out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
     out.copy_(t.detach())
     return out.requires_grad_(t.requires_grad)
-
-
-# torch.testing.assert_close's default (rtol, atol) per dtype.
-DEFAULT_TOLERANCES = {
-    torch.float16: (1e-3, 1e-5),
-    torch.bfloat16: (1.6e-2, 1e-5),
-    torch.float32: (1.3e-6, 1e-5),
-    torch.float64: (1e-7, 1e-7),
-}
-
-
-def assert_close_through_sum(got: Tensor, want: Tensor, abs_sum: Tensor, ulps: int = 4) -> None:
-    """``assert_close`` at the dtype's default tolerances, plus the rounding a sum can add.
-
-    An elementwise derivative evaluated in another order than aten's vectorised kernel
-    may differ from it by an ulp or two; a sum (a GEMM's dot product, a bias gradient)
-    of such terms may then differ by up to ``ulps * eps * sum |term|``, which
-    ``abs_sum`` (the same sum over absolute values) bounds. Anything larger is a bug.
-    """
-    assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, want.shape)
-    rtol, atol = DEFAULT_TOLERANCES[want.dtype]
-    allowed = atol + rtol * want.abs() + ulps * torch.finfo(want.dtype).eps * abs_sum
-    excess = (got - want).abs() - allowed
-    bad = ~(excess <= 0) & ~(got.isnan() & want.isnan()) & ~(got == want)  # equal infs
-    assert not bad.any(), (
-        f"{int(bad.sum())} of {got.numel()} elements differ beyond the dtype's tolerance; "
-        f"worst excess {excess[bad].max().item():.3g}"
-    )

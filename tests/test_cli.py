@@ -1,14 +1,19 @@
 """The ``manualbp`` command line: ``demo`` and ``check``, their exit codes and argument errors.
 
-The end-to-end runs use subprocesses (``python -m manualbp ...``), as a user would; they inherit
-``TRITON_INTERPRET=1`` from ``tests/conftest.py`` on a machine without a GPU, so ``check``
-covers the Triton kernels under the interpreter as well. Argument errors and failure paths run
-in-process through :func:`manualbp.cli.main`.
+The end-to-end runs use subprocesses (``python -m manualbp ...``, and the ``manualbp`` console
+script), as a user would; they inherit ``TRITON_INTERPRET=1`` from ``tests/conftest.py`` on a
+machine without a GPU, so ``check`` covers the Triton kernels under the interpreter as well.
+Argument errors and failure paths run in-process through :func:`manualbp.cli.main`, with the
+training replaced by a stub where only the checks before it matter. The last section covers
+:mod:`manualbp.testing`, the tolerances and oracle that ``check`` shares with the test suite.
 """
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
 import importlib.util
+import inspect
 import os
 import subprocess
 import sys
@@ -16,9 +21,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from torch.testing import assert_close
 
-from manualbp import _check, _demo, cli
+import manualbp
+from manualbp import cli, testing
+from manualbp.cli import check as check_cmd
+from manualbp.cli import demo as demo_cmd
+from tests import helpers
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -26,7 +36,7 @@ HAS_SKLEARN = importlib.util.find_spec("sklearn") is not None
 needs_sklearn = pytest.mark.skipif(not HAS_SKLEARN, reason="the demo's datasets need scikit-learn")
 
 
-def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def _run(*args: str, timeout: float = 300, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return subprocess.run(
@@ -34,7 +44,7 @@ def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         env=env,
-        cwd=ROOT,
+        cwd=cwd,
         timeout=timeout,
     )
 
@@ -87,46 +97,104 @@ def test_check_quick_passes():
 @needs_sklearn
 @pytest.mark.parametrize("dataset", ["digits", "diabetes"])
 def test_demo_curves_agree(dataset):
-    cfg = _demo.DemoConfig(dataset=dataset, steps=40, progress=False)
+    cfg = demo_cmd.DemoConfig(dataset=dataset, steps=40, progress=False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the CLI's --threads default: steadier on shared cores
     try:
-        result = _demo.run_demo(cfg, out=lambda line: None)
+        result = demo_cmd.run_demo(cfg, out=lambda line: None)
     finally:
         torch.set_num_threads(threads)
     manual, native = result.manual_losses, result.native_losses
     assert manual.shape == native.shape == (40,)
     assert bool(torch.isfinite(native).all())
-    # Same tolerance as the demo's own verdict (see _demo.CURVE_TOL): both runs compute the same
+    # Same tolerance as the demo's own verdict (see demo_cmd.CURVE_TOL): both runs compute the same
     # math in float32 from the same weights, so their curves differ at most by rounding drift,
     # measured below 1e-5 of the curve's scale; a wrong gradient moves them by > 1e-2 of it.
     scale = native.abs().max().item()
-    assert_close(manual, native, rtol=0, atol=_demo.CURVE_TOL * scale)
+    assert_close(manual, native, rtol=0, atol=demo_cmd.CURVE_TOL * scale)
     assert result.agree
     # Trained, not just run: the loss went down.
     assert native[-10:].mean() < native[:3].mean()
 
 
-def test_curve_agreement_flags_a_drift():
+def test_compare_curves_flags_a_drift():
     native = torch.linspace(1.0, 0.1, 50, dtype=torch.float64)
-    assert _demo.curve_agreement(native.clone(), native)[3]
+    assert demo_cmd.compare_curves(native.clone(), native).verdict == "agree"
     tiny = native * (1 + 1e-6)  # rounding-sized
-    assert _demo.curve_agreement(tiny, native)[3]
+    assert demo_cmd.compare_curves(tiny, native).agree
     drifted = native.clone()
     drifted[20:] += 5e-3  # 0.5% of the scale: a bug-sized change
-    max_abs, _, worst, agree = _demo.curve_agreement(drifted, native)
-    assert not agree and worst >= 20 and max_abs == pytest.approx(5e-3)
-    nan = native.clone()
-    nan[-1] = float("nan")
-    assert not _demo.curve_agreement(nan, native)[3]
+    c = demo_cmd.compare_curves(drifted, native)
+    assert c.verdict == "disagree" and c.worst_step >= 20
+    assert c.max_abs_diff == pytest.approx(5e-3)
+
+
+def _blown_up(curve: torch.Tensor, step: int, value: float = float("nan")) -> torch.Tensor:
+    out = curve.clone()
+    out[step:] = value
+    return out
+
+
+def test_compare_curves_tells_divergence_from_mismatch():
+    native = torch.linspace(1.0, 0.1, 50, dtype=torch.float64)
+    # Both blow up (a learning rate too large): diverged, not a mismatch, whatever NaN/Inf.
+    c = demo_cmd.compare_curves(_blown_up(native, 30, float("inf")), _blown_up(native, 30))
+    assert c.verdict == "diverged" and not c.agree
+    assert (c.native_diverged_at, c.manual_diverged_at, c.steps_compared) == (30, 30, 30)
+    assert c.max_abs_diff == 0.0
+    # A step apart (rounding near overflow): still both diverged.
+    c = demo_cmd.compare_curves(_blown_up(native, 31), _blown_up(native, 30))
+    assert c.verdict == "diverged" and c.steps_compared == 30
+    # NaN from the very first step in both: nothing to compare, still diverged.
+    assert demo_cmd.compare_curves(_blown_up(native, 0), _blown_up(native, 0)).verdict == "diverged"
+    # Only one of them blows up: a real mismatch.
+    c = demo_cmd.compare_curves(_blown_up(native, 49), native)
+    assert c.verdict == "disagree" and c.manual_diverged_at == 49 and c.native_diverged_at is None
+    assert demo_cmd.compare_curves(native, _blown_up(native, 10)).verdict == "disagree"
+    # Both blow up, but the curves already differed before: a mismatch too.
+    drifted = native.clone()
+    drifted[5:] += 0.05
+    c = demo_cmd.compare_curves(_blown_up(drifted, 30), _blown_up(native, 30))
+    assert c.verdict == "disagree"
+
+
+def _result(native: list[float], manual: list[float]) -> demo_cmd.DemoResult:
+    """A demo result as run_demo would make it, for the handler's own logic."""
+    curves = demo_cmd.compare_curves(
+        torch.tensor(manual, dtype=torch.float64), torch.tensor(native, dtype=torch.float64)
+    )
+    return demo_cmd.DemoResult(
+        config=demo_cmd.DemoConfig(lr=0.5).resolved(),
+        backend="reference",
+        metric_name="accuracy",
+        native=demo_cmd.RunStats(native, [1e-3] * len(native), 0.9),
+        manual=demo_cmd.RunStats(manual, [1e-3] * len(manual), 0.9),
+        curves=curves,
+    )
+
+
+@pytest.fixture
+def fake_run(monkeypatch):
+    """Replace the training by a stub returning ``fake_run.result`` (set by the test)."""
+
+    class Stub:
+        result: demo_cmd.DemoResult | None = None
+        calls = 0
+
+        def __call__(self, config, **kwargs):
+            self.calls += 1
+            assert self.result is not None, "training started"
+            return self.result
+
+    stub = Stub()
+    monkeypatch.setattr(demo_cmd, "run_demo", stub)
+    return stub
 
 
 @needs_sklearn
 def test_demo_exits_1_when_curves_disagree(monkeypatch, capsys):
-    real = _demo.curve_agreement
-    monkeypatch.setattr(
-        _demo, "curve_agreement", lambda m, n, *a, **k: (*real(m + 1.0, n)[:3], False)
-    )
+    real = demo_cmd.compare_curves
+    monkeypatch.setattr(demo_cmd, "compare_curves", lambda m, n, *a, **k: real(m + 1.0, n))
     code = cli.main(["demo", "--steps", "3", "--no-plot", "--no-progress", "--threads", "0"])
     captured = capsys.readouterr()
     assert code == 1
@@ -135,12 +203,12 @@ def test_demo_exits_1_when_curves_disagree(monkeypatch, capsys):
 
 def test_check_reports_a_broken_op(monkeypatch, capsys):
     """The check must be able to fail: perturb manualbp's linear by more than rounding."""
-    real = _check.functional.linear
+    real = check_cmd.functional.linear
 
     def broken(*args, **kwargs):
         return real(*args, **kwargs) * (1 + 1e-3)
 
-    monkeypatch.setattr(_check.functional, "linear", broken)
+    monkeypatch.setattr(check_cmd.functional, "linear", broken)
     code = cli.main(["check", "--quick", "--backend", "reference", "--dtype", "float32"])
     captured = capsys.readouterr()
     assert code == 1
@@ -199,8 +267,238 @@ def test_bad_argument_in_a_subprocess_exits_2():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the triton backend is available")
 def test_check_triton_backend_unavailable_exits_2(monkeypatch, capsys):
-    monkeypatch.setattr(_check, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(check_cmd, "interpreter_enabled", lambda: False)
     with pytest.raises(SystemExit) as exc:
         cli.main(["check", "--device", "cpu", "--backend", "triton"])
     assert exc.value.code == 2
     assert "argument --backend: 'triton' is not available on cpu" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# The package: one module per command, the console script, short functions
+# --------------------------------------------------------------------------------------------
+def test_console_script_runs_cli_main():
+    (entry,) = importlib.metadata.entry_points(group="console_scripts", name="manualbp")
+    assert entry.value == "manualbp.cli:main" and entry.load() is cli.main
+    script = Path(sys.executable).with_name("manualbp")
+    if not script.exists():
+        pytest.skip("the manualbp console script is not installed next to this python")
+    proc = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"manualbp {manualbp.__version__}"
+
+
+def test_commands_live_in_the_cli_package():
+    for old in ("manualbp._demo", "manualbp._check"):
+        assert importlib.util.find_spec(old) is None, f"{old} should have moved into manualbp.cli"
+    parser = cli.build_parser()
+    for argv, handler in ((["demo"], demo_cmd.command), (["check"], check_cmd.command)):
+        assert parser.parse_args(argv).handler is handler
+
+
+def test_cli_functions_stay_short():
+    """Every function of manualbp.cli fits on a screen (the parser builder included)."""
+    long = []
+    for path in Path(cli.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                if length > 60:
+                    long.append(f"{path.name}:{node.name} ({length} lines)")
+    assert not long, long
+
+
+# --------------------------------------------------------------------------------------------
+# demo --plot: checked before training
+# --------------------------------------------------------------------------------------------
+def _demo_main(*args: str) -> int:
+    # --threads 0: leave this process's torch thread count alone.
+    return cli.main(["demo", "--no-progress", "--threads", "0", *args])
+
+
+PLOT_ERRORS = {
+    "unknown extension": (lambda d: d / "curves.txt", "has extension '.txt': expected"),
+    "no extension": (lambda d: d / "curves", "has no extension: expected a file name ending"),
+    "missing directory": (lambda d: d / "missing" / "curves.png", "does not exist"),
+    "file as directory": (lambda d: d / "file.png" / "curves.png", "is not a directory"),
+}
+
+
+@pytest.mark.parametrize("case", PLOT_ERRORS)
+def test_bad_plot_path_exits_2_before_training(case, tmp_path, fake_run, capsys):
+    (tmp_path / "file.png").write_bytes(b"")
+    make, message = PLOT_ERRORS[case]
+    with pytest.raises(SystemExit) as exc:
+        _demo_main("--plot", str(make(tmp_path)))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: manualbp demo" in err and "argument --plot: " in err and message in err, err
+    assert fake_run.calls == 0
+
+
+def test_unwritable_plot_directory_exits_2_before_training(tmp_path, fake_run, monkeypatch, capsys):
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda p, mode: False if Path(p) == tmp_path else real_access(p, mode)
+    )
+    with pytest.raises(SystemExit) as exc:
+        _demo_main("--plot", str(tmp_path / "curves.png"))
+    assert exc.value.code == 2
+    assert "argument --plot: cannot write" in capsys.readouterr().err
+    assert fake_run.calls == 0
+
+
+def test_plot_path_resolution(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert demo_cmd.plot_path("curves.PNG") == str(tmp_path / "curves.PNG")
+    assert demo_cmd.plot_path(".") == str(tmp_path / demo_cmd.DEFAULT_PLOT)
+    (tmp_path / "out").mkdir()
+    assert demo_cmd.plot_path("out") == str(tmp_path / "out" / demo_cmd.DEFAULT_PLOT)
+    assert demo_cmd.plot_path("out/") == str(tmp_path / "out" / demo_cmd.DEFAULT_PLOT)
+    for ext in demo_cmd.PLOT_EXTENSIONS:
+        assert demo_cmd.plot_path(f"out/c{ext}").endswith(ext)
+
+
+def test_bad_plot_path_fails_fast_in_a_subprocess(tmp_path):
+    proc = _run("demo", "--plot", str(tmp_path / "curves.txt"))
+    assert proc.returncode == 2
+    assert "argument --plot: " in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stdout == ""  # nothing trained, nothing reported
+
+
+def test_explicit_plot_without_matplotlib_exits_2(tmp_path, fake_run, monkeypatch, capsys):
+    monkeypatch.setattr(demo_cmd, "_have_matplotlib", lambda: False)
+    with pytest.raises(SystemExit) as exc:
+        _demo_main("--plot", str(tmp_path / "curves.png"))
+    assert exc.value.code == 2
+    assert "argument --plot: needs matplotlib" in capsys.readouterr().err
+    assert fake_run.calls == 0
+    # The default plot is skipped with a note instead: the bare command still runs.
+    fake_run.result = _result([1.0, 0.5], [1.0, 0.5])
+    monkeypatch.chdir(tmp_path)
+    assert _demo_main() == 0
+    assert "matplotlib is not installed" in capsys.readouterr().err
+    assert fake_run.calls == 1 and not list(tmp_path.iterdir())
+
+
+@needs_sklearn
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="the plot needs matplotlib")
+def test_plot_into_a_directory_prints_the_real_path(tmp_path):
+    args = ("demo", "--steps", "5", "--dataset", "diabetes", "--no-progress", "--plot", ".")
+    proc = _run(*args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    written = tmp_path / demo_cmd.DEFAULT_PLOT
+    assert written.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"plot of both loss curves: {written}\n" in proc.stdout
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="the plot needs matplotlib")
+@pytest.mark.parametrize(
+    "ext,magic", [(".svg", b"<?xml"), (".pdf", b"%PDF"), (".jpg", b"\xff\xd8")]
+)
+def test_plot_type_follows_the_extension(ext, magic, tmp_path, fake_run, capsys):
+    fake_run.result = _result([1.0, 0.5, 0.25], [1.0, 0.5, 0.25])
+    path = tmp_path / f"curves{ext}"
+    assert _demo_main("--plot", str(path)) == 0
+    assert path.read_bytes().startswith(magic)
+    assert f"plot of both loss curves: {path}" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------
+# demo: a diverged run is not a mismatch
+# --------------------------------------------------------------------------------------------
+@needs_sklearn
+def test_demo_diverged_run_says_so():
+    proc = _run("demo", "--lr", "1e6", "--steps", "20", "--no-plot", "--no-progress")
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "loss curves DIVERGED, both alike" in proc.stdout
+    assert "not a manualbp-vs-native mismatch" in proc.stderr and "--lr" in proc.stderr
+    assert "FAILED" not in proc.stderr and "differ" not in proc.stderr
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="the plot needs matplotlib")
+def test_diverged_run_exits_3_and_still_plots(tmp_path, fake_run, capsys):
+    nan, inf = float("nan"), float("inf")
+    fake_run.result = _result([1.0, 1e30, inf, nan], [1.0, 1e30, nan, nan])
+    path = tmp_path / "curves.png"
+    assert _demo_main("--plot", str(path)) == 3
+    err = capsys.readouterr().err
+    assert "DIVERGED" in err and "at step 3" in err and "FAILED" not in err
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_one_sided_divergence_is_a_mismatch(fake_run, capsys):
+    fake_run.result = _result([1.0, 0.5, 0.25], [1.0, 0.5, float("nan")])
+    assert _demo_main("--no-plot") == 1
+    assert "FAILED: the manualbp and native loss curves differ" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# manualbp.testing: the tolerances and the oracle, shared by `manualbp check` and the tests
+# --------------------------------------------------------------------------------------------
+def test_check_and_tests_share_one_testing_module():
+    for name in ("assert_close_through_sum", "native_activation", "native_linear"):
+        assert getattr(helpers, name) is getattr(testing, name)
+    assert helpers.DEFAULT_TOLERANCES is testing.DEFAULT_TOLERANCES
+    assert helpers.ACTIVATION_NAMES is testing.ACTIVATION_NAMES
+    for name in ("compare", "native_linear", "native_mse_loss", "ACTIVATION_CASES"):
+        assert getattr(check_cmd, name) is getattr(testing, name)
+
+
+def test_activation_lists_follow_the_registry():
+    assert [None, *manualbp.ACTIVATIONS] == testing.ACTIVATION_NAMES
+    cases = testing.ACTIVATION_CASES
+    assert [(a, testing.DEFAULT_SLOPE) for a in testing.ACTIVATION_NAMES] == cases[: len(cases) - 1]
+    assert cases[-1][0] == "leaky_relu" and cases[-1][1] < 0
+    checked = {(c.activation, c.negative_slope) for c in check_cmd.linear_cases(quick=False)}
+    assert checked == set(cases)
+
+
+def test_oracle_is_native_pytorch_only(monkeypatch):
+    tree = ast.parse(inspect.getsource(testing))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert {m for m in imported if m.split(".")[0] in ("manualbp", "tests")} == {
+        "manualbp.activations"
+    }
+
+    # manualbp's own ops broken: the oracle does not notice.
+    def broken(*args, **kwargs):
+        raise AssertionError("the oracle called manualbp")
+
+    monkeypatch.setattr(manualbp.functional, "linear", broken)
+    monkeypatch.setattr(manualbp.functional, "mse_loss", broken)
+    monkeypatch.setattr(manualbp.LinearFunction, "apply", broken)
+    gelu_tanh = testing.native_activation("gelu_tanh")
+    assert isinstance(gelu_tanh, nn.GELU) and gelu_tanh.approximate == "tanh"
+    leaky = testing.native_activation("leaky_relu", -0.5)
+    assert isinstance(leaky, nn.LeakyReLU) and leaky.negative_slope == -0.5
+    x, w, b = torch.randn(4, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64), None
+    z = x @ w.T
+    want = 0.5 * z * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (z + 0.044715 * z**3)))
+    assert_close(testing.native_linear(x, w, b, "gelu_tanh"), want)
+    assert_close(testing.native_linear(x, w), z)
+    t = torch.randn(4, 5, dtype=torch.float64)
+    assert_close(testing.native_mse_loss(z, t, "sum"), ((z - t) ** 2).sum())
+    with pytest.raises(ValueError, match="unknown activation"):
+        testing.native_activation("swish")
+
+
+def test_tolerance_rules():
+    want = torch.full((8,), 100.0)
+    rtol, _ = testing.DEFAULT_TOLERANCES[torch.float32]
+    off = want * (1 + 3 * rtol)  # beyond assert_close's defaults
+    assert not testing.compare(off, want).ok
+    # ... but within what a sum of |terms| = 1e4 may round to (4 ulps each).
+    assert testing.compare(off, want, abs_sum=torch.full((8,), 1e4)).ok
+    # ... or within native's own error, measured against float64.
+    assert testing.compare(off, want, exact=want.double() + 400 * rtol).ok
+    with pytest.raises(AssertionError, match="8 of 8 elements differ beyond"):
+        testing.assert_close_through_sum(off, want, torch.zeros(8))
+    testing.assert_close_through_sum(off, want, torch.full((8,), 1e4))
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0])
+    assert testing.compare(special, special.clone()).ok
+    assert not testing.compare(special, torch.tensor([1.0, float("inf"), -float("inf"), 1.0])).ok
+    assert not testing.compare(special, special.flip(0)).ok
+    assert not testing.compare(want, want.double()).ok  # dtype
+    assert not testing.compare(want, want[:4]).ok  # shape

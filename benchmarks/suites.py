@@ -1,0 +1,178 @@
+"""The suites: which cases run, and in which order (:func:`build_cases`, :func:`schedule`).
+
+On CUDA the full suite runs in priority order, so that a run cut short by its time budget has
+measured what matters most:
+
+0. what ``benchmarks/gpu_run.sh`` must always measure (``python -m benchmarks --plan`` shows
+   that these fit its window): Linear+GELU bf16 (with torch.compile: a target compares against
+   it), plain Linear, the whole MLP training step, MSE (fp32, sizes >= 2^24), LinearMSELoss;
+1. Linear+GELU bf16 at the shapes of the "Linear on the GPU" issue (M=8192, K=4096, N=16384 and
+   M=65536, K=N=1024), each with its % of bound and its GEMMs alone against torch.matmul;
+2. torch.compile on the priority-0 cases that measured it not (its warm-up, ~10 s a shape, is
+   what the priority-0 time cap cannot afford; see :mod:`benchmarks.plan`);
+3. the remaining shapes and sizes the targets are stated on, and SGD;
+4. the rest of the bf16 / fp16 matrix; 5. fp32; 6. the largest fp32 GEMMs, dropped first.
+
+On CPU (the reference path) the suites are small, and the host-overhead and reference-path cases
+of :mod:`benchmarks.host_cases` come first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from benchmarks.cases import (
+    COMPILE,
+    Case,
+    linear_case,
+    linear_mse_case,
+    mlp_step_case,
+    mse_case,
+    sgd_case,
+)
+
+__all__ = ["Pass", "build_cases", "schedule"]
+
+GPU_TOKENS = 8192
+GPU_LINEAR_SHAPES = [(1024, 4096), (4096, 1024), (4096, 4096), (8192, 8192)]
+GPU_MSE_LOG2 = [20, 22, 24, 26, 28]
+GPU_MLP = (1024, 4096, 4096, 4096, 1024)
+# "Linear on the GPU" section 5: (M, K, N) of Linear+GELU bf16 judged against their bound.
+GPU_BOUND_SHAPES = [(8192, 4096, 16384), (65536, 1024, 1024)]
+
+CPU_TOKENS = 512
+CPU_LINEAR_SHAPES = [(128, 512), (512, 128), (512, 512), (1024, 1024)]
+CPU_MSE_LOG2 = [16, 18, 20, 22]
+CPU_MLP = (128, 512, 512, 512, 128)
+
+CPU_QUICK_TOKENS = 256
+CPU_QUICK_LINEAR_SHAPES = [(256, 512)]
+CPU_QUICK_MSE_LOG2 = [16, 20]
+CPU_QUICK_MLP = (128, 256, 256, 256, 128)
+
+ACTIVATIONS = (None, "relu", "gelu")
+
+# Priorities of the CUDA suite (run in ascending order; see the module docstring).
+P_FIRST, P_BOUND, P_DEFERRED, P_REST, P_MATRIX, P_FP32, P_FP32_LARGEST = range(7)
+# torch.compile measured in the deferred pass rather than with the rest of the case.
+DEFER_COMPILE = {COMPILE: P_DEFERRED}
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One step of a run: measure ``providers`` of ``case``. A case whose providers have
+    different priorities (:attr:`Case.provider_priority`) is measured in several passes; the
+    ``first`` creates its record, the later ones add to it."""
+
+    case: Case
+    providers: tuple[str, ...]
+    priority: int
+    first: bool
+
+
+def schedule(cases: list[Case]) -> list[Pass]:
+    """The passes of ``cases`` in run order: by priority, then in the cases' order."""
+    passes: list[tuple[int, int, Pass]] = []
+    for index, case in enumerate(cases):
+        prios = sorted({case.priority_of(p) for p in case.providers})
+        for prio in prios:
+            providers = tuple(p for p in case.providers if case.priority_of(p) == prio)
+            passes.append((prio, index, Pass(case, providers, prio, prio == prios[0])))
+    passes.sort(key=lambda t: (t[0], t[1]))
+    return [p for _, _, p in passes]
+
+
+def build_cases(device: torch.device, quick: bool) -> list[Case]:
+    """Every case of the suite for ``device``, in definition order (:func:`schedule` orders
+    them by priority). ``quick`` keeps a small subset (bf16 on CUDA, fp32 on CPU)."""
+    if device.type == "cuda":
+        return _cuda_quick(device) if quick else _cuda_full(device)
+    from benchmarks.host_cases import host_cases
+
+    return host_cases(device) + (_cpu_quick(device) if quick else _cpu_full(device))
+
+
+def _cuda_quick(device: torch.device) -> list[Case]:
+    """The priority-0 cases (and their deferred torch.compile passes), then SGD."""
+    sgd = [sgd_case(GPU_MLP, m, torch.float32, device, P_REST) for m in (0.0, 0.9)]
+    return _cuda_first(device) + sgd
+
+
+def _cuda_first(device: torch.device) -> list[Case]:
+    """Priority 0, most valuable first: what gpu_run.sh must always measure."""
+    bf16, fp32, M = torch.bfloat16, torch.float32, GPU_TOKENS
+    return [
+        linear_case(M, 4096, 4096, "gelu", bf16, device, P_FIRST),
+        linear_case(M, 4096, 4096, None, bf16, device, P_FIRST, provider_priority=DEFER_COMPILE),
+        mlp_step_case(M, GPU_MLP, bf16, device, P_FIRST, provider_priority=DEFER_COMPILE),
+        mse_case(24, fp32, device, P_FIRST, provider_priority=DEFER_COMPILE),
+        mse_case(26, fp32, device, P_FIRST, provider_priority=DEFER_COMPILE),
+        linear_mse_case(M, 4096, 8192, bf16, device, P_FIRST, provider_priority=DEFER_COMPILE),
+    ]
+
+
+def _cuda_full(device: torch.device) -> list[Case]:
+    bf16, fp16, fp32, M = torch.bfloat16, torch.float16, torch.float32, GPU_TOKENS
+    cases = _cuda_first(device)
+    have = {c.name for c in cases}
+    for m, k, n in GPU_BOUND_SHAPES:
+        cases.append(linear_case(m, k, n, "gelu", bf16, device, P_BOUND, gemms=True))
+    # The rest of what the targets are stated on.
+    rest = [linear_case(M, K, N, act, bf16, device, P_REST)
+            for act in ("gelu", None) for K, N in GPU_LINEAR_SHAPES]  # fmt: skip
+    rest += [mse_case(log2n, fp32, device, P_REST) for log2n in GPU_MSE_LOG2]
+    rest += [sgd_case(GPU_MLP, momentum, fp32, device, P_REST) for momentum in (0.0, 0.9)]
+    rest += [linear_mse_case(M, 4096, N, bf16, device, P_REST) for N in (1024, 4096)]
+    cases += [c for c in rest if c.name not in have]
+    # The rest of the bf16 / fp16 matrix.
+    cases += [linear_case(M, K, N, "relu", bf16, device, P_MATRIX) for K, N in GPU_LINEAR_SHAPES]
+    cases += [linear_case(M, K, N, act, fp16, device, P_MATRIX)
+              for act in ACTIVATIONS for K, N in GPU_LINEAR_SHAPES]  # fmt: skip
+    cases += [mse_case(log2n, bf16, device, P_MATRIX) for log2n in GPU_MSE_LOG2]
+    cases += _fp32_cases(M, GPU_LINEAR_SHAPES, GPU_MLP, device)
+    return cases
+
+
+def _fp32_cases(
+    M: int, shapes: list[tuple[int, int]], dims: tuple[int, ...], device: torch.device
+) -> list[Case]:
+    """fp32 (IEEE unless the float32 matmul precision says otherwise), the largest GEMMs last,
+    and the bf16 SGD steps."""
+    fp32, bf16, largest = torch.float32, torch.bfloat16, shapes[-1]
+    cases = [linear_case(M, K, N, act, fp32, device, P_FP32)
+             for act in ACTIVATIONS for K, N in shapes if largest != (K, N)]  # fmt: skip
+    cases.append(mlp_step_case(M, dims, fp32, device, P_FP32))
+    cases += [sgd_case(dims, momentum, bf16, device, P_FP32) for momentum in (0.0, 0.9)]
+    cases += [linear_case(M, *largest, act, fp32, device, P_FP32_LARGEST) for act in ACTIVATIONS]
+    return cases
+
+
+def _cpu_quick(device: torch.device) -> list[Case]:
+    fp32, M = torch.float32, CPU_QUICK_TOKENS
+    cases = [linear_case(M, K, N, act, fp32, device, 0)
+             for act in (None, "gelu") for K, N in CPU_QUICK_LINEAR_SHAPES]  # fmt: skip
+    cases += [mse_case(log2n, fp32, device, 0) for log2n in CPU_QUICK_MSE_LOG2]
+    cases += [sgd_case(CPU_QUICK_MLP, momentum, fp32, device, 0) for momentum in (0.0, 0.9)]
+    K, N = CPU_QUICK_LINEAR_SHAPES[0]
+    cases.append(linear_mse_case(M, K, N, fp32, device, 0))
+    cases.append(mlp_step_case(M, CPU_QUICK_MLP, fp32, device, 0))
+    return cases
+
+
+def _cpu_full(device: torch.device) -> list[Case]:
+    """The CPU suite: no fp16 (torch's CPU fp16 GEMM is no fast path: seconds per call)."""
+    bf16, fp32, M = torch.bfloat16, torch.float32, CPU_TOKENS
+    cases = [linear_case(M, K, N, act, bf16, device, 0)
+             for act in ("gelu", None) for K, N in CPU_LINEAR_SHAPES]  # fmt: skip
+    cases += [mse_case(log2n, fp32, device, 0) for log2n in CPU_MSE_LOG2]
+    cases += [sgd_case(CPU_MLP, momentum, fp32, device, 0) for momentum in (0.0, 0.9)]
+    cases += [linear_mse_case(M, K, N, bf16, device, 0) for K, N in CPU_LINEAR_SHAPES[1:]]
+    cases.append(mlp_step_case(M, CPU_MLP, bf16, device, 0))
+    cases += [linear_case(M, K, N, "relu", bf16, device, 1) for K, N in CPU_LINEAR_SHAPES]
+    cases += [mse_case(log2n, bf16, device, 1) for log2n in CPU_MSE_LOG2]
+    fp32_cases = _fp32_cases(M, CPU_LINEAR_SHAPES, CPU_MLP, device)
+    for c in fp32_cases:  # on CPU: priorities 2 and 3, as before
+        c.priority = 2 if c.priority == P_FP32 else 3
+    return cases + fp32_cases

@@ -60,7 +60,10 @@ def get_backend() -> str:
     """The configured backend: ``"auto"``, ``"reference"`` or ``"triton"``."""
     if _override is not None:
         return _override
-    return _check(os.environ.get(ENV_VAR, "auto") or "auto", f"{ENV_VAR} environment variable")
+    value = os.environ.get(ENV_VAR)
+    if value is None or value in BACKENDS:
+        return value or "auto"
+    return _check(value or "auto", f"{ENV_VAR} environment variable")
 
 
 def set_backend(name: str | None) -> None:

@@ -15,9 +15,10 @@ import torch
 from torch import Tensor
 
 from manualbp.activations import get_activation
-from manualbp.autograd.linear import LinearFunction, as_rows
+from manualbp.autograd._eager import function_for
+from manualbp.autograd.linear import LinearFunction, LinearFunctionEager, as_rows
 from manualbp.autograd.linear_mse import LinearMSELossFunction, default_chunk_rows
-from manualbp.autograd.mse import MSELossFunction
+from manualbp.autograd.mse import MSELossFunction, MSELossFunctionEager
 from manualbp.dispatch import backend_for
 
 __all__ = ["linear", "linear_mse_loss", "mse_loss"]
@@ -129,16 +130,16 @@ def linear(
 
 
 def _linear(input, weight, bias, activation, negative_slope) -> Tensor:
-    if torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, weight, bias)
+    if torch.is_grad_enabled() and (
+        input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     ):
-        return LinearFunction.apply(input, weight, bias, activation, negative_slope)[0]
+        fn = function_for(LinearFunction, LinearFunctionEager)
+        return fn.apply(input, weight, bias, activation, negative_slope)[0]
     # No graph to record: skip the Function and keep no pre-activation.
-    x = as_rows(input)
     y, _ = backend_for(input, weight, bias).linear_forward(
-        x, weight, bias, get_activation(activation), negative_slope, store_preact=False
+        input, weight, bias, get_activation(activation), negative_slope, store_preact=False
     )
-    return y.view(*input.shape[:-1], weight.shape[0])
+    return y
 
 
 def _check_reduction(reduction: object) -> None:
@@ -167,14 +168,15 @@ def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     _require_tensor("input", input, "mse_loss")
     _require_tensor("target", target, "mse_loss")
     _check_reduction(reduction)
-    _warn_if_sizes_differ(input.size(), target.size())
-    try:
-        torch.broadcast_shapes(input.shape, target.shape)
-    except RuntimeError as e:
-        raise ValueError(
-            f"mse_loss: input of shape {tuple(input.shape)} and target of shape "
-            f"{tuple(target.shape)} cannot be broadcast together ({e})"
-        ) from None
+    if input.shape != target.shape:
+        _warn_if_sizes_differ(input.size(), target.size())
+        try:
+            torch.broadcast_shapes(input.shape, target.shape)
+        except RuntimeError as e:
+            raise ValueError(
+                f"mse_loss: input of shape {tuple(input.shape)} and target of shape "
+                f"{tuple(target.shape)} cannot be broadcast together ({e})"
+            ) from None
     if not torch.promote_types(input.dtype, target.dtype).is_floating_point:
         raise TypeError(
             f"mse_loss: expected a floating-point input or target, got {input.dtype} "
@@ -186,7 +188,8 @@ def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
         input, target = (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
                          for t in (input, target))  # fmt: skip
     if torch.is_grad_enabled() and (input.requires_grad or target.requires_grad):
-        return MSELossFunction.apply(input, target, reduction)[0]
+        fn = function_for(MSELossFunction, MSELossFunctionEager)
+        return fn.apply(input, target, reduction)[0]
     return MSELossFunction.forward(input, target, reduction)[0]
 
 

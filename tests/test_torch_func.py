@@ -1,6 +1,8 @@
-"""torch.func: grad and vmap work over manualbp's functional ops; forward-mode AD does not."""
+"""torch.func and forward-mode AD over manualbp's functional ops, against native PyTorch."""
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ from torch.func import grad, vmap
 from torch.testing import assert_close
 
 from manualbp import functional
+from manualbp.testing import ACTIVATION_NAMES, native_activation
 
 
 def test_grad_of_linear_and_mse_matches_native():
@@ -54,9 +57,58 @@ def test_forward_mode_ad_through_the_forward_ops():
     assert_close(got, want)
 
 
-def test_forward_mode_ad_through_the_function_is_a_clear_error():
+@pytest.mark.parametrize("activation", ACTIVATION_NAMES)
+def test_forward_mode_ad_through_the_function_matches_native(activation):
     import torch.autograd.forward_ad as fwAD
 
-    x, w = torch.randn(4, 5), torch.randn(3, 5, requires_grad=True)
-    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="jvp"):
-        functional.linear(x, fwAD.make_dual(w, torch.ones_like(w)), None, "relu")
+    dt = dict(dtype=torch.float64)
+    x, w, b = torch.randn(4, 5, **dt), torch.randn(3, 5, **dt), torch.randn(3, **dt)
+    tx, tw, tb = torch.randn_like(x), torch.randn_like(w), torch.randn_like(b)
+    act = native_activation(activation, -0.2)
+    got_t = {}
+    for key, fn in (
+        ("ours", lambda x, w, b: functional.linear(x, w, b, activation, negative_slope=-0.2)),
+        ("native", lambda x, w, b: act(F.linear(x, w, b))),
+    ):
+        with fwAD.dual_level():
+            # requires_grad makes manualbp take its autograd Function (not plain ops).
+            duals = [fwAD.make_dual(p.requires_grad_(), t) for p, t in ((x, tx), (w, tw), (b, tb))]
+            out = fn(*duals)
+            got_t[key] = fwAD.unpack_dual(out).tangent
+    assert_close(got_t["ours"], got_t["native"])
+
+
+@pytest.mark.parametrize("activation", ["gelu", "tanh", "leaky_relu"])
+def test_jvp_jacfwd_and_hessian_match_native(activation):
+    dt = dict(dtype=torch.float64)
+    x, w, b = torch.randn(4, 5, **dt), torch.randn(3, 5, **dt), torch.randn(3, **dt)
+    y = torch.randn(4, 3, **dt)
+    act = native_activation(activation, 0.1)
+
+    def ours(w):
+        out = functional.linear(x, w, b, activation, negative_slope=0.1)
+        return functional.mse_loss(out, y)
+
+    def native(w):
+        return F.mse_loss(act(F.linear(x, w, b)), y)
+
+    v = torch.randn_like(w)
+    assert_close(torch.func.jvp(ours, (w,), (v,)), torch.func.jvp(native, (w,), (v,)))
+    assert_close(torch.func.jacfwd(ours)(w), torch.func.jacfwd(native)(w))
+    assert_close(torch.func.hessian(ours)(w), torch.func.hessian(native)(w))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_mse_forward_mode_matches_native_with_broadcast(reduction):
+    import torch.autograd.forward_ad as fwAD
+
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(1, 3, dtype=torch.float32, requires_grad=True)
+    tx, tt = torch.randn_like(x), torch.randn_like(t)
+    got = {}
+    for key, fn in (("ours", functional.mse_loss), ("native", F.mse_loss)):
+        with fwAD.dual_level(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the size-mismatch warning, on purpose
+            out = fn(fwAD.make_dual(x, tx), fwAD.make_dual(t, tt), reduction=reduction)
+            got[key] = fwAD.unpack_dual(out).tangent
+    assert_close(got["ours"], got["native"])

@@ -11,12 +11,15 @@ from torch import Tensor
 from torch.autograd import Function
 
 from manualbp.activations import get_activation
+from manualbp.autograd._eager import eager_twin
 from manualbp.dispatch import backend_for
 
 
 def as_rows(t: Tensor) -> Tensor:
     """``t`` (*, F) as a matrix (rows, F), a view where possible. ``reshape(-1, F)`` cannot
     infer the row count when F == 0, so the rows are counted explicitly."""
+    if t.dim() == 2:
+        return t
     return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
@@ -44,16 +47,12 @@ class LinearFunction(Function):
         negative_slope: float,
     ) -> tuple[Tensor, Tensor | None]:
         act = get_activation(activation)
-        x = as_rows(input)
-        y, z = backend_for(input, weight, bias).linear_forward(
-            x, weight, bias, act, negative_slope,
+        # The backend returns fresh (*, N) tensors, not views made in here: a view would make
+        # in-place ops on the output (nn.ReLU(inplace=True), ``y += residual``) an error.
+        return backend_for(input, weight, bias).linear_forward(
+            input, weight, bias, act, negative_slope,
             store_preact=act is not None and act.saved_for(negative_slope) == "preact",
         )  # fmt: skip
-        shape = (*input.shape[:-1], weight.shape[0])
-        # detach(): a view made in here would make in-place ops on the output (an
-        # nn.ReLU(inplace=True) after the layer, ``y += residual``) an error, as they
-        # are not for F.linear. The detached tensor shares the storage but is no view.
-        return y.view(shape).detach(), (None if z is None else z.view(shape).detach())
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -75,6 +74,27 @@ class LinearFunction(Function):
             ctx.mark_non_differentiable(z)
         ctx.set_materialize_grads(False)
         ctx.act, ctx.negative_slope, ctx.kind = act, negative_slope, kind
+        ctx.forward_saved = (input, weight, y if kind == "output" else z)
+
+    @staticmethod
+    def jvp(ctx: Any, input_t, weight_t, bias_t, _activation_t, _slope_t) -> tuple:
+        """Forward mode, the chain rule with tangents flowing forward:
+
+        Ż = Ẋ W^T + X Ẇ^T + ḃ,    Ẏ = act'(Z) ⊙ Ż
+        (act'(Z) ⊙ · is the elementwise map the backward uses for dZ = act'(Z) ⊙ dY).
+        """
+        input, weight, saved = ctx.forward_saved
+        z_t = None
+        for term in (
+            None if input_t is None else F.linear(input_t, weight),
+            None if weight_t is None else F.linear(input, weight_t),
+            bias_t,
+        ):
+            if term is not None:
+                z_t = term if z_t is None else z_t + term
+        if z_t is None or ctx.act is None:
+            return z_t, None
+        return ctx.act.grad(z_t, saved, ctx.negative_slope), None
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor | None, _grad_preact: None) -> tuple:
@@ -112,3 +132,6 @@ def _input_shape(input: Tensor | None, grad_output: Tensor, weight: Tensor) -> t
     if input is not None:
         return tuple(input.shape)
     return (*grad_output.shape[:-1], weight.shape[1])
+
+
+LinearFunctionEager = eager_twin(LinearFunction)

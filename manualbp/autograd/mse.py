@@ -8,12 +8,15 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
+from manualbp.autograd._eager import eager_twin
 from manualbp.dispatch import backend_for
 
 
 def broadcast_promoted(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """``input`` and ``target`` as same-shape views (stride 0 where broadcast) in their
     promoted dtype, as ``F.mse_loss`` computes them."""
+    if input.shape == target.shape and input.dtype == target.dtype:
+        return input, target
     dtype = torch.promote_types(input.dtype, target.dtype)
     input, target = torch.broadcast_tensors(input, target)
     return input.to(dtype), target.to(dtype)
@@ -51,6 +54,28 @@ class MSELossFunction(Function):
         ctx.set_materialize_grads(False)
         ctx.reduction = reduction
         ctx.consumed = False
+        ctx.forward_saved = (input, target)
+
+    @staticmethod
+    def jvp(ctx: Any, input_t: Tensor | None, target_t: Tensor | None, _reduction_t: None):
+        """Forward mode, with ``D = input - target`` (broadcast, promoted) and tangents ẋ, ṫ:
+
+        Ḋ = ẋ - ṫ,   L̇ = mean(2 D ⊙ Ḋ)  (sum: sum(2 D ⊙ Ḋ); none: 2 D ⊙ Ḋ elementwise)
+        """
+        input, target = ctx.forward_saved
+        if input_t is None and target_t is None:
+            return None, None
+        x, t = broadcast_promoted(input, target)
+        zeros = torch.zeros((), dtype=x.dtype, device=x.device)
+        d_t = (zeros if input_t is None else input_t.to(x.dtype)) - (
+            zeros if target_t is None else target_t.to(x.dtype)
+        )
+        loss_t = 2 * (x - t) * d_t
+        if ctx.reduction == "mean":
+            loss_t = loss_t.mean()
+        elif ctx.reduction == "sum":
+            loss_t = loss_t.sum()
+        return loss_t, None
 
     @staticmethod
     def backward(
@@ -81,7 +106,17 @@ class MSELossFunction(Function):
             grad = backend.mse_backward(grad_output, x, t, ctx.reduction)
         grad_input = grad_target = None
         if needs_input:
-            grad_input = grad.sum_to_size(input.shape).to(input.dtype)
+            grad_input = _reduce_to(grad, input)
         if needs_target:
-            grad_target = (-grad).sum_to_size(target.shape).to(target.dtype)
+            grad_target = _reduce_to(-grad, target)
         return grad_input, grad_target, None
+
+
+def _reduce_to(grad: Tensor, operand: Tensor) -> Tensor:
+    """``grad`` summed over the dimensions ``operand`` was broadcast along, in its dtype."""
+    if grad.shape != operand.shape:
+        grad = grad.sum_to_size(operand.shape)
+    return grad if grad.dtype == operand.dtype else grad.to(operand.dtype)
+
+
+MSELossFunctionEager = eager_twin(MSELossFunction)

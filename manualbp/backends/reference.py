@@ -70,14 +70,9 @@ class ReferenceBackend:
     def mse_forward(
         input: Tensor, target: Tensor, reduction: str, *, compute_grad: bool = False
     ) -> tuple[Tensor, None]:
-        """``L = reduce((input - target)^2)``; the gradient is left to :meth:`mse_backward`."""
-        diff = input - target
-        sq = diff * diff
-        if reduction == "mean":
-            return sq.mean(), None
-        if reduction == "sum":
-            return sq.sum(), None
-        return sq, None
+        """``L = reduce((input - target)^2)`` (the forward is aten's own, so the loss is
+        bitwise native's); the gradient is left to :meth:`mse_backward`."""
+        return F.mse_loss(input, target, reduction=reduction), None
 
     @staticmethod
     def mse_backward(grad_output: Tensor, input: Tensor, target: Tensor, reduction: str) -> Tensor:
@@ -90,7 +85,11 @@ class ReferenceBackend:
         """
         # max(., 1): an empty mean has an empty gradient, whatever the factor.
         norm = 2.0 / max(input.numel(), 1) if reduction == "mean" else 2.0
-        return norm * (input - target) * grad_output
+        if torch.is_grad_enabled():  # recorded for double backward: no in-place ops
+            return norm * (input - target) * grad_output
+        if grad_output.dim() == 0:  # one pass over the residual: scale by g * norm at once
+            return torch.sub(input, target).mul_(grad_output * norm)
+        return torch.sub(input, target).mul_(norm).mul_(grad_output)
 
     @staticmethod
     def mse_grad_scale(grad: Tensor, grad_output: Tensor) -> Tensor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 from types import ModuleType
 
 import torch
@@ -43,11 +44,19 @@ def _empty(like: Tensor) -> Tensor:
 # Eager launches (the kernels' own launchers, on the tensors' GPU).
 # ---------------------------------------------------------------------------------------------
 def _launch_linear_forward(x, weight, bias, activation, negative_slope, store_preact):
+    """``(y, z)`` of shape (*, N) for ``x`` (*, K): fresh tensors, not views of 2-D ones."""
+    shape = (*x.shape[:-1], weight.shape[0])
+    y = x.new_empty(shape)
+    z = x.new_empty(shape) if store_preact else None
+    rows = math.prod(shape[:-1])
     with _kernels("_runtime").on_device(x.device):
-        return _kernels("linear_forward").linear_forward(
-            x, weight, bias, None if activation == NO_ACTIVATION else activation,
-            negative_slope, store_preact=store_preact,
+        _kernels("linear_forward").linear_forward(
+            x if x.dim() == 2 else x.reshape(rows, x.shape[-1]), weight, bias,
+            None if activation == NO_ACTIVATION else activation, negative_slope,
+            store_preact=store_preact,
+            out=y.view(rows, shape[-1]), preact_out=None if z is None else z.view(rows, shape[-1]),
         )  # fmt: skip
+    return y, z
 
 
 def _launch_linear_backward(grad_y, x, weight, saved, activation, negative_slope, needs_grad):
@@ -80,15 +89,15 @@ def linear_forward_op(
     negative_slope: float,
     store_preact: bool,
 ) -> tuple[Tensor, Tensor]:
-    """``(act(x W^T + b), x W^T + b or empty)`` for 2-D ``x``."""
+    """``(act(x W^T + b), x W^T + b or empty)`` for ``x`` (*, K)."""
     y, z = _launch_linear_forward(x, weight, bias, activation, negative_slope, store_preact)
     return y, (_empty(y) if z is None else z)
 
 
 @linear_forward_op.register_fake
 def _(x, weight, bias, activation, negative_slope, store_preact):
-    y = x.new_empty(x.shape[0], weight.shape[0])
-    return y, (x.new_empty(x.shape[0], weight.shape[0]) if store_preact else _empty(x))
+    shape = (*x.shape[:-1], weight.shape[0])
+    return x.new_empty(shape), (x.new_empty(shape) if store_preact else _empty(x))
 
 
 @torch.library.custom_op("manualbp::linear_backward", mutates_args=())

@@ -17,10 +17,14 @@ of 16): unit strides are constexpr 1 and pointers / other strides / sizes divisi
 which is what Triton's launcher would pick for such tensors.
 
 Besides the Linear kernels (``linear_forward``, ``matmul``, ``act_grad``, ``bias_grad``) it
-covers the MSE kernels of ``triton_kernels.mse`` (``mse_fwd``, ``mse_sum``, ``mse_bwd``,
-``mse_scale``; each both contiguous and as a general 4-d strided view) and the multi-tensor SGD
-kernel of ``triton_kernels.sgd`` (``sgd``, in its main constexpr combinations), in their shipped
-CUDA launch configs. Those are elementwise / reduction kernels: no wgmma requirement.
+covers the MSE kernels of ``triton_kernels.mse`` (``mse_fwd``, ``mse_bwd``, ``mse_scale``; each
+contiguous with 16-byte aligned pointers, and as a general 4-d strided view; ``mse_fwd`` also
+contiguous but unaligned) and the multi-tensor SGD kernel of ``triton_kernels.sgd`` (``sgd``, in
+its main constexpr combinations, aligned, plus one unaligned), in their shipped CUDA launch
+configs. Those are bandwidth-bound elementwise / reduction kernels: no wgmma requirement, but a
+vector-width report: the widest ``ld.global`` / ``st.global`` in each one's PTX (``v4.b32`` and
+``v2.b64``: 128 bits), printed after the table; the audit fails when a contiguous, aligned case
+has no 128-bit load.
 """
 
 from __future__ import annotations
@@ -45,9 +49,10 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from manualbp.activations import ACTIVATIONS as REGISTRY
+
 from . import mse as _mse
 from . import sgd as _sgd
-from ._activations import ACTIVATIONS
 from ._matmul import configs_for, matmul_kernel, smem_limit
 from .linear_backward import (
     ELEMENTWISE_CONFIGS,
@@ -98,12 +103,13 @@ _KERNELS = {
     "act_grad": act_grad_kernel,
     "bias_grad": bias_grad_kernel,
     "mse_fwd": _mse._mse_fwd_kernel,
-    "mse_sum": _mse._sum_kernel,
     "mse_bwd": _mse._mse_bwd_kernel,
-    "mse_scale": _mse._scale_kernel,
+    "mse_scale": _mse._grad_scale_kernel,
     "sgd": _sgd._sgd_kernel,
 }
-_MSE_KERNELS = ("mse_fwd", "mse_sum", "mse_bwd", "mse_scale")
+_MSE_KERNELS = ("mse_fwd", "mse_bwd", "mse_scale")
+# Bandwidth-bound kernels: their rows carry the vector-width report (see vector_widths).
+VECTOR_KERNELS = (*_MSE_KERNELS, "sgd")
 
 
 def _cfg_name(cfg: dict[str, int]) -> str:
@@ -181,7 +187,7 @@ def _gemm_job(
             stride_yn=1,
             stride_zn=1,
             HAS_BIAS=True,
-            ACTIVATION=ACTIVATIONS[act],
+            ACTIVATION=act,
             STORE_PREACT=True,
             **common,
         )
@@ -209,7 +215,7 @@ def _elementwise_jobs(arch: int, dtype: torch.dtype, quick: bool, kernels: set[s
     acc = "fp64" if fp64 else "fp32"
     jobs = []
     if "act_grad" in kernels:
-        acts = ["gelu"] if quick else [a for a in ACTIVATIONS if a is not None]
+        acts = ["gelu"] if quick else list(REGISTRY)
         for act in acts:
             types = {
                 "g_ptr": f"*{t}",
@@ -227,7 +233,7 @@ def _elementwise_jobs(arch: int, dtype: torch.dtype, quick: bool, kernels: set[s
                 stride_gn=1,
                 stride_sn=1,
                 stride_dzn=1,
-                ACTIVATION=ACTIVATIONS[act],
+                ACTIVATION=act,
                 STORE_DZ=True,
                 COMPUTE_DB=True,
                 ACC_FP64=fp64,
@@ -257,90 +263,104 @@ def _elementwise_jobs(arch: int, dtype: torch.dtype, quick: bool, kernels: set[s
     return jobs
 
 
-def _strided_args(prefix: str, contiguous: bool) -> tuple[dict[str, str], dict[str, Any], set[str]]:
+# Merged dims of each MSE layout the audit compiles.
+_MSE_NDIM = {"contig": 1, "unaligned": 1, "ndim2": 2, "ndim4": 4}
+
+
+def _strided_args(prefix: str, layout: str) -> tuple[dict[str, str], dict[str, Any], set[str]]:
     """Types, constexprs and div16 set for one operand's strides ``{prefix}0..3`` of the MSE
-    kernels' 4-d layout: contiguous (coalesced to one dim: strides ``0, 0, 0, 1``) or a general
-    strided view (four plain i32 strides, nothing specialised)."""
+    kernels' 4-d layout: contiguous (coalesced to one dim: strides ``0, 0, 0, 1``) or a strided
+    view of ``ndim`` dims (padding strides 0, the others plain i32, nothing specialised)."""
     names = [f"{prefix}{i}" for i in range(4)]
-    if contiguous:
+    if layout in ("contig", "unaligned"):
         return {n: "i32" for n in names[:3]}, {names[3]: 1}, set(names[:3])
-    return {n: "i32" for n in names}, {}, set()
+    return {n: "i32" for n in names}, {}, set(names[: 4 - _MSE_NDIM[layout]])
 
 
-def _mse_layout(
-    contiguous: bool, *prefixes: str
-) -> tuple[dict[str, str], dict[str, Any], set[str], int]:
-    """Sizes ``S1..S3`` and the strides of ``prefixes`` for the MSE kernels, plus ``NDIM``.
+def _mse_layout(layout: str, *prefixes: str) -> tuple[dict[str, str], dict[str, Any], set[str]]:
+    """Sizes ``S1..S3``, the strides of ``prefixes`` and ``NDIM``/``CONTIG`` for the MSE kernels.
 
-    Contiguous: the launcher coalesces to ``NDIM=1``, sizes ``1, 1, N`` (``N`` a multiple of
-    16), unit strides constexpr 1 (what Triton's launcher specialises). Strided: ``NDIM=4``
-    with every size and stride a plain i32 (the heaviest indexing: three int64 div/mod per
-    element and no vectorised loads)."""
-    if contiguous:
-        types, const, div16 = {"S3": "i32"}, {"S1": 1, "S2": 1}, {"S3"}
-    else:
-        types, const, div16 = {"S1": "i32", "S2": "i32", "S3": "i32"}, {}, set()
+    ``"contig"`` / ``"unaligned"``: the launcher coalesces to ``NDIM=1``, sizes ``1, 1, N``
+    (``N`` arbitrary: the full-block path must not rely on it), unit strides constexpr 1 (what
+    Triton's launcher specialises), ``CONTIG=True``. ``"ndim2"`` (e.g. a broadcast row) and
+    ``"ndim4"`` (the heaviest indexing: three int64 div/mod per element): the used sizes and
+    strides plain i32, the padding sizes constexpr 1, every access masked.
+    """
+    ndim = _MSE_NDIM[layout]
+    sizes = ["S1", "S2", "S3"]
+    types = {s: "i32" for s in sizes[3 - ndim :]}
+    const: dict[str, Any] = {s: 1 for s in sizes[: 3 - ndim]}
+    div16: set[str] = set()
     for prefix in prefixes:
-        t, c, d = _strided_args(prefix, contiguous)
+        t, c, d = _strided_args(prefix, layout)
         types.update(t)
         const.update(c)
         div16 |= d
-    return types, const, div16, 1 if contiguous else 4
+    const.update(NDIM=ndim, CONTIG=ndim == 1)
+    return types, const, div16
+
+
+def _vector_fields(layout: str) -> dict[str, Any]:
+    """Job fields asking for the vector-width report; a contiguous, aligned layout must show a
+    128-bit load."""
+    return dict(vector=True, need_v128=layout == "contig")
 
 
 def _mse_jobs(arch: int, dtype: torch.dtype, quick: bool, kernels: set[str]) -> list[Job]:
     """The MSE kernels of ``triton_kernels.mse`` in their shipped CUDA configs."""
     t = TL_NAME[dtype]
-    fp64 = dtype == torch.float64
-    acc_name = "fp64" if fp64 else "fp32"
-    acc = tl.float64 if fp64 else tl.float32
+    acc_name = "fp64" if dtype == torch.float64 else "fp32"
+    acc = tl.float64 if dtype == torch.float64 else tl.float32
     jobs = []
     if "mse_fwd" in kernels:
-        # (REDUCE, MEAN, COMPUTE_GRAD, contiguous); quick: the fused loss + gradient only.
-        variants = [(True, True, True, True)]
+        # (REDUCE, MEAN, COMPUTE_GRAD, layout); quick: the fused loss + gradient only.
+        variants = [(True, True, True, "contig")]
         if not quick:
             variants += [
-                (True, True, True, False),
-                (True, True, False, True),
-                (False, False, False, True),
-                (False, False, False, False),
+                (True, True, True, "unaligned"),
+                (True, True, True, "ndim2"),
+                (True, True, True, "ndim4"),
+                (True, True, False, "contig"),
+                (False, False, False, "contig"),
+                (False, False, False, "ndim4"),
             ]
-        for reduce, mean, grad, contiguous in variants:
-            lay_t, lay_c, lay_d, ndim = _mse_layout(contiguous, "xs", "ts")
-            block, warps = _mse.fwd_config(ndim, cuda=True)  # the launcher's choice
+        for reduce, mean, grad, layout in variants:
+            lay_t, lay_c, lay_d = _mse_layout(layout, "xs", "ts")
+            cfg = _mse.launch_config("fwd", lay_c["NDIM"], cuda=True)  # the launcher's choice
+            # Without a reduction the launcher passes ``out`` for the partials and the counter.
+            part, count = (f"*{acc_name}", "*i32") if reduce else (f"*{t}", f"*{t}")
             types = {
                 "x_ptr": f"*{t}",
                 "t_ptr": f"*{t}",
                 "out_ptr": f"*{t}",
                 "grad_ptr": f"*{t}",
-                "part_ptr": f"*{acc_name}",
+                "part_ptr": part,
+                "count_ptr": count,
                 "N": "i32",  # do_not_specialize
                 **lay_t,
             }
             const = dict(
-                NDIM=ndim, REDUCE=reduce, MEAN=mean, COMPUTE_GRAD=grad, ACC=acc, BLOCK=block,
-                **lay_c,
+                REDUCE=reduce, MEAN=mean, COMPUTE_GRAD=grad, ACC=acc, BLOCK=cfg["BLOCK"],
+                RBLOCK=cfg["RBLOCK"], **lay_c,
             )  # fmt: skip
-            div16 = {"x_ptr", "t_ptr", "out_ptr", "grad_ptr", "part_ptr"} | lay_d
+            # Triton marks 16-byte aligned pointers; of an unaligned view's, only the ones the
+            # launcher allocates.
+            ptrs = ("x_ptr", "t_ptr", "out_ptr", "grad_ptr", "part_ptr", "count_ptr")
+            div16 = set(ptrs[2:] if layout == "unaligned" else ptrs) | lay_d
             what = ("mean+grad" if grad else "mean") if reduce else "none"
-            name = f"{block} w{warps} {what} {'contig' if contiguous else 'ndim4'}"
-            jobs.append(Job("mse_fwd", arch, t, name, types, const, div16, warps, 3))
-    if "mse_sum" in kernels:
-        block, warps = _mse._CUDA_SUM
-        # The last pass: partials in the accumulation dtype, mean, cast to the loss dtype.
-        types = {"in_ptr": f"*{acc_name}", "out_ptr": f"*{t}", "n": "i32", "N": "i32"}
-        const = dict(FINAL_MEAN=True, BLOCK=block)
-        name = f"{block} w{warps} final mean"
-        jobs.append(Job("mse_sum", arch, t, name, types, const, {"in_ptr", "out_ptr"}, warps, 3))
+            name = f"{cfg['BLOCK']} w{cfg['num_warps']} {what} {layout}"
+            jobs.append(Job("mse_fwd", arch, t, name, types, const, div16, cfg["num_warps"], 3,
+                            fields=_vector_fields(layout)))  # fmt: skip
+    cfg = _mse.launch_config("elementwise", cuda=True)
+    block, warps = cfg["BLOCK"], cfg["num_warps"]
     if "mse_bwd" in kernels:
-        block, warps = _mse._CUDA_ELEMWISE
-        # (GO_SCALAR, MEAN, contiguous): "mean" (scalar grad_output) and "none" (grad_output
-        # of the input's shape).
-        variants = [(True, True, True)]
+        # (GO_SCALAR, MEAN, layout): "mean" (scalar grad_output) and "none" (grad_output of the
+        # input's shape).
+        variants = [(True, True, "contig")]
         if not quick:
-            variants += [(False, False, True), (False, False, False)]
-        for scalar, mean, contiguous in variants:
-            lay_t, lay_c, lay_d, ndim = _mse_layout(contiguous, "gs", "xs", "ts")
+            variants += [(False, False, "contig"), (False, False, "ndim4")]
+        for scalar, mean, layout in variants:
+            lay_t, lay_c, lay_d = _mse_layout(layout, "gs", "xs", "ts")
             if scalar:  # the launcher passes grad_output strides 0, 0, 0, 0
                 for i in range(4):
                     lay_c.pop(f"gs{i}", None)
@@ -351,60 +371,105 @@ def _mse_jobs(arch: int, dtype: torch.dtype, quick: bool, kernels: set[str]) -> 
                 "x_ptr": f"*{t}",
                 "t_ptr": f"*{t}",
                 "out_ptr": f"*{t}",
-                "N": "i32",
+                "N": "i32",  # do_not_specialize
                 **lay_t,
             }
-            const = dict(NDIM=ndim, GO_SCALAR=scalar, MEAN=mean, ACC=acc, BLOCK=block, **lay_c)
+            const = dict(GO_SCALAR=scalar, MEAN=mean, ACC=acc, BLOCK=block, **lay_c)
             div16 = {"go_ptr", "x_ptr", "t_ptr", "out_ptr"} | lay_d
             what = "mean" if scalar else "none"
-            name = f"{block} w{warps} {what} {'contig' if contiguous else 'ndim4'}"
-            jobs.append(Job("mse_bwd", arch, t, name, types, const, div16, warps, 3))
+            name = f"{block} w{warps} {what} {layout}"
+            jobs.append(Job("mse_bwd", arch, t, name, types, const, div16, warps, 3,
+                            fields=_vector_fields(layout)))  # fmt: skip
     if "mse_scale" in kernels:
-        block, warps = _mse._CUDA_ELEMWISE
-        for contiguous in (True,) if quick else (True, False):
-            lay_t, lay_c, lay_d, ndim = _mse_layout(contiguous, "gs")
+        for layout in ("contig",) if quick else ("contig", "ndim4"):
+            lay_t, lay_c, lay_d = _mse_layout(layout, "gs")
             types = {"g_ptr": f"*{t}", "go_ptr": f"*{t}", "N": "i32", **lay_t}
-            const = dict(NDIM=ndim, ACC=acc, BLOCK=block, **lay_c)
+            const = dict(ACC=acc, BLOCK=block, **lay_c)
             div16 = {"g_ptr", "go_ptr"} | lay_d
-            name = f"{block} w{warps} {'contig' if contiguous else 'ndim4'}"
-            jobs.append(Job("mse_scale", arch, t, name, types, const, div16, warps, 3))
+            name = f"{block} w{warps} {layout}"
+            jobs.append(Job("mse_scale", arch, t, name, types, const, div16, warps, 3,
+                            fields=_vector_fields(layout)))  # fmt: skip
     return jobs
 
 
 # SGD constexpr combinations compiled: (name, HAS_WD, HAS_MOMENTUM, NESTEROV, MAXIMIZE,
-# LR_TENSOR). The last one switches every branch on (the heaviest); --quick compiles it alone.
+# LR_TENSOR, ALIGNED). The last aligned one switches every branch on (the heaviest); --quick
+# compiles it alone. The unaligned one is what views at odd offsets get (scalar accesses).
 SGD_VARIANTS = (
-    ("plain", False, False, False, False, False),
-    ("wd lr_tensor", True, False, False, False, True),
-    ("momentum", False, True, False, False, False),
-    ("nesterov wd maximize lr_tensor", True, True, True, True, True),
+    ("plain", False, False, False, False, False, True),
+    ("wd lr_tensor", True, False, False, False, True, True),
+    ("momentum", False, True, False, False, False, True),
+    ("nesterov wd maximize lr_tensor", True, True, True, True, True, True),
+    ("nesterov wd maximize lr_tensor unaligned", True, True, True, True, True, False),
 )
 
 
 def _sgd_jobs(arch: int, dtype: torch.dtype, quick: bool) -> list[Job]:
     """The multi-tensor SGD kernel of ``triton_kernels.sgd`` in its shipped CUDA config."""
     t = TL_NAME[dtype]
-    block, warps = _sgd._CUDA_CFG
-    compute = tl.float64 if dtype == torch.float64 else tl.float32
+    cfg = _sgd.launch_config(cuda=True)
+    block, warps = cfg["BLOCK"], cfg["num_warps"]
     jobs = []
-    for name, wd, mom, nesterov, maximize, lr_tensor in (
-        SGD_VARIANTS[-1:] if quick else SGD_VARIANTS
+    for name, wd, mom, nesterov, maximize, lr_tensor, aligned in (
+        SGD_VARIANTS[3:4] if quick else SGD_VARIANTS
     ):
         types = {
             "p_witness": f"*{t}",
-            "meta_ptr": "*i64",
+            "rows_ptr": "*i64",
             "hp_ptr": "*fp64",
             # A tensor lr is moved to the device as is (typically fp32); else hp is passed.
             "lr_ptr": "*fp32" if lr_tensor else "*fp64",
-            "T": "i32",  # do_not_specialize
         }
         const = dict(
             HAS_WD=wd, HAS_MOMENTUM=mom, NESTEROV=nesterov, MAXIMIZE=maximize,
-            LR_TENSOR=lr_tensor, COMPUTE=compute, BLOCK=block,
+            LR_TENSOR=lr_tensor, ALIGNED=aligned, BLOCK=block,
+            COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
         )  # fmt: skip
-        div16 = {"p_witness", "meta_ptr", "hp_ptr", "lr_ptr"}
-        jobs.append(Job("sgd", arch, t, f"{block} w{warps} {name}", types, const, div16, warps, 3))
+        div16 = {"p_witness", "rows_ptr", "hp_ptr", "lr_ptr"}
+        fields = _vector_fields("contig" if aligned else "unaligned")
+        jobs.append(Job("sgd", arch, t, f"{block} w{warps} {name}", types, const, div16, warps, 3,
+                        fields=fields))  # fmt: skip
     return jobs
+
+
+_VECTOR_OP = re.compile(r"\b(ld|st)\.global((?:\.[A-Za-z0-9_:]+)+)")
+
+
+def vector_widths(ptx: str) -> dict[str, int]:
+    """The widest ``ld.global`` and ``st.global`` in ``ptx``, in bits (``v4.b32``: 128), as
+    ``{"ld_bits": .., "st_bits": ..}`` (0: none)."""
+    best = {"ld": 0, "st": 0}
+    for op, qualifiers in _VECTOR_OP.findall(ptx):
+        parts = qualifiers.split(".")[1:]
+        lanes = next((int(q[1:]) for q in parts if re.fullmatch(r"v\d+", q)), 1)
+        bits = next((int(q[1:]) for q in reversed(parts) if re.fullmatch(r"[bfsu]\d+", q)), 0)
+        best[op] = max(best[op], lanes * bits)
+    return {"ld_bits": best["ld"], "st_bits": best["st"]}
+
+
+def format_vector_table(rows: list[dict[str, Any]]) -> str:
+    """The vector-width report for the bandwidth-bound kernels' rows ("" if none). Its lines
+    are indented, so they never read as rows of the main table."""
+    rows = [r for r in rows if "ld_bits" in r]
+    if not rows:
+        return ""
+    head = ["kernel", "config", "arch", "dtype", "ld bits", "st bits", "status"]
+    lines = []
+    for r in rows:
+        if r["need_v128"]:
+            status = "OK" if r["ld_bits"] >= 128 else "FAIL: no 128-bit loads"
+        else:
+            status = "- (not contiguous and aligned: not required)"
+        lines.append([r["kernel"], r["config"], f"sm_{r['arch']}", r["dtype"],
+                      str(r["ld_bits"]), str(r["st_bits"]), status])  # fmt: skip
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
+    fmt = "  " + "  ".join(f"{{:<{w}}}" for w in widths[:-1]) + "  {}"
+    title = (
+        "Vector widths: widest ld.global / st.global in the PTX, bits (128 = 16-byte vectors; "
+        "required for contiguous aligned cases)"
+    )
+    out = [title, fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+    return "\n".join(out + [fmt.format(*line) for line in lines])
 
 
 def build_jobs(
@@ -544,6 +609,8 @@ def compile_job(job: Job) -> dict[str, Any]:
         # kernel's compile time).
         hopper_gemm = job.gemm and job.arch >= 90
         row["wgmma"] = "HGMMA" in _sass(compiled.asm["cubin"]) if hopper_gemm else None
+        if job.fields.get("vector"):  # the bandwidth-bound kernels' vector-width report
+            row.update(vector_widths(compiled.asm["ptx"]), need_v128=job.fields["need_v128"])
     except Exception as e:  # any compile failure is reported, not raised
         row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
     row["seconds"] = time.time() - t0
@@ -562,6 +629,8 @@ def problems(row: dict[str, Any]) -> list[str]:
     needs_wgmma = row["dtype"] in ("fp16", "bf16", "tf32")
     if row["gemm"] and row["arch"] >= 90 and needs_wgmma and not row["wgmma"]:
         out.append("no wgmma")
+    if row.get("need_v128") and row.get("ld_bits", 0) < 128:
+        out.append("no 128-bit loads")
     return out
 
 
@@ -634,6 +703,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     rows = run_audit(jobs, args.jobs)
     print(format_table(rows))
+    vector_table = format_vector_table(rows)
+    if vector_table:
+        print("\n" + vector_table)
     failed = [r for r in rows if problems(r)]
     print(
         f"\n{len(rows)} compiles in {time.time() - t0:.1f} s, {len(failed)} failing "

@@ -1,71 +1,84 @@
-"""Mean-squared-error kernels: fused forward (+ gradient), elementwise backward, in-place scale.
+"""Mean-squared-error kernels: fused forward (loss + gradient), elementwise backward, scaling.
 
 Launchers take tensors and return tensors; nothing here records autograd.
+
+Memory traffic. The kernels are bandwidth bound, so the common layout (every operand contiguous
+after coalescing, see below) takes a path built for 16-byte vector accesses: programs whose block
+lies wholly inside the ``N`` elements load and store without a mask, at offsets that Triton knows
+to be contiguous and block aligned, so with 16-byte aligned pointers (Triton specialises pointer
+arguments on that) every access is a 128-bit ``ld/st.global.v4`` (``v2.b64`` for fp64); only the
+last, partial block is masked. The fused forward reads ``input`` and ``target`` once and writes
+the gradient once: 12 bytes per fp32 element, nothing else per element. An unaligned view (say at
+storage offset 1) compiles to a variant with scalar accesses and stays correct.
 
 Layout handling. ``input`` and ``target`` arrive with the same shape but arbitrary strides (the
 caller broadcasts with ``expand`` views, so stride-0 dimensions are common). Instead of
 materialising them, the launchers *coalesce* the shared shape: size-1 dimensions are dropped and
 adjacent dimensions ``i, i+1`` are merged when ``stride[i] == stride[i+1] * size[i+1]`` holds for
-every operand. What is left (at most :data:`MAX_DIMS` dimensions) is indexed in-kernel by
-decomposing the row-major linear index into per-dimension indices and dotting them with each
-operand's strides, in int64. Only when more than :data:`MAX_DIMS` non-mergeable dimensions remain
-(rare: e.g. a 5-d permuted view) do the launchers fall back to ``.contiguous()`` copies.
+every operand. When one unit-stride dimension is left for every operand the layout is
+*contiguous* (the vector path above). Otherwise what is left (at most :data:`MAX_DIMS` dimensions)
+is indexed in-kernel by decomposing the row-major linear index into per-dimension indices and
+dotting them with each operand's strides, in int64, with every access masked. Only when more than
+:data:`MAX_DIMS` non-mergeable dimensions remain (rare: e.g. a 5-d permuted view) do the launchers
+fall back to ``.contiguous()`` copies.
 
-Reductions are deterministic: every program of the first pass sums its block (a tree reduction
-in fp32, or fp64 for fp64 inputs) into one partial; then fixed-shape passes of
-:func:`_sum_kernel` sum blocks of partials until one value is left, which is divided by ``N``
-for ``"mean"`` and cast to the input dtype. No atomics; the order depends only on ``N`` and the
-block sizes, and the whole sum is a tree, so large ``N`` loses no precision.
+Reductions are deterministic and take one launch. Every program sums its block (a fixed tree, in
+fp32, or fp64 for fp64 inputs) into ``partials[pid]`` and then takes a ticket from an int32
+counter (``atomic_add``, acquire-release; the counter only orders programs, no float is added
+atomically). The program that draws the last ticket sums ``partials`` in a fixed order (``RBLOCK``
+lanes, each adding every ``RBLOCK``-th partial in index order, then a fixed tree over the lanes),
+divides by ``N`` for ``"mean"``, stores the loss in the input dtype and resets the counter to 0 for
+the next launch. The order depends only on ``N`` and the block sizes, so two runs are bitwise
+equal. The counter is one int32 per (device, stream), zeroed once and left at 0 by every launch;
+under CUDA-graph capture each call takes a fresh zeroed counter (a memset node in the graph), so
+graphs never share one with eager work.
 """
 
 from __future__ import annotations
-
-import contextlib
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["mse_forward", "mse_backward", "scale_", "MAX_DIMS"]
+from ._runtime import FLOAT_DTYPES, acc_dtype, interpreting, on_device, tl_acc_dtype
+
+__all__ = ["CONFIGS", "MAX_DIMS", "launch_config", "mse_backward", "mse_forward", "mse_grad_scale_"]
 
 #: Most dimensions (after coalescing) that the kernels index with strides.
 MAX_DIMS = 4
 
 _REDUCTIONS = ("none", "mean", "sum")
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-# Fixed launch configurations (BLOCK, num_warps). The interpreter gets small blocks so that tests
-# on small tensors still cover several programs and several reduction passes; tests may patch these.
-_CUDA_FWD = (4096, 8)
-# Views that stay 3- or 4-d after merging dims carry per-element index math (div/mod by each
-# size, four strides per operand): at 4096 x 8 warps that spilled (the audit shows it).
-_CUDA_FWD_STRIDED = (1024, 4)
-_INTERP_FWD_STRIDED = (64, 1)
-_CUDA_ELEMWISE = (2048, 8)
-_CUDA_SUM = (1024, 4)
-_INTERP_FWD = (64, 1)
-_INTERP_ELEMWISE = (64, 1)
-_INTERP_SUM = (16, 1)
-
-
-def _cfg(kind: str) -> tuple[int, int]:
-    prefix = "_INTERP_" if _interpreting() else "_CUDA_"
-    return globals()[prefix + kind]
+# Fixed launch configurations, as data (the audit compiles the "cuda" ones). "fwd": the forward
+# kernel for layouts of 1 or 2 merged dims; "fwd_strided": for 3 or 4 (the per-element div/mod
+# index math of four strides per operand spilled at 4096 x 8 warps); RBLOCK: lanes of the last
+# program's sum over the partials. "elementwise": backward and in-place scale. The interpreter
+# gets small blocks so that small test tensors still cover several programs, full and partial
+# blocks, and several RBLOCK chunks of partials; tests may patch these.
+CONFIGS: dict[str, dict[str, dict[str, int]]] = {
+    "cuda": {
+        "fwd": dict(BLOCK=4096, RBLOCK=1024, num_warps=8),
+        "fwd_strided": dict(BLOCK=1024, RBLOCK=1024, num_warps=4),
+        "elementwise": dict(BLOCK=2048, num_warps=8),
+    },
+    "interpreter": {
+        "fwd": dict(BLOCK=64, RBLOCK=16, num_warps=1),
+        "fwd_strided": dict(BLOCK=64, RBLOCK=16, num_warps=1),
+        "elementwise": dict(BLOCK=64, num_warps=1),
+    },
+}
 
 
-def fwd_config(ndim: int, *, cuda: bool | None = None) -> tuple[int, int]:
-    """(BLOCK, num_warps) of the forward kernel for a layout of ``ndim`` merged dims; the
-    CUDA or the interpreter's (``cuda=None``: whichever this process runs)."""
-    kind = "FWD_STRIDED" if ndim >= 3 else "FWD"
+def launch_config(kind: str, ndim: int = 1, *, cuda: bool | None = None) -> dict[str, int]:
+    """The launch config of ``kind`` (``"fwd"`` or ``"elementwise"``) for a layout of ``ndim``
+    merged dims: the CUDA one or the interpreter's (``cuda=None``: whichever this process runs).
+    ``"fwd"`` resolves to ``"fwd_strided"`` for 3 or more dims."""
+    if kind == "fwd" and ndim >= 3:
+        kind = "fwd_strided"
     if cuda is None:
-        return _cfg(kind)
-    return globals()[("_CUDA_" if cuda else "_INTERP_") + kind]
+        cuda = not interpreting()
+    return CONFIGS["cuda" if cuda else "interpreter"][kind]
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,58 +112,120 @@ def _strided_offsets(idx, S1, S2, S3, st0, st1, st2, st3, NDIM: tl.constexpr):
 
 
 @triton.jit
-def _load_block(
-    x_ptr, t_ptr, N, S1, S2, S3, xs0, xs1, xs2, xs3, ts0, ts1, ts2, ts3,
-    NDIM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+def _block_indices(BLOCK: tl.constexpr):
+    """This program's first linear index (int64) and its ``BLOCK`` contiguous indices."""
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    idx = tl.max_contiguous(tl.multiple_of(start + tl.arange(0, BLOCK), BLOCK), BLOCK)
+    return start, idx
+
+
+@triton.jit
+def _load(ptr, off, mask, ACC: tl.constexpr, MASKED: tl.constexpr):
+    """``ptr[off]`` in ``ACC``; masked (other 0) only when ``MASKED``."""
+    v = tl.load(ptr + off, mask=mask, other=0.0) if MASKED else tl.load(ptr + off)
+    return v.to(ACC)
+
+
+@triton.jit
+def _store(ptr, off, value, mask, MASKED: tl.constexpr):
+    """``ptr[off] = value`` cast to ``ptr``'s dtype; masked only when ``MASKED``."""
+    if MASKED:
+        tl.store(ptr + off, value.to(ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ptr + off, value.to(ptr.dtype.element_ty))
+
+
+@triton.jit
+def _fwd_block(
+    x_ptr, t_ptr, out_ptr, grad_ptr, idx, x_off, t_off, N,
+    MASKED: tl.constexpr, REDUCE: tl.constexpr, MEAN: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    ACC: tl.constexpr,
 ):  # fmt: skip
-    """This program's block of linear indices, its mask, and ``x``, ``t`` there (in ACC)."""
-    pid = tl.program_id(0).to(tl.int64)
-    idx = pid * BLOCK + tl.arange(0, BLOCK)
+    """One block of ``(x - t)**2``: stored at ``out[idx]`` (``REDUCE=False``) or summed (the
+    returned partial), with the gradient ``2 (x - t) [/ N]`` stored at ``grad[idx]``."""
     mask = idx < N
-    x_off = _strided_offsets(idx, S1, S2, S3, xs0, xs1, xs2, xs3, NDIM)
-    t_off = _strided_offsets(idx, S1, S2, S3, ts0, ts1, ts2, ts3, NDIM)
-    x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC)
-    t = tl.load(t_ptr + t_off, mask=mask, other=0.0).to(ACC)
-    return idx, mask, x, t
+    x = _load(x_ptr, x_off, mask, ACC, MASKED)
+    t = _load(t_ptr, t_off, mask, ACC, MASKED)
+    d = x - t
+    sq = d * d
+    if REDUCE:
+        if COMPUTE_GRAD:
+            scale = 2.0 / N.to(ACC) if MEAN else 2.0
+            _store(grad_ptr, idx, d * scale, mask, MASKED)
+        part = tl.sum(sq, axis=0)
+    else:
+        _store(out_ptr, idx, sq, mask, MASKED)
+        part = tl.zeros((), ACC)
+    return part
+
+
+@triton.jit
+def _finish_sum(part, part_ptr, count_ptr, out_ptr, N, MEAN: tl.constexpr, ACC: tl.constexpr,
+                RBLOCK: tl.constexpr):  # fmt: skip
+    """Store this program's partial; the program drawing the last ticket sums all partials in a
+    fixed order into ``out`` (``/ N`` when ``MEAN``) and resets the counter."""
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    tl.store(part_ptr + pid, part)
+    tl.debug_barrier()  # the partial's store precedes the (release) ticket in this CTA
+    ticket = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
+    if ticket == n_prog - 1:
+        acc = tl.zeros((RBLOCK,), ACC)
+        for s in range(0, n_prog, RBLOCK):
+            i = s + tl.arange(0, RBLOCK)
+            # .cg: read at L2, where the other programs' partials are, never a stale L1 line.
+            acc += tl.load(part_ptr + i, mask=i < n_prog, other=0.0, cache_modifier=".cg")
+        total = tl.sum(acc, axis=0)
+        if MEAN:
+            total = total / N.to(ACC)
+        tl.store(out_ptr, total.to(out_ptr.dtype.element_ty))
+        tl.store(count_ptr, 0)
 
 
 @triton.jit(do_not_specialize=["N"])
 def _mse_fwd_kernel(
-    x_ptr, t_ptr, out_ptr, grad_ptr, part_ptr, N,
+    x_ptr, t_ptr, out_ptr, grad_ptr, part_ptr, count_ptr, N,
     S1, S2, S3,
     xs0, xs1, xs2, xs3,
     ts0, ts1, ts2, ts3,
-    NDIM: tl.constexpr, REDUCE: tl.constexpr, MEAN: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    ACC: tl.constexpr, BLOCK: tl.constexpr,
+    NDIM: tl.constexpr, CONTIG: tl.constexpr, REDUCE: tl.constexpr, MEAN: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr,
 ):  # fmt: skip
-    """One block of ``(x - t)**2``: stored elementwise (``REDUCE=False``) or summed into
-    ``part_ptr[pid]``, with the gradient ``2 (x - t) [/ N]`` written contiguously alongside."""
-    idx, mask, x, t = _load_block(
-        x_ptr, t_ptr, N, S1, S2, S3, xs0, xs1, xs2, xs3, ts0, ts1, ts2, ts3, NDIM, ACC, BLOCK
-    )
-    d = x - t
-    sq = d * d
-    if REDUCE:
-        tl.store(part_ptr + tl.program_id(0), tl.sum(sq, axis=0))
-        if COMPUTE_GRAD:
-            scale = 2.0 / N.to(ACC) if MEAN else 2.0
-            g = d * scale
-            tl.store(grad_ptr + idx, g.to(grad_ptr.dtype.element_ty), mask=mask)
+    """One block of ``(x - t)**2``: stored elementwise (``REDUCE=False``) or summed, with the
+    gradient ``2 (x - t) [/ N]`` written contiguously alongside; with ``REDUCE`` the last
+    program to finish also writes the loss (see the module docstring)."""
+    start, idx = _block_indices(BLOCK)
+    if CONTIG:
+        if start + BLOCK <= N:
+            part = _fwd_block(x_ptr, t_ptr, out_ptr, grad_ptr, idx, idx, idx, N,
+                              False, REDUCE, MEAN, COMPUTE_GRAD, ACC)  # fmt: skip
+        else:
+            # The last, partial block, in chunks of a quarter block: per-element masks of a
+            # whole block (16 per thread and operand) made ptxas spill for fp16.
+            part = tl.zeros((), ACC)
+            for s in range(0, BLOCK, BLOCK // 4):
+                sub = start + s + tl.arange(0, BLOCK // 4)
+                part += _fwd_block(x_ptr, t_ptr, out_ptr, grad_ptr, sub, sub, sub, N,
+                                   True, REDUCE, MEAN, COMPUTE_GRAD, ACC)  # fmt: skip
     else:
-        tl.store(out_ptr + idx, sq.to(out_ptr.dtype.element_ty), mask=mask)
+        x_off = _strided_offsets(idx, S1, S2, S3, xs0, xs1, xs2, xs3, NDIM)
+        t_off = _strided_offsets(idx, S1, S2, S3, ts0, ts1, ts2, ts3, NDIM)
+        part = _fwd_block(x_ptr, t_ptr, out_ptr, grad_ptr, idx, x_off, t_off, N,
+                          True, REDUCE, MEAN, COMPUTE_GRAD, ACC)  # fmt: skip
+    if REDUCE:
+        _finish_sum(part, part_ptr, count_ptr, out_ptr, N, MEAN, ACC, RBLOCK)
 
 
-@triton.jit(do_not_specialize=["n", "N"])
-def _sum_kernel(in_ptr, out_ptr, n, N, FINAL_MEAN: tl.constexpr, BLOCK: tl.constexpr):
-    """``out[pid] = sum(in[pid*BLOCK : (pid+1)*BLOCK])`` (a fixed tree), divided by ``N`` when
-    ``FINAL_MEAN``, cast to ``out``'s dtype."""
-    pid = tl.program_id(0).to(tl.int64)
-    idx = pid * BLOCK + tl.arange(0, BLOCK)
-    v = tl.load(in_ptr + idx, mask=idx < n, other=0.0)
-    s = tl.sum(v, axis=0)
-    if FINAL_MEAN:
-        s = s / N.to(s.dtype)
-    tl.store(out_ptr + pid, s.to(out_ptr.dtype.element_ty))
+@triton.jit
+def _bwd_block(go_ptr, x_ptr, t_ptr, out_ptr, idx, g_off, x_off, t_off, N, go_scalar,
+               MASKED: tl.constexpr, GO_SCALAR: tl.constexpr, MEAN: tl.constexpr,
+               ACC: tl.constexpr):  # fmt: skip
+    mask = idx < N
+    x = _load(x_ptr, x_off, mask, ACC, MASKED)
+    t = _load(t_ptr, t_off, mask, ACC, MASKED)
+    go = go_scalar if GO_SCALAR else _load(go_ptr, g_off, mask, ACC, MASKED)
+    scale = 2.0 / N.to(ACC) if MEAN else 2.0
+    _store(out_ptr, idx, (scale * (x - t)) * go, mask, MASKED)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -160,36 +235,50 @@ def _mse_bwd_kernel(
     gs0, gs1, gs2, gs3,
     xs0, xs1, xs2, xs3,
     ts0, ts1, ts2, ts3,
-    NDIM: tl.constexpr, GO_SCALAR: tl.constexpr, MEAN: tl.constexpr,
+    NDIM: tl.constexpr, CONTIG: tl.constexpr, GO_SCALAR: tl.constexpr, MEAN: tl.constexpr,
     ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """``out = (2 [/ N]) * (x - t) * go``, ``out`` contiguous, ``go`` a scalar or strided."""
-    idx, mask, x, t = _load_block(
-        x_ptr, t_ptr, N, S1, S2, S3, xs0, xs1, xs2, xs3, ts0, ts1, ts2, ts3, NDIM, ACC, BLOCK
-    )
-    if GO_SCALAR:
-        go = tl.load(go_ptr).to(ACC)
+    start, idx = _block_indices(BLOCK)
+    go_scalar = tl.load(go_ptr).to(ACC) if GO_SCALAR else tl.zeros((), ACC)
+    if CONTIG:
+        if start + BLOCK <= N:
+            _bwd_block(go_ptr, x_ptr, t_ptr, out_ptr, idx, idx, idx, idx, N, go_scalar,
+                       False, GO_SCALAR, MEAN, ACC)  # fmt: skip
+        else:
+            _bwd_block(go_ptr, x_ptr, t_ptr, out_ptr, idx, idx, idx, idx, N, go_scalar,
+                       True, GO_SCALAR, MEAN, ACC)  # fmt: skip
     else:
-        g_off = _strided_offsets(idx, S1, S2, S3, gs0, gs1, gs2, gs3, NDIM)
-        go = tl.load(go_ptr + g_off, mask=mask, other=0.0).to(ACC)
-    scale = 2.0 / N.to(ACC) if MEAN else 2.0
-    g = (scale * (x - t)) * go
-    tl.store(out_ptr + idx, g.to(out_ptr.dtype.element_ty), mask=mask)
+        x_off = _strided_offsets(idx, S1, S2, S3, xs0, xs1, xs2, xs3, NDIM)
+        t_off = _strided_offsets(idx, S1, S2, S3, ts0, ts1, ts2, ts3, NDIM)
+        # (grad_output's offsets: unused when it is a scalar)
+        g_off = idx if GO_SCALAR else _strided_offsets(idx, S1, S2, S3, gs0, gs1, gs2, gs3, NDIM)
+        _bwd_block(go_ptr, x_ptr, t_ptr, out_ptr, idx, g_off, x_off, t_off, N, go_scalar,
+                   True, GO_SCALAR, MEAN, ACC)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["N"])
-def _scale_kernel(
+def _grad_scale_kernel(
     g_ptr, go_ptr, N, S1, S2, S3, gs0, gs1, gs2, gs3,
-    NDIM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    NDIM: tl.constexpr, CONTIG: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """``g *= go`` in place, ``go`` a 0-dim tensor read on the device."""
-    pid = tl.program_id(0).to(tl.int64)
-    idx = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = idx < N
-    off = _strided_offsets(idx, S1, S2, S3, gs0, gs1, gs2, gs3, NDIM)
+    """``g *= go`` in place, ``go`` a 1-element tensor read on the device; every program returns
+    right after reading ``go`` when it is exactly 1."""
     go = tl.load(go_ptr).to(ACC)
-    g = tl.load(g_ptr + off, mask=mask, other=0.0).to(ACC)
-    tl.store(g_ptr + off, (g * go).to(g_ptr.dtype.element_ty), mask=mask)
+    if go != 1.0:
+        start, idx = _block_indices(BLOCK)
+        mask = idx < N
+        if CONTIG:
+            if start + BLOCK <= N:
+                g = _load(g_ptr, idx, mask, ACC, False)
+                _store(g_ptr, idx, g * go, mask, False)
+            else:
+                g = _load(g_ptr, idx, mask, ACC, True)
+                _store(g_ptr, idx, g * go, mask, True)
+        else:
+            off = _strided_offsets(idx, S1, S2, S3, gs0, gs1, gs2, gs3, NDIM)
+            g = _load(g_ptr, off, mask, ACC, True)
+            _store(g_ptr, off, g * go, mask, True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,7 +291,8 @@ def _coalesce(
 ) -> tuple[list[int], list[list[int]]]:
     """Drop size-1 dims and merge adjacent dims that are mergeable for *every* stride tuple.
 
-    Returns ``(sizes, per-operand strides)``, with at least one dimension.
+    Returns ``(sizes, per-operand strides)``, with at least one dimension (a single element
+    is the 1-d unit-stride layout ``[1]``, ``[1]``).
     """
     sizes: list[int] = []
     out: list[list[int]] = [[] for _ in strides]
@@ -218,16 +308,16 @@ def _coalesce(
         for st, s in zip(out, strides, strict=True):
             st.append(s[d])
     if not sizes:
-        return [1], [[0] for _ in strides]
+        return [1], [[1] for _ in strides]
     return sizes, out
 
 
-def _layout(*tensors: Tensor) -> tuple[list[Tensor], int, list[int], list[list[int]]]:
+def _layout(*tensors: Tensor) -> tuple[list[Tensor], int, bool, list[int], list[list[int]]]:
     """Coalesced, right-aligned 4-d layout shared by ``tensors`` (all of the same shape).
 
-    Returns ``(tensors, ndim, sizes[4], strides[k][4])``; the tensors are the inputs, or
-    contiguous copies of them when more than :data:`MAX_DIMS` dims would remain (documented
-    fallback).
+    Returns ``(tensors, ndim, contiguous, sizes[4], strides[k][4])``; ``contiguous``: one merged
+    dim with unit stride for every operand. The tensors are the inputs, or contiguous copies of
+    them when more than :data:`MAX_DIMS` dims would remain (documented fallback).
     """
     shape = tuple(tensors[0].shape)
     sizes, strides = _coalesce(shape, [tuple(t.stride()) for t in tensors])
@@ -235,21 +325,11 @@ def _layout(*tensors: Tensor) -> tuple[list[Tensor], int, list[int], list[list[i
         tensors = tuple(t.contiguous() for t in tensors)
         sizes, strides = _coalesce(shape, [tuple(t.stride()) for t in tensors])
     ndim = len(sizes)
+    contiguous = ndim == 1 and all(st[0] == 1 for st in strides)
     pad = MAX_DIMS - ndim
     sizes4 = [1] * pad + sizes
     strides4 = [[0] * pad + st for st in strides]
-    return list(tensors), ndim, sizes4, strides4
-
-
-def _acc_dtype(dtype: torch.dtype) -> tl.dtype:
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _acc_torch_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    return list(tensors), ndim, contiguous, sizes4, strides4
 
 
 def _check_pair(input: Tensor, target: Tensor, reduction: str) -> None:
@@ -260,7 +340,7 @@ def _check_pair(input: Tensor, target: Tensor, reduction: str) -> None:
             f"mse kernels need input and target of the same shape (expand them first), got "
             f"{tuple(input.shape)} and {tuple(target.shape)}"
         )
-    if input.dtype != target.dtype or input.dtype not in _FLOAT_DTYPES:
+    if input.dtype != target.dtype or input.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"mse kernels need input and target of one floating dtype among fp16/bf16/fp32/fp64, "
             f"got {input.dtype} and {target.dtype}"
@@ -269,24 +349,22 @@ def _check_pair(input: Tensor, target: Tensor, reduction: str) -> None:
         raise ValueError(f"input on {input.device} but target on {target.device}")
 
 
-def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
-    """Make ``device`` current for the launch when it is a CUDA device (no-op otherwise)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+_counters: dict[tuple, Tensor] = {}
 
 
-def _reduce_partials(partials: Tensor, out: Tensor, n_total: int, mean: bool) -> None:
-    """Sum ``partials`` into the 0-dim ``out`` by fixed-shape passes of :func:`_sum_kernel`."""
-    block, warps = _cfg("SUM")
-    while True:
-        n = partials.numel()
-        if n <= block:
-            _sum_kernel[(1,)](partials, out, n, n_total, FINAL_MEAN=mean, BLOCK=block,
-                              num_warps=warps)  # fmt: skip
-            return
-        nxt = torch.empty(triton.cdiv(n, block), dtype=partials.dtype, device=partials.device)
-        _sum_kernel[(nxt.numel(),)](partials, nxt, n, n_total, FINAL_MEAN=False, BLOCK=block,
-                                    num_warps=warps)  # fmt: skip
-        partials = nxt
+def _ticket_counter(device: torch.device) -> Tensor:
+    """A zeroed int32 ticket counter for a reducing forward launch (module docstring): one per
+    (device, stream), reused (each launch leaves it at 0); a fresh one under graph capture."""
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(1, dtype=torch.int32, device=device)
+        key: tuple = (device, torch.cuda.current_stream(device).cuda_stream)
+    else:
+        key = (device, 0)
+    counter = _counters.get(key)
+    if counter is None:
+        counter = _counters[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return counter
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,21 +375,22 @@ def _reduce_partials(partials: Tensor, out: Tensor, n_total: int, mean: bool) ->
 def mse_forward(
     input: Tensor, target: Tensor, reduction: str, *, compute_grad: bool
 ) -> tuple[Tensor, Tensor | None]:
-    """MSE loss of ``input`` against ``target`` and, optionally, its gradient, in one pass.
+    """MSE loss of ``input`` against ``target`` and, optionally, its gradient, in one launch.
 
     ``input`` and ``target`` have the same shape (any strides, stride 0 included) and the same
     floating dtype; each is read once. Returns ``(loss, grad)``:
 
     * ``loss``: for ``"mean"``/``"sum"`` a 0-dim tensor in the input dtype, accumulated in fp32
-      (fp64 for fp64) by the deterministic two-stage reduction described in the module docstring;
-      for ``"none"`` the contiguous elementwise ``(input - target)**2``.
+      (fp64 for fp64) by the deterministic one-launch reduction of the module docstring; for
+      ``"none"`` the contiguous elementwise ``(input - target)**2``.
     * ``grad``: only when ``compute_grad`` and ``reduction != "none"`` (else ``None``):
       ``d loss / d input`` for an upstream gradient of 1, i.e. ``2 (input - target) / N`` for
       ``"mean"`` and ``2 (input - target)`` for ``"sum"``, a new contiguous tensor of the input's
-      shape and dtype, written by the same kernel.
+      shape and dtype, written by the same kernel. Scale it by the real upstream gradient with
+      :func:`mse_grad_scale_`.
 
-    With ``N == 0`` elements: ``"mean"`` gives nan (as ``F.mse_loss``), ``"sum"`` gives 0,
-    ``"none"`` an empty tensor.
+    One kernel launch whatever the reduction. With ``N == 0`` elements there is none:
+    ``"mean"`` gives nan (as ``F.mse_loss``), ``"sum"`` gives 0, ``"none"`` an empty tensor.
     """
     _check_pair(input, target, reduction)
     reduce = reduction != "none"
@@ -319,38 +398,39 @@ def mse_forward(
     n = input.numel()
     dtype, device = input.dtype, input.device
     grad = torch.empty(input.shape, dtype=dtype, device=device) if want_grad else None
-    if not reduce:
-        out = torch.empty(input.shape, dtype=dtype, device=device)
-    else:
-        out = torch.empty((), dtype=dtype, device=device)
     if n == 0:
         if reduce:
-            out.fill_(float("nan") if reduction == "mean" else 0.0)
-        return out, grad
+            return torch.full((), float("nan") if reduction == "mean" else 0.0, dtype=dtype,
+                              device=device), grad  # fmt: skip
+        return torch.empty(input.shape, dtype=dtype, device=device), grad
+    out = torch.empty(input.shape if not reduce else (), dtype=dtype, device=device)
 
-    (x, t), ndim, sizes, (xs, ts) = _layout(input, target)
-    block, warps = fwd_config(ndim)
-    grid = triton.cdiv(n, block)
-    acc = _acc_torch_dtype(dtype)
-    partials = torch.empty(grid if reduce else 1, dtype=acc, device=device)
-    with _on_device(device):
+    (x, t), ndim, contiguous, sizes, (xs, ts) = _layout(input, target)
+    cfg = launch_config("fwd", ndim)
+    grid = triton.cdiv(n, cfg["BLOCK"])
+    if reduce:
+        partials = torch.empty(grid, dtype=acc_dtype(dtype), device=device)
+        counter = _ticket_counter(device)
+    else:  # unused by the kernel
+        partials = counter = out
+    with on_device(device):
         _mse_fwd_kernel[(grid,)](
-            x, t, out, grad if grad is not None else out, partials, n,
+            x, t, out, grad if grad is not None else out, partials, counter, n,
             sizes[1], sizes[2], sizes[3], *xs, *ts,
-            NDIM=ndim, REDUCE=reduce, MEAN=reduction == "mean", COMPUTE_GRAD=want_grad,
-            ACC=_acc_dtype(dtype), BLOCK=block, num_warps=warps,
+            NDIM=ndim, CONTIG=contiguous, REDUCE=reduce, MEAN=reduction == "mean",
+            COMPUTE_GRAD=want_grad, ACC=tl_acc_dtype(dtype), BLOCK=cfg["BLOCK"],
+            RBLOCK=cfg["RBLOCK"], num_warps=cfg["num_warps"],
         )  # fmt: skip
-        if reduce:
-            _reduce_partials(partials, out, n, reduction == "mean")
     return out, grad
 
 
 def mse_backward(grad_output: Tensor, input: Tensor, target: Tensor, reduction: str) -> Tensor:
     """Elementwise MSE backward: ``grad_output * 2 (input - target)`` (``/ N`` for ``"mean"``).
 
-    ``grad_output`` is a 0-dim tensor (``"mean"``/``"sum"``; read on the device) or has
+    ``grad_output`` is a 1-element tensor (``"mean"``/``"sum"``; read on the device) or has
     ``input``'s shape with any strides (``"none"``). Returns a new contiguous tensor of
-    ``input``'s shape and dtype.
+    ``input``'s shape and dtype, in one launch (none for ``N == 0``). For a gradient that
+    :func:`mse_forward` already produced, :func:`mse_grad_scale_` is cheaper.
     """
     _check_pair(input, target, reduction)
     scalar = reduction != "none"
@@ -371,28 +451,48 @@ def mse_backward(grad_output: Tensor, input: Tensor, target: Tensor, reduction: 
     if n == 0:
         return out
     if scalar:
-        (x, t), ndim, sizes, (xs, ts) = _layout(input, target)
+        (x, t), ndim, contiguous, sizes, (xs, ts) = _layout(input, target)
         go, gs = grad_output, [0, 0, 0, 0]
     else:
-        (go, x, t), ndim, sizes, (gs, xs, ts) = _layout(grad_output, input, target)
-    block, warps = _cfg("ELEMWISE")
-    with _on_device(input.device):
-        _mse_bwd_kernel[(triton.cdiv(n, block),)](
+        (go, x, t), ndim, contiguous, sizes, (gs, xs, ts) = _layout(grad_output, input, target)
+    cfg = launch_config("elementwise")
+    with on_device(input.device):
+        _mse_bwd_kernel[(triton.cdiv(n, cfg["BLOCK"]),)](
             go, x, t, out, n, sizes[1], sizes[2], sizes[3], *gs, *xs, *ts,
-            NDIM=ndim, GO_SCALAR=scalar, MEAN=reduction == "mean",
-            ACC=_acc_dtype(input.dtype), BLOCK=block, num_warps=warps,
+            NDIM=ndim, CONTIG=contiguous, GO_SCALAR=scalar, MEAN=reduction == "mean",
+            ACC=tl_acc_dtype(input.dtype), BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"],
         )  # fmt: skip
     return out
 
 
-def scale_(grad: Tensor, grad_output: Tensor) -> Tensor:
-    """``grad *= grad_output`` in place, ``grad_output`` a 1-element tensor read on the device
-    (no host sync). ``grad`` may have any strides but must not overlap itself. Returns ``grad``.
+def mse_grad_scale_(grad: Tensor, grad_output: Tensor) -> Tensor:
+    """``grad *= grad_output`` in place, on the device, without a host sync; returns ``grad``.
+
+    For the backward of a reducing MSE whose forward (:func:`mse_forward` with ``compute_grad``)
+    already wrote the gradient for an upstream gradient of 1: scaling it by the real upstream
+    gradient ``grad_output`` gives ``d loss / d input``.
+
+    * ``grad``: fp16/bf16/fp32/fp64, any strides without stride-0 dimensions (overlapping
+      memory is not supported); contiguous ``grad`` (as :func:`mse_forward` returns it) takes
+      the 16-byte vector path.
+    * ``grad_output``: a 1-element floating tensor of any shape and dtype on ``grad``'s device,
+      read by the kernel (never by the host).
+    * Each element becomes ``(grad * grad_output)`` computed in fp32 (fp64 for an fp64
+      ``grad``; ``grad_output`` is first converted to that dtype), rounded once to ``grad``'s
+      dtype. When ``grad_output`` is exactly 1 every program returns after reading it and
+      ``grad`` is left bitwise unchanged.
+    * One kernel launch (none when ``grad`` is empty). Not recorded by autograd, and Triton's
+      write does not bump ``grad``'s version counter: the caller must own ``grad`` (e.g. scale
+      a saved gradient at most once).
     """
     if grad_output.numel() != 1:
-        raise ValueError(f"scale_ needs a 1-element grad_output, got {tuple(grad_output.shape)}")
-    if grad.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"scale_ needs a floating grad, got {grad.dtype}")
+        raise ValueError(
+            f"mse_grad_scale_ needs a 1-element grad_output, got {tuple(grad_output.shape)}"
+        )
+    if grad.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"mse_grad_scale_ needs a floating grad, got {grad.dtype}")
+    if not grad_output.dtype.is_floating_point:
+        raise TypeError(f"mse_grad_scale_ needs a floating grad_output, got {grad_output.dtype}")
     if grad_output.device != grad.device:
         raise ValueError(f"grad_output on {grad_output.device} but grad on {grad.device}")
     n = grad.numel()
@@ -400,19 +500,23 @@ def scale_(grad: Tensor, grad_output: Tensor) -> Tensor:
         return grad
     sizes, (strides,) = _coalesce(tuple(grad.shape), [tuple(grad.stride())])
     if any(st == 0 for size, st in zip(sizes, strides, strict=True) if size > 1):
-        raise ValueError("scale_ cannot write in place into a tensor with stride-0 dimensions")
+        raise ValueError(
+            "mse_grad_scale_ cannot write in place into a tensor with stride-0 dimensions"
+        )
     if len(sizes) > MAX_DIMS:
         # Rare: too many non-mergeable dims. Scale a contiguous copy and write it back.
         tmp = grad.contiguous()
-        scale_(tmp, grad_output)
+        mse_grad_scale_(tmp, grad_output)
         return grad.copy_(tmp)
     ndim = len(sizes)
+    contiguous = ndim == 1 and strides[0] == 1
     sizes = [1] * (MAX_DIMS - ndim) + sizes
     strides = [0] * (MAX_DIMS - ndim) + strides
-    block, warps = _cfg("ELEMWISE")
-    with _on_device(grad.device):
-        _scale_kernel[(triton.cdiv(n, block),)](
+    cfg = launch_config("elementwise")
+    with on_device(grad.device):
+        _grad_scale_kernel[(triton.cdiv(n, cfg["BLOCK"]),)](
             grad, grad_output, n, sizes[1], sizes[2], sizes[3], *strides,
-            NDIM=ndim, ACC=_acc_dtype(grad.dtype), BLOCK=block, num_warps=warps,
+            NDIM=ndim, CONTIG=contiguous, ACC=tl_acc_dtype(grad.dtype), BLOCK=cfg["BLOCK"],
+            num_warps=cfg["num_warps"],
         )  # fmt: skip
     return grad

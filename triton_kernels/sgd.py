@@ -1,25 +1,34 @@
 """Multi-tensor SGD step: one kernel launch updates a whole list of same-dtype, same-device params.
 
-How one launch covers many tensors. The launcher builds a small int64 *metadata* tensor on the
-params' device holding, per tensor ``i`` of ``T``: the addresses (``data_ptr()``) of the param,
-the gradient and the momentum buffer, the element count, the index of the tensor's first block,
-and a flag "initialise the momentum buffer" (its buffer was ``None``); then, per block of
-``BLOCK`` elements over all tensors, the index of the tensor the block belongs to. The launch
-grid is the flattened list of (tensor, block) pairs: program ``pid`` reads its tensor index,
-casts the stored addresses to typed pointers (``int64 -> tl.pointer_type``; this works in the
-Triton interpreter too) and updates its block. No program is idle whatever the size mix.
+How one launch covers many tensors. The launch grid is the flattened list of (tensor, block)
+pairs over all tensors, ``BLOCK`` elements a block, so no program is idle whatever the size mix.
+The launcher builds a *block map* on the params' device: one row of four int64 per block,
+``(param address, grad address, momentum-buffer address, 2 * elements_left + init)``, the
+addresses already advanced to the block's first element and ``elements_left`` the tensor's
+element count from there (``init``: the momentum buffer is new, its old value is not used).
+Program ``pid`` loads its row (four independent loads of one 32-byte row: one round trip, no
+load waits on another), casts the addresses to typed pointers (``int64 -> tl.pointer_type``; this
+works in the Triton interpreter too) and starts loading data.
 
-The metadata depends only on addresses, sizes and flags, so it is cached (keyed by exactly those
-values: a hit is always correct) and after the first step no host-to-device copy is needed for
-it. Hyper-parameters travel in a small fp64 device tensor (Triton passes Python floats as fp32,
-which would round an fp64 model's learning rate); a tensor ``lr`` is read on the device, so no
-``.item()`` host sync happens. Arithmetic is fp32 for fp16/bf16/fp32 params and fp64 for fp64.
+Bandwidth. A program whose block is full (``elements_left >= BLOCK``) takes an unmasked path; a
+tensor's last, partial block is masked. When every param, grad and buffer address is 16-byte
+aligned (checked on the host, which all freshly allocated tensors are) the launch passes
+``ALIGNED=True`` and the kernel marks the row's pointers ``tl.multiple_of(ptr, 16)``: blocks
+start at multiples of ``BLOCK`` elements, so the full blocks' accesses compile to 128-bit
+``ld/st.global.v4`` (``v2.b64`` for fp64). Otherwise the kernel is compiled without the hint
+(scalar accesses, still correct).
+
+The block map depends only on addresses, sizes, dtype and the ``init`` flags, so it is cached
+(keyed by exactly those values: a hit is always correct); a miss moves O(tensors) integers to the
+device and expands them there (no host sync), and after the first steps no host-to-device copy
+is needed at all. Hyper-parameters travel in a small fp64 device tensor (Triton passes Python
+floats as fp32, which would round an fp64 model's learning rate); a tensor ``lr`` is read on the
+device, so no ``.item()`` host sync happens. Arithmetic is fp32 for fp16/bf16/fp32 params and
+fp64 for fp64.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -28,64 +37,110 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["sgd_step_", "supports"]
+from ._runtime import FLOAT_DTYPES, interpreting, on_device, tl_acc_dtype
 
-_CUDA_CFG = (1024, 4)  # (BLOCK, num_warps)
-_INTERP_CFG = (64, 1)
+__all__ = ["CONFIGS", "launch_config", "sgd_step_", "supports"]
+
+# Fixed launch configurations, as data (the audit compiles the "cuda" one). The interpreter's
+# small block makes small test tensors span several blocks, full and partial.
+CONFIGS: dict[str, dict[str, int]] = {
+    "cuda": dict(BLOCK=1024, num_warps=4),
+    "interpreter": dict(BLOCK=64, num_warps=1),
+}
 _CACHE_SIZE = 32
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_ALIGN = 16  # bytes: the alignment of a 128-bit access
 
 
-def _cfg() -> tuple[int, int]:
-    return _INTERP_CFG if _interpreting() else _CUDA_CFG
+def launch_config(*, cuda: bool | None = None) -> dict[str, int]:
+    """The CUDA launch config or the interpreter's (``cuda=None``: whichever this process runs)."""
+    if cuda is None:
+        cuda = not interpreting()
+    return CONFIGS["cuda" if cuda else "interpreter"]
 
 
-@triton.jit(do_not_specialize=["T"])
-def _sgd_kernel(
-    p_witness, meta_ptr, hp_ptr, lr_ptr, T,
-    HAS_WD: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-    MAXIMIZE: tl.constexpr, LR_TENSOR: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
+@triton.jit
+def _typed_pointer(addr, witness, ALIGNED: tl.constexpr):
+    """The int64 address ``addr`` as a pointer of ``witness``'s type, marked 16-byte aligned
+    when ``ALIGNED``."""
+    ptr = addr.to(witness.dtype)
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def _sgd_block(
+    p_ptr, g_ptr, b_ptr, n_left, init, lr, wd, momentum, one_minus_damp,
+    MASKED: tl.constexpr, HAS_WD: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+    NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """One block of one tensor. ``p_witness`` is any param of the group: only its pointer type
-    is used, to type the addresses read from ``meta_ptr``. ``hp_ptr`` holds (fp64)
-    ``lr, weight_decay, momentum, 1 - dampening``; ``lr_ptr`` a device lr when ``LR_TENSOR``."""
-    pid = tl.program_id(0).to(tl.int64)
-    T64 = T.to(tl.int64)
-    t = tl.load(meta_ptr + 6 * T64 + pid)  # the block map follows the 6 per-tensor rows
-    numel = tl.load(meta_ptr + 3 * T64 + t)
-    block = pid - tl.load(meta_ptr + 4 * T64 + t)
-    p_ptr = tl.load(meta_ptr + t).to(p_witness.dtype)
-    g_ptr = tl.load(meta_ptr + T64 + t).to(p_witness.dtype)
-
-    offs = block * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+    """The update of one block's ``BLOCK`` elements (the first ``n_left`` when ``MASKED``)."""
+    offs = tl.max_contiguous(tl.arange(0, BLOCK), BLOCK)
+    mask = offs < n_left
+    if MASKED:
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+    else:
+        p = tl.load(p_ptr + offs).to(COMPUTE)
+        g = tl.load(g_ptr + offs).to(COMPUTE)
     if MAXIMIZE:
         g = -g
     if HAS_WD:
-        wd = tl.load(hp_ptr + 1).to(COMPUTE)
         g = g + wd * p
     if HAS_MOMENTUM:
-        momentum = tl.load(hp_ptr + 2).to(COMPUTE)
-        one_minus_damp = tl.load(hp_ptr + 3).to(COMPUTE)
-        b_ptr = tl.load(meta_ptr + 2 * T64 + t).to(p_witness.dtype)
-        init = tl.load(meta_ptr + 5 * T64 + t)
         # On the first step the buffer is freshly allocated (valid memory, arbitrary bits):
         # its value is loaded but replaced by the selects below.
-        old = tl.load(b_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-        old = tl.where(init != 0, 0.0, old)
-        buf = tl.where(init != 0, g, old * momentum + one_minus_damp * g)
-        tl.store(b_ptr + offs, buf.to(p_witness.dtype.element_ty), mask=mask)
+        if MASKED:
+            old = tl.load(b_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+        else:
+            old = tl.load(b_ptr + offs).to(COMPUTE)
+        old = tl.where(init, 0.0, old)
+        buf = tl.where(init, g, old * momentum + one_minus_damp * g)
+        if MASKED:
+            tl.store(b_ptr + offs, buf.to(b_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(b_ptr + offs, buf.to(b_ptr.dtype.element_ty))
         g = g + momentum * buf if NESTEROV else buf
-    lr = tl.load(lr_ptr).to(COMPUTE) if LR_TENSOR else tl.load(hp_ptr).to(COMPUTE)
     p = p - lr * g
-    tl.store(p_ptr + offs, p.to(p_witness.dtype.element_ty), mask=mask)
+    if MASKED:
+        tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _sgd_kernel(
+    p_witness, rows_ptr, hp_ptr, lr_ptr,
+    HAS_WD: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+    MAXIMIZE: tl.constexpr, LR_TENSOR: tl.constexpr, ALIGNED: tl.constexpr,
+    COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """One block of one tensor, described by row ``pid`` of the block map (module docstring).
+    ``p_witness`` is any param of the group: only its pointer type is used, to type the row's
+    addresses. ``hp_ptr`` holds (fp64) ``lr, weight_decay, momentum, 1 - dampening``;
+    ``lr_ptr`` a device lr when ``LR_TENSOR``."""
+    row = rows_ptr + tl.program_id(0).to(tl.int64) * 4
+    # The row's loads are independent of each other and of the hyper-parameters' loads.
+    p_addr = tl.load(row)
+    g_addr = tl.load(row + 1)
+    left_init = tl.load(row + 3)
+    b_addr = tl.load(row + 2) if HAS_MOMENTUM else p_addr
+    lr = tl.load(lr_ptr).to(COMPUTE) if LR_TENSOR else tl.load(hp_ptr).to(COMPUTE)
+    wd = tl.load(hp_ptr + 1).to(COMPUTE) if HAS_WD else 0.0
+    momentum = tl.load(hp_ptr + 2).to(COMPUTE) if HAS_MOMENTUM else 0.0
+    one_minus_damp = tl.load(hp_ptr + 3).to(COMPUTE) if HAS_MOMENTUM else 0.0
+
+    p_ptr = _typed_pointer(p_addr, p_witness, ALIGNED)
+    g_ptr = _typed_pointer(g_addr, p_witness, ALIGNED)
+    b_ptr = _typed_pointer(b_addr, p_witness, ALIGNED)
+    n_left = left_init >> 1
+    init = (left_init & 1) != 0
+    if n_left >= BLOCK:
+        _sgd_block(p_ptr, g_ptr, b_ptr, n_left, init, lr, wd, momentum, one_minus_damp,
+                   False, HAS_WD, HAS_MOMENTUM, NESTEROV, MAXIMIZE, COMPUTE, BLOCK)  # fmt: skip
+    else:
+        _sgd_block(p_ptr, g_ptr, b_ptr, n_left, init, lr, wd, momentum, one_minus_damp,
+                   True, HAS_WD, HAS_MOMENTUM, NESTEROV, MAXIMIZE, COMPUTE, BLOCK)  # fmt: skip
 
 
 _meta_cache: OrderedDict[tuple, Tensor] = OrderedDict()
@@ -111,15 +166,17 @@ def _cached(cache: OrderedDict[tuple, Tensor], key: tuple, make: Callable[[], Te
     return value
 
 
-def _meta(
+def _block_map(
     params: list[Tensor], grads: list[Tensor], bufs: list[int], init: list[int], block: int
 ) -> tuple[Tensor, int]:
-    """The metadata table (see module docstring) on the params' device, and the block count."""
-    device = params[0].device
+    """The block map (see module docstring), ``(n_blocks, 4)`` int64 on the params' device, and
+    the block count."""
+    device, dtype = params[0].device, params[0].dtype
     p_addr = [p.data_ptr() for p in params]
     g_addr = [g.data_ptr() for g in grads]
     numels = [p.numel() for p in params]
-    key = (device, block, tuple(p_addr), tuple(g_addr), tuple(bufs), tuple(numels), tuple(init))
+    key = (device, dtype, block, tuple(p_addr), tuple(g_addr), tuple(bufs), tuple(numels),
+           tuple(init))  # fmt: skip
     counts = [triton.cdiv(n, block) for n in numels]
     n_blocks = sum(counts)
 
@@ -128,14 +185,19 @@ def _meta(
         for c in counts:
             first.append(acc)
             acc += c
-        # Only O(tensors) values cross from the host; the O(blocks) block -> tensor map is
-        # expanded on the device (output_size given: no host sync), so a miss stays cheap
-        # for a model of billions of parameters.
-        head = _to_device(p_addr + g_addr + bufs + numels + first + init, torch.int64, device)
-        counts_dev = _to_device(counts, torch.int64, device)
-        tensor_ids = torch.arange(len(counts), dtype=torch.int64, device=device)
-        block_map = torch.repeat_interleave(tensor_ids, counts_dev, output_size=n_blocks)
-        return torch.cat([head, block_map])
+        # Only O(tensors) values cross from the host; the O(blocks) rows are expanded on the
+        # device (output_size given: no host sync), so a miss stays cheap for a model of
+        # billions of parameters.
+        head = _to_device(p_addr + g_addr + bufs + numels + first + init + counts, torch.int64,
+                          device).view(7, len(params))  # fmt: skip
+        p, g, b, numel, first_dev, init_dev, counts_dev = head.unbind(0)
+        tensor = torch.arange(len(params), device=device)
+        t = torch.repeat_interleave(tensor, counts_dev, output_size=n_blocks)
+        start = (torch.arange(n_blocks, device=device) - first_dev[t]) * block  # elements
+        byte = start * dtype.itemsize
+        # Without momentum the buffer addresses are 0 and the third column is never read.
+        rows = [p[t] + byte, g[t] + byte, b[t] + byte, (numel[t] - start) * 2 + init_dev[t]]
+        return torch.stack(rows, dim=1).contiguous()
 
     return _cached(_meta_cache, key, make), n_blocks
 
@@ -148,7 +210,7 @@ def supports(
     if not params:
         return True
     dev, dtype = params[0].device, params[0].dtype
-    if dtype not in _FLOAT_DTYPES:
+    if dtype not in FLOAT_DTYPES:
         return False
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
         others = [g]
@@ -222,10 +284,16 @@ def sgd_step_(
         bufs = [0] * len(params)
         init = [0] * len(params)
 
-    block, warps = _cfg()
-    meta, n_blocks = _meta(params, grads, bufs, init, block)
+    cfg = launch_config()
+    block = cfg["BLOCK"]
+    rows, n_blocks = _block_map(params, grads, bufs, init, block)
     if n_blocks == 0:
         return
+    # Blocks start at multiples of BLOCK elements: 16-byte aligned whenever the bases are.
+    addrs = [p.data_ptr() for p in params] + [g.data_ptr() for g in grads]
+    aligned = (block * dtype.itemsize) % _ALIGN == 0 and all(
+        a % _ALIGN == 0 for a in addrs + (bufs if use_momentum else [])
+    )
 
     lr_tensor = isinstance(lr, Tensor)
     if lr_tensor:
@@ -239,12 +307,10 @@ def sgd_step_(
     hp = _cached(_hp_cache, (device, hp_vals), lambda: _to_device(list(hp_vals), torch.float64,
                                                                    device))  # fmt: skip
 
-    compute = tl.float64 if dtype == torch.float64 else tl.float32
-    ctx = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    with ctx:
+    with on_device(device):
         _sgd_kernel[(n_blocks,)](
-            params[0], meta, hp, lr_dev if lr_dev is not None else hp, len(params),
+            params[0], rows, hp, lr_dev if lr_dev is not None else hp,
             HAS_WD=weight_decay != 0, HAS_MOMENTUM=use_momentum, NESTEROV=bool(nesterov),
-            MAXIMIZE=bool(maximize), LR_TENSOR=lr_tensor, COMPUTE=compute, BLOCK=block,
-            num_warps=warps,
+            MAXIMIZE=bool(maximize), LR_TENSOR=lr_tensor, ALIGNED=aligned,
+            COMPUTE=tl_acc_dtype(dtype), BLOCK=block, num_warps=cfg["num_warps"],
         )  # fmt: skip

@@ -90,25 +90,25 @@ def test_mse_and_sgd_kernels_are_audited():
     from manualbp.kernels import mse, sgd
     from manualbp.kernels.audit import SGD_VARIANTS, build_jobs
 
-    names = {"mse_fwd", "mse_sum", "mse_bwd", "mse_scale", "sgd"}
+    names = {"mse_fwd", "mse_bwd", "mse_scale", "sgd"}
     jobs = build_jobs()
     for arch in (80, 90):
         for dtype in ("fp16", "bf16", "fp32", "fp64"):
             built = {j.kernel for j in jobs if j.arch == arch and j.dtype == dtype}
             assert names <= built, (arch, dtype, built)
+
     # Shipped CUDA launch configs, not the interpreter's.
-    block_warps = {
-        "mse_sum": mse._CUDA_SUM,
-        "mse_bwd": mse._CUDA_ELEMWISE,
-        "mse_scale": mse._CUDA_ELEMWISE,
-        "sgd": sgd._CUDA_CFG,
-    }
+    def shipped(j):
+        if j.kernel == "mse_fwd":  # the launcher picks by layout: see mse.launch_config
+            return mse.launch_config("fwd", j.constexprs["NDIM"], cuda=True)
+        if j.kernel == "sgd":
+            return sgd.launch_config(cuda=True)
+        return mse.launch_config("elementwise", cuda=True)
+
     for j in jobs:
-        if j.kernel == "mse_fwd":  # the launcher picks by layout: see mse.fwd_config
-            expected = mse._CUDA_FWD_STRIDED if j.constexprs["NDIM"] >= 3 else mse._CUDA_FWD
-            assert (j.constexprs["BLOCK"], j.num_warps) == expected, j
-        elif j.kernel in names:
-            assert (j.constexprs["BLOCK"], j.num_warps) == block_warps[j.kernel], j
+        if j.kernel in names:
+            cfg = shipped(j)
+            assert (j.constexprs["BLOCK"], j.num_warps) == (cfg["BLOCK"], cfg["num_warps"]), j
         if j.kernel in names:
             assert not j.gemm
     fwd = {
@@ -135,3 +135,13 @@ def test_quick_audit_mse_and_sgd_compile_without_spills():
     for r in rows:
         # Columns from the right: status, wgmma, smem, spill bytes, regs.
         assert r[-1] == "OK" and r[-4] == "0", r
+
+
+def test_vector_width_rule():
+    from manualbp.kernels.audit import problems, vector_widths
+
+    assert vector_widths("ld.global.v4.b32 {%r1, %r2, %r3, %r4}, [%rd1];")["ld_bits"] == 128
+    assert vector_widths("ld.global.b16 %rs1, [%rd1];")["ld_bits"] == 16
+    row = {"error": None, "spills": 0, "shared": 0, "arch": 90, "dtype": "fp32", "gemm": False}
+    row.update(need_v128=True, ld_bits=32)
+    assert "no 128-bit loads" in problems(row)

@@ -2,8 +2,10 @@
 
 Runs the kernels under Triton's CPU interpreter (``TRITON_INTERPRET=1``, which
 ``tests/conftest.py`` sets when there is no GPU) or on CUDA. Sizes are small and odd so that
-blocks are partly masked; the interpreter's block sizes are small (see ``_INTERP_*`` in the
-module), so these sizes still span several programs and several reduction passes.
+the last block is partial; the interpreter's block sizes are small (see ``mse.CONFIGS``), so
+these sizes still span several programs (full blocks on the unmasked path, a masked tail) and
+several chunks of partials in the last program's sum. Layouts cover contiguous, unaligned
+(a view at storage offset 1), strided, transposed, broadcast (stride 0) and > MAX_DIMS views.
 """
 
 from __future__ import annotations
@@ -38,9 +40,28 @@ def _rand(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     return torch.randn(shape, dtype=torch.float64, device=DEVICE).to(dtype)
 
 
+def _at_offset(shape: tuple[int, ...], dtype: torch.dtype, offset: int = 1) -> Tensor:
+    """A contiguous view whose data starts ``offset`` elements into its storage: not 16-byte
+    aligned for any dtype when ``offset`` is 1."""
+    n = math.prod(shape)
+    return _rand((n + offset,), dtype)[offset:].view(shape)
+
+
 # Each builder returns (input, target) of the same shape, with the layout its name says.
 def _contiguous(dtype):
     return _rand((47, 31), dtype), _rand((47, 31), dtype)
+
+
+def _full_blocks(dtype):  # 256 = a whole number of the interpreter's blocks: no masked block
+    return _rand((4, 64), dtype), _rand((4, 64), dtype)
+
+
+def _unaligned(dtype):  # both at storage offset 1
+    return _at_offset((47, 31), dtype), _at_offset((47, 31), dtype)
+
+
+def _unaligned_input(dtype):  # input at offset 1, target aligned
+    return _at_offset((1000,), dtype), _rand((1000,), dtype)
 
 
 def _row_broadcast(dtype):  # target stride (0, 1)
@@ -59,7 +80,7 @@ def _transposed(dtype):
     return _rand((31, 47), dtype).t(), _rand((47, 31), dtype)
 
 
-def _sliced(dtype):
+def _sliced(dtype):  # input coalesces to one dim of stride 2
     return _rand((47, 62), dtype)[:, ::2], _rand((50, 31), dtype)[3:]
 
 
@@ -90,9 +111,24 @@ def _long_1d(dtype):  # 1000 = not a multiple of any block size
 
 
 LAYOUTS = [
-    _contiguous, _row_broadcast, _col_broadcast, _scalar_broadcast, _transposed, _sliced,
-    _both_expanded, _permuted_4d, _permuted_5d, _one, _zero_dim, _long_1d,
+    _contiguous, _full_blocks, _unaligned, _unaligned_input, _row_broadcast, _col_broadcast,
+    _scalar_broadcast, _transposed, _sliced, _both_expanded, _permuted_4d, _permuted_5d, _one,
+    _zero_dim, _long_1d,
 ]  # fmt: skip
+_ID = dict(ids=lambda f: f.__name__.strip("_"))
+
+
+def _sum_depth(n: int) -> int:
+    """Most roundings on the way from one squared term to the reduced loss: a tree over a
+    block, the last program's per-lane sequential sum over the partials, a tree over its lanes
+    (for the larger of the layouts' configs)."""
+    depth = 0
+    for ndim in (1, 4):
+        cfg = mse.launch_config("fwd", ndim)
+        lanes = math.ceil(math.ceil(n / cfg["BLOCK"]) / cfg["RBLOCK"])
+        depth = max(depth, math.ceil(math.log2(cfg["BLOCK"])) + lanes
+                    + math.ceil(math.log2(cfg["RBLOCK"])))  # fmt: skip
+    return depth
 
 
 def _want_loss(x: Tensor, t: Tensor, reduction: str) -> Tensor:
@@ -100,15 +136,15 @@ def _want_loss(x: Tensor, t: Tensor, reduction: str) -> Tensor:
 
 
 def _check_loss(got: Tensor, x: Tensor, t: Tensor, reduction: str) -> None:
-    """Loss within one rounding to the dtype plus a tree-sum's accumulation error."""
+    """Loss within one rounding to the dtype plus the reduction's accumulation error (the
+    squared terms are nonnegative, so a relative bound holds)."""
     want = _want_loss(x, t, reduction)
     assert got.dtype == x.dtype and got.shape == want.shape
     if reduction == "none":
         assert got.is_contiguous()
     eps = torch.finfo(x.dtype).eps
-    n = max(x.numel(), 1)
-    # (x - t)**2 in the accumulation dtype: 3 roundings per term; a tree of depth log2(n).
-    acc_err = (3 + math.ceil(math.log2(n)) + 1) * _acc_eps(x.dtype) * want.abs()
+    # (x - t)**2 in the accumulation dtype: 3 roundings per term, then the sum's; "mean" one more.
+    acc_err = (3 + _sum_depth(max(x.numel(), 1)) + 1) * _acc_eps(x.dtype) * want.abs()
     allowed = eps * want.abs() + acc_err + torch.finfo(x.dtype).tiny
     err = (got.double() - want).abs()
     assert bool((err <= allowed).all()), f"max err {err.max().item()}, allowed {allowed.max()}"
@@ -119,16 +155,25 @@ def _want_grad(x: Tensor, t: Tensor, reduction: str) -> Tensor:
     return 2 * d / x.numel() if reduction == "mean" else 2 * d
 
 
-def _check_elementwise(got: Tensor, want: Tensor, dtype: torch.dtype) -> None:
-    """One rounding to ``dtype`` after a few ops in the accumulation dtype."""
+def _check_elementwise(got: Tensor, want: Tensor, dtype: torch.dtype, roundings: int = 1) -> None:
+    """``roundings`` roundings to ``dtype``, each after a few ops in the accumulation dtype."""
     assert got.dtype == dtype and got.shape == want.shape and got.is_contiguous()
-    allowed = (torch.finfo(dtype).eps + 4 * _acc_eps(dtype)) * want.abs()
+    allowed = roundings * (torch.finfo(dtype).eps + 4 * _acc_eps(dtype)) * want.abs()
     allowed = allowed + torch.finfo(dtype).tiny
     err = (got.double() - want).abs()
     assert bool((err <= allowed).all()), f"max err {err.max().item()}"
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda f: f.__name__.strip("_"))
+def _counters_are_zero() -> bool:
+    return all(int(c.item()) == 0 for c in mse._counters.values())
+
+
+# --------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, **_ID)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_forward(layout, dtype, reduction):
@@ -139,6 +184,7 @@ def test_forward(layout, dtype, reduction):
         assert grad is None
     else:
         _check_elementwise(grad, _want_grad(x, t, reduction), dtype)
+    assert _counters_are_zero()
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -149,28 +195,33 @@ def test_forward_without_grad(reduction):
     _check_loss(loss, x, t, reduction)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_forward_empty(dtype):
     x = _rand((0, 31), dtype)
     t = _rand((31,), dtype).expand(0, 31)
     for reduction in REDUCTIONS:
         loss, grad = mse.mse_forward(x, t, reduction, compute_grad=True)
         want = F.mse_loss(x, t, reduction=reduction)
+        assert loss.dtype == dtype and loss.shape == want.shape
         torch.testing.assert_close(loss, want, equal_nan=True)
         if reduction != "none":
             assert grad is not None and grad.shape == x.shape and grad.dtype == dtype
 
 
-def test_forward_is_deterministic():
-    x, t = _row_broadcast(torch.float32)
-    a, ga = mse.mse_forward(x, t, "sum", compute_grad=True)
-    b, gb = mse.mse_forward(x, t, "sum", compute_grad=True)
-    assert torch.equal(a, b) and torch.equal(ga, gb)
+@pytest.mark.parametrize("layout", [_contiguous, _unaligned, _row_broadcast, _long_1d], **_ID)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_forward_is_deterministic(layout, reduction):
+    x, t = layout(torch.float32)
+    a, ga = mse.mse_forward(x, t, reduction, compute_grad=True)
+    b, gb = mse.mse_forward(x, t, reduction, compute_grad=True)
+    assert torch.equal(a, b)
+    assert (ga is None and gb is None) or torch.equal(ga, gb)
+    assert _counters_are_zero()
 
 
-def test_forward_many_reduction_passes():
-    """17408 elements: 272 partials, then 17, then 1 with the interpreter's blocks; a constant
-    summand makes a sequential fp32 sum drift, a tree does not."""
+def test_forward_many_partials():
+    """17408 elements: 272 partials with the interpreter's blocks, summed by the last program
+    in 17 chunks; a constant summand makes a long sequential fp32 sum drift."""
     x = torch.full((17408,), 1.1, dtype=torch.float32, device=DEVICE)
     t = torch.zeros_like(x)
     for reduction in ("mean", "sum"):
@@ -178,8 +229,43 @@ def test_forward_many_reduction_passes():
         _check_loss(loss, x, t, reduction)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda f: f.__name__.strip("_"))
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=str)
+class _Counting:
+    """Wraps a Triton kernel, counting its launches."""
+
+    def __init__(self, kernel, launches: list):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        self.launches.append(grid)
+        return self.kernel[grid]
+
+
+def test_one_launch_each(monkeypatch):
+    launches: list = []
+    for name in ("_mse_fwd_kernel", "_mse_bwd_kernel", "_grad_scale_kernel"):
+        monkeypatch.setattr(mse, name, _Counting(getattr(mse, name), launches))
+    x, t = _long_1d(torch.float32)
+    for reduction in REDUCTIONS:
+        launches.clear()
+        _, grad = mse.mse_forward(x, t, reduction, compute_grad=True)
+        assert len(launches) == 1, reduction
+        go = torch.tensor(0.5, device=DEVICE) if reduction != "none" else torch.ones_like(x)
+        launches.clear()
+        mse.mse_backward(go, x, t, reduction)
+        assert len(launches) == 1
+        if grad is not None:
+            launches.clear()
+            mse.mse_grad_scale_(grad, go)
+            assert len(launches) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Backward (recomputing) and the in-place scale of the forward's gradient
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, **_ID)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_backward(layout, dtype, reduction):
     x, t = layout(dtype)
@@ -190,6 +276,15 @@ def test_backward(layout, dtype, reduction):
         go = torch.tensor(0.37, dtype=dtype, device=DEVICE)
     got = mse.mse_backward(go, x, t, reduction)
     _check_elementwise(got, _want_grad(x, t, reduction) * go.double(), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backward_contiguous_grad_output(dtype):
+    """``"none"`` with every operand contiguous: the vector path, grad_output included."""
+    x, t = _long_1d(dtype)
+    go = _rand((1000,), dtype)
+    got = mse.mse_backward(go, x, t, "none")
+    _check_elementwise(got, _want_grad(x, t, "none") * go.double(), dtype)
 
 
 def test_backward_broadcast_grad_output():
@@ -204,29 +299,91 @@ def test_backward_empty():
     assert mse.mse_backward(torch.tensor(1.0, device=DEVICE), x, x, "mean").shape == (0, 3)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
-def test_scale_(dtype, layout):
+@pytest.mark.parametrize("layout", [_contiguous, _unaligned, _row_broadcast], **_ID)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("g", [1.0, 0.37])
+def test_forward_grad_then_scale(layout, dtype, reduction, g):
+    """The Triton backend's backward for a scalar loss: the forward's gradient for g = 1,
+    scaled in place by the real g, against float64 autograd through ``F.mse_loss``."""
+    x, t = layout(dtype)
+    _, grad = mse.mse_forward(x, t, reduction, compute_grad=True)
+    before = grad.clone()
+    go = torch.tensor(g, dtype=dtype, device=DEVICE)
+    assert mse.mse_grad_scale_(grad, go) is grad
+    if g == 1.0:
+        assert torch.equal(grad, before)
+    xd = x.double().requires_grad_()
+    (want,) = torch.autograd.grad(F.mse_loss(xd, t.double(), reduction=reduction), xd,
+                                  go.double())  # fmt: skip
+    _check_elementwise(grad, want, dtype, roundings=1 if g == 1.0 else 2)
+
+
+_SCALE_VIEWS = {
+    "contiguous": lambda b: b,
+    "long": lambda b: b.view(-1),
+    "transposed": lambda b: b.t(),
+    "sliced": lambda b: b[:, 1::3],
+    "unaligned": lambda b: b.view(-1)[1:],
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("view", list(_SCALE_VIEWS))
+@pytest.mark.parametrize("g", [1.0, -2.5])
+def test_grad_scale_(dtype, view, g):
     base = _rand((47, 31), dtype)
-    g = {"contiguous": base, "transposed": base.t(), "sliced": base[:, 1::3]}[layout]
-    before = g.double().clone()
+    grad = _SCALE_VIEWS[view](base)
+    before = grad.double().clone()
     base_before = base.clone()
-    go = torch.tensor(-2.5, dtype=dtype, device=DEVICE)
-    out = mse.scale_(g, go)
-    assert out is g
+    go = torch.tensor(g, dtype=dtype, device=DEVICE)
+    out = mse.mse_grad_scale_(grad, go)
+    assert out is grad
+    if g == 1.0:
+        assert torch.equal(base, base_before)
+        return
     # -2.5 * v is exact in the accumulation dtype: one rounding to ``dtype`` at most.
-    assert bool(((g.double() - before * -2.5).abs() <= torch.finfo(dtype).eps * before.abs() * 3)
-                .all())  # fmt: skip
-    if layout == "sliced":  # elements outside the view stay untouched
+    err = (grad.double() - before * g).abs()
+    assert bool((err <= torch.finfo(dtype).eps * before.abs() * abs(g)).all())
+    if view == "sliced":  # elements outside the view stay untouched
         keep = torch.ones(31, dtype=torch.bool, device=DEVICE)
         keep[1::3] = False
         assert torch.equal(base[:, keep], base_before[:, keep])
+    if view == "unaligned":
+        assert torch.equal(base.view(-1)[:1], base_before.view(-1)[:1])
 
 
-def test_scale_rejects_stride_zero():
+@pytest.mark.parametrize(
+    "grad_dtype, go_dtype, go_shape",
+    [(torch.float16, torch.float32, (1, 1)), (torch.float32, torch.float64, (1,)),
+     (torch.float64, torch.float32, ()), (torch.bfloat16, torch.bfloat16, (1, 1, 1))],
+)  # fmt: skip
+def test_grad_scale_grad_output_dtype_and_shape(grad_dtype, go_dtype, go_shape):
+    """grad_output is converted to the accumulation dtype, then one rounding to grad's."""
+    grad = _rand((1000,), grad_dtype)
+    before = grad.double().clone()
+    go = torch.full(go_shape, 0.3, dtype=go_dtype, device=DEVICE)
+    mse.mse_grad_scale_(grad, go)
+    acc = torch.float64 if grad_dtype == torch.float64 else torch.float32
+    want = before * go.to(acc).double().reshape(())
+    err = (grad.double() - want).abs()
+    assert bool((err <= torch.finfo(grad_dtype).eps * want.abs()).all())
+
+
+def test_grad_scale_empty_and_errors():
+    empty = torch.empty(0, 3, device=DEVICE)
+    assert mse.mse_grad_scale_(empty, torch.tensor(2.0, device=DEVICE)) is empty
     g = _rand((3,), torch.float32).expand(4, 3)
     with pytest.raises(ValueError, match="stride-0"):
-        mse.scale_(g, torch.tensor(2.0, device=DEVICE))
+        mse.mse_grad_scale_(g, torch.tensor(2.0, device=DEVICE))
+    with pytest.raises(ValueError, match="1-element"):
+        mse.mse_grad_scale_(_rand((3,), torch.float32), torch.ones(2, device=DEVICE))
+    with pytest.raises(TypeError, match="floating grad"):
+        mse.mse_grad_scale_(torch.ones(3, dtype=torch.int32, device=DEVICE),
+                            torch.tensor(2.0, device=DEVICE))  # fmt: skip
+    with pytest.raises(TypeError, match="floating grad_output"):
+        mse.mse_grad_scale_(_rand((3,), torch.float32),
+                            torch.tensor(2, device=DEVICE))  # fmt: skip
 
 
 def test_errors():
@@ -241,23 +398,36 @@ def test_errors():
         mse.mse_backward(x, x, x, "sum")
 
 
+# --------------------------------------------------------------------------------------------
+# CUDA only: real block sizes
+# --------------------------------------------------------------------------------------------
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_cuda_real_sizes(dtype, reduction):
+@pytest.mark.parametrize("layout", ["contiguous", "unaligned", "broadcast"])
+def test_cuda_real_sizes(dtype, reduction, layout):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    x = _rand((4099, 1031), dtype)
-    t = _rand((1031,), dtype).expand(4099, 1031)
+    x = _rand((4099, 1031), dtype) if layout != "unaligned" else _at_offset((4099, 1031), dtype)
+    if layout == "broadcast":
+        t = _rand((1031,), dtype).expand(4099, 1031)
+    else:
+        t = _rand((4099, 1031), dtype)
     loss, grad = mse.mse_forward(x, t, reduction, compute_grad=True)
     _check_loss(loss, x, t, reduction)
     if grad is not None:
         _check_elementwise(grad, _want_grad(x, t, reduction), dtype)
-    again, _ = mse.mse_forward(x, t, reduction, compute_grad=True)
+    again, grad_again = mse.mse_forward(x, t, reduction, compute_grad=True)
     assert torch.equal(loss, again)
     go = torch.tensor(0.5, dtype=dtype, device=DEVICE) if reduction != "none" else x.t().clone().t()
     _check_elementwise(mse.mse_backward(go, x, t, reduction),
                        _want_grad(x, t, reduction) * go.double(), dtype)  # fmt: skip
+    if grad_again is not None:
+        mse.mse_grad_scale_(grad_again, go)
+        _check_elementwise(grad_again, _want_grad(x, t, reduction) * go.double(), dtype, 2)
+    assert _counters_are_zero()
 
 
 @pytest.mark.cuda
@@ -269,3 +439,25 @@ def test_cuda_large_n_precision():
     for reduction in ("mean", "sum"):
         loss, _ = mse.mse_forward(x, t, reduction, compute_grad=False)
         _check_loss(loss, x, t, reduction)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture():
+    """Under capture each call takes a fresh counter; replays give the eager result."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    x, t = _rand((1000, 37), torch.float32), _rand((1000, 37), torch.float32)
+    want, want_grad = mse.mse_forward(x, t, "mean", compute_grad=True)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        mse.mse_forward(x, t, "mean", compute_grad=True)  # warm-up: compile
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss, grad = mse.mse_forward(x, t, "mean", compute_grad=True)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(loss, want) and torch.equal(grad, want_grad)
+    assert _counters_are_zero()

@@ -1,8 +1,10 @@
 """The multi-tensor SGD launcher ``triton_kernels.sgd.sgd_step_`` against float64 torch math.
 
 Runs under Triton's CPU interpreter (``TRITON_INTERPRET=1``, set by ``tests/conftest.py`` when
-there is no GPU) or on CUDA. The tensor list mixes odd sizes, a 1-element and an empty tensor,
-so blocks are partly masked and some tensors have no block at all.
+there is no GPU) or on CUDA. The tensor list mixes odd sizes, a whole number of blocks, a
+1-element and an empty tensor, so there are full (unmasked) blocks, partial (masked) ones and
+tensors with no block at all; ``unaligned`` lists hold views at storage offset 1 (the kernel
+variant without the 16-byte alignment hints).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_av
 from manualbp.kernels import sgd
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-SHAPES = [(47, 31), (1,), (0,), (130,), (3, 5)]
+SHAPES = [(47, 31), (1,), (0,), (130,), (128,), (3, 5)]  # 128: two whole interpreter blocks
 STEPS = 4
 
 
@@ -40,13 +42,21 @@ def _reference_step(params, grads, bufs, *, lr, weight_decay, momentum, dampenin
         p.sub_(float(lr) * g)
 
 
-def _run(dtype: torch.dtype, shapes=SHAPES, steps: int = STEPS, **hp):
-    params = [torch.randn(s, dtype=torch.float64, device=DEVICE).to(dtype) for s in shapes]
+def _randn(shape, dtype: torch.dtype, offset: int = 0) -> Tensor:
+    """A contiguous tensor of ``shape``; with ``offset``, a view starting ``offset`` elements
+    into its storage (not 16-byte aligned for ``offset=1``)."""
+    n = torch.Size(shape).numel()
+    flat = torch.randn(n + offset, dtype=torch.float64, device=DEVICE).to(dtype)
+    return flat[offset:].view(shape)
+
+
+def _run(dtype: torch.dtype, shapes=SHAPES, steps: int = STEPS, offset: int = 0, **hp):
+    params = [_randn(s, dtype, offset) for s in shapes]
     want = [p.double().clone() for p in params]  # clone: .double() of fp64 is p itself
     bufs: list[Tensor | None] = [None] * len(params)
     want_bufs: list[Tensor | None] = [None] * len(params)
     for _ in range(steps):
-        grads = [torch.randn(s, dtype=torch.float64, device=DEVICE).to(dtype) for s in shapes]
+        grads = [_randn(s, dtype, offset) for s in shapes]
         sgd.sgd_step_(params, grads, bufs, **hp)
         _reference_step(want, [g.double() for g in grads], want_bufs, **hp)
     return params, want, bufs, want_bufs
@@ -88,12 +98,98 @@ def test_options_fp32(hp):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64],
                          ids=str)  # fmt: skip
 @pytest.mark.parametrize("nesterov", [False, True])
-def test_dtypes(dtype, nesterov):
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "unaligned"])
+def test_dtypes(dtype, nesterov, offset):
     hp = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.01, nesterov=nesterov,
               maximize=False)  # fmt: skip
-    params, want, bufs, want_bufs = _run(dtype, **hp)
+    params, want, bufs, want_bufs = _run(dtype, offset=offset, **hp)
     _assert_close(params, want, dtype, STEPS)
     _assert_close(bufs, want_bufs, dtype, STEPS)
+
+
+@pytest.mark.parametrize(
+    "hp", HP_CASES[::3], ids=lambda hp: "-".join(f"{k}={v}" for k, v in hp.items())
+)
+def test_options_unaligned_fp64(hp):
+    params, want, bufs, want_bufs = _run(torch.float64, offset=1, lr=0.1, **hp)
+    _assert_close(params, want, torch.float64, STEPS)
+    if hp["momentum"] != 0:
+        _assert_close(bufs, want_bufs, torch.float64, STEPS)
+
+
+class _Recording:
+    """Stands in for the kernel: records each launch's grid and keyword arguments."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((grid, kwargs))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.parametrize("where", ["none", "param", "grad", "buffer"])
+def test_alignment_is_checked_on_the_host(monkeypatch, where):
+    """ALIGNED (the 16-byte hints) only when every param, grad and buffer is aligned; the
+    unaligned variant gives the same update."""
+    rec = _Recording(sgd._sgd_kernel)
+    monkeypatch.setattr(sgd, "_sgd_kernel", rec)
+    shapes = [(130,), (3, 5)]
+    params = [_randn(s, torch.float32, 1 if where == "param" else 0) for s in shapes]
+    grads = [_randn(s, torch.float32, 1 if where == "grad" else 0) for s in shapes]
+    bufs: list[Tensor | None] = [_randn(s, torch.float32, 1 if where == "buffer" else 0)
+                                 for s in shapes]  # fmt: skip
+    want = [p.double().clone() for p in params]
+    want_bufs: list[Tensor | None] = [b.double().clone() for b in bufs]  # type: ignore[union-attr]
+    hp = dict(lr=0.1, weight_decay=0.01, momentum=0.9, dampening=0.1, nesterov=False,
+              maximize=False)  # fmt: skip
+    sgd.sgd_step_(params, grads, bufs, **hp)
+    _reference_step(want, [g.double() for g in grads], want_bufs, **hp)
+    assert rec.launches[0][1]["ALIGNED"] is (where == "none")
+    _assert_close(params, want, torch.float32, 1)
+    _assert_close(bufs, want_bufs, torch.float32, 1)
+
+
+def test_block_map_rows():
+    """One row per block: the block's param/grad/buffer addresses and 2 * elements left + init."""
+    block = sgd.launch_config()["BLOCK"]
+    params = [torch.zeros(2 * block + 3, device=DEVICE), torch.zeros(5, device=DEVICE)]
+    grads = [torch.zeros_like(p) for p in params]
+    bufs = [torch.zeros_like(p) for p in params]
+    init = [0, 1]
+    rows, n_blocks = sgd._block_map(params, grads, [b.data_ptr() for b in bufs], init, block)
+    assert n_blocks == 4 and rows.shape == (4, 4) and rows.dtype == torch.int64
+    want = []
+    for p, g, b, i in zip(params, grads, bufs, init):
+        for start in range(0, p.numel(), block):
+            off = start * p.element_size()
+            left = p.numel() - start
+            want.append([p.data_ptr() + off, g.data_ptr() + off, b.data_ptr() + off, 2 * left + i])
+    assert rows.cpu().tolist() == want
+    again, _ = sgd._block_map(params, grads, [b.data_ptr() for b in bufs], init, block)
+    assert again is rows  # cached
+
+
+def test_new_buffer_among_existing_ones():
+    """A param whose buffer is None while the others have one (e.g. a param that had no grad
+    before) is initialised with its gradient alone."""
+    hp = dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.0, nesterov=False,
+              maximize=False)  # fmt: skip
+    params = [_randn(s, torch.float32) for s in SHAPES]
+    want = [p.double().clone() for p in params]
+    bufs: list[Tensor | None] = [None] * len(params)
+    want_bufs: list[Tensor | None] = [None] * len(params)
+    for step in range(3):
+        if step == 2:
+            bufs[0] = want_bufs[0] = None
+        grads = [_randn(s, torch.float32) for s in SHAPES]
+        sgd.sgd_step_(params, grads, bufs, **hp)
+        _reference_step(want, [g.double() for g in grads], want_bufs, **hp)
+    _assert_close(params, want, torch.float32, 3)
+    _assert_close(bufs, want_bufs, torch.float32, 3)
 
 
 def test_fp64_scalars_keep_full_precision():
@@ -131,7 +227,7 @@ def test_one_launch_per_call(monkeypatch):
          maximize=False)  # fmt: skip
     assert len(launches) == STEPS
     # One program per (tensor, block) pair.
-    block = sgd._cfg()[0]
+    block = sgd.launch_config()["BLOCK"]
     assert launches[0] == (sum(-(-torch.Size(s).numel() // block) for s in SHAPES),)
 
 

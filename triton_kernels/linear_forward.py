@@ -132,6 +132,8 @@ def linear_forward(
     negative_slope: float = 0.01,
     *,
     store_preact: bool,
+    out: torch.Tensor | None = None,
+    preact_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Fused ``y = act(x @ weight.T + bias)``.
 
@@ -143,6 +145,8 @@ def linear_forward(
             ``"sigmoid"`` or ``"leaky_relu"``.
         negative_slope: leaky_relu slope (ignored otherwise).
         store_preact: also return the pre-activation ``z = x @ weight.T + bias``.
+        out, preact_out: (M, N) tensors of ``x.dtype`` to write y and z into (any strides),
+            instead of new ones.
 
     Returns:
         ``(y, z)``: new contiguous (M, N) tensors of ``x.dtype``; ``z`` is ``None`` unless
@@ -151,8 +155,10 @@ def linear_forward(
     """
     M, K = x.shape
     N = weight.shape[0]
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    z = torch.empty((M, N), dtype=x.dtype, device=x.device) if store_preact else None
+    y = out if out is not None else torch.empty((M, N), dtype=x.dtype, device=x.device)
+    z = None
+    if store_preact:
+        z = preact_out if preact_out is not None else torch.empty_like(y)
     if M == 0 or N == 0:
         return y, z
     # With K == 0 the K loop runs zero times and the epilogue sees a zero accumulator.

@@ -71,7 +71,6 @@ def test_problem_rules():
 
 def test_every_shipped_config_is_audited():
     import torch
-
     from manualbp.kernels._matmul import configs_for
     from manualbp.kernels.audit import build_jobs
 

@@ -38,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
+from manualbp.kernels._host import interpreting
 
 from benchmarks.cases import MANUALBP, MANUALBP_UNFUSED, Case
 
@@ -56,7 +57,7 @@ def unavailable_reason(device: torch.device) -> str | None:
     """Why the step cannot run here (``None``: it can)."""
     if device.type != "cuda":
         return "no CUDA device: no Triton kernels to compile"
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreting():
         return "TRITON_INTERPRET is set: nothing is compiled"
     try:
         import triton

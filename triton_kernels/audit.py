@@ -53,6 +53,7 @@ from manualbp.activations import ACTIVATIONS as REGISTRY
 
 from . import mse as _mse
 from . import sgd as _sgd
+from ._host import interpreting
 from ._matmul import configs_for, matmul_kernel, smem_limit
 from .linear_backward import (
     ELEMENTWISE_CONFIGS,
@@ -694,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
         "-j", "--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes"
     )
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreting():
         print("audit: unset TRITON_INTERPRET (the audit compiles real GPU code)", file=sys.stderr)
         return 2
     archs = tuple(int(a) for a in args.arch.split(","))

@@ -19,6 +19,7 @@ from torch.autograd import Function
 
 from manualbp.backends import Backend
 from manualbp.dispatch import backend_for
+from manualbp.kernels._host import acc_dtype
 
 MIN_CHUNK_ROWS = 256
 # Each chunk's temporaries (its rows of ŷ and of dx) stay within this share of the unfused
@@ -34,10 +35,6 @@ def default_chunk_rows(rows: int, in_features: int, out_features: int) -> int:
     per_row = max(in_features + out_features, 1)
     rows_per_chunk = max(budget // per_row, min(rows, MIN_CHUNK_ROWS), 1)
     return 1 << (rows_per_chunk.bit_length() - 1)  # round down to a power of two
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _chunk_residual(
@@ -92,7 +89,7 @@ class LinearMSELossFunction(Function):
     def forward(input, weight, bias, target, reduction, loss_dtype, chunk_rows):
         M, N = input.shape[0], weight.shape[0]
         backend = backend_for(input, weight, bias, target)
-        acc = _acc_dtype(loss_dtype)
+        acc = acc_dtype(loss_dtype)
         precompute = _precomputes(reduction, input.dtype)
         if reduction == "none":
             loss = torch.empty(M, N, dtype=loss_dtype, device=input.device)
@@ -187,7 +184,7 @@ def _norm(reduction: str, numel: int) -> float:
 
 def _recomputing_backward(ctx, grad_loss, input, weight, bias, target, needs):
     backend = backend_for(input, weight, bias, target)
-    acc = _acc_dtype(ctx.loss_dtype)
+    acc = acc_dtype(ctx.loss_dtype)
     dx = torch.empty_like(input) if needs[0] else None
     dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs[1] else None
     db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if needs[2] else None

@@ -53,7 +53,9 @@ def test_audit_rejects_interpreter():
         text=True,
         timeout=120,
     )
+    # Exit 2 alone would also be argparse's answer to a bad flag: check the reason given.
     assert proc.returncode == 2
+    assert "unset TRITON_INTERPRET" in proc.stderr, proc.stderr
 
 
 def test_problem_rules():

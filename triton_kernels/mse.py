@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._runtime import FLOAT_DTYPES, acc_dtype, interpreting, on_device, tl_acc_dtype
+from ._runtime import FLOAT_DTYPES, acc_dtype, interpreting, load, on_device, store, tl_acc_dtype
 
 __all__ = ["CONFIGS", "MAX_DIMS", "launch_config", "mse_backward", "mse_forward", "mse_grad_scale_"]
 
@@ -120,22 +120,6 @@ def _block_indices(BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _load(ptr, off, mask, ACC: tl.constexpr, MASKED: tl.constexpr):
-    """``ptr[off]`` in ``ACC``; masked (other 0) only when ``MASKED``."""
-    v = tl.load(ptr + off, mask=mask, other=0.0) if MASKED else tl.load(ptr + off)
-    return v.to(ACC)
-
-
-@triton.jit
-def _store(ptr, off, value, mask, MASKED: tl.constexpr):
-    """``ptr[off] = value`` cast to ``ptr``'s dtype; masked only when ``MASKED``."""
-    if MASKED:
-        tl.store(ptr + off, value.to(ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.store(ptr + off, value.to(ptr.dtype.element_ty))
-
-
-@triton.jit
 def _fwd_block(
     x_ptr, t_ptr, out_ptr, grad_ptr, idx, x_off, t_off, N,
     MASKED: tl.constexpr, REDUCE: tl.constexpr, MEAN: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
@@ -144,17 +128,17 @@ def _fwd_block(
     """One block of ``(x - t)**2``: stored at ``out[idx]`` (``REDUCE=False``) or summed (the
     returned partial), with the gradient ``2 (x - t) [/ N]`` stored at ``grad[idx]``."""
     mask = idx < N
-    x = _load(x_ptr, x_off, mask, ACC, MASKED)
-    t = _load(t_ptr, t_off, mask, ACC, MASKED)
+    x = load(x_ptr, x_off, mask, ACC, MASKED)
+    t = load(t_ptr, t_off, mask, ACC, MASKED)
     d = x - t
     sq = d * d
     if REDUCE:
         if COMPUTE_GRAD:
             scale = 2.0 / N.to(ACC) if MEAN else 2.0
-            _store(grad_ptr, idx, d * scale, mask, MASKED)
+            store(grad_ptr, idx, d * scale, mask, MASKED)
         part = tl.sum(sq, axis=0)
     else:
-        _store(out_ptr, idx, sq, mask, MASKED)
+        store(out_ptr, idx, sq, mask, MASKED)
         part = tl.zeros((), ACC)
     return part
 
@@ -221,11 +205,11 @@ def _bwd_block(go_ptr, x_ptr, t_ptr, out_ptr, idx, g_off, x_off, t_off, N, go_sc
                MASKED: tl.constexpr, GO_SCALAR: tl.constexpr, MEAN: tl.constexpr,
                ACC: tl.constexpr):  # fmt: skip
     mask = idx < N
-    x = _load(x_ptr, x_off, mask, ACC, MASKED)
-    t = _load(t_ptr, t_off, mask, ACC, MASKED)
-    go = go_scalar if GO_SCALAR else _load(go_ptr, g_off, mask, ACC, MASKED)
+    x = load(x_ptr, x_off, mask, ACC, MASKED)
+    t = load(t_ptr, t_off, mask, ACC, MASKED)
+    go = go_scalar if GO_SCALAR else load(go_ptr, g_off, mask, ACC, MASKED)
     scale = 2.0 / N.to(ACC) if MEAN else 2.0
-    _store(out_ptr, idx, (scale * (x - t)) * go, mask, MASKED)
+    store(out_ptr, idx, (scale * (x - t)) * go, mask, MASKED)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -270,15 +254,15 @@ def _grad_scale_kernel(
         mask = idx < N
         if CONTIG:
             if start + BLOCK <= N:
-                g = _load(g_ptr, idx, mask, ACC, False)
-                _store(g_ptr, idx, g * go, mask, False)
+                g = load(g_ptr, idx, mask, ACC, False)
+                store(g_ptr, idx, g * go, mask, False)
             else:
-                g = _load(g_ptr, idx, mask, ACC, True)
-                _store(g_ptr, idx, g * go, mask, True)
+                g = load(g_ptr, idx, mask, ACC, True)
+                store(g_ptr, idx, g * go, mask, True)
         else:
             off = _strided_offsets(idx, S1, S2, S3, gs0, gs1, gs2, gs3, NDIM)
-            g = _load(g_ptr, off, mask, ACC, True)
-            _store(g_ptr, off, g * go, mask, True)
+            g = load(g_ptr, off, mask, ACC, True)
+            store(g_ptr, off, g * go, mask, True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._runtime import FLOAT_DTYPES, interpreting, on_device, tl_acc_dtype
+from ._runtime import FLOAT_DTYPES, interpreting, load, on_device, store, tl_acc_dtype
 
 __all__ = ["CONFIGS", "launch_config", "sgd_step_", "supports"]
 
@@ -77,12 +77,8 @@ def _sgd_block(
     """The update of one block's ``BLOCK`` elements (the first ``n_left`` when ``MASKED``)."""
     offs = tl.max_contiguous(tl.arange(0, BLOCK), BLOCK)
     mask = offs < n_left
-    if MASKED:
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-    else:
-        p = tl.load(p_ptr + offs).to(COMPUTE)
-        g = tl.load(g_ptr + offs).to(COMPUTE)
+    p = load(p_ptr, offs, mask, COMPUTE, MASKED)
+    g = load(g_ptr, offs, mask, COMPUTE, MASKED)
     if MAXIMIZE:
         g = -g
     if HAS_WD:
@@ -90,22 +86,13 @@ def _sgd_block(
     if HAS_MOMENTUM:
         # On the first step the buffer is freshly allocated (valid memory, arbitrary bits):
         # its value is loaded but replaced by the selects below.
-        if MASKED:
-            old = tl.load(b_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
-        else:
-            old = tl.load(b_ptr + offs).to(COMPUTE)
+        old = load(b_ptr, offs, mask, COMPUTE, MASKED)
         old = tl.where(init, 0.0, old)
         buf = tl.where(init, g, old * momentum + one_minus_damp * g)
-        if MASKED:
-            tl.store(b_ptr + offs, buf.to(b_ptr.dtype.element_ty), mask=mask)
-        else:
-            tl.store(b_ptr + offs, buf.to(b_ptr.dtype.element_ty))
+        store(b_ptr, offs, buf, mask, MASKED)
         g = g + momentum * buf if NESTEROV else buf
     p = p - lr * g
-    if MASKED:
-        tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty))
+    store(p_ptr, offs, p, mask, MASKED)
 
 
 @triton.jit

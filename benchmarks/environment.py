@@ -43,7 +43,7 @@ def _driver_version() -> str | None:
 def collect_environment(device: torch.device) -> dict[str, Any]:
     """Everything needed to read the numbers later; ``None`` where a value is unknown."""
     env: dict[str, Any] = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "device_type": device.type,
         "python": sys.version.split()[0],
         "platform": platform.platform(),

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ACTIVATIONS", "Activation", "activation_of_module", "get_activation"]
+__all__ = ["ACTIVATIONS", "Activation", "activation_of_module", "get_activation", "in_place_ok"]
 
 Saved = Literal["output", "preact"]
 
@@ -73,6 +73,17 @@ class Activation:
         )
 
 
+def in_place_ok(*tensors: Tensor) -> bool:
+    """Whether a backward may compute in place on fresh temporaries: not while autograd
+    records it (double backward), and not on batched gradients (``torch.func`` transforms,
+    or the legacy vmap of ``jacobian(..., vectorize=True)`` / ``is_grads_batched=True``)."""
+    if torch.is_grad_enabled() or torch._C._are_functorch_transforms_active():
+        return False
+    if torch.compiler.is_compiling():
+        return True
+    return not any(torch._C._functorch.is_legacy_batchedtensor(t) for t in tensors)
+
+
 _SQRT1_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _GELU_TANH_BETA = math.sqrt(2.0 / math.pi)
@@ -101,14 +112,17 @@ def _sigmoid_grad(g: Tensor, y: Tensor, _: float) -> Tensor:
 
 def _gelu_grad(g: Tensor, z: Tensor, _: float) -> Tensor:
     # y = z * Phi(z): y' = Phi(z) + z * phi(z), phi(z) = exp(-z^2/2) / sqrt(2 pi).
-    # The exponent is clamped at -50: past |z| = 10, z * phi(z) < 1e-21 is below the rounding
-    # of Phi(z) (or of the result) in every dtype, and exp never forms a subnormal (on CPUs a
-    # subnormal costs ~100x; pre-activations of std 8 made the whole step 4-5x slower).
-    if torch.is_grad_enabled():  # recorded for double backward: out-of-place ops
+    # Where -z^2/2 < -80 (|z| > 12.6) the exponent is set to -inf: z * phi(z) < 1e-33 is far
+    # below the rounding of Phi(z) there, exp gives exactly 0 (never a subnormal: on CPUs a
+    # subnormal costs ~100x, and pre-activations of std 8 made a step 4-5x slower), and
+    # z = +-inf still gives 0 * inf = nan, as aten does.
+    if not in_place_ok(g, z):  # recorded for double backward, or batched: out-of-place ops
         cdf = 0.5 * (1 + torch.erf(z * _SQRT1_2))
-        pdf = torch.exp((-0.5 * z * z).clamp(min=-50.0)) * _INV_SQRT_2PI
+        expo = -0.5 * z * z
+        pdf = torch.exp(expo.masked_fill(expo < -80.0, -math.inf)) * _INV_SQRT_2PI
         return g * (cdf + z * pdf)
-    z_pdf = torch.mul(z, z).mul_(-0.5).clamp_(min=-50.0).exp_().mul_(z).mul_(_INV_SQRT_2PI)
+    expo = torch.mul(z, z).mul_(-0.5)
+    z_pdf = expo.masked_fill_(expo < -80.0, -math.inf).exp_().mul_(z).mul_(_INV_SQRT_2PI)
     return torch.mul(z, _SQRT1_2).erf_().add_(1.0).mul_(0.5).add_(z_pdf).mul_(g)
 
 
@@ -124,7 +138,7 @@ def _gelu_tanh_grad(g: Tensor, z: Tensor, _: float) -> Tensor:
 def _silu_grad(g: Tensor, z: Tensor, _: float) -> Tensor:
     # y = z * sigma(z): y' = sigma(z) * (1 + z * (1 - sigma(z)))
     s = torch.sigmoid(z)
-    if torch.is_grad_enabled():  # recorded for double backward: out-of-place ops
+    if not in_place_ok(g, z):  # recorded for double backward, or batched: out-of-place ops
         return g * (s * (1 + z * (1 - s)))
     return torch.rsub(s, 1.0).mul_(z).add_(1.0).mul_(s).mul_(g)
 

@@ -1,7 +1,8 @@
 """The one place that decides which backend runs an op.
 
-``MANUALBP_BACKEND`` (read at each call) or :func:`use_backend` / :func:`set_backend` (which
-take precedence) choose among:
+``MANUALBP_BACKEND`` (read at each call), :func:`set_backend` (process-wide, takes precedence
+over the variable) and :func:`use_backend` (this thread only, takes precedence over both)
+choose among:
 
 * ``"auto"`` (default): CUDA tensors go to the Triton kernels, everything else to the
   reference path (plain torch ops);
@@ -12,6 +13,21 @@ take precedence) choose among:
 :func:`backend_for` turns that setting and the call's tensors into a
 :class:`~manualbp.backends.Backend`; every autograd Function, the fused head and the
 optimizer ask it, and only it, which backend to call.
+
+Threads. :func:`use_backend` is per thread, as ``torch.no_grad`` is: a block in one thread
+changes nothing in the others, overlapping blocks in several threads each restore their own
+previous choice, and a new thread starts without one (it sees :func:`set_backend` /
+``MANUALBP_BACKEND``). Work that torch runs on threads of its own does not see the block
+either: the backward of CUDA tensors runs on autograd's device threads, and
+``nn.DataParallel`` runs its replicas on worker threads. A Function that must run its
+backward on the backend its forward saw passes that choice on (``backend_for(...,
+choice=...)``, :func:`get_backend` read in the forward).
+
+``torch.compile``: the choice is made when a graph is traced, and the compiled code is
+guarded on the setting it read: the calling thread's override (an attribute of a
+``threading.local``, which dynamo reads, and checks on each call, in the calling thread), the
+process-wide setting (a module global) and the environment variable. Another setting
+re-traces; a compiled function may be called in several threads with different blocks open.
 """
 
 from __future__ import annotations
@@ -19,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import threading
 from collections.abc import Iterator
 from typing import Literal
 
@@ -27,6 +44,7 @@ import torch
 from manualbp.backends import Backend
 from manualbp.backends.reference import REFERENCE
 from manualbp.backends.triton import TRITON
+from manualbp.kernels._host import interpreting
 
 __all__ = [
     "BACKENDS",
@@ -43,9 +61,25 @@ BackendName = Literal["reference", "triton"]
 BACKENDS = ("auto", "reference", "triton")
 ENV_VAR = "MANUALBP_BACKEND"
 
-# Set by set_backend()/use_backend(); None means "read the environment variable".
-# A plain module global (not thread-local) so that torch.compile can guard on it.
-_override: str | None = None
+
+class _ThreadChoice(threading.local):
+    """The innermost :func:`use_backend` choice of the calling thread (``None``: none).
+
+    ``__init__`` runs in every thread that touches the object, so ``name`` always exists as an
+    instance attribute: dynamo then guards compiled code on ``_thread_choice.name`` by a
+    plain attribute read, evaluated in the calling thread (with a class-level default it
+    guards on the thread-local ``__dict__`` instead, which it does not re-read per thread).
+    """
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+
+
+_thread_choice = _ThreadChoice()
+
+# Set by set_backend(), for every thread; None means "read the environment variable". A module
+# global, which torch.compile guards on.
+_process_choice: str | None = None
 
 
 def _check(name: object, source: str) -> str:
@@ -57,9 +91,14 @@ def _check(name: object, source: str) -> str:
 
 
 def get_backend() -> str:
-    """The configured backend: ``"auto"``, ``"reference"`` or ``"triton"``."""
-    if _override is not None:
-        return _override
+    """The backend configured for the calling thread: ``"auto"``, ``"reference"`` or
+    ``"triton"`` (its innermost :func:`use_backend`, else :func:`set_backend`'s choice, else
+    ``MANUALBP_BACKEND``)."""
+    name = _thread_choice.name
+    if name is not None:
+        return name
+    if _process_choice is not None:
+        return _process_choice
     value = os.environ.get(ENV_VAR)
     if value is None or value in BACKENDS:
         return value or "auto"
@@ -67,32 +106,34 @@ def get_backend() -> str:
 
 
 def set_backend(name: str | None) -> None:
-    """Choose the backend for this process; ``None`` goes back to ``MANUALBP_BACKEND``."""
-    global _override
-    _override = None if name is None else _check(name, "set_backend")
+    """Choose the backend for the whole process (every thread); ``None`` goes back to
+    ``MANUALBP_BACKEND``. A :func:`use_backend` block open in a thread still takes precedence
+    there."""
+    global _process_choice
+    _process_choice = None if name is None else _check(name, "set_backend")
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Run the enclosed calls on backend ``name``, then restore the previous choice.
+    """Run the enclosed calls of this thread on backend ``name``, then restore the thread's
+    previous choice. Other threads are not affected (see the module docstring).
 
     Example::
 
         with manualbp.use_backend("reference"):
             y = model(x)
     """
-    global _override
-    previous = _override
-    _override = _check(name, "use_backend")
+    choice = _check(name, "use_backend")
+    state = _thread_choice
+    previous = state.name
+    state.name = choice
     try:
         yield
     finally:
-        _override = previous
+        state.name = previous
 
 
-def interpreter_enabled() -> bool:
-    """Whether Triton's CPU interpreter is on (it is read when triton is imported)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+interpreter_enabled = interpreting  # whether Triton's CPU interpreter is on
 
 
 # Whether triton is installed, looked up once without importing it (importing triton reads
@@ -104,9 +145,10 @@ def triton_available() -> bool:
     return _TRITON_INSTALLED
 
 
-def resolve(*tensors: torch.Tensor | None) -> BackendName:
-    """The name of the backend that runs an op on ``tensors`` under the current setting."""
-    choice = get_backend()
+def resolve(*tensors: torch.Tensor | None, choice: str | None = None) -> BackendName:
+    """The name of the backend that runs an op on ``tensors`` under ``choice`` (default: the
+    calling thread's setting, :func:`get_backend`)."""
+    choice = get_backend() if choice is None else _check(choice, "resolve")
     if choice == "reference":
         return "reference"
     on_cuda = all(t.is_cuda for t in tensors if t is not None)
@@ -125,13 +167,17 @@ def resolve(*tensors: torch.Tensor | None) -> BackendName:
     return "triton"
 
 
-def backend_for(*tensors: torch.Tensor | None, differentiable: bool = False) -> Backend:
+def backend_for(
+    *tensors: torch.Tensor | None, differentiable: bool = False, choice: str | None = None
+) -> Backend:
     """The backend for one call on ``tensors``.
 
     ``differentiable``: the result must carry a graph (a backward recorded for double
     backward), which only plain torch ops give. Inside ``torch.func`` transforms (vmap, grad,
     jvp) the reference path runs too: the kernels have no batching or forward-mode rules.
+    ``choice``: the setting to resolve instead of the calling thread's (a backward running on
+    autograd's CUDA device thread passes the :func:`get_backend` its forward read).
     """
     if differentiable or torch._C._are_functorch_transforms_active():
         return REFERENCE
-    return TRITON if resolve(*tensors) == "triton" else REFERENCE
+    return TRITON if resolve(*tensors, choice=choice) == "triton" else REFERENCE

@@ -50,3 +50,16 @@ def test_triton_on_cpu_without_the_interpreter_says_why(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with manualbp.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         manualbp.functional.linear(torch.randn(2, 3), torch.randn(4, 3))
+
+
+def test_an_explicit_choice_overrides_the_threads_setting():
+    # What a backward on another thread (autograd's CUDA device thread) passes: its forward's.
+    from manualbp.backends.reference import REFERENCE
+    from manualbp.dispatch import backend_for
+
+    x = torch.randn(2)
+    with manualbp.use_backend("triton"):
+        assert resolve(x, choice="reference") == "reference"
+        assert backend_for(x, choice="reference") is REFERENCE
+    with pytest.raises(ValueError, match="unknown manualbp backend"):
+        resolve(x, choice="cudnn")

@@ -190,3 +190,210 @@ def test_low_precision_matches_native_even_with_a_loss_scale(dtype, scale):
         # rounded to the dtype once: a few ulps of the dtype.
         assert_close(got, native, rtol=4 * torch.finfo(dtype).eps, atol=0)
     assert_close(x.grad, xr.grad)
+
+
+# --------------------------------------------------------------------------------------------
+# Devices, transforms and modes: each against native PyTorch
+# --------------------------------------------------------------------------------------------
+def _native_head(x, w, b, t, reduction):
+    return F.mse_loss(F.linear(x, w, b), t, reduction=reduction)
+
+
+def _head_args(M=9, K=5, N=7, dtype=torch.float64):
+    return (torch.randn(M, K, dtype=dtype), torch.randn(N, K, dtype=dtype),
+            torch.randn(N, dtype=dtype), torch.randn(M, N, dtype=dtype))  # fmt: skip
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_meta_device_infers_shapes_as_native(reduction):
+    head = manualbp.LinearMSELoss(5, 7, reduction=reduction, device="meta")
+    ref = nn.Linear(5, 7, device="meta")
+    x, t = (
+        torch.empty(3, 4, 5, device="meta", requires_grad=True),
+        torch.empty(3, 4, 7, device="meta"),
+    )
+    loss, want = head(x, t), F.mse_loss(ref(x), t, reduction=reduction)
+    assert (loss.shape, loss.dtype, loss.device) == (want.shape, want.dtype, want.device)
+    loss.sum().backward()
+    assert x.grad.shape == x.shape and x.grad.device.type == "meta"
+    assert head.weight.grad.shape == head.weight.shape
+    with torch.no_grad():
+        assert head(x, t).shape == want.shape
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_vmap_matches_native(reduction):
+    x, w, b, _ = _head_args()
+    xs, ts = torch.randn(4, *x.shape, dtype=x.dtype), torch.randn(4, 9, 7, dtype=x.dtype)
+    got = torch.vmap(lambda x, t: functional.linear_mse_loss(x, w, b, t, reduction))(xs, ts)
+    want = torch.vmap(lambda x, t: _native_head(x, w, b, t, reduction))(xs, ts)
+    assert_close(got, want)
+    # Per-sample gradients: vmap of grad.
+    grad = torch.func.grad(lambda w, x, t: functional.linear_mse_loss(x, w, b, t, reduction).sum())
+    native = torch.func.grad(lambda w, x, t: _native_head(x, w, b, t, reduction).sum())
+    assert_close(
+        torch.vmap(grad, (None, 0, 0))(w, xs, ts), torch.vmap(native, (None, 0, 0))(w, xs, ts)
+    )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_vectorized_jacobian_matches_native(reduction):
+    # The fused forward runs as usual; backward then gets a batched upstream gradient.
+    x, w, b, t = _head_args()
+
+    def ours(x, w, b):
+        return functional.linear_mse_loss(x, w, b, t, reduction, chunk_rows=4)
+
+    def native(x, w, b):
+        return _native_head(x, w, b, t, reduction)
+
+    jacobian = torch.autograd.functional.jacobian
+    got = jacobian(ours, (x, w, b), vectorize=True)
+    assert_close(got, jacobian(native, (x, w, b), vectorize=True))
+    assert_close(got, jacobian(ours, (x, w, b)))  # the unbatched backward agrees
+
+
+class _RecordAllocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the shape and dtype of every new tensor (not a view) an op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(t, torch.Tensor) and not t._is_view():
+                self.made.append((tuple(t.shape), t.dtype))
+        return out
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_without_grad_only_the_loss_is_computed(mode, reduction):
+    K, N = 6, 33
+    head, ref = _pair(K, N, True, reduction)
+    x, t = torch.randn(40, K, requires_grad=True), torch.randn(40, N)
+    with mode(), _RecordAllocations() as rec:
+        loss = head(x, t)
+    with torch.no_grad():
+        want = F.mse_loss(ref(x), t, reduction=reduction)
+    assert_close(loss, want)
+    assert not loss.requires_grad and loss.grad_fn is None
+    # No dW accumulator (fp32, W-sized), no dx, no db: nothing input- or weight-sized.
+    assert (tuple(head.weight.shape), torch.float32) not in rec.made
+    assert (tuple(x.shape), torch.float32) not in rec.made
+    assert x.grad is None and head.weight.grad is None
+
+
+def test_eager_calls_apply_the_eager_twin():
+    from manualbp.autograd.linear_mse import LinearMSELossFunctionEager
+
+    head = manualbp.LinearMSELoss(4, 3)
+    loss = head(torch.randn(5, 4), torch.randn(5, 3))
+    assert type(loss.grad_fn) is LinearMSELossFunctionEager._backward_cls
+    assert type(loss.grad_fn).__name__ == "LinearMSELossFunctionBackward"
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("which", ["x", "w", "b", "t", "all"])
+def test_forward_ad_matches_native(reduction, which):
+    import torch.autograd.forward_ad as fwAD
+
+    primals = _head_args()
+    tangents = [torch.randn_like(p) if which in ("all", n) else None
+                for n, p in zip("xwbt", primals, strict=True)]  # fmt: skip
+    got = {}
+    for key, fn in (("ours", functional.linear_mse_loss), ("native", _native_head)):
+        with fwAD.dual_level():
+            duals = [p if d is None else fwAD.make_dual(p, d)
+                     for p, d in zip(primals, tangents, strict=True)]  # fmt: skip
+            # requires_grad on x: the head records a graph and runs its Function.
+            duals[0] = duals[0].requires_grad_() if which not in ("x", "all") else duals[0]
+            out = fn(*duals, reduction)
+            got[key] = (fwAD.unpack_dual(out).primal, fwAD.unpack_dual(out).tangent)
+    assert_close(got["ours"], got["native"])
+
+
+def test_forward_ad_uses_the_hand_derived_jvp(monkeypatch):
+    import torch.autograd.forward_ad as fwAD
+
+    from manualbp.autograd import linear_mse
+
+    calls = []
+    real = linear_mse._residual_tangent
+    monkeypatch.setattr(linear_mse, "_residual_tangent", lambda *a: calls.append(1) or real(*a))
+    x, w, b, t = _head_args()
+    with fwAD.dual_level():
+        functional.linear_mse_loss(x, fwAD.make_dual(w, torch.randn_like(w)), b, t, chunk_rows=4)
+    assert len(calls) == 3  # one per chunk of 4 rows (9 rows)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_torch_func_jvp_and_jacfwd_match_native(reduction):
+    x, w, b, t = _head_args()
+    v = torch.randn_like(w)
+
+    def ours(w):
+        return functional.linear_mse_loss(x, w, b, t, reduction)
+
+    def native(w):
+        return _native_head(x, w, b, t, reduction)
+
+    assert_close(torch.func.jvp(ours, (w,), (v,)), torch.func.jvp(native, (w,), (v,)))
+    assert_close(torch.func.jacfwd(ours)(w), torch.func.jacfwd(native)(w))
+
+
+def test_forward_ad_under_autocast_matches_native():
+    import torch.autograd.forward_ad as fwAD
+
+    x, w, b, t = _head_args(dtype=torch.float32)
+    v = torch.randn_like(w)
+    got = {}
+    for key, fn in (("ours", functional.linear_mse_loss), ("native", _native_head)):
+        with fwAD.dual_level(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(x, fwAD.make_dual(w.clone().requires_grad_(), v), b, t, "mean")
+            got[key] = fwAD.unpack_dual(out).tangent
+    assert got["ours"].dtype == got["native"].dtype == torch.float32
+    assert_close(got["ours"], got["native"], rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("bias_shape", [(), (1,), (1, 7)], ids=str)
+def test_bias_shapes_native_broadcasts(bias_shape):
+    x, w, _, t = _head_args()
+    b = leaf(torch.randn(bias_shape, dtype=x.dtype))
+    br = clone_leaf(b)
+    loss, want = functional.linear_mse_loss(x, w, b, t), _native_head(x, w, br, t, "mean")
+    assert_close(loss, want)
+    loss.backward()
+    want.backward()
+    assert b.grad.shape == b.shape
+    assert_close(b.grad, br.grad)
+
+
+def test_shape_errors_are_runtime_errors_too():
+    head = manualbp.LinearMSELoss(3, 4)
+    for x, t in ((torch.randn(2, 5), torch.randn(2, 4)), (torch.randn(2, 3), torch.randn(2, 7))):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            with pytest.raises(RuntimeError, match="linear"):
+                head(x, t)
+    assert head.weight.grad is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fullgraph_compile_matches_eager(reduction):
+    x, w, b, t = _head_args()
+    x, w, b = leaf(x), leaf(w), leaf(b)
+    torch._dynamo.reset()
+    compiled = torch.compile(functional.linear_mse_loss, fullgraph=True)
+    got = compiled(x, w, b, t, reduction)
+    want = _native_head(*(clone_leaf(p) for p in (x, w, b)), t, reduction)
+    assert_close(got, want)
+    got.sum().backward()
+    native = [clone_leaf(p) for p in (x, w, b)]
+    _native_head(*native, t, reduction).sum().backward()
+    for p, n in zip((x, w, b), native, strict=True):
+        assert_close(p.grad, n.grad)
+    torch._dynamo.reset()

@@ -212,11 +212,176 @@ def test_closure(backend):
         torch.testing.assert_close(p.detach(), b - 0.1 * 2 * b)
 
 
-def test_sparse_grad_is_a_clear_error(backend):
-    p = torch.nn.Parameter(torch.randn(4, 3, device=DEVICE))
-    p.grad = torch.randn(4, 3, device=DEVICE).to_sparse()
-    with pytest.raises(RuntimeError, match="sparse gradients"):
-        SGD([p], lr=0.1).step()
+# ------------------------------------------------------------------------------------------
+# Sparse gradients: torch's single-tensor path, same values; same rejections, nothing written.
+# ------------------------------------------------------------------------------------------
+SPARSE_OPTIONS = [
+    dict(momentum=m, dampening=d, nesterov=n, maximize=mx, lr=lr)
+    for m, d, n, mx, lr in itertools.product(
+        [0.0, 0.9], [0.0, 0.1], [False, True], [False, True], ["float", "tensor"]
+    )
+    if not (n and (m == 0 or d != 0))
+]
+
+
+def _sparse_model(dtype=torch.float64):
+    """Parameters in three groups: dense, sparse (an Embedding's weight), and both."""
+    emb = torch.nn.Embedding(11, 4, sparse=True).to(dtype=dtype, device=DEVICE)
+    emb2 = torch.nn.Embedding(7, 3, sparse=True).to(dtype=dtype, device=DEVICE)
+    lin = torch.nn.Linear(4, 2).to(dtype=dtype, device=DEVICE)
+    head = torch.nn.Parameter(torch.randn(3, dtype=dtype, device=DEVICE))
+    return (
+        torch.nn.ModuleList([emb, emb2, lin]),
+        [
+            {"params": list(lin.parameters())},
+            {"params": [emb.weight]},
+            {"params": [head, emb2.weight]},
+        ],
+        head,
+    )
+
+
+def _sparse_twins(dtype=torch.float64):
+    ours, groups, head = _sparse_model(dtype)
+    theirs = copy.deepcopy(ours)
+    head2 = torch.nn.Parameter(head.detach().clone())
+    groups2 = [
+        {"params": list(theirs[2].parameters())},
+        {"params": [theirs[0].weight]},
+        {"params": [head2, theirs[1].weight]},
+    ]
+    return (ours, groups, head), (theirs, groups2, head2)
+
+
+def _sparse_loss(model, head, step):
+    gen = torch.Generator(device="cpu").manual_seed(step)
+    idx = torch.randint(0, 11, (9,), generator=gen).to(DEVICE)  # repeats: uncoalesced grads
+    idx2 = torch.randint(0, 7, (5,), generator=gen).to(DEVICE)
+    emb, emb2, lin = model
+    return lin(emb(idx)).pow(2).sum() + (emb2(idx2) * head).sin().sum()
+
+
+def _flat(groups) -> list[torch.Tensor]:
+    return [p for g in groups for p in g["params"]]
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    return t.to_dense() if t.layout != torch.strided else t
+
+
+@pytest.mark.parametrize(
+    "opts", SPARSE_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items())
+)
+def test_sparse_gradients_match_torch(backend, opts):
+    (ours, groups, head), (theirs, groups2, head2) = _sparse_twins()
+    kw = {**opts, "lr": _lr(opts["lr"])}
+    opt = SGD(groups, **kw)
+    ref = torch.optim.SGD(groups2, **{**kw, "lr": _lr(opts["lr"])}, foreach=False)
+    for step in range(5):
+        for model, h, o in ((ours, head, opt), (theirs, head2, ref)):
+            o.zero_grad()
+            _sparse_loss(model, h, step).backward()
+        assert ours[0].weight.grad.is_sparse and theirs[0].weight.grad.is_sparse
+        opt.step()
+        ref.step()
+    for p, q in zip(_flat(groups), _flat(groups2), strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-12)
+        if opts["momentum"] != 0:
+            a, b = opt.state[p]["momentum_buffer"], ref.state[q]["momentum_buffer"]
+            assert a.layout == b.layout  # sparse where torch keeps a sparse buffer
+            torch.testing.assert_close(_dense(a), _dense(b), rtol=1e-12, atol=1e-12)
+        else:
+            assert "momentum_buffer" not in opt.state[p]
+
+
+def _snapshot(opt, params):
+    """Everything a step may write: values, gradients (and their layout), optimizer state."""
+    grads = [None if p.grad is None else (p.grad.layout, _dense(p.grad).clone()) for p in params]
+    return [p.detach().clone() for p in params], grads, copy.deepcopy(opt.state_dict())
+
+
+def _assert_unchanged(before, after):
+    (vals0, grads0, sd0), (vals1, grads1, sd1) = before, after
+    for a, b in zip(vals0, vals1, strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(grads0, grads1, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a[0] == b[0] and torch.equal(a[1], b[1])
+    assert sd0["param_groups"] == sd1["param_groups"]
+    assert sd0["state"].keys() == sd1["state"].keys()
+    for k, st in sd0["state"].items():
+        assert st.keys() == sd1["state"][k].keys()
+        for name, v in st.items():
+            w = sd1["state"][k][name]
+            assert v.layout == w.layout and torch.equal(_dense(v), _dense(w))
+
+
+def _prime_sparse_buffer(opt_kw):
+    """A step with a sparse gradient and momentum, then a dense gradient for that param."""
+
+    def setup(opt, groups):
+        emb = groups[1]["params"][0]
+        emb.grad = torch.randn(emb.shape, dtype=emb.dtype, device=DEVICE).to_sparse()
+        opt.step()
+        emb.grad = torch.randn(emb.shape, dtype=emb.dtype, device=DEVICE)
+
+    return opt_kw, setup
+
+
+def _mismatched_buffer(opt_kw):
+    def setup(opt, groups):
+        emb = groups[1]["params"][0]
+        opt.state[emb]["momentum_buffer"] = torch.zeros(3, device=DEVICE, dtype=emb.dtype)
+
+    return opt_kw, setup
+
+
+REJECTED = {
+    "weight_decay": (dict(lr=0.1, weight_decay=1e-2), None),
+    "weight_decay_momentum": (dict(lr=0.1, weight_decay=1e-2, momentum=0.9), None),
+    "fused": (dict(lr=0.1, fused=True), None),
+    "dense_after_sparse_buffer": _prime_sparse_buffer(dict(lr=0.1, momentum=0.9)),
+    "mismatched_buffer": _mismatched_buffer(dict(lr=0.1, momentum=0.9)),
+    "lr_requires_grad": (dict(lr=torch.tensor(0.1, requires_grad=True)), None),
+}
+
+
+@pytest.mark.parametrize("case", list(REJECTED))
+def test_rejected_steps_raise_like_torch_and_change_nothing(backend, case):
+    """Torch raises on these; it may first update the dense group (it does for all but
+    ``fused``). Ours raises the same exception type and writes nothing."""
+    opt_kw, setup = REJECTED[case]
+    (ours, groups, head), (theirs, groups2, head2) = _sparse_twins()
+    opt = SGD(groups, **opt_kw)
+    ref = torch.optim.SGD(groups2, **opt_kw, foreach=False)
+    for model, h, o, g in ((ours, head, opt, groups), (theirs, head2, ref, groups2)):
+        o.zero_grad()
+        _sparse_loss(model, h, 0).backward()
+        if setup is not None:
+            setup(o, g)
+    with pytest.raises(Exception) as native:
+        ref.step()
+    before = _snapshot(opt, _flat(groups))
+    with pytest.raises(type(native.value)):
+        opt.step()
+    _assert_unchanged(before, _snapshot(opt, _flat(groups)))
+
+
+def test_triton_backend_unavailable_changes_nothing(monkeypatch):
+    """Resolving the backend can fail ('triton' on CPU tensors without the interpreter): that
+    too happens before the first write, not after the first group's update."""
+    if torch.cuda.is_available():
+        pytest.skip("CUDA tensors resolve to Triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    a = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+    b = torch.nn.Parameter(torch.randn(3, dtype=torch.float32))
+    opt = SGD([{"params": [a]}, {"params": [b]}], lr=0.1, momentum=0.9)
+    a.grad, b.grad = torch.randn(3, dtype=torch.float64), torch.randn(3)
+    before = _snapshot(opt, [a, b])
+    with use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        opt.step()
+    _assert_unchanged(before, _snapshot(opt, [a, b]))
 
 
 BAD_ARGS = [

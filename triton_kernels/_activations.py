@@ -6,7 +6,11 @@ Each activation is two helpers named after its registry entry, ``<name>(z, slope
 contains only the branch it needs, and an unknown name fails at compile time. All helpers
 compute in the dtype of their input (the kernels pass the fp32 or fp64 accumulator) and use
 only core ``tl`` ops (``exp``, ``erf``, ``where``) that both the interpreter and the CUDA
-backend support. Derivatives follow PyTorch's own backward formulas, NaN propagation included.
+backend support. Derivatives follow PyTorch's own backward formulas, NaN propagation included:
+at +-inf, NaN, 0 and huge finite values every helper gives native's value (``gelu(-inf)`` is
+NaN, ``gelu(inf)`` inf, as ``0.5 * z * (1 + erf(z / sqrt 2))`` is natively), in fp32 and fp64,
+forward and derivative (``tests/kernels/test_linear_kernels.py``). The leaky_relu slope comes
+in through :func:`slope_as`.
 
 ``s`` in the derivatives is the tensor the registry entry saves: the output y (relu, tanh,
 sigmoid, leaky_relu with slope >= 0) or the pre-activation z (gelu, gelu_tanh, silu,
@@ -30,6 +34,20 @@ GELU_KAPPA: tl.constexpr = tl.constexpr(0.044715)
 def constexpr_name(activation: str | None) -> str:
     """The ``ACTIVATION`` constexpr for a registry name (``None``: no activation)."""
     return NO_ACTIVATION if activation is None else activation
+
+
+@triton.jit
+def slope_as(negative_slope, dtype: tl.constexpr):
+    """The leaky_relu slope, a kernel argument, in the accumulator's ``dtype``.
+
+    Triton types a Python float argument as fp32 unless the parameter is annotated: the
+    kernels declare ``negative_slope: tl.float64``, so compiled code gets the exact double
+    (fp64 math then uses it as is, and fp32 math rounds it once, as PyTorch's fp32 and
+    fp16/bf16 leaky_relu do). The CPU interpreter ignores the annotation and hands over the
+    Python float itself, which ``tl.cast`` would turn into an fp32 constant first;
+    ``tl.full`` makes the constant directly in ``dtype`` (and casts a tensor argument).
+    """
+    return tl.full([], negative_slope, dtype)
 
 
 @triton.jit

@@ -13,56 +13,80 @@ fused Linear forward lives in ``linear_forward.py``; it reuses :func:`tile_offse
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
+# Re-exported: the launchers import these from here too. INTERPRETER is fixed when imported,
+# like the interpreter itself, so compiled GPU code never contains the workaround in cast_out.
+from ._runtime import INTERPRETER, interpreting
+
+
 # ---------------------------------------------------------------------------------------------
-# Configs, as data. Each entry: block shape, L2 grouping, warps and software-pipeline stages.
-# Hopper (sm_90) configs use BLOCK_M in {64, 128} with num_warps a multiple of 4 so that Triton
-# lowers tl.dot to wgmma; Ampere (sm_80) configs are the mma.sync shapes of the matmul tutorial.
+# Configs, as data: one short list per (architecture family, dtype class, fused epilogue).
+#
+# Each entry: block shape, L2 grouping, warps and software-pipeline stages. Every list here is
+# compiled by the audit (``python -m manualbp.kernels.audit``) and must stay spill-free under
+# every supported Triton (3.6 and 3.9 are exercised). The lists are short on purpose: the
+# autotuner compiles and times every entry on first use, and compile time on the GPU is scarce.
+#
+# Dtype classes (see :func:`dtype_class`): "fp16" (fp16/bf16 tensor cores), "tf32" (fp32 on
+# tensor cores, when torch's float32 matmul precision allows it), "fp32" (IEEE fp32: tl.dot
+# runs on the FMA units, operand fragments in registers) and "fp64".
 # ---------------------------------------------------------------------------------------------
-SM80_CONFIGS: list[dict[str, int]] = [
-    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=4),
-    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=4),
-    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=4),
-    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=5),
+def _cfg(m: int, n: int, k: int, warps: int, stages: int, group: int = 8) -> dict[str, int]:
+    return dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=group, num_warps=warps, num_stages=stages)
+
+
+# Hopper (sm_90 and later): BLOCK_M in {64, 128} with num_warps a multiple of 4 so that Triton
+# lowers tl.dot to wgmma; BLOCK_K is 128 bytes of operand (64 fp16/bf16, 32 fp32 for TF32), so
+# the TF32 tiles fit the 227 KiB of shared memory with the same pipelining. A fused epilogue
+# (bias + activation + pre-activation store) needs registers next to the accumulator: at most
+# 64 accumulator elements per thread there (128x256 w8, 128 per thread, spills with GELU).
+_SM90_FP16 = [_cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(64, 128, 64, 4, 4)]
+_SM90_FP16_EPILOGUE = [_cfg(128, 128, 64, 8, 4), _cfg(64, 128, 64, 4, 4), _cfg(64, 64, 64, 4, 4)]
+_SM90_TF32 = [_cfg(128, 256, 32, 8, 3), _cfg(128, 128, 32, 8, 4), _cfg(64, 128, 32, 4, 4)]
+_SM90_TF32_EPILOGUE = [_cfg(128, 128, 32, 8, 4), _cfg(64, 128, 32, 4, 4), _cfg(64, 64, 32, 4, 4)]
+# Ampere (sm_80/86/89): the mma.sync shapes of the matmul tutorial. TF32 fragments are twice
+# the size: 128x128x32 and 128x64x32 with 4 warps spill under Triton 3.6, so TF32 uses 8.
+_SM80_FP16 = [
+    _cfg(128, 256, 32, 8, 3),
+    _cfg(128, 128, 32, 4, 4),
+    _cfg(64, 128, 32, 4, 4),
+    _cfg(64, 64, 32, 4, 5),
 ]
-SM90_CONFIGS: list[dict[str, int]] = [
-    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
-    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3),
-    dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
-    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
-    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
-]
-# IEEE fp32 (torch's default "highest" matmul precision) runs tl.dot on the FMA units, where
-# operand fragments live in registers: the tensor-core tiles above would spill.
-FP32_IEEE_CONFIGS: list[dict[str, int]] = [
-    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
-    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
-    # (64x64x32 with 4 warps spills in ptxas for sm_90 at 96 registers; 2 warps does not.)
-    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=2, num_stages=3),
-    dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3),
-]
-# fp64 has no fast tensor-core path worth big tiles and an fp64 accumulator doubles the
-# register footprint: small tiles on every architecture.
-FP64_CONFIGS: list[dict[str, int]] = [
-    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=3),
-    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=3),
-    dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=3),
-]
-# A fused epilogue (bias + activation + pre-activation store) needs registers next to the
-# accumulator: kernels with one only use configs holding at most this many accumulator
-# elements per thread (the audit shows the larger tiles spill with a GELU epilogue).
-# IEEE fp32 (FMA dot: operand fragments in registers too) and fp64 get less room.
-MAX_EPILOGUE_ACC_PER_THREAD: dict[str, int] = {"tensor_core": 64, "fp32_ieee": 32, "fp64": 16}
+_SM80_FP16_EPILOGUE = [_cfg(128, 128, 32, 8, 3), _cfg(64, 128, 32, 4, 4), _cfg(64, 64, 32, 4, 5)]
+_SM80_TF32 = [_cfg(128, 128, 32, 8, 3), _cfg(64, 128, 32, 4, 4), _cfg(64, 64, 32, 4, 5)]
+# IEEE fp32 and fp64, every architecture. FMA-path tiles keep few accumulator elements per
+# thread (64x128x32 w8 and 64x64x32 w4 spill on sm_90 under one Triton version or the other);
+# fp64 doubles the register footprint: small tiles, and 8 warps with an epilogue (32x64x16 w4
+# spills with erf-GELU on sm_80 under Triton 3.6).
+_FP32_IEEE = [_cfg(128, 128, 32, 8, 3), _cfg(128, 64, 32, 8, 3), _cfg(32, 64, 32, 4, 3)]
+_FP32_IEEE_EPILOGUE = [_cfg(128, 64, 32, 8, 3), _cfg(32, 64, 32, 4, 3)]
+_FP64 = [_cfg(64, 64, 16, 8, 3), _cfg(64, 64, 16, 4, 3), _cfg(32, 64, 16, 4, 3)]
+_FP64_EPILOGUE = [_cfg(64, 64, 16, 8, 3), _cfg(32, 64, 16, 8, 3)]
+
+# (architecture family, dtype class, fused epilogue) -> configs the autotuner tries.
+GEMM_CONFIGS: dict[tuple[int, str, bool], list[dict[str, int]]] = {
+    (90, "fp16", False): _SM90_FP16,
+    (90, "fp16", True): _SM90_FP16_EPILOGUE,
+    (90, "tf32", False): _SM90_TF32,
+    (90, "tf32", True): _SM90_TF32_EPILOGUE,
+    (90, "fp32", False): _FP32_IEEE,
+    (90, "fp32", True): _FP32_IEEE_EPILOGUE,
+    (90, "fp64", False): _FP64,
+    (90, "fp64", True): _FP64_EPILOGUE,
+    (80, "fp16", False): _SM80_FP16,
+    (80, "fp16", True): _SM80_FP16_EPILOGUE,
+    (80, "tf32", False): _SM80_TF32,
+    (80, "tf32", True): _SM80_TF32,
+    (80, "fp32", False): _FP32_IEEE,
+    (80, "fp32", True): _FP32_IEEE_EPILOGUE,
+    (80, "fp64", False): _FP64,
+    (80, "fp64", True): _FP64_EPILOGUE,
+}
 # The one config used under the CPU interpreter (autotuning there would be very slow).
 INTERPRETER_CONFIG: dict[str, int] = dict(
     BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=4, num_warps=4, num_stages=1
@@ -86,11 +110,6 @@ def smem_limit(arch: int) -> int:
     return SMEM_LIMIT.get(arch, 101376)
 
 
-def interpreting() -> bool:
-    """Whether Triton's CPU interpreter is on (read when triton was imported)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def arch_of(device: torch.device) -> int:
     """Compute capability as ``10 * major + minor`` (``0`` for CPU / interpreter)."""
     if device.type != "cuda":
@@ -99,31 +118,27 @@ def arch_of(device: torch.device) -> int:
     return 10 * major + minor
 
 
+def dtype_class(dtype: torch.dtype, input_precision: str) -> str:
+    """The config class of a GEMM on ``dtype`` inputs with ``tl.dot`` ``input_precision``:
+    ``"fp16"`` (fp16 and bf16), ``"tf32"``, ``"fp32"`` (IEEE) or ``"fp64"``."""
+    if dtype == torch.float64:
+        return "fp64"
+    if dtype == torch.float32:
+        return "tf32" if input_precision == "tf32" else "fp32"
+    return "fp16"
+
+
 def configs_for(
     arch: int, dtype: torch.dtype, input_precision: str, *, epilogue: bool = False
 ) -> list[dict[str, int]]:
-    """The shipped configs for ``arch`` (80, 90, ...), input ``dtype`` and ``tl.dot`` input
-    precision (see :func:`input_precision_for`), pruned to what fits in shared memory and, for
-    a kernel with a fused ``epilogue``, to :data:`MAX_EPILOGUE_ACC_PER_THREAD`."""
-    if dtype == torch.float64:
-        base = FP64_CONFIGS
-    elif dtype == torch.float32 and input_precision == "ieee":
-        base = FP32_IEEE_CONFIGS
-    elif arch >= 90:
-        base = SM90_CONFIGS
-    else:
-        base = SM80_CONFIGS
+    """The shipped configs (:data:`GEMM_CONFIGS`) for ``arch`` (80, 90, ...), input ``dtype``,
+    ``tl.dot`` input precision (see :func:`input_precision_for`) and whether the kernel has a
+    fused ``epilogue``, pruned to what fits in the architecture's shared memory."""
+    family = 90 if arch >= 90 else 80
+    base = GEMM_CONFIGS[(family, dtype_class(dtype, input_precision), epilogue)]
     limit = smem_limit(arch)
     elsize = torch.empty((), dtype=dtype).element_size()
     kept = [c for c in base if smem_estimate(c, elsize) <= limit]
-    if epilogue:
-        if dtype == torch.float64:
-            cap = MAX_EPILOGUE_ACC_PER_THREAD["fp64"]
-        elif dtype == torch.float32 and input_precision == "ieee":
-            cap = MAX_EPILOGUE_ACC_PER_THREAD["fp32_ieee"]
-        else:
-            cap = MAX_EPILOGUE_ACC_PER_THREAD["tensor_core"]
-        kept = [c for c in kept if acc_per_thread(c) <= cap]
     # Never return an empty list: fall back to the smallest config.
     return kept or [min(base, key=lambda c: smem_estimate(c, elsize))]
 
@@ -132,11 +147,6 @@ def smem_estimate(cfg: dict[str, int], elsize: int) -> int:
     """Shared memory of the pipelined operand buffers: stages * (A tile + B tile)."""
     tile = (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * elsize
     return cfg["num_stages"] * tile
-
-
-def acc_per_thread(cfg: dict[str, int]) -> int:
-    """Accumulator elements held by each thread."""
-    return cfg["BLOCK_M"] * cfg["BLOCK_N"] // (32 * cfg["num_warps"])
 
 
 def to_triton_configs(cfgs: list[dict[str, int]]) -> list[triton.Config]:
@@ -166,11 +176,6 @@ def use_fixed_config(device: torch.device) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Device helpers
 # ---------------------------------------------------------------------------------------------
-# Fixed when this module is imported, like the interpreter itself (TRITON_INTERPRET is read
-# when triton is imported): compiled GPU code never contains the interpreter workaround below.
-INTERPRETER: tl.constexpr = tl.constexpr(interpreting())
-
-
 @triton.jit
 def cast_out(x, dtype: tl.constexpr):
     """``x.to(dtype)`` for a store. Under the CPU interpreter a bf16 target is rounded to
@@ -241,11 +246,15 @@ def gemm_mainloop(
         mask_k = offs_k < K
         a = tl.load(a_rows + offs_k[None, :] * stride_ak, mask=mask_m & mask_k[None, :], other=0.0)
         b = tl.load(b_cols + offs_k[:, None] * stride_bk, mask=mask_k[:, None] & mask_n, other=0.0)
+        # out_dtype: the accumulator's (fp64 for fp64 inputs). Triton 3.6's tl.dot defaults it
+        # to fp32 and rejects an fp64 accumulator without it; 3.9 takes acc's dtype.
         if INPUT_PRECISION == "upcast_ieee":
             # CPU interpreter only: it has no bf16 dot, so multiply the fp32 upcasts.
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(
+                a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee", out_dtype=acc.dtype
+            )
         else:
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
     return acc
 
 

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._activations import NO_ACTIVATION, activation_grad, constexpr_name
+from ._activations import NO_ACTIVATION, activation_grad, constexpr_name, slope_as
 from ._matmul import cast_out, matmul
 from ._runtime import interpreting
 
@@ -41,7 +41,7 @@ def act_grad_kernel(
     s_ptr,
     dz_ptr,
     part_ptr,
-    negative_slope,
+    negative_slope: tl.float64,
     M,
     N,
     stride_gm,
@@ -67,7 +67,7 @@ def act_grad_kernel(
     mask_n = offs_n < N
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     col = tl.zeros((BLOCK_N,), dtype=acc_dtype)
-    slope = tl.cast(negative_slope, acc_dtype)  # Inductor passes Python scalars as fp64
+    slope = slope_as(negative_slope, acc_dtype)
     row0 = pid_m.to(tl.int64) * (BLOCK_M * ROW_STEPS)
     for step in range(ROW_STEPS):
         offs_m = row0 + step * BLOCK_M + tl.arange(0, BLOCK_M)

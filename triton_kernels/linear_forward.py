@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._activations import apply_activation, constexpr_name
+from ._activations import apply_activation, constexpr_name, slope_as
 from ._matmul import (
     INTERPRETER_CONFIG,
     arch_of,
@@ -42,7 +42,7 @@ def linear_forward_kernel(
     b_ptr,
     y_ptr,
     z_ptr,
-    negative_slope,
+    negative_slope: tl.float64,
     M,
     N,
     K,
@@ -99,8 +99,7 @@ def linear_forward_kernel(
     if STORE_PREACT:
         z_ptrs = z_ptr + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zn
         tl.store(z_ptrs, z, mask=mask)
-    # Inductor passes Python scalars as fp64: compute in the accumulator's dtype.
-    y = apply_activation(z.to(acc.dtype), tl.cast(negative_slope, acc.dtype), ACTIVATION)
+    y = apply_activation(z.to(acc.dtype), slope_as(negative_slope, acc.dtype), ACTIVATION)
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
     tl.store(y_ptrs, cast_out(y, y_ptr.dtype.element_ty), mask=mask)
 

@@ -11,8 +11,8 @@ from torch import Tensor
 from torch.autograd import Function
 
 from manualbp.activations import get_activation
-from manualbp.autograd._eager import eager_twin
-from manualbp.dispatch import backend_for
+from manualbp.autograd._eager import Forms
+from manualbp.dispatch import backend_for, get_backend
 
 
 def as_rows(t: Tensor) -> Tensor:
@@ -74,6 +74,8 @@ class LinearFunction(Function):
             ctx.mark_non_differentiable(z)
         ctx.set_materialize_grads(False)
         ctx.act, ctx.negative_slope, ctx.kind = act, negative_slope, kind
+        # Backward may run on another thread (CUDA's autograd thread): keep this one's choice.
+        ctx.backend_choice = get_backend()
         ctx.forward_saved = (input, weight, y if kind == "output" else z)
 
     @staticmethod
@@ -119,7 +121,9 @@ class LinearFunction(Function):
             if differentiable and ctx.kind == "preact":
                 saved = F.linear(input, weight, bias)
             saved = as_rows(saved)
-        backend = backend_for(grad_y, x, weight, saved, differentiable=differentiable)
+        backend = backend_for(
+            grad_y, x, weight, saved, differentiable=differentiable, choice=ctx.backend_choice
+        )
         dx, dw, db = backend.linear_backward(
             grad_y, x, weight, saved, ctx.act, ctx.negative_slope, needs
         )
@@ -134,4 +138,5 @@ def _input_shape(input: Tensor | None, grad_output: Tensor, weight: Tensor) -> t
     return (*grad_output.shape[:-1], weight.shape[1])
 
 
-LinearFunctionEager = eager_twin(LinearFunction)
+LINEAR = Forms.of(LinearFunction)
+LinearFunctionEager = LINEAR.eager

@@ -5,7 +5,8 @@ and b are computed during the forward pass, a chunk of rows at a time, so the
 prediction ``ŷ`` (and the full-size ``dL/dŷ``) never exists whole; backward only
 scales the stored gradients by the upstream gradient. For ``"none"`` the upstream
 gradient is per element and unknown at forward time, so backward recomputes each
-chunk of ``ŷ`` and applies it.
+chunk of ``ŷ`` and applies it. Without a graph to record, :func:`head_loss` computes the
+loss alone, the same way, without any gradient buffer.
 """
 
 from __future__ import annotations
@@ -17,9 +18,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
 
+from manualbp.activations import in_place_ok
+from manualbp.autograd._eager import Forms
 from manualbp.backends import Backend
-from manualbp.dispatch import backend_for
+from manualbp.dispatch import backend_for, get_backend
 from manualbp.kernels._host import acc_dtype
+
+__all__ = ["LinearMSELossFunction", "LinearMSELossFunctionEager", "default_chunk_rows", "head_loss"]
 
 MIN_CHUNK_ROWS = 256
 # Each chunk's temporaries (its rows of ŷ and of dx) stay within this share of the unfused
@@ -51,6 +56,16 @@ def _chunk_residual(
     return y_c.to(loss_dtype).sub_(t_c.to(loss_dtype))
 
 
+def _grad_buffers(
+    input: Tensor, weight: Tensor, acc: torch.dtype, needs: tuple[bool, bool, bool]
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``dx`` (input's dtype) and the fp32/fp64 accumulators ``dW``, ``db``, where needed."""
+    dx = torch.empty_like(input) if needs[0] else None
+    dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs[1] else None
+    db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if needs[2] else None
+    return dx, dw, db
+
+
 def _accumulate_chunk_grads(
     backend: Backend,
     g: Tensor,
@@ -73,6 +88,44 @@ def _accumulate_chunk_grads(
         db += db_c
 
 
+def _fused_forward(input, weight, bias, target, reduction, loss_dtype, chunk_rows, needs):
+    """``(loss, dx, dW, db)``: the loss, and for a scalar reduction in float32/float64 the
+    gradients ``needs`` asks for (upstream gradient 1), made chunk by chunk with the loss."""
+    M, N = input.shape[0], weight.shape[0]
+    backend = backend_for(input, weight, bias, target)
+    acc = acc_dtype(loss_dtype)
+    precompute = _precomputes(reduction, input.dtype)
+    dx, dw, db = _grad_buffers(input, weight, acc, tuple(precompute and n for n in needs))
+    wants_grad = any(t is not None for t in (dx, dw, db))
+    if reduction == "none":
+        loss = torch.empty(M, N, dtype=loss_dtype, device=input.device)
+    total = torch.zeros((), dtype=acc, device=input.device)
+    norm = _norm(reduction, M * N)
+    for r0 in range(0, M, chunk_rows):
+        x_c, t_c = input[r0 : r0 + chunk_rows], target[r0 : r0 + chunk_rows]
+        d = _chunk_residual(backend, x_c, weight, bias, t_c, loss_dtype)
+        if reduction == "none":
+            torch.mul(d, d, out=loss[r0 : r0 + chunk_rows])
+            continue
+        total += (d * d).sum(dtype=acc)
+        if wants_grad:
+            # Chain dL/dŷ = 2D/N through ŷ = x W^T + b now; D's buffer becomes dL/dŷ.
+            g = d.mul_(norm).to(input.dtype)
+            _accumulate_chunk_grads(backend, g, x_c, weight, r0, dx, dw, db)
+    if reduction == "none":
+        return loss, None, None, None
+    if reduction == "mean":
+        total = total / (M * N) if M * N else total.new_tensor(float("nan"))
+    return total.to(loss_dtype), dx, dw, db
+
+
+def head_loss(input, weight, bias, target, reduction, loss_dtype, chunk_rows) -> Tensor:
+    """The loss of :class:`LinearMSELossFunction` alone (same arguments), for calls that
+    record no graph (``no_grad``, ``inference_mode``): no dx, dW or db buffer is made."""
+    args = (input, weight, bias, target, reduction, loss_dtype, chunk_rows)
+    return _fused_forward(*args, (False, False, False))[0]
+
+
 class LinearMSELossFunction(Function):
     """``loss = mse(input @ weight.T + bias, target)`` with gradients made during forward.
 
@@ -87,38 +140,9 @@ class LinearMSELossFunction(Function):
 
     @staticmethod
     def forward(input, weight, bias, target, reduction, loss_dtype, chunk_rows):
-        M, N = input.shape[0], weight.shape[0]
-        backend = backend_for(input, weight, bias, target)
-        acc = acc_dtype(loss_dtype)
-        precompute = _precomputes(reduction, input.dtype)
-        if reduction == "none":
-            loss = torch.empty(M, N, dtype=loss_dtype, device=input.device)
-        total = torch.zeros((), dtype=acc, device=input.device)
-        dx = torch.empty_like(input) if precompute and input.requires_grad else None
-        dw = None
-        if precompute and weight.requires_grad:
-            dw = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-        db = None
-        if precompute and bias is not None and bias.requires_grad:
-            db = torch.zeros(N, dtype=acc, device=weight.device)
-        wants_grad = any(t is not None for t in (dx, dw, db))
-        norm = _norm(reduction, M * N)
-        for r0 in range(0, M, chunk_rows):
-            x_c, t_c = input[r0 : r0 + chunk_rows], target[r0 : r0 + chunk_rows]
-            d = _chunk_residual(backend, x_c, weight, bias, t_c, loss_dtype)
-            if reduction == "none":
-                torch.mul(d, d, out=loss[r0 : r0 + chunk_rows])
-                continue
-            total += (d * d).sum(dtype=acc)
-            if wants_grad:
-                # Chain dL/dŷ = 2D/N through ŷ = x W^T + b now; D's buffer becomes dL/dŷ.
-                g = d.mul_(norm).to(input.dtype)
-                _accumulate_chunk_grads(backend, g, x_c, weight, r0, dx, dw, db)
-        if reduction == "none":
-            return loss, None, None, None
-        if reduction == "mean":
-            total = total / (M * N) if M * N else total.new_tensor(float("nan"))
-        return total.to(loss_dtype), dx, dw, db
+        needs = (input.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+        args = (input, weight, bias, target, reduction, loss_dtype, chunk_rows)
+        return _fused_forward(*args, needs)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -135,6 +159,42 @@ class LinearMSELossFunction(Function):
         ctx.reduction, ctx.loss_dtype, ctx.chunk_rows = reduction, loss_dtype, chunk_rows
         ctx.precomputed = _precomputes(reduction, input.dtype)
         ctx.consumed = False
+        ctx.forward_saved = (input, weight, bias, target)
+        ctx.backend_choice = get_backend()  # backward may run on another thread
+
+    @staticmethod
+    def jvp(ctx: Any, input_t, weight_t, bias_t, target_t, *_: None) -> tuple:
+        """Forward mode. With ``ŷ = X W^T + b``, ``D = ŷ - t`` and tangents Ẋ, Ẇ, ḃ, ṫ:
+
+        Ḋ = Ẋ W^T + X Ẇ^T + ḃ - ṫ,    L̇ = mean(2 D ⊙ Ḋ)
+        (sum: sum(2 D ⊙ Ḋ); none: 2 D ⊙ Ḋ elementwise), the product rule on L = reduce(D ⊙ D).
+        D and Ḋ are made chunk by chunk of rows, as in forward, so for a scalar loss neither
+        exists whole. ŷ and its tangent are rounded to the input dtype before the loss dtype,
+        as native autocast does.
+        """
+        if all(t is None for t in (input_t, weight_t, bias_t, target_t)):
+            return None, None, None, None
+        input, weight, bias, target = ctx.forward_saved
+        tangents = (input_t, weight_t, bias_t, target_t)
+        M, N, step = input.shape[0], weight.shape[0], ctx.chunk_rows
+        acc = acc_dtype(ctx.loss_dtype)
+        parts, total = [], torch.zeros((), dtype=acc, device=input.device)
+        for r0 in range(0, M, step):
+            rows = slice(r0, r0 + step)
+            d = F.linear(input[rows], weight, bias).to(ctx.loss_dtype)
+            d = d - target[rows].to(ctx.loss_dtype)
+            part = 2 * d * _residual_tangent(rows, input, weight, *tangents, ctx.loss_dtype)
+            if ctx.reduction == "none":
+                parts.append(part.expand_as(d))
+            else:
+                total = total + part.sum(dtype=acc)
+        if ctx.reduction == "none":
+            if not parts:
+                return input.new_zeros((0, N), dtype=ctx.loss_dtype), None, None, None
+            return torch.cat(parts), None, None, None
+        if ctx.reduction == "mean":
+            total = total / (M * N) if M * N else total.new_tensor(float("nan"))
+        return total.to(ctx.loss_dtype), None, None, None
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor | None, *_: None) -> tuple:
@@ -145,6 +205,8 @@ class LinearMSELossFunction(Function):
         For mean/sum in float32/float64 the forward pass already made dx, dW, db for g = 1,
         so this only scales them by g. Otherwise (reduction none, or float16/bfloat16) it
         recomputes ŷ chunk by chunk and applies g before rounding, as native autograd does.
+        Recorded for double backward, or with a batched ``g`` (``torch.func`` transforms,
+        ``jacobian(..., vectorize=True)``), it runs in plain out-of-place torch ops.
         """
         none = (None,) * 7
         if grad_loss is None:
@@ -152,7 +214,7 @@ class LinearMSELossFunction(Function):
         input, weight, bias, target = ctx.saved_tensors
         dx, dw, db = ctx.grads
         needs = ctx.needs_input_grad
-        if torch.is_grad_enabled():
+        if not in_place_ok(grad_loss):
             return _differentiable_backward(ctx, grad_loss, input, weight, bias, target)
         if ctx.precomputed and not ctx.consumed:
             # Scale the stored gradients in place (no second copy of dx and dW); a second
@@ -165,6 +227,22 @@ class LinearMSELossFunction(Function):
                 None, None, None, None,
             )  # fmt: skip
         return _recomputing_backward(ctx, grad_loss, input, weight, bias, target, needs)
+
+
+def _residual_tangent(rows, input, weight, input_t, weight_t, bias_t, target_t, loss_dtype):
+    """``Ḋ = Ẋ W^T + X Ẇ^T + ḃ - ṫ`` for ``rows`` (zero tangents left out), in the loss
+    dtype; ``ŷ``'s part is summed in the input dtype first, as native forward AD does."""
+    y_t = None
+    for term in (
+        None if input_t is None else F.linear(input_t[rows], weight),
+        None if weight_t is None else F.linear(input[rows], weight_t),
+        bias_t,
+    ):
+        if term is not None:
+            y_t = term if y_t is None else y_t + term
+    d_t = torch.zeros((), dtype=loss_dtype, device=input.device) if y_t is None else y_t
+    d_t = d_t.to(loss_dtype)
+    return d_t if target_t is None else d_t - target_t[rows].to(loss_dtype)
 
 
 def _precomputes(reduction: str, dtype: torch.dtype) -> bool:
@@ -183,11 +261,8 @@ def _norm(reduction: str, numel: int) -> float:
 
 
 def _recomputing_backward(ctx, grad_loss, input, weight, bias, target, needs):
-    backend = backend_for(input, weight, bias, target)
-    acc = acc_dtype(ctx.loss_dtype)
-    dx = torch.empty_like(input) if needs[0] else None
-    dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs[1] else None
-    db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if needs[2] else None
+    backend = backend_for(input, weight, bias, target, choice=ctx.backend_choice)
+    dx, dw, db = _grad_buffers(input, weight, acc_dtype(ctx.loss_dtype), needs[:3])
     step = ctx.chunk_rows
     norm = _norm(ctx.reduction, input.shape[0] * weight.shape[0])
     scalar = grad_loss.dim() == 0
@@ -216,3 +291,7 @@ def _differentiable_backward(ctx, grad_loss, input, weight, bias, target):
         g.sum(0) if needs[2] else None,
         None, None, None, None,
     )  # fmt: skip
+
+
+HEAD = Forms.of(LinearMSELossFunction)
+LinearMSELossFunctionEager = HEAD.eager

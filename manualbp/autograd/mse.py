@@ -8,8 +8,9 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from manualbp.autograd._eager import eager_twin
-from manualbp.dispatch import backend_for
+from manualbp.activations import in_place_ok
+from manualbp.autograd._eager import Forms
+from manualbp.dispatch import backend_for, get_backend
 
 
 def broadcast_promoted(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -55,6 +56,7 @@ class MSELossFunction(Function):
         ctx.reduction = reduction
         ctx.consumed = False
         ctx.forward_saved = (input, target)
+        ctx.backend_choice = get_backend()  # backward may run on another thread
 
     @staticmethod
     def jvp(ctx: Any, input_t: Tensor | None, target_t: Tensor | None, _reduction_t: None):
@@ -94,15 +96,17 @@ class MSELossFunction(Function):
         precomputed = ctx.grad
         needs_input, needs_target = ctx.needs_input_grad[:2]
         differentiable = torch.is_grad_enabled()
-        if precomputed is not None and not differentiable and not ctx.consumed:
+        if precomputed is not None and in_place_ok(grad_output) and not ctx.consumed:
             # 2D/N (or 2D) from the forward pass, times g; the backend may scale it in place,
             # so a second backward (retain_graph) recomputes instead.
             ctx.consumed = True
-            backend = backend_for(precomputed, grad_output)
+            backend = backend_for(precomputed, grad_output, choice=ctx.backend_choice)
             grad = backend.mse_grad_scale(precomputed, grad_output)
         else:
             x, t = broadcast_promoted(input, target)
-            backend = backend_for(grad_output, x, t, differentiable=differentiable)
+            backend = backend_for(
+                grad_output, x, t, differentiable=differentiable, choice=ctx.backend_choice
+            )
             grad = backend.mse_backward(grad_output, x, t, ctx.reduction)
         grad_input = grad_target = None
         if needs_input:
@@ -119,4 +123,5 @@ def _reduce_to(grad: Tensor, operand: Tensor) -> Tensor:
     return grad if grad.dtype == operand.dtype else grad.to(operand.dtype)
 
 
-MSELossFunctionEager = eager_twin(MSELossFunction)
+MSE = Forms.of(MSELossFunction)
+MSELossFunctionEager = MSE.eager

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from manualbp import functional
 from manualbp.activations import get_activation
+from manualbp.errors import not_scriptable
 
 
 class Linear(nn.Linear):
@@ -21,6 +22,10 @@ class Linear(nn.Linear):
     :class:`manualbp.LinearFunction`, whose backward is derived by hand::
 
         dZ = dY * act'(Z),  dX = dZ W,  dW = dZ^T X,  db = sum dZ
+
+    ``torch.compile`` keeps that backward; ``torch.jit.trace`` and ``torch.export`` record
+    the same math as native aten ops (trained by native autograd); ``torch.jit.script``
+    refuses the module with an error saying so.
 
     Args:
         in_features: size of each input sample.
@@ -65,6 +70,9 @@ class Linear(nn.Linear):
         return functional.linear(
             input, self.weight, self.bias, self.activation, negative_slope=self.negative_slope
         )
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise not_scriptable(self)
 
     def extra_repr(self) -> str:
         text = super().extra_repr()

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from manualbp import functional
+from manualbp.errors import not_scriptable
 from manualbp.functional import REDUCTIONS
 
 
@@ -79,6 +80,9 @@ class LinearMSELoss(nn.Module):
         return functional.linear_mse_loss(
             input, self.weight, self.bias, target, self.reduction, chunk_rows=self.chunk_rows
         )
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise not_scriptable(self)
 
     def extra_repr(self) -> str:
         return (

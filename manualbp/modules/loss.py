@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from manualbp import functional
+from manualbp.errors import not_scriptable
 
 
 class MSELoss(nn.MSELoss):
@@ -35,3 +36,6 @@ class MSELoss(nn.MSELoss):
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return functional.mse_loss(input, target, reduction=self.reduction)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise not_scriptable(self)

@@ -19,11 +19,12 @@ With no momentum and no weight decay this is the plain ``w = w - η·∂L/∂w``
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from manualbp.backends import Backend
 from manualbp.dispatch import backend_for
 
 __all__ = ["SGD"]
@@ -34,8 +35,8 @@ class SGD(torch.optim.SGD):
 
     Same constructor, defaults, validation, ``param_groups`` and ``state_dict`` layout (state key
     ``"momentum_buffer"``) as :class:`torch.optim.SGD`; a state dict saved by either loads into
-    the other. Only :meth:`step` differs: for each param group, the params with a gradient are
-    split by (device, dtype) and each split is updated by the backend that
+    the other. Only :meth:`step` differs: for each param group, the params with a dense gradient
+    are split by (device, dtype) and each split is updated by the backend that
     :func:`manualbp.dispatch.backend_for` picks: Triton runs one multi-tensor kernel launch
     per split (``triton_kernels/sgd.py``), the reference backend plain torch ops. Splits the
     kernel cannot take (non-contiguous params, grads or buffers) use the reference ops.
@@ -77,8 +78,18 @@ class SGD(torch.optim.SGD):
     ``isinstance(opt, torch.optim.SGD)`` keeps working. Only :meth:`step` is replaced; none of
     torch's functional SGD code runs.
 
-    Sparse gradients raise ``RuntimeError``. A step captured in a CUDA graph runs the
-    reference ops (graph-safe) instead of the multi-tensor kernel.
+    Sparse (COO) gradients, e.g. from ``nn.Embedding(sparse=True)``, take the same path as in
+    :class:`torch.optim.SGD`'s single-tensor implementation, with the same ops (so the same
+    values, and a sparse ``momentum_buffer`` as torch keeps one). What torch rejects with them
+    is rejected with torch's exception type: ``weight_decay != 0`` (``RuntimeError``),
+    ``fused=True`` (``RuntimeError``), a dense gradient after a sparse momentum buffer
+    (``RuntimeError``). A step captured in a CUDA graph runs the reference ops (graph-safe)
+    instead of the multi-tensor kernel.
+
+    A step is all or nothing: every group is checked (gradients, momentum buffers, backends)
+    before the first parameter is written, so a step that raises leaves parameters,
+    gradients and optimizer state exactly as they were. (Torch's own SGD may raise after
+    updating earlier groups or parameters.)
     """
 
     def __init__(
@@ -110,6 +121,9 @@ class SGD(torch.optim.SGD):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Perform one optimization step.
 
+        Everything is checked before anything is written: a step that raises leaves the
+        parameters, their gradients and the optimizer state unchanged.
+
         Args:
             closure: optional callable that re-evaluates the model and returns the loss.
 
@@ -121,33 +135,128 @@ class SGD(torch.optim.SGD):
             with torch.enable_grad():
                 loss = closure()
 
-        for group in self.param_groups:
-            momentum = group["momentum"]
-            use_momentum = momentum != 0
-            splits: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(
-                        "manualbp.optim.SGD does not support sparse gradients; use "
-                        "torch.optim.SGD or torch.optim.SparseAdam for sparse parameters"
-                    )
-                splits.setdefault((p.device, p.dtype), []).append(p)
-
-            for params in splits.values():
-                grads = [p.grad for p in params]
-                bufs: list[Tensor | None] = (
-                    [self.state[p].get("momentum_buffer") for p in params] if use_momentum else []
-                )
-                kwargs = dict(
-                    lr=group["lr"], weight_decay=group["weight_decay"], momentum=momentum,
-                    dampening=group["dampening"], nesterov=group["nesterov"],
-                    maximize=group["maximize"],
-                )  # fmt: skip
-                backend_for(params[0]).sgd_step(params, grads, bufs, **kwargs)
-                if use_momentum:
-                    for p, buf in zip(params, bufs, strict=True):
-                        self.state[p]["momentum_buffer"] = buf
-
+        plans = [self._plan(group) for group in self.param_groups]  # raises before any write
+        for group, plan in zip(self.param_groups, plans, strict=True):
+            self._apply(group, plan)
         return loss
+
+    def _buffer(self, p: Tensor) -> Tensor | None:
+        # Read without creating an entry: self.state is a defaultdict.
+        state = self.state.get(p)
+        return None if state is None else state.get("momentum_buffer")
+
+    def _plan(self, group: dict[str, Any]) -> _GroupPlan:
+        """Sort the group's params with a gradient into backend splits and the sparse path,
+        raising (before any write) for everything the update would fail on."""
+        momentum = group["momentum"]
+        dense: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        sparse: list[Tensor] = []
+        for p in group["params"]:
+            g = p.grad
+            if g is None:
+                continue
+            buf = self._buffer(p) if momentum != 0 else None
+            if buf is not None:
+                _check_buffer(p, buf)
+            if g.layout == torch.strided:
+                if buf is not None and buf.layout != torch.strided:
+                    # torch: buf.mul_(momentum).add_(grad) on a sparse buffer fails.
+                    raise RuntimeError(
+                        "manualbp.optim.SGD: a dense gradient for a parameter whose momentum "
+                        "buffer is sparse (an earlier step had a sparse gradient); "
+                        "torch.optim.SGD fails on this too: add(sparse, dense) is not supported"
+                    )
+                dense.setdefault((p.device, p.dtype), []).append(p)
+                continue
+            if group["fused"]:
+                raise RuntimeError("`_fused_sgd` does not support sparse gradients")  # torch's
+            if group["weight_decay"] != 0:
+                # torch: grad.add(param, alpha=weight_decay) with a sparse grad fails.
+                raise RuntimeError(
+                    "manualbp.optim.SGD: weight_decay != 0 with a sparse gradient; torch.optim.SGD "
+                    "fails on this too: add(sparse, dense) is not supported"
+                )
+            lr = group["lr"]
+            if isinstance(lr, Tensor) and lr.requires_grad:
+                # torch: param.addcmul_(sparse grad, lr) has no sparse kernel.
+                raise NotImplementedError(
+                    "manualbp.optim.SGD: a sparse gradient with an lr tensor that requires grad "
+                    "(torch.optim.SGD fails on this too: addcmul_ has no sparse kernel)"
+                )
+            sparse.append(p)
+        # Resolve every split's backend now: resolving can raise (e.g. 'triton' on CPU tensors
+        # without the interpreter), and that must happen before the first write too.
+        splits = [(backend_for(ps[0]), ps) for ps in dense.values()]
+        return _GroupPlan(splits, sparse)
+
+    def _apply(self, group: dict[str, Any], plan: _GroupPlan) -> None:
+        momentum = group["momentum"]
+        use_momentum = momentum != 0
+        hyper = dict(
+            lr=group["lr"], weight_decay=group["weight_decay"], momentum=momentum,
+            dampening=group["dampening"], nesterov=group["nesterov"],
+            maximize=group["maximize"],
+        )  # fmt: skip
+        for backend, params in plan.splits:
+            grads = [p.grad for p in params]
+            bufs: list[Tensor | None] = [self._buffer(p) for p in params] if use_momentum else []
+            backend.sgd_step(params, grads, bufs, **hyper)
+            if use_momentum:
+                for p, buf in zip(params, bufs, strict=True):
+                    self.state[p]["momentum_buffer"] = buf
+        if plan.sparse:
+            bufs = [self._buffer(p) for p in plan.sparse] if use_momentum else []
+            _sparse_sgd(plan.sparse, [p.grad for p in plan.sparse], bufs, **hyper)
+            if use_momentum:
+                for p, buf in zip(plan.sparse, bufs, strict=True):
+                    self.state[p]["momentum_buffer"] = buf
+
+
+class _GroupPlan(NamedTuple):
+    """One group's step: ``(backend, params)`` per (device, dtype) split of the params with a
+    dense gradient, and the params with a sparse gradient."""
+
+    splits: list[tuple[Backend, list[Tensor]]]
+    sparse: list[Tensor]
+
+
+def _check_buffer(p: Tensor, buf: Tensor) -> None:
+    """A momentum buffer the update can use: the parameter's shape, dtype and device (torch's
+    SGD fails on any other, possibly after updating other parameters)."""
+    if buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+        raise RuntimeError(
+            f"manualbp.optim.SGD: momentum_buffer of shape {tuple(buf.shape)}, {buf.dtype} on "
+            f"{buf.device} does not match its parameter ({tuple(p.shape)}, {p.dtype} on "
+            f"{p.device})"
+        )
+
+
+def _sparse_sgd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    *,
+    lr: float | Tensor,
+    weight_decay: float | Tensor,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+) -> None:
+    """The update for sparse gradients: the ops of torch's single-tensor SGD
+    (``torch.optim.sgd._single_tensor_sgd``), so values and the (sparse) momentum buffers
+    are torch's. ``weight_decay`` is 0 here (:meth:`SGD._plan` rejects it, as torch fails)."""
+    del weight_decay
+    if isinstance(lr, Tensor) and lr.dim() != 0:
+        lr = lr.squeeze()  # torch's _to_scalar: a 1-element tensor as a 0-dim one
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        d_p = -g if maximize else g
+        if momentum != 0:
+            buf = momentum_buffers[i]
+            if buf is None:
+                buf = d_p.detach().clone()
+                momentum_buffers[i] = buf
+            else:
+                buf.mul_(momentum).add_(d_p, alpha=1 - dampening)
+            d_p = d_p.add(buf, alpha=momentum) if nesterov else buf
+        p.add_(d_p, alpha=-lr)

@@ -7,8 +7,9 @@ multiple), so every tile is partly masked; the interpreter's fixed GEMM config i
 
 Tolerances, by dtype (``k`` is the length of the reduction behind the compared value):
 
-* fp64: ``assert_close`` defaults (rtol 1e-7, atol 1e-7); the kernels accumulate in fp64. (A
-  Python-float leaky_relu slope reaches the kernel as fp32: a 2e-8 relative difference.)
+* fp64: ``assert_close`` defaults (rtol 1e-7, atol 1e-7); the kernels accumulate in fp64. The
+  leaky_relu slope reaches fp64 math as the exact double (``negative_slope: tl.float64``), fp32
+  math rounded once to fp32, as native (checked exactly below).
 * fp32 (IEEE ``tl.dot`` in the interpreter / with ``"highest"`` precision): rtol 1.3e-6 (the
   default) and atol 1e-5 * sqrt(k): a k-term fp32 dot of O(1) terms has an O(sqrt(k)) value and
   a rounding error that grows like sqrt(k) eps times it.
@@ -223,6 +224,103 @@ def test_leaky_relu_slopes(slope):
     # slope < 0 saves z; slope >= 0 saves y (sign(y) == sign(z)).
     x, w, b = make((M_, K_)), make((N_, K_)), make((1, N_))[0]
     check_all(x, w, b, "leaky_relu", slope)
+
+
+# The exact slope: 0.1 is not an fp32 number (fp32(0.1) is 0.1 + 1.5e-9).
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("slope", [0.1, -0.3, 1 / 3])
+def test_leaky_relu_slope_is_exact(dtype, slope):
+    """act(z) and its derivative are one multiplication by the slope: bit for bit native's
+    (fp64 with the double slope, fp32/fp16/bf16 with its fp32 rounding, as torch)."""
+    z = torch.linspace(-4, 4, 57, dtype=torch.float64, device=DEVICE).to(dtype)
+    y, _ = linear_forward(_empty_x(1, dtype), _empty_w(z), z, "leaky_relu", slope,
+                          store_preact=False)  # fmt: skip
+    zn = z.clone().requires_grad_(True)
+    yn = torch.nn.functional.leaky_relu(zn, slope)
+    assert torch.equal(y[0], yn.detach())
+    g = torch.linspace(-2, 3, 57, dtype=torch.float64, device=DEVICE).to(dtype)
+    (dz_native,) = torch.autograd.grad(yn, zn, g)
+    saved = yn.detach() if _saves_output("leaky_relu", slope) else z
+    _, _, dz = linear_backward(g[None], None, None, saved[None], "leaky_relu", slope,
+                               needs_grad=(False, False, True))  # fmt: skip
+    assert torch.equal(dz, dz_native)  # db of one row is dZ itself
+
+
+def test_leaky_relu_fp64_slope_through_the_gemm():
+    """The fused Linear + leaky_relu(0.1) in fp64 against float64 native autograd to ~1e-15
+    (it was 2e-8 relative with the slope rounded to fp32)."""
+    x, w, b = (make(s, dtype=torch.float64) for s in ((M_, K_), (N_, K_), (1, N_)))
+    b = b[0]
+    g = make((M_, N_), dtype=torch.float64)
+    y, _, dx, dw, db, _, _ = run_both(x, w, b, "leaky_relu", 0.1, g)
+    xn, wn, bn = (t.clone().requires_grad_(True) for t in (x, w, b))
+    yn = torch.nn.functional.leaky_relu(xn @ wn.T + bn, 0.1)
+    yn.backward(g)
+    tight = dict(rtol=1e-14, atol=1e-14)  # a few ulps of O(1..10) values: reduction order
+    torch.testing.assert_close(y, yn.detach(), **tight)
+    torch.testing.assert_close(dx, xn.grad, **tight)
+    torch.testing.assert_close(dw, wn.grad, **tight)
+    torch.testing.assert_close(db, bn.grad, **tight)
+
+
+@pytest.mark.slow
+def test_leaky_relu_fp64_slope_under_compile():
+    """Compiled (the kernels run from their custom ops): the same exact fp64 slope."""
+    import manualbp
+
+    x = make((5, 0), dtype=torch.float64)
+    w = make((7, 0), dtype=torch.float64)
+    b = torch.linspace(-3, 3, 7, dtype=torch.float64, device=DEVICE).requires_grad_(True)
+    torch._dynamo.reset()
+    f = torch.compile(
+        lambda x, w, b: manualbp.functional.linear(x, w, b, "leaky_relu", negative_slope=0.1),
+        fullgraph=True,
+    )
+    with manualbp.use_backend("triton"):
+        y = f(x, w, b)
+        y.backward(torch.ones_like(y))
+    torch._dynamo.reset()
+    bn = b.detach().clone().requires_grad_(True)
+    yn = torch.nn.functional.leaky_relu(bn, 0.1).expand(5, 7)
+    yn.backward(torch.ones_like(yn))
+    assert torch.equal(y, yn)
+    torch.testing.assert_close(b.grad, bn.grad, rtol=1e-15, atol=0)
+
+
+# Special values: every registry activation at +-inf, nan, 0 and large values, as native.
+def _special_values(dtype: torch.dtype) -> Tensor:
+    big = 1e300 if dtype == torch.float64 else 1e30
+    top = torch.finfo(dtype).max
+    vals = [-math.inf, math.inf, math.nan, 0.0, -0.0, 1.0, -1.0, 1e4, -1e4, 1e10, -1e10, big, -big]
+    return torch.tensor([*vals, top, -top], dtype=dtype, device=DEVICE)
+
+
+def _empty_x(rows: int, dtype: torch.dtype) -> Tensor:
+    return torch.empty(rows, 0, dtype=dtype, device=DEVICE)
+
+
+def _empty_w(z: Tensor) -> Tensor:
+    return torch.empty(z.numel(), 0, dtype=z.dtype, device=DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize(("act", "slope"), [*((a, 0.01) for a in REGISTRY), ("leaky_relu", -0.2)])
+def test_special_values_like_native(act, slope, dtype):
+    """y = act(z) and dZ = g * act'(z) at z in {+-inf, nan, +-0, +-1, +-large, +-max} equal
+    native autograd's, NaN for NaN and inf for inf. z enters as the bias of a K = 0 Linear
+    (z = 0 + bias exactly); dZ is the bias gradient of one row, from native's saved tensor."""
+    z = _special_values(dtype)
+    y, _ = linear_forward(_empty_x(1, dtype), _empty_w(z), z, act, slope, store_preact=False)
+    zn = z.clone().requires_grad_(True)
+    yn = _act(act, slope)(zn)
+    g = torch.full_like(z, 0.75)
+    (dz_native,) = torch.autograd.grad(yn, zn, g)
+    saved = yn.detach() if _saves_output(act, slope) else z
+    _, _, dz = linear_backward(g[None], None, None, saved[None], act, slope,
+                               needs_grad=(False, False, True))  # fmt: skip
+    tol = dict(rtol=1e-13, atol=1e-300) if dtype == torch.float64 else dict(rtol=2e-6, atol=1e-37)
+    torch.testing.assert_close(y[0], yn.detach(), equal_nan=True, **tol)
+    torch.testing.assert_close(dz, dz_native, equal_nan=True, **tol)
 
 
 @pytest.mark.parametrize(

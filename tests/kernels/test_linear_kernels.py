@@ -75,8 +75,17 @@ def ref_forward(x: Tensor, w: Tensor, b: Tensor | None, act: str | None, slope: 
     return _act(act, slope)(z.to(x.dtype).double()), z
 
 
-def ref_act_grad(g: Tensor, s: Tensor, act: str | None, slope: float) -> Tensor:
-    """dZ in float64 from dY and the saved tensor, by aten's backward ops."""
+def ref_act_grad(
+    g: Tensor, s: Tensor, act: str | None, slope: float, z: Tensor | None = None
+) -> Tensor:
+    """dZ in float64 from dY and the saved tensor ``s``, by aten's backward ops; for an
+    activation without a known aten backward, by native autograd through the registry's
+    native module at the pre-activation ``z`` (so a new registry entry needs no change here)."""
+    if act is not None and act not in _ATEN_BACKWARDS:
+        assert z is not None, f"{act}: pass the pre-activation z for the autograd oracle"
+        z64 = z.double().requires_grad_(True)
+        out = REGISTRY[act].native_module(slope)(z64)
+        return torch.autograd.grad(out, z64, g.double())[0]
     g, s = g.double(), s.double() if s is not None else None
     aten = torch.ops.aten
     if act is None:
@@ -91,11 +100,15 @@ def ref_act_grad(g: Tensor, s: Tensor, act: str | None, slope: float) -> Tensor:
         return aten.tanh_backward(g, s)
     if act == "sigmoid":
         return aten.sigmoid_backward(g, s)
+    assert act == "leaky_relu", act
     return aten.leaky_relu_backward(g, s, slope, False)
 
 
-def ref_backward(g, x, w, saved, act, slope, dtype):
-    dz = ref_act_grad(g, saved, act, slope)
+_ATEN_BACKWARDS = {"relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid", "leaky_relu"}
+
+
+def ref_backward(g, x, w, saved, act, slope, dtype, z=None):
+    dz = ref_act_grad(g, saved, act, slope, z)
     # The kernels materialise dZ in the input dtype before the GEMMs (as native autograd does).
     dz_q = dz.to(dtype).double()
     return dz_q @ w.double(), dz_q.T @ x.double(), dz.sum(0)
@@ -185,7 +198,7 @@ def check_all(x, w, b, act, slope=0.01, g=None):
         assert z is None
     else:
         close(z, z_ref, dtype, K)
-    dx_ref, dw_ref, db_ref = ref_backward(g, x, w, saved, act, slope, dtype)
+    dx_ref, dw_ref, db_ref = ref_backward(g, x, w, saved, act, slope, dtype, z)
     close(dx, dx_ref, dtype, N, rounded_operand=act is not None)
     close(dw, dw_ref, dtype, M, rounded_operand=act is not None)
     if b is not None:

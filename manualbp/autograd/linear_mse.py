@@ -78,14 +78,8 @@ def _accumulate_chunk_grads(
 ) -> None:
     """Chain one chunk's ``dL/dŷ`` through ``ŷ = x W^T + b`` (the backend's Linear backward)
     into the full ``dx`` rows and the fp32/fp64 ``dw``/``db`` accumulators."""
-    needs = (dx is not None, dw is not None, db is not None)
-    dx_c, dw_c, db_c = backend.linear_backward(g, x_c, weight, None, None, 0.0, needs)
-    if dx is not None:
-        dx[r0 : r0 + x_c.shape[0]].copy_(dx_c)
-    if dw is not None:
-        dw += dw_c
-    if db is not None:
-        db += db_c
+    dx_rows = None if dx is None else dx[r0 : r0 + x_c.shape[0]]
+    backend.linear_grad_accumulate(g, x_c, weight, dx_rows, dw, db)
 
 
 def _fused_forward(input, weight, bias, target, reduction, loss_dtype, chunk_rows, needs):
@@ -212,14 +206,16 @@ class LinearMSELossFunction(Function):
         if grad_loss is None:
             return none
         input, weight, bias, target = ctx.saved_tensors
-        dx, dw, db = ctx.grads
+        dx, dw, db = ctx.grads or (None, None, None)  # None once consumed
         needs = ctx.needs_input_grad
         if not in_place_ok(grad_loss):
             return _differentiable_backward(ctx, grad_loss, input, weight, bias, target)
         if ctx.precomputed and not ctx.consumed:
             # Scale the stored gradients in place (no second copy of dx and dW); a second
-            # backward through the same graph (retain_graph) recomputes instead.
+            # backward through the same graph (retain_graph) recomputes instead. Dropping
+            # ctx's references lets AccumulateGrad take them as .grad rather than copy them.
             ctx.consumed = True
+            ctx.grads = None
             return (
                 dx.mul_(grad_loss) if needs[0] else None,
                 dw.mul_(grad_loss).to(weight.dtype) if needs[1] else None,

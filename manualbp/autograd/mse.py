@@ -100,6 +100,7 @@ class MSELossFunction(Function):
             # 2D/N (or 2D) from the forward pass, times g; the backend may scale it in place,
             # so a second backward (retain_graph) recomputes instead.
             ctx.consumed = True
+            ctx.grad = None  # so that AccumulateGrad may take the result rather than copy it
             backend = backend_for(precomputed, grad_output, choice=ctx.backend_choice)
             grad = backend.mse_grad_scale(precomputed, grad_output)
         else:

@@ -95,3 +95,17 @@ def test_mse_loss_unknown_reduction():
     x = torch.randn(3)
     with pytest.raises(ValueError, match="avg is not a valid value for reduction"):
         manualbp.MSELoss(reduction="avg")(x, x)
+
+
+def test_legacy_backward_hook_sees_what_it_sees_natively():
+    seen = {}
+    for key, mod in (("native", nn.Linear(4, 3)), ("ours", manualbp.Linear(4, 3))):
+        shapes = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the deprecation warning of the legacy hook
+            mod.register_backward_hook(
+                lambda m, gi, go, shapes=shapes: shapes.append([tuple(g.shape) for g in gi])
+            )
+            mod(torch.randn(2, 4, requires_grad=True)).sum().backward()
+        seen[key] = shapes
+    assert seen["ours"] == seen["native"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from numbers import Real
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from manualbp import functional
@@ -67,6 +68,10 @@ class Linear(nn.Linear):
         self.negative_slope = float(negative_slope)
 
     def forward(self, input: Tensor) -> Tensor:
+        if self._backward_hooks and self._is_full_backward_hook is False:
+            # A legacy (deprecated) register_backward_hook sees the grad_fn of the output and
+            # its inputs' gradients: aten's node for nn.Linear. Give it that node, as natively.
+            return _legacy_hooked_linear(self, input)
         return functional.linear(
             input, self.weight, self.bias, self.activation, negative_slope=self.negative_slope
         )
@@ -81,3 +86,11 @@ class Linear(nn.Linear):
             if self.activation == "leaky_relu":
                 text += f", negative_slope={self.negative_slope}"
         return text
+
+
+def _legacy_hooked_linear(module: Linear, input: Tensor) -> Tensor:
+    """``nn.Linear``'s own forward (and native autograd) plus the activation: what a legacy
+    module backward hook is written against."""
+    z = F.linear(input, module.weight, module.bias)
+    act = get_activation(module.activation)
+    return z if act is None else act.native_module(module.negative_slope)(z)

@@ -5,16 +5,21 @@ and fused activation) and the MSE loss, drop-in ``nn.Module`` stand-ins for
 ``nn.Linear`` and ``nn.MSELoss``, and Triton kernels on CUDA.
 """
 
+# First: from a source checkout that was not installed, map triton_kernels/ to manualbp.kernels.
+import manualbp._source_checkout  # noqa: F401  (isort: skip)
 from manualbp import functional, optim
 from manualbp.activations import ACTIVATIONS
 from manualbp.autograd import LinearFunction, LinearMSELossFunction, MSELossFunction
 from manualbp.dispatch import get_backend, set_backend, use_backend
-from manualbp.modules import Linear, LinearMSELoss, MSELoss, Sequential, convert
+from manualbp.errors import ShapeError
+from manualbp.modules import FusedMLP, Linear, LinearMSELoss, MSELoss, Sequential, convert
+from manualbp.overrides import enable
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ACTIVATIONS",
+    "FusedMLP",
     "Linear",
     "LinearFunction",
     "LinearMSELoss",
@@ -22,7 +27,9 @@ __all__ = [
     "MSELoss",
     "MSELossFunction",
     "Sequential",
+    "ShapeError",
     "convert",
+    "enable",
     "functional",
     "optim",
     "get_backend",

@@ -51,6 +51,7 @@ from triton.compiler import ASTSource
 
 from manualbp.activations import ACTIVATIONS as REGISTRY
 
+from . import fused_mlp as _mlp
 from . import mse as _mse
 from . import sgd as _sgd
 from ._host import interpreting
@@ -107,6 +108,10 @@ _KERNELS = {
     "mse_bwd": _mse._mse_bwd_kernel,
     "mse_scale": _mse._grad_scale_kernel,
     "sgd": _sgd._sgd_kernel,
+    "mlp_fwd": _mlp.mlp_forward_kernel,
+    "mlp_bwd": _mlp.mlp_backward_kernel,
+    "mlp_wgrad": _mlp.mlp_wgrad_kernel,
+    "mlp_reduce": _mlp.mlp_wgrad_reduce_kernel,
 }
 _MSE_KERNELS = ("mse_fwd", "mse_bwd", "mse_scale")
 # Bandwidth-bound kernels: their rows carry the vector-width report (see vector_widths).
@@ -169,7 +174,7 @@ def _gemm_job(
         "b_ptr": f"*{t}",
         "y_ptr": f"*{t}",
         "z_ptr": f"*{t}",
-        "negative_slope": "fp32",
+        "negative_slope": "fp64",
         "M": "i32",
         "N": "i32",
         "K": "i32",
@@ -223,7 +228,7 @@ def _elementwise_jobs(arch: int, dtype: torch.dtype, quick: bool, kernels: set[s
                 "s_ptr": f"*{t}",
                 "dz_ptr": f"*{t}",
                 "part_ptr": f"*{acc}",
-                "negative_slope": "fp32",
+                "negative_slope": "fp64",
                 "M": "i32",
                 "N": "i32",
                 "stride_gm": "i32",
@@ -433,6 +438,71 @@ def _sgd_jobs(arch: int, dtype: torch.dtype, quick: bool) -> list[Job]:
     return jobs
 
 
+# The fused MLP (``triton_kernels.fused_mlp``): 4 layers of WIDTH -> WIDTH (every width the
+# shipped configs cover; the common, fully aligned specialisation), erf-GELU hidden layers (the
+# heaviest activation: its z is stored, and recomputed by the weight-gradient kernel).
+MLP_LAYERS = 4
+MLP_WIDTHS = (16, 32, 64, 128)
+
+
+def _mlp_types(t: str, acc: str) -> dict[str, dict[str, Any]]:
+    """Argument types of each MLP kernel for MLP_LAYERS layers of dtype ``t``."""
+    L, p = MLP_LAYERS, f"*{t}"
+    layers, hidden = (p,) * L, (p,) * (L - 1)
+    slopes = {"hidden_slope": "fp32", "out_slope": "fp32"}
+    return {
+        "mlp_fwd": dict(x_ptr=p, y_ptr=p, zo_ptr=p, ws=layers, bs=layers, ss=hidden, **slopes,
+                        M="i32", stride_xm="i32"),
+        "mlp_bwd": dict(g_ptr=p, so_ptr=p, dx_ptr=p, ws=layers, ss=hidden, dzs=layers, **slopes,
+                        M="i32", stride_gm="i32"),
+        "mlp_wgrad": dict(x_ptr=p, ss=hidden, dzs=layers, dws=layers, dbs=layers,
+                          part_ptr=f"*{acc}", hidden_slope="fp32", M="i32", stride_xm="i32",
+                          chunk="i32", S="i32"),
+        "mlp_reduce": dict(part_ptr=f"*{acc}", dws=layers, dbs=layers, S="i32"),
+    }  # fmt: skip
+
+
+def _mlp_jobs(
+    arch: int, dtype: torch.dtype, precision: str, quick: bool, kernels: set[str]
+) -> list[Job]:
+    """The fused-MLP kernels in their shipped CUDA configs, one job per (kernel, WIDTH)."""
+    t, dname = TL_NAME[dtype], ("tf32" if precision == "tf32" else TL_NAME[dtype])
+    acc = "fp64" if dtype == torch.float64 else "fp32"
+    jobs = []
+    widths = [w for w in MLP_WIDTHS if w in _mlp.shipped_widths(arch, dtype, precision)]
+    for width in widths[-1:] if quick else widths:
+        cfg = _mlp.launch_config(torch.device("cuda"), dtype, width, precision, arch, cuda=True)
+        common = dict(DIMS=(width,) * (MLP_LAYERS + 1), NUM_LAYERS=MLP_LAYERS,
+                      ACC_FP64=False, WIDTH=width)  # fmt: skip
+        nc = min(cfg["CHUNK"], width)  # the forward / backward chunk
+        chain = dict(HIDDEN_ACT="gelu", OUT_ACT="none", INPUT_PRECISION=precision, **common)
+        bias = (True,) * MLP_LAYERS
+        const = {
+            "mlp_fwd": dict(stride_xk=1, HAS_BIAS=bias, HIDDEN_PREACT=True, STORE=True,
+                            STORE_OUT_PREACT=False, BLOCK_M=cfg["BLOCK_M"], NC=nc, **chain),
+            "mlp_bwd": dict(stride_gn=1, NEED_DX=True, BLOCK_M=cfg["BLOCK_M"], NC=nc, **chain),
+            "mlp_wgrad": dict(stride_xk=1, HAS_BIAS=bias, HIDDEN_ACT="gelu", HIDDEN_PREACT=True,
+                              DIRECT=False, INPUT_PRECISION=precision, BLOCK_R=cfg["BLOCK_R"],
+                              NC=min(cfg["WGRAD_CHUNK"], width), **common),
+            "mlp_reduce": dict(HAS_BIAS=bias, BLOCK=_mlp.REDUCE_BLOCK["cuda"], **common),
+        }  # fmt: skip
+        warps = dict(mlp_fwd=cfg["num_warps"], mlp_bwd=cfg["num_warps"],
+                     mlp_wgrad=cfg["wgrad_warps"], mlp_reduce=4)  # fmt: skip
+        rows = dict(mlp_fwd=cfg["BLOCK_M"], mlp_bwd=cfg["BLOCK_M"], mlp_wgrad=cfg["BLOCK_R"])
+        for name, types in _mlp_types(t, acc).items():
+            if name not in kernels or (name == "mlp_reduce" and width != widths[-1]):
+                continue
+            chunk = const[name].get("NC")
+            what = f"{rows[name]}x{chunk}" if name in rows else f"{const[name]['BLOCK']}"
+            label = f"{MLP_LAYERS}x{width} {what} w{warps[name]}"
+            div16 = {k for k, v in types.items() if v != "fp32"}
+            # wgmma needs 64 rows per warpgroup: a weight-gradient block has NC rows.
+            gemm = name in ("mlp_fwd", "mlp_bwd") or (name == "mlp_wgrad" and chunk >= 64)
+            jobs.append(Job(name, arch, dname, label, types, const[name], div16, warps[name], 1,
+                            gemm=gemm))  # fmt: skip
+    return jobs
+
+
 _VECTOR_OP = re.compile(r"\b(ld|st)\.global((?:\.[A-Za-z0-9_:]+)+)")
 
 
@@ -494,6 +564,8 @@ def build_jobs(
                 jobs += _mse_jobs(arch, dtype, quick, kernels)
                 if "sgd" in kernels:
                     jobs += _sgd_jobs(arch, dtype, quick)
+            if dtype != torch.float64:
+                jobs += _mlp_jobs(arch, dtype, precision, quick, kernels)
     return jobs
 
 
@@ -590,8 +662,10 @@ def compile_job(job: Job) -> dict[str, Any]:
                 signature[name] = "constexpr"
             else:
                 signature[name] = job.types[name]
-                if name in job.div16:
-                    attrs[(i,)] = [["tt.divisibility", 16]]
+                if name in job.div16:  # a tuple of pointers: each element
+                    n = len(job.types[name]) if isinstance(job.types[name], tuple) else 0
+                    for path in [(i, j) for j in range(n)] if n else [(i,)]:
+                        attrs[path] = [["tt.divisibility", 16]]
         src = ASTSource(fn=fn, signature=signature, constexprs=dict(job.constexprs), attrs=attrs)
         target = GPUTarget("cuda", job.arch, 32)
         # Recompile (no cache hit) with Triton's ptxas log printed, and capture that log: it

@@ -56,6 +56,20 @@ class Backend(Protocol):
         ``act.saved_for(negative_slope)`` names (y or z)."""
         ...
 
+    def linear_grad_accumulate(
+        self,
+        grad_y: Tensor,
+        x: Tensor,
+        weight: Tensor,
+        dx_out: Tensor | None,
+        dw_acc: Tensor | None,
+        db_acc: Tensor | None,
+    ) -> None:
+        """One row chunk of a Linear backward without activation, in place: ``dx_out = dY W``,
+        ``dw_acc += dY^T X``, ``db_acc += sum_rows dY`` (accumulators in fp32/fp64; each
+        ``None`` where not needed). The fused head sums its chunks this way."""
+        ...
+
     def mse_forward(
         self, input: Tensor, target: Tensor, reduction: str, *, compute_grad: bool
     ) -> tuple[Tensor, Tensor | None]:
@@ -83,4 +97,42 @@ class Backend(Protocol):
     ) -> None:
         """One SGD update in place (see :class:`manualbp.optim.SGD`); ``None`` buffers are
         replaced in the list by new ones when momentum is used."""
+        ...
+
+    def mlp_forward(
+        self,
+        x: Tensor,
+        weights: list[Tensor],
+        biases: list[Tensor | None],
+        acts: tuple[Activation | None, Activation | None],
+        slopes: tuple[float, float],
+        *,
+        store: bool,
+    ) -> tuple[Tensor, list[Tensor | None]]:
+        """The MLP ``act_o(... act_h(x W_0^T + b_0) ... W_{L-1}^T + b_{L-1})`` for ``x``
+        (*, k_0), ``weights[l]`` (n_l, k_l), ``biases[l]`` (n_l,) or ``None``; ``acts`` /
+        ``slopes``: the hidden layers' activation and the last layer's.
+
+        Returns ``(y, saved)``, ``y`` (*, n_{L-1}) a new tensor. With ``store``, ``saved`` has
+        one entry per layer: for a hidden layer what its activation's derivative reads
+        (``saved_for``: z or y; y when it has none), for the last layer its z if the output
+        activation reads z, else ``None``. Without ``store`` it is empty."""
+        ...
+
+    def mlp_backward(
+        self,
+        grad_y: Tensor,
+        x: Tensor,
+        weights: list[Tensor],
+        y: Tensor | None,
+        saved: list[Tensor | None],
+        acts: tuple[Activation | None, Activation | None],
+        slopes: tuple[float, float],
+        has_bias: tuple[bool, ...],
+        needs_grad: tuple[bool, bool],
+    ) -> tuple[Tensor | None, list[Tensor] | None, list[Tensor | None] | None]:
+        """``(dx, [dW_l], [db_l])`` of :meth:`mlp_forward` for 2-D ``grad_y`` (M, n_{L-1}), ``x``
+        (M, k_0), the output ``y`` (M, n_{L-1}; read when the output activation derives from
+        y) and ``saved`` as ``mlp_forward`` made it (2-D). ``needs_grad``: ``(dx, params)``;
+        ``db_l`` is ``None`` where ``has_bias[l]`` is False."""
         ...

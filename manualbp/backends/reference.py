@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from manualbp.activations import Activation
+from manualbp.activations import Activation, in_place_ok
+from manualbp.backends.sharding import any_dtensor, reduce_partial, sharded
 
 __all__ = ["ReferenceBackend", "REFERENCE"]
 
@@ -37,6 +38,8 @@ class ReferenceBackend:
         z = F.linear(x, weight, bias)
         if act is None:
             return z, None
+        if any_dtensor(z):  # row-parallel: z is a partial sum; act needs the whole sum first
+            z = reduce_partial(z)
         return act.forward(z, negative_slope), (z if store_preact else None)
 
     @staticmethod
@@ -67,11 +70,34 @@ class ReferenceBackend:
         return dx, dw, db
 
     @staticmethod
+    def linear_grad_accumulate(
+        grad_y: Tensor,
+        x: Tensor,
+        weight: Tensor,
+        dx_out: Tensor | None,
+        dw_acc: Tensor | None,
+        db_acc: Tensor | None,
+    ) -> None:
+        """``dx_out = dY W``, ``dw_acc += dY^T X``, ``db_acc += sum_rows dY`` in place, with no
+        W-sized temporary: low-precision chunks are widened (chunk-sized) and multiplied into
+        the fp32 accumulator."""
+        if dx_out is not None:
+            torch.mm(grad_y, weight, out=dx_out)
+        if dw_acc is not None:
+            acc = dw_acc.dtype
+            dw_acc.addmm_(grad_y.mT.to(acc), x.to(acc))
+        if db_acc is not None:
+            db_acc += grad_y.sum(0, dtype=db_acc.dtype)
+
+    @staticmethod
     def mse_forward(
         input: Tensor, target: Tensor, reduction: str, *, compute_grad: bool = False
     ) -> tuple[Tensor, None]:
         """``L = reduce((input - target)^2)`` (the forward is aten's own, so the loss is
         bitwise native's); the gradient is left to :meth:`mse_backward`."""
+        if reduction == "mean" and sharded(input, target):
+            # DTensor's own mean averages the shards' means, which is off for uneven shards.
+            return F.mse_loss(input, target, reduction="sum") / input.numel(), None
         return F.mse_loss(input, target, reduction=reduction), None
 
     @staticmethod
@@ -85,7 +111,7 @@ class ReferenceBackend:
         """
         # max(., 1): an empty mean has an empty gradient, whatever the factor.
         norm = 2.0 / max(input.numel(), 1) if reduction == "mean" else 2.0
-        if torch.is_grad_enabled():  # recorded for double backward: no in-place ops
+        if not in_place_ok(grad_output, input):  # recorded for double backward, or batched
             return norm * (input - target) * grad_output
         if grad_output.dim() == 0:  # one pass over the residual: scale by g * norm at once
             return torch.sub(input, target).mul_(grad_output * norm)
@@ -131,6 +157,72 @@ class ReferenceBackend:
                 p.addcmul_(d_p, lr_t if same else lr_t.to(p.device), value=-1)
             else:
                 p.add_(d_p, alpha=-lr)
+
+    @staticmethod
+    def mlp_forward(
+        x: Tensor,
+        weights: list[Tensor],
+        biases: list[Tensor | None],
+        acts: tuple[Activation | None, Activation | None],
+        slopes: tuple[float, float],
+        *,
+        store: bool,
+    ) -> tuple[Tensor, list[Tensor | None]]:
+        """The MLP layer by layer, ``H_l = act_l(H_{l-1} W_l^T + b_l)``, ``H_{-1} = x``; keeps
+        per layer what its derivative reads (see :meth:`Backend.mlp_forward`)."""
+        h, saved, last = x, [], len(weights) - 1
+        for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
+            act, slope = (acts[1], slopes[1]) if i == last else (acts[0], slopes[0])
+            preact = act is not None and act.saved_for(slope) == "preact"
+            h, z = ReferenceBackend.linear_forward(
+                h, w, b, act, slope, store_preact=store and preact
+            )
+            if store:
+                saved.append(z if preact else (None if i == last else h))
+        return h, saved
+
+    @staticmethod
+    def mlp_backward(
+        grad_y: Tensor,
+        x: Tensor,
+        weights: list[Tensor],
+        y: Tensor | None,
+        saved: list[Tensor | None],
+        acts: tuple[Activation | None, Activation | None],
+        slopes: tuple[float, float],
+        has_bias: tuple[bool, ...],
+        needs_grad: tuple[bool, bool],
+    ) -> tuple[Tensor | None, list[Tensor] | None, list[Tensor | None] | None]:
+        """Layers in reverse, each one :meth:`linear_backward` at its input ``H_{l-1}`` (x, the
+        saved y, or the activation of the saved z recomputed) and saved ``s_l``:
+
+        dZ_l = dY_l * act'(s_l),  dW_l = dZ_l^T H_{l-1},  db_l = sum dZ_l,  dY_{l-1} = dZ_l W_l
+        """
+        need_dx, need_params = needs_grad
+        last = len(weights) - 1
+        hidden_preact = acts[0] is not None and acts[0].saved_for(slopes[0]) == "preact"
+        dws: list = [None] * len(weights)
+        dbs: list = [None] * len(weights)
+        g = grad_y
+        for i in range(last, -1, -1):
+            act, slope = (acts[1], slopes[1]) if i == last else (acts[0], slopes[0])
+            s = (
+                saved[i]
+                if i < last or (act is not None and act.saved_for(slope) == "preact")
+                else y
+            )
+            h = x if i == 0 else saved[i - 1]
+            if i > 0 and hidden_preact:
+                h = acts[0].forward(h, slopes[0])
+            needs = (i > 0 or need_dx, need_params, need_params and has_bias[i])
+            g, dws[i], dbs[i] = ReferenceBackend.linear_backward(
+                g, h, weights[i], s, act, slope, needs
+            )
+        return (
+            (g if need_dx else None),
+            (dws if need_params else None),
+            (dbs if need_params else None),
+        )
 
 
 REFERENCE = ReferenceBackend()

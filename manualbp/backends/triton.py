@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 
 from manualbp.activations import Activation
+from manualbp.backends import sharding
+from manualbp.backends.sharding import routed
 
 __all__ = ["TritonBackend", "TRITON"]
 
@@ -167,6 +169,10 @@ class TritonBackend:
 
     @staticmethod
     def linear_forward(x, weight, bias, act, negative_slope, *, store_preact):
+        if routed(x, weight, bias):  # DTensor operands: see manualbp.backends.sharding
+            return sharding.linear_forward(
+                x, weight, bias, act, negative_slope, store_preact=store_preact
+            )
         if _compiling():
             y, z = linear_forward_op(
                 x, weight, bias, _name(act), float(negative_slope), store_preact
@@ -178,6 +184,10 @@ class TritonBackend:
 
     @staticmethod
     def linear_backward(grad_y, x, weight, saved, act, negative_slope, needs_grad):
+        if routed(grad_y, x, weight, saved):
+            return sharding.linear_backward(
+                grad_y, x, weight, saved, act, negative_slope, needs_grad
+            )
         if _compiling():
             grads = linear_backward_op(
                 grad_y, x, weight, saved, _name(act), float(negative_slope), list(needs_grad)
@@ -188,7 +198,20 @@ class TritonBackend:
         )
 
     @staticmethod
+    def linear_grad_accumulate(grad_y, x, weight, dx_out, dw_acc, db_acc):
+        needs = (dx_out is not None, dw_acc is not None, db_acc is not None)
+        dx, dw, db = TritonBackend.linear_backward(grad_y, x, weight, None, None, 0.0, needs)
+        if dx_out is not None:
+            dx_out.copy_(dx)
+        if dw_acc is not None:
+            dw_acc += dw
+        if db_acc is not None:
+            db_acc += db
+
+    @staticmethod
     def mse_forward(input, target, reduction, *, compute_grad):
+        if routed(input, target):
+            return sharding.mse_forward(input, target, reduction, compute_grad=compute_grad)
         wants_grad = compute_grad and reduction != "none"
         if _compiling():
             loss, grad = mse_forward_op(input, target, reduction, wants_grad)
@@ -197,12 +220,16 @@ class TritonBackend:
 
     @staticmethod
     def mse_backward(grad_output, input, target, reduction):
+        if routed(grad_output, input, target):
+            return sharding.mse_backward(grad_output, input, target, reduction)
         if _compiling():
             return mse_backward_op(grad_output, input, target, reduction)
         return _launch_mse_backward(grad_output, input, target, reduction)
 
     @staticmethod
     def mse_grad_scale(grad, grad_output):
+        if routed(grad, grad_output):
+            return sharding.mse_grad_scale(grad, grad_output)
         if _compiling():
             return grad * grad_output  # one elementwise node: Inductor fuses it
         with _kernels("_runtime").on_device(grad.device):
@@ -210,6 +237,9 @@ class TritonBackend:
 
     @staticmethod
     def sgd_step(params, grads, momentum_buffers, **hyper):
+        if routed(*params):  # the same step on each rank's local shards
+            sharding.sgd_step(TritonBackend.sgd_step, params, grads, momentum_buffers, **hyper)
+            return
         sgd = _kernels("sgd")
         # A step captured in a CUDA graph runs the reference ops: the kernel's device table of
         # addresses is uploaded from the host and cached, which a capture cannot make safe.
@@ -221,6 +251,48 @@ class TritonBackend:
             return
         with _kernels("_runtime").on_device(params[0].device):
             sgd.sgd_step_(params, grads, momentum_buffers, **hyper)
+
+    # The fused MLP (triton_kernels/fused_mlp.py). While torch.compile traces, and for DTensor
+    # operands, the reference ops run (manualbp.autograd.fused_mlp runs layer by layer there).
+    @staticmethod
+    def mlp_forward(x, weights, biases, acts, slopes, *, store):
+        from manualbp.backends.reference import REFERENCE
+
+        if _compiling() or routed(x, *weights):
+            return REFERENCE.mlp_forward(x, weights, biases, acts, slopes, store=store)
+        shape = (*x.shape[:-1], weights[-1].shape[0])
+        y = x.new_empty(shape)
+        rows = math.prod(shape[:-1])
+        hidden_pre, out_pre = (a is not None and a.saved_for(s) == "preact"
+                               for a, s in zip(acts, slopes, strict=True))  # fmt: skip
+        with _kernels("_runtime").on_device(x.device):
+            _, saved = _kernels("fused_mlp").mlp_forward(
+                x.reshape(rows, x.shape[-1]), [w.contiguous() for w in weights],
+                [None if b is None else b.contiguous() for b in biases], _name(acts[0]),
+                _name(acts[1]), slopes, store=(store, hidden_pre, store and out_pre),
+                out=y.view(rows, shape[-1]),
+            )  # fmt: skip
+        return y, saved
+
+    @staticmethod
+    def mlp_backward(grad_y, x, weights, y, saved, acts, slopes, has_bias, needs_grad):
+        from manualbp.backends.reference import REFERENCE
+
+        if _compiling() or routed(grad_y, x, *weights):
+            return REFERENCE.mlp_backward(
+                grad_y, x, weights, y, saved, acts, slopes, has_bias, needs_grad
+            )
+        hidden_pre, out_pre = (a is not None and a.saved_for(s) == "preact"
+                               for a, s in zip(acts, slopes, strict=True))  # fmt: skip
+        out_saved = None if acts[1] is None else (saved[-1] if out_pre else y)
+        with _kernels("_runtime").on_device(grad_y.device):
+            return _kernels("fused_mlp").mlp_backward(
+                grad_y, x, [w.contiguous() for w in weights],
+                [s.contiguous() for s in saved[:-1]],
+                None if out_saved is None else out_saved.contiguous(), _name(acts[0]),
+                _name(acts[1]), slopes, has_bias=tuple(has_bias), hidden_preact=hidden_pre,
+                need_dx=needs_grad[0], need_params=needs_grad[1],
+            )  # fmt: skip
 
 
 TRITON = TritonBackend()

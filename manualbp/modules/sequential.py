@@ -8,12 +8,16 @@ called on its own (feature extractors, forward hooks, slices such as ``seq[:-1]`
 from __future__ import annotations
 
 import itertools
+from typing import NamedTuple
 
+import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
 from manualbp import functional
 from manualbp.activations import activation_of_module
+from manualbp.autograd.fused_mlp import MAX_WIDTH, fused_mlp
+from manualbp.dispatch import resolve
 from manualbp.modules.linear import Linear
 
 __all__ = ["Sequential"]
@@ -47,6 +51,83 @@ def fusable_pair(first: nn.Module, second: nn.Module) -> tuple[str, float] | Non
     return act.name, slope
 
 
+class MLPRun(NamedTuple):
+    """A run of Linear (+ activation) children the container runs as one fused MLP:
+    children ``start .. end - 1``, their Linear layers, the hidden layers' activation and the
+    last layer's, and their slopes."""
+
+    start: int
+    end: int
+    linears: list[Linear]
+    hidden: str | None
+    out: str | None
+    hidden_slope: float
+    out_slope: float
+
+
+def _layer_at(modules: list[nn.Module], j: int) -> tuple[Linear, str | None, float, int] | None:
+    """``(linear, activation, slope, next index)`` for a hook-free manualbp Linear at ``j`` with
+    its own activation or a fusable activation module after it; ``None`` if ``j`` holds none."""
+    lin = modules[j]
+    if type(lin) is not Linear or has_hooks(lin):
+        return None
+    if lin.activation is not None:
+        slope = lin.negative_slope if lin.activation == "leaky_relu" else 0.01
+        return lin, lin.activation, slope, j + 1
+    pair = fusable_pair(lin, modules[j + 1]) if j + 1 < len(modules) else None
+    if pair is None:
+        return lin, None, 0.01, j + 1
+    return lin, pair[0], pair[1] if pair[0] == "leaky_relu" else 0.01, j + 2
+
+
+def mlp_run(modules: list[nn.Module], start: int) -> MLPRun | None:
+    """The longest run of >= 2 layers from ``start`` that one fused MLP computes exactly: each a
+    hook-free :class:`manualbp.Linear` (+ registry activation), every width <= 128, one dtype
+    and device, consecutive shapes, and every layer but the last with the same activation."""
+    layers: list[tuple[Linear, str | None, float]] = []
+    j = start
+    while j < len(modules):
+        found = _layer_at(modules, j)
+        if found is None:
+            break
+        lin, act, slope, nxt = found
+        w = lin.weight
+        if layers:
+            prev, first = layers[-1], layers[0]
+            if (prev[1], prev[2]) != (first[1], first[2]) or prev[0].out_features != w.shape[1]:
+                break
+            w0 = first[0].weight
+            if (w.dtype, w.device) != (w0.dtype, w0.device):
+                break
+        if max(w.shape) > MAX_WIDTH or w.dim() != 2:
+            break
+        layers.append((lin, act, slope))
+        j = nxt
+    if len(layers) < 2:
+        return None
+    (_, hidden, h_slope), (_, out, o_slope) = layers[0], layers[-1]
+    return MLPRun(start, j, [lin for lin, _, _ in layers], hidden, out, h_slope, o_slope)
+
+
+def _run_mlp(run: MLPRun, input: Tensor) -> Tensor | None:
+    """The run on ``input`` through :func:`fused_mlp`, or ``None`` when it would not run on the
+    fused kernels (the reference path gains nothing over the pairs) or the input does not fit
+    (its width, or its dtype outside autocast: the modules then raise as natively)."""
+    weights = [lin.weight for lin in run.linears]
+    w0 = weights[0]
+    if input.dim() < 1 or input.shape[-1] != w0.shape[1] or input.device != w0.device:
+        return None
+    autocast = input.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(input.device.type)
+    if input.dtype != w0.dtype and not autocast:
+        return None
+    if resolve(input, *weights) != "triton":
+        return None
+    return fused_mlp(
+        input, weights, [lin.bias for lin in run.linears], run.hidden, run.out,
+        negative_slope=run.hidden_slope, output_negative_slope=run.out_slope,
+    )  # fmt: skip
+
+
 class Sequential(nn.Sequential):
     r"""``nn.Sequential`` whose Linear + activation pairs run as one fused call.
 
@@ -58,15 +139,29 @@ class Sequential(nn.Sequential):
     as in ``nn.Sequential``. A pair is not fused while either module has hooks (checked at
     each call, global module hooks included), so hooks see exactly what they see natively.
 
+    On the Triton backend (CUDA tensors), a run of two or more such layers (a Linear with or
+    without a following activation, all widths <= 128, one dtype and device, no hooks, every
+    layer but the last with the same activation) runs as one fused MLP
+    (:func:`manualbp.autograd.fused_mlp.fused_mlp`): one forward kernel launch, reading the
+    modules' own ``weight`` / ``bias`` at each call. ``fuse_mlp = False`` (on the instance)
+    turns this off; the pairs are then fused as above.
+
     :func:`manualbp.convert` re-classes ``nn.Sequential`` containers into this class in place;
     children, indices, ``state_dict`` keys and Parameters are unchanged.
     """
+
+    fuse_mlp: bool = True  # class default; an instance attribute overrides it
 
     def forward(self, input: Tensor) -> Tensor:
         modules = list(self._modules.values())
         i = 0
         while i < len(modules):
             module = modules[i]
+            run = mlp_run(modules, i) if self.fuse_mlp and type(module) is Linear else None
+            out = None if run is None else _run_mlp(run, input)
+            if out is not None:
+                input, i = out, run.end
+                continue
             fused = fusable_pair(module, modules[i + 1]) if i + 1 < len(modules) else None
             if fused is None:
                 input = module(input)
@@ -87,6 +182,22 @@ class Sequential(nn.Sequential):
             for (name, m), (next_name, n) in itertools.pairwise(items)
             if fusable_pair(m, n) is not None
         ]
+
+    def mlp_runs(self) -> list[list[str]]:
+        """The child names of each run the container fuses into one MLP when called now on the
+        Triton backend (empty with ``fuse_mlp = False``)."""
+        if not self.fuse_mlp:
+            return []
+        names, modules = list(self._modules), list(self._modules.values())
+        runs, i = [], 0
+        while i < len(modules):
+            run = mlp_run(modules, i) if type(modules[i]) is Linear else None
+            if run is None:
+                i += 1
+                continue
+            runs.append(names[run.start : run.end])
+            i = run.end
+        return runs
 
     def extra_repr(self) -> str:
         pairs = self.fused_pairs()

@@ -1,0 +1,168 @@
+"""``manualbp.FusedMLP``: a narrow MLP whose layers run as one fused op."""
+
+from __future__ import annotations
+
+from numbers import Real
+
+import torch
+from torch import Tensor, nn
+
+from manualbp.activations import activation_of_module, get_activation
+from manualbp.autograd.fused_mlp import MAX_WIDTH, fused_mlp
+
+__all__ = ["FusedMLP"]
+
+
+class FusedMLP(nn.Module):
+    r"""``in -> hidden -> ... -> hidden -> out``: ``num_hidden_layers`` hidden layers of width
+    ``hidden_features`` (each ``activation(x W^T + b)``) and an output layer
+    (``output_activation(x W^T + b)``), run as one fused op.
+
+    On the Triton backend (CUDA, or the interpreter) the forward is **one kernel launch**
+    that carries each tile of rows through every layer in registers, and the backward two or
+    three (the activation-gradient chain, then the weight gradients by a deterministic
+    reduction); elsewhere the same hand-derived math runs in plain torch ops
+    (:func:`manualbp.autograd.fused_mlp.fused_mlp`). Every width must be at most 128 for the
+    kernels (``hidden_features`` must be; wider inputs or outputs run layer by layer).
+
+    The layers are ordinary modules in ``self.layers``, an ``nn.Sequential`` of ``nn.Linear``
+    and activation modules, exactly the native equivalent: ``state_dict`` keys are
+    ``layers.0.weight``, ``layers.0.bias``, ``layers.2.weight``, ... (the activation modules
+    take the odd indices), so ``mlp.layers.state_dict()`` loads into that ``nn.Sequential``
+    and back. :meth:`to_sequential` and :meth:`from_sequential` convert. Forward reads the
+    Linear modules' ``weight`` / ``bias`` at each call but does not call the modules (their
+    hooks do not run).
+
+    Args:
+        in_features, hidden_features, out_features: the widths.
+        num_hidden_layers: hidden layers (0: a single Linear ``in -> out``).
+        activation: of the hidden layers, a registry name or ``None``. Default ``"relu"``.
+        output_activation: of the output layer. Default ``None``.
+        bias: whether every layer has a bias.
+        negative_slope: the leaky_relu slope (both activations).
+
+    Shape: input ``(*, in_features)``, output ``(*, out_features)``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int,
+        out_features: int,
+        num_hidden_layers: int,
+        activation: str | None = "relu",
+        output_activation: str | None = None,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        negative_slope: float = 0.01,
+    ) -> None:
+        super().__init__()
+        _validate(in_features, hidden_features, out_features, num_hidden_layers, negative_slope)
+        hidden_act, out_act = get_activation(activation), get_activation(output_activation)
+        self.activation, self.output_activation = activation, output_activation
+        self.negative_slope = float(negative_slope)
+        dims = [in_features, *[hidden_features] * num_hidden_layers, out_features]
+        modules: list[nn.Module] = []
+        for i in range(len(dims) - 1):
+            modules.append(nn.Linear(dims[i], dims[i + 1], bias, device=device, dtype=dtype))
+            act = out_act if i == len(dims) - 2 else hidden_act
+            if act is not None:
+                modules.append(act.native_module(self.negative_slope))
+        self.layers = nn.Sequential(*modules)
+
+    def linears(self) -> list[nn.Linear]:
+        """The Linear layers, input to output."""
+        return [m for m in self.layers if isinstance(m, nn.Linear)]
+
+    def forward(self, input: Tensor) -> Tensor:
+        linears = self.linears()
+        return fused_mlp(
+            input, [m.weight for m in linears], [m.bias for m in linears], self.activation,
+            self.output_activation, negative_slope=self.negative_slope,
+        )  # fmt: skip
+
+    def to_sequential(self) -> nn.Sequential:
+        """A native ``nn.Sequential`` of ``nn.Linear`` + activation modules with copies of this
+        module's parameters (same dtype and device, same ``state_dict`` keys as ``layers``)."""
+        native = nn.Sequential(*(_native_copy(m) for m in self.layers))
+        native.load_state_dict(self.layers.state_dict())
+        return native
+
+    @classmethod
+    def from_sequential(cls, seq: nn.Sequential) -> FusedMLP:
+        """The ``FusedMLP`` computing what ``seq`` computes: ``Linear [act] Linear [act] ...
+        Linear [act]`` with one hidden width, every hidden layer followed by the same registry
+        activation (or none) and all biases present or all absent. Parameters are copied."""
+        spec = _parse(seq)
+        first = spec["linears"][0].weight
+        mlp = cls(*spec["args"], device=first.device, dtype=first.dtype, **spec["kwargs"])
+        mlp.layers.load_state_dict(seq.state_dict())
+        return mlp
+
+    def extra_repr(self) -> str:
+        first, last = self.linears()[0], self.linears()[-1]
+        text = f"in={first.in_features}, hidden={first.out_features}, out={last.out_features}"
+        text += f", layers={len(self.linears())}, activation={self.activation!r}"
+        if self.output_activation is not None:
+            text += f", output_activation={self.output_activation!r}"
+        return text
+
+
+def _validate(in_f: int, hidden: int, out_f: int, num_hidden: int, slope: float) -> None:
+    for name, value in (("in_features", in_f), ("hidden_features", hidden),
+                        ("out_features", out_f)):  # fmt: skip
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"FusedMLP: {name} must be a positive int, got {value!r}")
+    if not isinstance(num_hidden, int) or isinstance(num_hidden, bool) or num_hidden < 0:
+        raise ValueError(f"FusedMLP: num_hidden_layers must be an int >= 0, got {num_hidden!r}")
+    if num_hidden > 0 and hidden > MAX_WIDTH:
+        raise ValueError(
+            f"FusedMLP: hidden_features must be at most {MAX_WIDTH} (the fused kernels keep a "
+            f"row tile of every layer in registers), got {hidden}"
+        )
+    if not isinstance(slope, Real) or isinstance(slope, bool):
+        raise TypeError(f"FusedMLP: negative_slope must be a real number, got {slope!r}")
+
+
+def _native_copy(module: nn.Module) -> nn.Module:
+    """A fresh native module of the same kind: ``nn.Linear`` (even for a subclass) or the
+    activation module as is."""
+    if isinstance(module, nn.Linear):
+        w = module.weight
+        return nn.Linear(module.in_features, module.out_features, module.bias is not None,
+                         device=w.device, dtype=w.dtype)  # fmt: skip
+    found = activation_of_module(module)
+    if found is None:
+        raise TypeError(f"FusedMLP: unexpected module {type(module).__name__}")
+    act, slope = found
+    return act.native_module(slope)
+
+
+def _parse(seq: nn.Sequential) -> dict:
+    """``FusedMLP`` arguments for ``seq`` (see :meth:`FusedMLP.from_sequential`)."""
+    modules, layers, i = list(seq), [], 0
+    while i < len(modules):
+        lin = modules[i]
+        if not isinstance(lin, nn.Linear) or getattr(lin, "activation", None) is not None:
+            raise ValueError(f"FusedMLP.from_sequential: module {i} is not a plain Linear")
+        found = activation_of_module(modules[i + 1]) if i + 1 < len(modules) else None
+        act, slope = (found[0].name, found[1]) if found else (None, 0.01)
+        layers.append((lin, act, slope))
+        i += 2 if found else 1
+    linears = [lin for lin, _, _ in layers]
+    hidden = {(a, s if a == "leaky_relu" else 0.01) for _, a, s in layers[:-1]}
+    widths = {lin.out_features for lin in linears[:-1]}
+    if len(hidden) > 1 or len(widths) > 1 or len({lin.bias is None for lin in linears}) > 1:
+        raise ValueError("FusedMLP.from_sequential: hidden layers must share one width, one "
+                         "activation and the presence of a bias")  # fmt: skip
+    slopes = {s for _, a, s in layers if a == "leaky_relu"}
+    if len(slopes) > 1:
+        raise ValueError("FusedMLP.from_sequential: one leaky_relu slope for every layer")
+    hidden_act = layers[0][1] if len(layers) > 1 else None
+    args = (linears[0].in_features, widths.pop() if widths else linears[0].out_features,
+            linears[-1].out_features, len(linears) - 1, hidden_act, layers[-1][1],
+            linears[0].bias is not None)  # fmt: skip
+    return dict(linears=linears, args=args,
+                kwargs=dict(negative_slope=slopes.pop() if slopes else 0.01))  # fmt: skip

@@ -1,0 +1,660 @@
+"""A fully fused narrow MLP: every layer of ``act_o(... act_h(x W_0^T + b_0) ... W_{L-1}^T + b)``
+in one forward launch, the whole gradient chain in one backward launch, and the weight
+gradients from a deterministic split-row reduction.
+
+Layout. Every width (input, hidden, output) is at most :data:`MAX_WIDTH` (128); a launch pads
+them all to one ``WIDTH`` (a power of two >= 16) in registers, held as ``WIDTH / NC`` column
+chunks of ``NC`` columns (see "Device helpers" below). The layer dims are constexprs
+(``DIMS = (k_0, n_0, n_1, ..., n_{L-1})``), the weights / biases a tuple of pointers to the
+layers' own ``(n, k)`` / ``(n,)`` tensors (loaded with masks, so nothing is packed or copied),
+and the layer loop a ``tl.static_range``: each layer is compiled with its own shapes.
+
+Launches (``M`` rows, ``L`` layers):
+
+1. :func:`mlp_forward_kernel`, one program per ``BLOCK_M`` rows: loads its row tile once and
+   carries it through every layer (``tl.dot`` with the layer's ``W^T``, bias, activation), all
+   in registers. It writes the output and, when a backward will follow, per hidden layer what
+   the activation's derivative reads (``Activation.saved_for``: the output y, or the
+   pre-activation z), plus the last layer's z when the output activation derives from z.
+2. :func:`mlp_backward_kernel`, one program per ``BLOCK_M`` rows, layers in reverse:
+   ``dZ_l = dY_l * act'(saved_l)`` (written, for step 3), ``dY_{l-1} = dZ_l W_l``, and at the end
+   ``dX``.
+3. :func:`mlp_wgrad_kernel`, grid ``(S, L, blocks)``: program ``(s, l, b)`` sums block ``b``
+   of ``dZ_l^T H_{l-1}`` (and of ``sum_rows dZ_l``) over its ``s``-th chunk of rows
+   (``H_{l-1}`` is x, the saved y, or ``act(saved z)`` recomputed), into a fp32 (fp64)
+   partials buffer.
+4. :func:`mlp_wgrad_reduce_kernel` sums the ``S`` partials of each layer in a fixed order and
+   writes ``dW_l`` / ``db_l`` into the layers' own gradient tensors. With a single chunk
+   (``S == 1``, small ``M``) step 3 writes them directly and this launch is skipped.
+
+No atomics anywhere: the gradients are bitwise reproducible. ``S`` depends on ``M`` and ``L``
+only (:func:`wgrad_splits`). Rounding follows native ``nn.Linear`` + activation modules: z, y,
+dZ and each ``dY`` are rounded to the input dtype where native rounds them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._activations import activation_grad, apply_activation, constexpr_name
+from ._matmul import cast_out, input_precision_for
+from ._runtime import interpreting
+
+__all__ = [
+    "CONFIGS",
+    "MAX_LAYERS",
+    "MAX_WIDTH",
+    "launch_config",
+    "mlp_backward",
+    "mlp_backward_kernel",
+    "mlp_forward",
+    "mlp_forward_kernel",
+    "mlp_wgrad_kernel",
+    "mlp_wgrad_reduce_kernel",
+    "padded_width",
+    "shipped_widths",
+    "supports",
+    "wgrad_splits",
+]
+
+MAX_WIDTH = 128
+MAX_LAYERS = 32  # every layer is unrolled into the kernels; deeper nets run layer by layer
+_ALIGN = 64  # elements: per-layer segments of one buffer start 128-byte aligned (fp16)
+
+
+def _cfg(
+    block_m: int, warps: int, chunk: int, block_r: int, wg_chunk: int, wg_warps: int
+) -> dict[str, int]:
+    """Row tile and warps of the forward / backward-chain kernels (``BLOCK_M``, ``num_warps``)
+    and the most columns of one of their chunks (``CHUNK``: NC = min(CHUNK, WIDTH)); the
+    weight-gradient kernel's rows per ``tl.dot`` step, block side and warps (``BLOCK_R``,
+    ``WGRAD_CHUNK``, ``wgrad_warps``)."""
+    return dict(BLOCK_M=block_m, num_warps=warps, CHUNK=chunk, BLOCK_R=block_r,
+                WGRAD_CHUNK=wg_chunk, wgrad_warps=wg_warps)  # fmt: skip
+
+
+# Configs as data, by (architecture family, dtype class, WIDTH); the audit compiles each one
+# under Triton 3.6 and 3.9 and every entry is spill-free there. Dtype classes as in
+# _matmul.dtype_class: "fp16" (fp16/bf16) and "tf32" run on tensor cores (wgmma on sm_90: 64
+# rows a warpgroup), "fp32" (IEEE) on the FMA units, whose operand fragments sit in registers:
+# spill-free up to WIDTH 32 only (wider IEEE fp32 MLPs run layer by layer, see supports()).
+# Up to 32 columns, 128 rows with 4 warps; from 64, 8 warps (64 accumulator elements a thread
+# spill with an erf-GELU epilogue) and, at 128, 32-column chunks where 64 spill (sm_80, and
+# TF32 under Triton 3.6).
+_NARROW = {w: _cfg(128, 4, 64, 64, 64, 4) for w in (16, 32)}
+_WIDE64 = _cfg(128, 8, 64, 64, 64, 4)
+_FMA = {16: _cfg(64, 4, 16, 32, 16, 4), 32: _cfg(32, 4, 32, 32, 32, 4)}
+CONFIGS: dict[tuple[int, str], dict[int, dict[str, int]]] = {
+    (90, "fp16"): {**_NARROW, 64: _WIDE64, 128: _cfg(128, 8, 64, 64, 64, 4)},
+    (90, "tf32"): {**_NARROW, 64: _WIDE64, 128: _cfg(128, 8, 32, 64, 64, 4)},
+    (90, "fp32"): _FMA,
+    (80, "fp16"): {**_NARROW, 64: _WIDE64, 128: _cfg(128, 8, 32, 64, 64, 4)},
+    (80, "tf32"): {**_NARROW, 64: _WIDE64, 128: _cfg(64, 8, 32, 64, 64, 4)},
+    (80, "fp32"): _FMA,
+}
+# The interpreter: small row tiles and 16-column chunks, so that the tests' small, odd row
+# counts span several programs and the chunked paths run; weight-gradient blocks as wide as
+# the layers (each interpreted program costs milliseconds).
+INTERPRETER_CONFIG = {w: _cfg(32, 4, 16 if w <= 32 else 32, 16, min(w, 64), 4)
+                      for w in (16, 32, 64, 128)}  # fmt: skip
+# Weight-gradient splits: at least MIN_SPLIT_ROWS rows per chunk, at most about TARGET_PROGRAMS
+# programs over all layers. REDUCE_BLOCK: partial elements summed per reduction program.
+MIN_SPLIT_ROWS = {"cuda": 1024, "interpreter": 32}
+TARGET_PROGRAMS = 256
+REDUCE_BLOCK = {"cuda": 1024, "interpreter": 256}
+
+
+def padded_width(dims: tuple[int, ...]) -> int:
+    """The register width every layer is padded to: a power of two >= 16."""
+    return max(16, triton.next_power_of_2(max(dims)))
+
+
+def supports(dims: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the fused kernels take layers of these dims (``k_0, n_0, ..., n_{L-1}``) in
+    ``dtype`` on ``device``: widths <= :data:`MAX_WIDTH`, at most :data:`MAX_LAYERS` layers and,
+    on a GPU, a shipped config (:data:`CONFIGS`: fp16/bf16, TF32 fp32, IEEE fp32 up to width
+    32; fp64 and wider IEEE fp32 run layer by layer). The interpreter takes every float dtype."""
+    if not (2 <= len(dims) <= MAX_LAYERS + 1 and min(dims) >= 1 and max(dims) <= MAX_WIDTH):
+        return False
+    if device.type != "cuda" or interpreting():
+        return dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    dclass = _dtype_class(dtype, input_precision_for(dtype))
+    return padded_width(dims) in CONFIGS.get((90, dclass), {})
+
+
+def _dtype_class(dtype: torch.dtype, precision: str) -> str:
+    if dtype == torch.float64:
+        return "fp64"
+    if dtype == torch.float32:
+        return "tf32" if precision == "tf32" else "fp32"
+    return "fp16"
+
+
+def launch_config(
+    device: torch.device,
+    dtype: torch.dtype,
+    width: int,
+    precision: str,
+    arch: int = 90,
+    *,
+    cuda: bool | None = None,
+) -> dict[str, int]:
+    """The block shapes for a launch on ``device`` (the interpreter's, off CUDA); ``cuda``
+    forces the CUDA configs (the audit)."""
+    if cuda is None:
+        cuda = device.type == "cuda" and not interpreting()
+    if not cuda:
+        return INTERPRETER_CONFIG[width]
+    family = 90 if arch >= 90 else 80
+    return CONFIGS[(family, _dtype_class(dtype, precision))][width]
+
+
+def shipped_widths(arch: int, dtype: torch.dtype, precision: str) -> list[int]:
+    """The WIDTHs :data:`CONFIGS` has for ``arch`` / ``dtype`` / ``tl.dot`` precision."""
+    family = 90 if arch >= 90 else 80
+    return sorted(CONFIGS.get((family, _dtype_class(dtype, precision)), {}))
+
+
+def wgrad_splits(M: int, num_layers: int, block_r: int, *, cuda: bool) -> tuple[int, int]:
+    """``(S, chunk)``: the row chunks of the weight-gradient step (a multiple of ``block_r``
+    rows each, ``S`` of them cover ``M``). A function of ``M`` and ``L`` only: deterministic."""
+    min_rows = MIN_SPLIT_ROWS["cuda" if cuda else "interpreter"]
+    target = max(1, TARGET_PROGRAMS // num_layers)
+    splits = max(1, min(triton.cdiv(M, min_rows), target))
+    chunk = triton.cdiv(triton.cdiv(M, splits), block_r) * block_r
+    return triton.cdiv(M, chunk), chunk
+
+
+# --------------------------------------------------------------------------------------------
+# Device helpers. A row tile's activations live in registers as a tuple of CH column chunks of
+# NC columns each (WIDTH = CH * NC): a layer is CH x CH (BLOCK_M, NC) x (NC, NC) dots, and one
+# output chunk's accumulator and epilogue are live at a time (a whole 128-wide tile through an
+# erf-GELU epilogue spills). Chunks beyond a layer's width are skipped at compile time.
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _dot(a, b, acc, INPUT_PRECISION: tl.constexpr):
+    """``acc + a @ b``; under the interpreter bf16 operands are upcast (it has no bf16 dot)."""
+    if INPUT_PRECISION == "upcast_ieee":
+        acc = tl.dot(
+            a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee", out_dtype=acc.dtype
+        )
+    else:
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
+    return acc
+
+
+@triton.jit
+def _rows(ptr, offs_m, offs_c, M, stride_m, stride_n, N):
+    """The (rows, NC) tile ``ptr[offs_m, offs_c]`` of a strided (M, N) tensor, zero outside
+    (int64 offsets: a user tensor's strides may be anything)."""
+    mask = (offs_m[:, None] < M) & (offs_c[None, :] < N)
+    return tl.load(ptr + offs_m[:, None] * stride_m + offs_c[None, :] * stride_n, mask=mask,
+                   other=0.0)  # fmt: skip
+
+
+@triton.jit
+def _load_tile(ptr, row0, rows_left, offs_r, offs_c, N):
+    """The (rows, NC) tile at row ``row0``, columns ``offs_c`` of a contiguous (M, N) tensor,
+    zero outside. The tile's offsets are int32 (``BLOCK * N`` is small), the row start int64."""
+    mask = (offs_r[:, None] < rows_left) & (offs_c[None, :] < N)
+    return tl.load(ptr + row0 * N + (offs_r[:, None] * N + offs_c[None, :]), mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_tile(ptr, value, row0, rows_left, offs_r, offs_c, N):
+    """Store a (rows, NC) tile at row ``row0``, columns ``offs_c`` of a contiguous (M, N)
+    tensor (columns past N are dropped)."""
+    mask = (offs_r[:, None] < rows_left) & (offs_c[None, :] < N)
+    tl.store(ptr + row0 * N + (offs_r[:, None] * N + offs_c[None, :]),
+             cast_out(value, ptr.dtype.element_ty), mask=mask)  # fmt: skip
+
+
+@triton.jit
+def _wblock(w_ptr, K, N, n0, k0, NC: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """The (NC, NC) block of the contiguous (N, K) weight at rows n0, columns k0, zero outside:
+    ``W[n0:, k0:]``, or its transpose ``[k, n] = W[n0 + n, k0 + k]``."""
+    offs_n = n0 + tl.arange(0, NC)
+    offs_k = k0 + tl.arange(0, NC)
+    if TRANSPOSED:
+        mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
+        return tl.load(w_ptr + offs_n[None, :] * K + offs_k[:, None], mask=mask, other=0.0)
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    return tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_chunks(ptr, offs_m, M, stride_m, stride_n, N, NC: tl.constexpr, CH: tl.constexpr):
+    """A strided (M, N) tensor's row tile as CH chunks of NC columns (zeros past N)."""
+    out = ()
+    for c in tl.static_range(CH):
+        out = out + (_rows(ptr, offs_m, c * NC + tl.arange(0, NC), M, stride_m, stride_n, N),)  # noqa: RUF005 (Triton has no tuple unpacking)
+    return out
+
+
+@triton.jit
+def _store_chunks(ptr, h, row0, rows_left, offs_r, N, NC: tl.constexpr, CH: tl.constexpr):
+    for c in tl.static_range(CH):
+        if c * NC < N:
+            _store_tile(ptr, h[c], row0, rows_left, offs_r, c * NC + tl.arange(0, NC), N)
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Forward
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _forward_layer(
+    h, w_ptr, b_ptr, s_ptr, y_ptr, zo_ptr, row0, rows_left, offs_r, slope,
+    K: tl.constexpr, N: tl.constexpr, HAS_B: tl.constexpr, LAST: tl.constexpr,
+    ACT: tl.constexpr, STORE_S: tl.constexpr, S_PREACT: tl.constexpr,
+    STORE_ZO: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    NC: tl.constexpr, CH: tl.constexpr,
+):  # fmt: skip
+    """``act(h W^T + b)`` for one layer of one row tile, chunk by output chunk; stores what
+    backward reads (hidden) or the output (last); returns the new chunks."""
+    out = ()
+    for j in tl.static_range(CH):
+        zero = tl.zeros((offs_r.shape[0], NC), h[0].dtype)
+        if j * NC < N:
+            offs_n = j * NC + tl.arange(0, NC)
+            acc = tl.zeros((offs_r.shape[0], NC), ACC_DTYPE)
+            for c in tl.static_range(CH):
+                if c * NC < K:
+                    acc = _dot(h[c], _wblock(w_ptr, K, N, j * NC, c * NC, NC, True), acc,
+                               INPUT_PRECISION)  # fmt: skip
+            if HAS_B:
+                acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(ACC_DTYPE)[None, :]
+            # z rounded to the input dtype before the activation, as native Linear + act does.
+            z = cast_out(acc, h[0].dtype)
+            hj = cast_out(apply_activation(z.to(ACC_DTYPE), slope, ACT), h[0].dtype)
+            if LAST:
+                _store_tile(y_ptr, hj, row0, rows_left, offs_r, offs_n, N)
+                if STORE_ZO:
+                    _store_tile(zo_ptr, z, row0, rows_left, offs_r, offs_n, N)
+            elif STORE_S:
+                _store_tile(s_ptr, z if S_PREACT else hj, row0, rows_left, offs_r, offs_n, N)
+            out = out + (hj,)  # noqa: RUF005 (Triton has no tuple unpacking)
+        else:
+            out = out + (zero,)  # noqa: RUF005 (Triton has no tuple unpacking)
+    return out
+
+
+@triton.jit
+def mlp_forward_kernel(
+    x_ptr, y_ptr, zo_ptr, ws, bs, ss, hidden_slope, out_slope, M, stride_xm, stride_xk,
+    DIMS: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_LAYERS: tl.constexpr,
+    HIDDEN_ACT: tl.constexpr, OUT_ACT: tl.constexpr, HIDDEN_PREACT: tl.constexpr,
+    STORE: tl.constexpr, STORE_OUT_PREACT: tl.constexpr, ACC_FP64: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, WIDTH: tl.constexpr, NC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """One tile of rows through every layer. ``ws`` / ``bs``: per-layer weight and bias
+    pointers (``HAS_BIAS[l]`` False: a dummy); ``ss``: per hidden layer, the (M, n_l) tensor
+    the activation's derivative reads (z when ``HIDDEN_PREACT``, else y), written when
+    ``STORE``; ``zo_ptr``: the last layer's z, written when ``STORE_OUT_PREACT``."""
+    acc_dtype: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    h_slope = tl.cast(hidden_slope, acc_dtype)
+    o_slope = tl.cast(out_slope, acc_dtype)
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_M
+    offs_r = tl.arange(0, BLOCK_M)
+    h = _load_chunks(x_ptr, row0 + offs_r, M, stride_xm, stride_xk, DIMS[0], NC, WIDTH // NC)
+    # li (the layer) is a constexpr: each layer is compiled with its own shapes and conditions.
+    for li in tl.static_range(NUM_LAYERS - 1):
+        h = _forward_layer(h, ws[li], bs[li], ss[li], y_ptr, zo_ptr, row0, M - row0, offs_r,
+                           h_slope, DIMS[li], DIMS[li + 1], HAS_BIAS[li], False, HIDDEN_ACT, STORE,
+                           HIDDEN_PREACT, False, acc_dtype, INPUT_PRECISION, NC,
+                           WIDTH // NC)  # fmt: skip
+    last: tl.constexpr = NUM_LAYERS - 1
+    _forward_layer(h, ws[last], bs[last], y_ptr, y_ptr, zo_ptr, row0, M - row0, offs_r, o_slope,
+                   DIMS[last], DIMS[NUM_LAYERS], HAS_BIAS[last], True, OUT_ACT, False, False,
+                   STORE_OUT_PREACT, acc_dtype, INPUT_PRECISION, NC, WIDTH // NC)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Backward through the chain
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _backward_layer(
+    g, w_ptr, s_ptr, dz_ptr, row0, rows_left, offs_r, slope, K: tl.constexpr,
+    N: tl.constexpr, ACT: tl.constexpr, NEED_PREV: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, NC: tl.constexpr, CH: tl.constexpr,
+):  # fmt: skip
+    """From this layer's ``dY`` chunks: ``dZ = dY * act'(s)`` (stored), and when
+    ``NEED_PREV`` the chunks of ``dY_prev = dZ W`` (else an empty tuple)."""
+    dz = ()
+    for j in tl.static_range(CH):
+        if j * NC < N:
+            offs_n = j * NC + tl.arange(0, NC)
+            dzj = g[j]
+            if ACT != "none":
+                s = _load_tile(s_ptr, row0, rows_left, offs_r, offs_n, N).to(ACC_DTYPE)
+                dzj = cast_out(activation_grad(dzj.to(ACC_DTYPE), s, slope, ACT), g[0].dtype)
+            _store_tile(dz_ptr, dzj, row0, rows_left, offs_r, offs_n, N)
+            dz = dz + (dzj,)  # noqa: RUF005 (Triton has no tuple unpacking)
+    out = ()
+    if NEED_PREV:
+        for c in tl.static_range(CH):
+            acc = tl.zeros((offs_r.shape[0], NC), ACC_DTYPE)
+            if c * NC < K:
+                for j in tl.static_range(CH):
+                    if j * NC < N:
+                        acc = _dot(dz[j], _wblock(w_ptr, K, N, j * NC, c * NC, NC, False), acc,
+                                   INPUT_PRECISION)  # fmt: skip
+            out = out + (cast_out(acc, g[0].dtype),)  # noqa: RUF005 (Triton has no tuple unpacking)
+    return out
+
+
+@triton.jit
+def mlp_backward_kernel(
+    g_ptr, so_ptr, dx_ptr, ws, ss, dzs, hidden_slope, out_slope, M, stride_gm, stride_gn,
+    DIMS: tl.constexpr, NUM_LAYERS: tl.constexpr, HIDDEN_ACT: tl.constexpr,
+    OUT_ACT: tl.constexpr, NEED_DX: tl.constexpr, ACC_FP64: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, WIDTH: tl.constexpr, NC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """One tile of rows back through every layer: writes ``dZ_l`` into ``dzs[l]`` (M, n_l) and,
+    when ``NEED_DX``, ``dX`` (M, k_0). ``so_ptr``: the last layer's saved tensor (y or z)."""
+    acc_dtype: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    h_slope = tl.cast(hidden_slope, acc_dtype)
+    o_slope = tl.cast(out_slope, acc_dtype)
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_M
+    offs_r = tl.arange(0, BLOCK_M)
+    L: tl.constexpr = NUM_LAYERS
+    g = _load_chunks(g_ptr, row0 + offs_r, M, stride_gm, stride_gn, DIMS[L], NC, WIDTH // NC)
+    g = _backward_layer(g, ws[L - 1], so_ptr, dzs[L - 1], row0, M - row0, offs_r, o_slope,
+                        DIMS[L - 1], DIMS[L], OUT_ACT, L > 1 or NEED_DX, acc_dtype,
+                        INPUT_PRECISION, NC, WIDTH // NC)  # fmt: skip
+    for i in tl.static_range(1, L):  # layer L - 1 - i, a constexpr
+        g = _backward_layer(g, ws[L - 1 - i], ss[L - 1 - i], dzs[L - 1 - i], row0, M - row0,
+                            offs_r, h_slope, DIMS[L - 1 - i], DIMS[L - i], HIDDEN_ACT,
+                            i < L - 1 or NEED_DX, acc_dtype, INPUT_PRECISION, NC,
+                            WIDTH // NC)  # fmt: skip
+    if NEED_DX:
+        _store_chunks(dx_ptr, g, row0, M - row0, offs_r, DIMS[0], NC, WIDTH // NC)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Weight and bias gradients, per (row chunk, layer, NC x NC block of dW)
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _wgrad_block(
+    x_ptr, h_ptr, dz_ptr, dw_ptr, db_ptr, part_ptr, slope, M, stride_xm, stride_xk, chunk,
+    pid_s, S, n0, k0, li: tl.constexpr, K: tl.constexpr, N: tl.constexpr, HAS_B: tl.constexpr,
+    HIDDEN_ACT: tl.constexpr, HIDDEN_PREACT: tl.constexpr, DIRECT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, WIDTH: tl.constexpr,
+    NC: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """``dW[n0:n0+NC, k0:k0+NC] = sum_rows dZ^T H`` (and ``db[n0:n0+NC]`` when k0 == 0) over
+    rows ``[pid_s * chunk, (pid_s + 1) * chunk)``; ``H`` is x (layer 0), the saved y, or
+    ``act(saved z)`` recomputed and rounded as in forward."""
+    offs_n = n0 + tl.arange(0, NC)
+    offs_k = k0 + tl.arange(0, NC)
+    acc = tl.zeros((NC, NC), ACC_DTYPE)
+    db = tl.zeros((NC,), ACC_DTYPE)
+    row0 = pid_s.to(tl.int64) * chunk
+    for r in range(0, chunk, BLOCK_R):
+        offs_r = r + tl.arange(0, BLOCK_R)
+        r_ok = offs_r < M - row0
+        # dZ^T block (NC, BLOCK_R), read straight from the row-major (M, N) dZ.
+        dzt = tl.load(dz_ptr + row0 * N + (offs_r[None, :] * N + offs_n[:, None]),
+                      mask=r_ok[None, :] & (offs_n[:, None] < N), other=0.0)  # fmt: skip
+        if li == 0:
+            h = _rows(x_ptr, row0 + offs_r, offs_k, M, stride_xm, stride_xk, K)
+        else:
+            h = _load_tile(h_ptr, row0 + r, M - row0 - r, tl.arange(0, BLOCK_R), offs_k, K)
+            if HIDDEN_PREACT:
+                h = cast_out(
+                    apply_activation(h.to(ACC_DTYPE), slope, HIDDEN_ACT), dz_ptr.dtype.element_ty
+                )
+        acc = _dot(dzt, h, acc, INPUT_PRECISION)
+        if HAS_B:
+            db += tl.sum(dzt.to(ACC_DTYPE), axis=1)
+    # The bias gradient comes from the blocks of the first column (k0 == 0): a vector mask
+    # (the interpreter rejects a vector & scalar one).
+    db_mask = (offs_n < N) & (offs_k == offs_n - n0)
+    if DIRECT:  # one chunk: the final gradients, in the parameters' dtype
+        tl.store(dw_ptr + offs_n[:, None] * K + offs_k[None, :],
+                 cast_out(acc, dw_ptr.dtype.element_ty),
+                 mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))  # fmt: skip
+        if HAS_B:
+            tl.store(db_ptr + offs_n, cast_out(db, db_ptr.dtype.element_ty), mask=db_mask)
+    else:  # partials[l, pid_s] = (dW padded to WIDTH x WIDTH, then db padded to WIDTH)
+        base = part_ptr + (li * S + pid_s).to(tl.int64) * (WIDTH * (WIDTH + 1))
+        tl.store(base + offs_n[:, None] * WIDTH + offs_k[None, :], acc)
+        if HAS_B:
+            tl.store(base + WIDTH * WIDTH + offs_n, db, mask=db_mask)
+
+
+@triton.jit
+def mlp_wgrad_kernel(
+    x_ptr, ss, dzs, dws, dbs, part_ptr, hidden_slope, M, stride_xm, stride_xk, chunk, S,
+    DIMS: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_LAYERS: tl.constexpr,
+    HIDDEN_ACT: tl.constexpr, HIDDEN_PREACT: tl.constexpr, DIRECT: tl.constexpr,
+    ACC_FP64: tl.constexpr, INPUT_PRECISION: tl.constexpr, WIDTH: tl.constexpr,
+    NC: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """Program ``(s, l, b)``: block ``b`` of layer ``l``'s weight gradient (and its bias
+    gradient) over row chunk ``s``. Each layer is compiled with its own constexpr shapes; a
+    program runs only its own layer, and blocks past the layer's dims return at once."""
+    pid_s = tl.program_id(0)
+    pid_l = tl.program_id(1)
+    n0 = (tl.program_id(2) // (WIDTH // NC)) * NC
+    k0 = (tl.program_id(2) % (WIDTH // NC)) * NC
+    acc_dtype: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    slope = tl.cast(hidden_slope, acc_dtype)
+    for li in tl.static_range(NUM_LAYERS):
+        if (pid_l == li) & (n0 < DIMS[li + 1]) & (k0 < DIMS[li]):
+            _wgrad_block(
+                x_ptr, ss[li - 1] if li > 0 else x_ptr, dzs[li], dws[li], dbs[li], part_ptr, slope,
+                M, stride_xm, stride_xk, chunk, pid_s, S, n0, k0, li, DIMS[li], DIMS[li + 1],
+                HAS_BIAS[li], HIDDEN_ACT, HIDDEN_PREACT, DIRECT, acc_dtype, INPUT_PRECISION,
+                WIDTH, NC, BLOCK_R,
+            )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Fixed-order reduction of the partials
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _reduce_layer(part_ptr, dw_ptr, db_ptr, pid_e, S, li: tl.constexpr, K: tl.constexpr,
+                  N: tl.constexpr, HAS_B: tl.constexpr, ACC_FP64: tl.constexpr,
+                  WIDTH: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    E: tl.constexpr = WIDTH * (WIDTH + 1)
+    offs = pid_e * BLOCK + tl.arange(0, BLOCK)
+    n = offs // WIDTH
+    k = offs % WIDTH
+    is_w = offs < WIDTH * WIDTH
+    nb = offs - WIDTH * WIDTH
+    # Only the partials' entries that hold gradient elements are read (blocks past the
+    # layer's dims were never written).
+    used = (is_w & (n < N) & (k < K)) | ((nb >= 0) & (nb < N) & HAS_B)
+    acc = tl.zeros((BLOCK,), tl.float64 if ACC_FP64 else tl.float32)
+    for s in range(S):  # chunk 0, 1, ..., S-1: the same order every time
+        acc += tl.load(part_ptr + (li * S + s).to(tl.int64) * E + offs, mask=used, other=0.0)
+    tl.store(dw_ptr + n * K + k, cast_out(acc, dw_ptr.dtype.element_ty),
+             mask=is_w & (n < N) & (k < K))  # fmt: skip
+    if HAS_B:
+        tl.store(db_ptr + nb, cast_out(acc, db_ptr.dtype.element_ty), mask=(nb >= 0) & (nb < N))
+
+
+@triton.jit
+def mlp_wgrad_reduce_kernel(
+    part_ptr, dws, dbs, S, DIMS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    NUM_LAYERS: tl.constexpr, ACC_FP64: tl.constexpr, WIDTH: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Program ``(e, l)``: ``BLOCK`` elements of layer ``l``'s partials summed over chunks."""
+    pid_e = tl.program_id(0)
+    pid_l = tl.program_id(1)
+    for li in tl.static_range(NUM_LAYERS):
+        if pid_l == li:
+            _reduce_layer(part_ptr, dws[li], dbs[li], pid_e, S, li, DIMS[li], DIMS[li + 1],
+                          HAS_BIAS[li], ACC_FP64, WIDTH, BLOCK)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+def _dims(weights: list[torch.Tensor]) -> tuple[int, ...]:
+    return (weights[0].shape[1], *(w.shape[0] for w in weights))
+
+
+def _segments(total_rows: int, widths: list[int], like: torch.Tensor) -> list[torch.Tensor]:
+    """Contiguous (rows, w) tensors, one per width, carved from one allocation; each starts
+    128-byte aligned (so Triton's alignment specialisation does not depend on the row count)."""
+    sizes = [triton.cdiv(total_rows * w, _ALIGN) * _ALIGN for w in widths]
+    flat = like.new_empty(max(sum(sizes), 1))
+    out, start = [], 0
+    for w, size in zip(widths, sizes, strict=True):
+        out.append(flat[start : start + total_rows * w].view(total_rows, w))
+        start += size
+    return out
+
+
+def _common(x: torch.Tensor, dims: tuple[int, ...], hidden_act, out_act, arch: int):
+    precision = input_precision_for(x.dtype)
+    width = padded_width(dims)
+    cfg = launch_config(x.device, x.dtype, width, precision, arch)
+    meta = dict(
+        DIMS=dims, NUM_LAYERS=len(dims) - 1, HIDDEN_ACT=constexpr_name(hidden_act),
+        OUT_ACT=constexpr_name(out_act), ACC_FP64=x.dtype == torch.float64,
+        INPUT_PRECISION=precision, WIDTH=width, NC=min(cfg["CHUNK"], width),
+    )  # fmt: skip
+    return cfg, meta
+
+
+def _arch(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def mlp_forward(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor | None],
+    hidden_act: str | None,
+    out_act: str | None,
+    slopes: tuple[float, float],
+    *,
+    store: tuple[bool, bool, bool],
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """The MLP forward in one launch.
+
+    Args:
+        x: (M, k_0), any strides. weights: contiguous (n_l, k_l) with ``k_l = n_{l-1}``;
+            biases: (n_l,) or ``None``. Every width <= :data:`MAX_WIDTH` (see :func:`supports`).
+        hidden_act, out_act: registry names (or ``None``) of the hidden layers' and the last
+            layer's activation; slopes: their leaky_relu slopes.
+        store: ``(hidden, hidden_preact, out_preact)``: write the hidden layers' saved tensors
+            (their z when ``hidden_preact``, else their y), and the last layer's z.
+        out: a contiguous (M, n_{L-1}) tensor to write the output into.
+
+    Returns:
+        ``(y, saved)``: ``saved`` has one entry per layer: the hidden layers' (M, n_l) tensors
+        (when stored) and the last layer's z (or ``None``); an empty list without ``store``.
+    """
+    M = x.shape[0]
+    dims = _dims(weights)
+    L = len(weights)
+    y = out if out is not None else x.new_empty((M, dims[-1]))
+    store_hidden, hidden_preact, out_preact = store
+    saved = _segments(M, list(dims[1:-1]), x) if store_hidden and L > 1 else []
+    zo = x.new_empty((M, dims[-1])) if out_preact else None
+    result = [*saved, zo] if store_hidden else []
+    if M == 0:
+        return y, result
+    cfg, meta = _common(x, dims, hidden_act, out_act, _arch(x.device))
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
+    mlp_forward_kernel[grid](
+        x, y, y if zo is None else zo, tuple(weights),
+        tuple(w if b is None else b for w, b in zip(weights, biases, strict=True)),
+        tuple(saved) if saved else (y,) * max(L - 1, 1), float(slopes[0]), float(slopes[1]), M,
+        x.stride(0), x.stride(1), HAS_BIAS=tuple(b is not None for b in biases),
+        HIDDEN_PREACT=hidden_preact, STORE=bool(saved), STORE_OUT_PREACT=out_preact,
+        BLOCK_M=cfg["BLOCK_M"], num_warps=cfg["num_warps"], **meta,
+    )  # fmt: skip
+    return y, result
+
+
+def mlp_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    saved: list[torch.Tensor | None],
+    out_saved: torch.Tensor | None,
+    hidden_act: str | None,
+    out_act: str | None,
+    slopes: tuple[float, float],
+    *,
+    has_bias: tuple[bool, ...],
+    hidden_preact: bool,
+    need_dx: bool,
+    need_params: bool,
+) -> tuple[torch.Tensor | None, list[torch.Tensor] | None, list[torch.Tensor | None] | None]:
+    """Gradients of :func:`mlp_forward`, in 2 launches (one weight-gradient chunk) or 3.
+
+    Args:
+        grad_y: (M, n_{L-1}), any strides. x, weights, slopes, activations: as in the forward.
+        saved: the hidden layers' saved tensors, contiguous (M, n_l) (z when
+            ``hidden_preact``, else y). out_saved: the last layer's saved tensor, contiguous
+            (M, n_{L-1}) (y or z, whatever ``out_act`` derives from; ``None`` without).
+        has_bias: per layer. need_dx / need_params: which gradients to compute.
+
+    Returns:
+        ``(dx (M, k_0), [dW_l], [db_l or None])``, fresh tensors of ``grad_y.dtype``; ``None``
+        where not needed. Deterministic (no atomics).
+    """
+    M = grad_y.shape[0]
+    dims = _dims(weights)
+    L = len(weights)
+    dx = grad_y.new_empty((M, dims[0])) if need_dx else None
+    dws = [torch.empty_like(w) for w in weights] if need_params else None
+    dbs = [
+        grad_y.new_empty(n) if b and need_params else None
+        for n, b in zip(dims[1:], has_bias, strict=True)
+    ]
+    if M == 0:
+        for t in [*(dws or []), *dbs]:
+            if t is not None:
+                t.zero_()
+        return dx, dws, dbs if need_params else None
+    cfg, meta = _common(grad_y, dims, hidden_act, out_act, _arch(grad_y.device))
+    dzs = _segments(M, list(dims[1:]), grad_y)
+    ss = tuple(saved) if L > 1 else (grad_y,)
+    mlp_backward_kernel[(triton.cdiv(M, cfg["BLOCK_M"]),)](
+        grad_y, grad_y if out_saved is None else out_saved, grad_y if dx is None else dx,
+        tuple(weights), ss, tuple(dzs), float(slopes[0]), float(slopes[1]), M,
+        grad_y.stride(0), grad_y.stride(1), NEED_DX=need_dx, BLOCK_M=cfg["BLOCK_M"],
+        num_warps=cfg["num_warps"], **meta,
+    )  # fmt: skip
+    if need_params:
+        _weight_grads(x, ss, dzs, dws, dbs, slopes[0], has_bias, hidden_preact, cfg, meta)
+    return dx, dws, dbs if need_params else None
+
+
+def _weight_grads(x, ss, dzs, dws, dbs, hidden_slope, has_bias, hidden_preact, cfg, meta):
+    """Launch the weight-gradient step (and the reduction when there is more than one chunk)."""
+    M, L, width = x.shape[0], meta["NUM_LAYERS"], meta["WIDTH"]
+    cuda = x.device.type == "cuda" and not interpreting()
+    S, chunk = wgrad_splits(M, L, cfg["BLOCK_R"], cuda=cuda)
+    direct = S == 1
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    part = x.new_empty((1,) if direct else (L, S, width * (width + 1)), dtype=acc)
+    db_args = tuple(dw if db is None else db for dw, db in zip(dws, dbs, strict=True))
+    nc = min(cfg["WGRAD_CHUNK"], width)
+    mlp_wgrad_kernel[(S, L, (width // nc) ** 2)](
+        x, ss, tuple(dzs), tuple(dws), db_args, part, float(hidden_slope), M, x.stride(0),
+        x.stride(1), chunk, S, DIMS=meta["DIMS"], HAS_BIAS=has_bias, NUM_LAYERS=L,
+        HIDDEN_ACT=meta["HIDDEN_ACT"], HIDDEN_PREACT=hidden_preact, DIRECT=direct,
+        ACC_FP64=meta["ACC_FP64"], INPUT_PRECISION=meta["INPUT_PRECISION"], WIDTH=width,
+        NC=nc, BLOCK_R=cfg["BLOCK_R"], num_warps=cfg["wgrad_warps"],
+    )  # fmt: skip
+    if not direct:
+        block = REDUCE_BLOCK["cuda" if cuda else "interpreter"]
+        mlp_wgrad_reduce_kernel[(triton.cdiv(width * (width + 1), block), L)](
+            part, tuple(dws), db_args, S, DIMS=meta["DIMS"], HAS_BIAS=has_bias, NUM_LAYERS=L,
+            ACC_FP64=meta["ACC_FP64"], WIDTH=width, BLOCK=block, num_warps=4,
+        )  # fmt: skip

@@ -25,6 +25,11 @@ configs. Those are bandwidth-bound elementwise / reduction kernels: no wgmma req
 vector-width report: the widest ``ld.global`` / ``st.global`` in each one's PTX (``v4.b32`` and
 ``v2.b64``: 128 bits), printed after the table; the audit fails when a contiguous, aligned case
 has no 128-bit load.
+
+The fused-MLP kernels of ``triton_kernels.fused_mlp`` (``mlp_fwd``, ``mlp_bwd``, ``mlp_wgrad``,
+``mlp_reduce``) are compiled for 4 layers at every WIDTH their config tables ship, erf-GELU
+hidden layers (the heaviest epilogue), fp16, bf16, TF32 and IEEE fp32; wgmma is required of
+the fp16/bf16/TF32 row-tile kernels and of the weight-gradient blocks of 64 rows.
 """
 
 from __future__ import annotations

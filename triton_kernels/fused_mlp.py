@@ -81,8 +81,8 @@ def _cfg(
 # rows a warpgroup), "fp32" (IEEE) on the FMA units, whose operand fragments sit in registers:
 # spill-free up to WIDTH 32 only (wider IEEE fp32 MLPs run layer by layer, see supports()).
 # Up to 32 columns, 128 rows with 4 warps; from 64, 8 warps (64 accumulator elements a thread
-# spill with an erf-GELU epilogue) and, at 128, 32-column chunks where 64 spill (sm_80, and
-# TF32 under Triton 3.6).
+# spill with an erf-GELU epilogue) and, at 128, narrower chunks where 64 columns spill (sm_80,
+# and TF32 under Triton 3.6; sm_80 TF32 needs 16).
 _NARROW = {w: _cfg(128, 4, 64, 64, 64, 4) for w in (16, 32)}
 _WIDE64 = _cfg(128, 8, 64, 64, 64, 4)
 _FMA = {16: _cfg(64, 4, 16, 32, 16, 4), 32: _cfg(32, 4, 32, 32, 32, 4)}
@@ -91,7 +91,7 @@ CONFIGS: dict[tuple[int, str], dict[int, dict[str, int]]] = {
     (90, "tf32"): {**_NARROW, 64: _WIDE64, 128: _cfg(128, 8, 32, 64, 64, 4)},
     (90, "fp32"): _FMA,
     (80, "fp16"): {**_NARROW, 64: _WIDE64, 128: _cfg(128, 8, 32, 64, 64, 4)},
-    (80, "tf32"): {**_NARROW, 64: _WIDE64, 128: _cfg(64, 8, 32, 64, 64, 4)},
+    (80, "tf32"): {**_NARROW, 64: _WIDE64, 128: _cfg(128, 8, 16, 64, 64, 4)},
     (80, "fp32"): _FMA,
 }
 # The interpreter: small row tiles and 16-column chunks, so that the tests' small, odd row

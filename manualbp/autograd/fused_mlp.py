@@ -66,17 +66,20 @@ class FusedMLPFunction(Function):
         acts, slopes = _acts(spec)
         out_reads_y = _kind(acts[1], slopes[1]) == "output"
         ctx.save_for_backward(input, y if out_reads_y else None, *params)
-        ctx.saved_hidden = saved  # internal tensors: no one else can modify them
+        ctx.save_for_forward(input, y if out_reads_y else None, *params)  # for jvp
+        # Internal tensors, not outputs (no one else holds them; keeping them on ctx makes no
+        # reference cycle, which keeping y there would: y is saved through save_for_backward).
+        ctx.saved_hidden = saved
         ctx.spec = spec
         ctx.has_bias = tuple(b is not None for b in params[1::2])
         ctx.set_materialize_grads(False)
-        ctx.forward_saved = (input, params, y, saved)
 
     @staticmethod
     def jvp(ctx: Any, input_t: Tensor | None, _spec_t: None, *params_t: Tensor | None) -> tuple:
         """Forward mode, layer by layer: ``Ż_l = Ḣ_{l-1} W_l^T + H_{l-1} Ẇ_l^T + ḃ_l`` and
         ``Ḣ_l = act'(Z_l) ⊙ Ż_l`` (the elementwise map of the backward's ``dZ = act' ⊙ dY``)."""
-        input, params, y, saved = ctx.forward_saved
+        input, y, *params = ctx.saved_tensors
+        saved = ctx.saved_hidden
         (act_h, act_o), (slope_h, slope_o) = _acts(ctx.spec)
         L = len(params) // 2
         h, h_t = input, input_t

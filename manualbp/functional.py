@@ -35,6 +35,7 @@ from manualbp.errors import ShapeError
 
 __all__ = ["ShapeError", "linear", "linear_mse_loss", "mse_loss"]
 
+DEFAULT_SLOPE = 0.01  # leaky_relu's, as in F.leaky_relu (unused without that activation)
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -105,13 +106,15 @@ def _check_same_device(op: str, **tensors: Tensor | None) -> None:
 
 
 def _check_linear_args(
-    input: Tensor, weight: Tensor, bias: Tensor | None, negative_slope: float
+    input: Tensor, weight: Tensor, bias: Tensor | None, negative_slope: float | None = None
 ) -> None:
     _require_tensor("input", input, "linear")
     _require_tensor("weight", weight, "linear")
     if bias is not None:
         _require_tensor("bias", bias, "linear")
-    if not isinstance(negative_slope, Real) or isinstance(negative_slope, bool):
+    if negative_slope is not None and (
+        not isinstance(negative_slope, Real) or isinstance(negative_slope, bool)
+    ):
         raise TypeError(
             f"linear: negative_slope must be a real number, got {type(negative_slope).__name__}"
         )
@@ -372,7 +375,7 @@ def linear_mse_loss(
     loss_dtype = torch.float32 if cast is not None and input.dtype != torch.float64 else None
     with _autocast_off(input.device.type, cast):
         if _head_unfused(input, weight, bias, target, out_shape, shape, loss_dtype):
-            y = _linear(input, weight, bias, None, 0.01)
+            y = _linear(input, weight, bias, None, DEFAULT_SLOPE)
             return _mse_loss(y if loss_dtype is None else y.float(), target, reduction)
         loss_dtype = loss_dtype or input.dtype
         return _fused_head(input, weight, bias, target, out_shape, reduction, loss_dtype,
@@ -396,7 +399,7 @@ def _head_unfused(input, weight, bias, target, out_shape, shape, loss_dtype) -> 
 def _check_head_args(input, weight, bias, target, reduction, chunk_rows):
     """Checks as :func:`linear` and :func:`mse_loss` make them; ``(out_shape, shape)``: the
     prediction's shape and its broadcast shape with ``target``."""
-    _check_linear_args(input, weight, bias, 0.01)
+    _check_linear_args(input, weight, bias)
     _require_tensor("target", target, "linear_mse_loss")
     _check_reduction(reduction)
     if chunk_rows is not None and (

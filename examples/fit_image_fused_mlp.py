@@ -96,9 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", default="reference", choices=["reference", "triton"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    # One CPU thread: at these sizes OpenMP's hand-offs cost more than they save, and on a busy
+    # machine (more threads than free cores) they cost many times the work itself.
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", default="fit_image_fused_mlp.png", help="PNG to write")
     args = parser.parse_args(argv)
 
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     coords, rgb = make_image(args.size)
     x = fourier_features(coords, args.octaves).to(args.device)

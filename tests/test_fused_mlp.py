@@ -318,5 +318,8 @@ def test_image_fitting_example_runs(tmp_path):
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     out = tmp_path / "fit.png"
-    assert example.main(["--size", "12", "--steps", "3", "--out", str(out)]) == 0
+    threads = str(torch.get_num_threads())  # the script sets it: keep the suite's
+    assert (
+        example.main(["--size", "12", "--steps", "3", "--threads", threads, "--out", str(out)]) == 0
+    )
     assert out.stat().st_size > 0

@@ -11,7 +11,7 @@ from manualbp.modules.sequential import Sequential
 __all__ = ["convert"]
 
 
-def _swap(module: nn.Module, fuse_activations: bool) -> None:
+def _swap(module: nn.Module, fuse_activations: bool, fuse_mlp: bool) -> None:
     # Re-class the very object: its Parameters, buffers, hooks and identity stay, so an
     # optimizer built before the swap, and modules that read .weight directly, keep working.
     if type(module) is nn.Linear:
@@ -22,9 +22,11 @@ def _swap(module: nn.Module, fuse_activations: bool) -> None:
         module.__class__ = MSELoss
     elif type(module) is nn.Sequential and fuse_activations:
         module.__class__ = Sequential
+    if isinstance(module, Sequential):
+        module.fuse_mlp = fuse_mlp
 
 
-def convert(model: nn.Module, fuse_activations: bool = True) -> nn.Module:
+def convert(model: nn.Module, fuse_activations: bool = True, fuse_mlp: bool = True) -> nn.Module:
     """Swap every ``nn.Linear`` and ``nn.MSELoss`` in ``model`` for manualbp's, in place.
 
     Only modules whose type is exactly ``nn.Linear`` / ``nn.MSELoss`` are swapped
@@ -38,6 +40,9 @@ def convert(model: nn.Module, fuse_activations: bool = True) -> nn.Module:
     followed by an ``nn.ReLU``, ``nn.GELU``, ``nn.SiLU``, ``nn.Tanh``, ``nn.Sigmoid`` or
     ``nn.LeakyReLU`` as one fused call when it iterates them itself and neither has hooks.
     The modules themselves are not changed: ``model[0](x)`` is still the pre-activation.
+    With ``fuse_mlp`` (on the Triton backend), runs of two or more Linear (+ activation)
+    layers of widths <= 128 run as one fused MLP (:class:`manualbp.FusedMLP`'s kernels);
+    ``False`` keeps the pairs.
 
     Returns ``model`` itself.
 
@@ -55,5 +60,5 @@ def convert(model: nn.Module, fuse_activations: bool = True) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: expected an nn.Module, got {type(model).__name__}")
     for module in model.modules():
-        _swap(module, fuse_activations)
+        _swap(module, fuse_activations, fuse_mlp)
     return model

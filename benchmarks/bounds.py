@@ -14,11 +14,40 @@ The byte counts are the least traffic of the dataflow itself: every operand read
 result written once (what a perfectly fused, perfectly cached implementation of that dataflow
 moves); intermediate results that the autograd dataflow must keep (the pre-activation Z of a
 GELU layer, saved for the backward pass) count once written and once read.
+
+The fused narrow MLP (:func:`mlp_step_min_bytes`, :func:`mlp_flops`) is counted the same way,
+for the whole step of ``M`` rows through layers of dims ``k_0 -> n_0 -> ... -> n_{L-1}``
+(``P`` parameters: every ``W_l`` and ``b_l``):
+
+* FLOPs: ``2*M*k_l*n_l`` per GEMM; training runs 3 GEMMs a layer (forward, dX, dW) less the
+  first layer's dX (the input, a coordinate encoding, needs no gradient):
+  ``6*M*sum(k_l*n_l) - 2*M*k_0*n_0``; inference 1: ``2*M*sum(k_l*n_l)``. Activations, loss and
+  optimizer are not counted (elementwise, a few FLOPs a value).
+* bytes of a training step (forward, MSE loss, backward, SGD): read the input X and the target
+  T once; per hidden layer the one tensor the registry saves for backward (its output y or its
+  pre-activation z, ``Activation.saved_for``; a layer without activation saves its y for the
+  next layer's dW), written once and read once; the prediction written once and read once (by
+  the loss and its gradient; an output activation that derives from z adds z, written and read
+  once); the parameters read by the forward (W, b) and the backward (W), the gradients written
+  once, and SGD's own traffic (read p and its gradient, write p; with momentum read and write
+  the buffer too). Nothing else: dZ, dY and H_{l-1} of the weight gradients stay on chip in a
+  perfectly fused step (a real one writes dZ and reads the saved tensors again).
+* bytes of inference (``torch.inference_mode``): read X and the parameters, write the output.
 """
 
 from __future__ import annotations
 
-__all__ = ["best_time_s", "linear_min_bytes", "PREACT_ACTIVATIONS", "OUTPUT_ACTIVATIONS"]
+import itertools
+
+__all__ = [
+    "best_time_s",
+    "linear_min_bytes",
+    "mlp_flops",
+    "mlp_infer_min_bytes",
+    "mlp_step_min_bytes",
+    "PREACT_ACTIVATIONS",
+    "OUTPUT_ACTIVATIONS",
+]
 
 # What the backward pass of ``act(x W^T + b)`` reads to form act': the pre-activation Z (its
 # derivative is no function of the output) or the output Y (relu: Y > 0 iff Z > 0).
@@ -45,6 +74,50 @@ def linear_min_bytes(
     if gemms:
         out["gemms"] = 3 * (M * K + N * K + M * N) * elsize
     return {k: float(v) for k, v in out.items()}
+
+
+def _mlp_params(dims: tuple[int, ...], bias: bool) -> tuple[int, int]:
+    """``(weights, biases)``: element counts of every layer's ``W`` (n, k) and ``b`` (n,)."""
+    pairs = list(itertools.pairwise(dims))
+    return sum(k * n for k, n in pairs), (sum(n for _, n in pairs) if bias else 0)
+
+
+def mlp_flops(M: int, dims: tuple[int, ...], *, train: bool, input_grad: bool = False) -> float:
+    """GEMM FLOPs of an MLP of ``dims = (k_0, n_0, ..., n_{L-1})`` on ``M`` rows: the forward
+    (``2*M*k*n`` a layer) and, for training, dX and dW (the first layer's dX only with
+    ``input_grad``)."""
+    kn = sum(k * n for k, n in itertools.pairwise(dims))
+    if not train:
+        return 2.0 * M * kn
+    return 6.0 * M * kn - (0.0 if input_grad else 2.0 * M * dims[0] * dims[1])
+
+
+def mlp_step_min_bytes(
+    M: int,
+    dims: tuple[int, ...],
+    elsize: int,
+    *,
+    bias: bool = True,
+    momentum: bool = False,
+    out_preact: bool = False,
+) -> float:
+    """Least bytes of one training step (forward, MSE, backward, SGD) of the fused MLP (see the
+    module docstring): X and T read; each hidden layer's saved tensor and the prediction (and
+    the output layer's z when ``out_preact``) written and read once; parameters read by forward
+    and backward, gradients written, SGD's read/write of the parameters (and momentum)."""
+    hidden = sum(dims[1:-1])
+    n_out = dims[-1]
+    rows = dims[0] + n_out + 2 * hidden + 2 * n_out + (2 * n_out if out_preact else 0)
+    w, b = _mlp_params(dims, bias)
+    params = (w + b) + w + (w + b)  # forward reads W, b; backward reads W; writes dW, db
+    params += (5 if momentum else 3) * (w + b)  # SGD: read p, g (, buf); write p (, buf)
+    return float((M * rows + params) * elsize)
+
+
+def mlp_infer_min_bytes(M: int, dims: tuple[int, ...], elsize: int, *, bias: bool = True) -> float:
+    """Least bytes of an inference forward: read X and the parameters, write the output."""
+    w, b = _mlp_params(dims, bias)
+    return float((M * (dims[0] + dims[-1]) + w + b) * elsize)
 
 
 def best_time_s(

@@ -12,9 +12,13 @@ Providers:
   ``nn.MSELoss``, ``torch.optim.SGD`` with its default implementation, foreach on CUDA);
 * ``compile``: ``torch.compile`` (default mode) of the native model;
 * ``manualbp``: ``manualbp.Linear`` / ``manualbp.functional.mse_loss`` /
-  ``manualbp.LinearMSELoss`` / ``manualbp.optim.SGD``, on the same weights;
+  ``manualbp.LinearMSELoss`` / ``manualbp.optim.SGD`` / ``manualbp.FusedMLP``, on the same
+  weights;
 * ``native_fused`` (SGD only): ``torch.optim.SGD(fused=True)``;
-* ``manualbp_unfused`` (LinearMSELoss only): ``manualbp.Linear`` + ``manualbp.MSELoss``.
+* ``manualbp_unfused`` (LinearMSELoss only): ``manualbp.Linear`` + ``manualbp.MSELoss``;
+* ``compile_max_autotune`` (fused MLP step only): ``torch.compile(mode="max-autotune")``;
+* ``manualbp_convert`` (fused MLP step only): ``manualbp.convert`` of the native model, whose
+  ``Sequential`` runs the Linear/ReLU chain as one fused MLP at call time.
 
 The suites (which cases, in which order) are in :mod:`benchmarks.suites`; the host-overhead and
 reference-path cases of the CPU run in :mod:`benchmarks.host_cases`.
@@ -33,7 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmarks.bounds import linear_min_bytes
+from benchmarks.bounds import (
+    linear_min_bytes,
+    mlp_flops,
+    mlp_infer_min_bytes,
+    mlp_step_min_bytes,
+)
 from benchmarks.ceilings import DTYPE_NAMES
 
 __all__ = [
@@ -45,6 +54,12 @@ __all__ = [
     "MANUALBP",
     "NATIVE_FUSED",
     "MANUALBP_UNFUSED",
+    "COMPILE_MAX_AUTOTUNE",
+    "MANUALBP_CONVERT",
+    "COMPILE_PROVIDERS",
+    "TRITON_PROVIDERS",
+    "fused_mlp_infer_case",
+    "fused_mlp_step_case",
     "linear_case",
     "linear_mse_case",
     "mlp_step_case",
@@ -57,6 +72,12 @@ COMPILE = "compile"
 MANUALBP = "manualbp"
 NATIVE_FUSED = "native_fused"
 MANUALBP_UNFUSED = "manualbp_unfused"
+COMPILE_MAX_AUTOTUNE = "compile_max_autotune"
+MANUALBP_CONVERT = "manualbp_convert"
+# The providers that run torch.compile (skipped on CPU unless --cpu-compile).
+COMPILE_PROVIDERS = (COMPILE, COMPILE_MAX_AUTOTUNE)
+# The providers whose calls launch manualbp's Triton kernels.
+TRITON_PROVIDERS = (MANUALBP, MANUALBP_UNFUSED, MANUALBP_CONVERT)
 
 Prepare = Callable[[Any], Any]
 Run = Callable[[Any], Any]
@@ -109,6 +130,8 @@ class Case:
     interleaved: bool = False
     # torch threads while this case runs (CPU); None: leave as set.
     threads: int | None = None
+    # Samples (rows) one call processes: the results then also report samples/s.
+    samples: int | None = None
 
     def priority_of(self, provider: str) -> int:
         """The priority of the pass that measures ``provider``."""
@@ -138,11 +161,11 @@ def _manualbp() -> Any:
     return manualbp
 
 
-def _compile(obj: Any) -> Any:
-    """``torch.compile`` (default mode), specialised to each shape it sees: the runner does not
-    reset dynamo between cases (it raises the recompile limits instead), so without
-    ``dynamic=False`` the second shape of a function would get a dynamic-shape graph."""
-    return torch.compile(obj, dynamic=False)
+def _compile(obj: Any, mode: str | None = None) -> Any:
+    """``torch.compile`` (default mode, or ``mode``), specialised to each shape it sees: the
+    runner does not reset dynamo between cases (it raises the recompile limits instead), so
+    without ``dynamic=False`` the second shape of a function would get a dynamic-shape graph."""
+    return torch.compile(obj, dynamic=False, mode=mode)
 
 
 def _clear_grads(*tensors: Tensor) -> None:
@@ -627,13 +650,17 @@ def linear_mse_case(
 MLP_LR, MLP_MOMENTUM = 1e-3, 0.9
 
 
-def _mlp_native_model(dims: tuple[int, ...], device, dtype) -> nn.Sequential:
+def _mlp_native_model(
+    dims: tuple[int, ...], device, dtype, act: str | None = "gelu"
+) -> nn.Sequential:
+    """``Linear, act, Linear, act, ..., Linear`` (no activation after the last), seeded."""
     torch.manual_seed(0)
     layers: list[nn.Module] = []
     for j, (d_in, d_out) in enumerate(itertools.pairwise(dims)):
         layers.append(nn.Linear(d_in, d_out, device=device, dtype=dtype))
-        if j < len(dims) - 2:
-            layers.append(nn.GELU())
+        act_mod = _act_module(act) if j < len(dims) - 2 else None
+        if act_mod is not None:
+            layers.append(act_mod)
     return nn.Sequential(*layers)
 
 
@@ -722,4 +749,261 @@ def mlp_step_case(
         tol=TOLERANCE[dtype] * 2,
         priority=priority,
         provider_priority=dict(provider_priority or {}),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused narrow MLP (issue 15): a coordinate network's training step and inference
+# ---------------------------------------------------------------------------------------------
+
+# A coordinate network as instant-ngp builds one: the input is a 16-level x 2-feature
+# multiresolution hash encoding (32 values a point; the encoding itself is not benchmarked),
+# 4 hidden ReLU layers of width 64 or 128, 16 outputs (instant-ngp's density MLP: a density and
+# a 15-value geometry feature), no output activation.
+NARROW_IN, NARROW_OUT, NARROW_HIDDEN, NARROW_ACT = 32, 16, 4, "relu"
+# Pure fp16 training scales the loss (tiny-cuda-nn's default static loss scale for fp16, 128):
+# the MSE gradient 2 (y - t) / numel is ~5e-7 (y - t) at 2^18 rows x 16 outputs, deep in fp16's
+# subnormals (spacing 6e-8: 3 bits left), and x 128 near its smallest normal (6.1e-5). The
+# learning rate divided by it keeps the update of the unscaled loss. bf16 has fp32's range.
+LOSS_SCALE = {torch.float16: 128.0}
+
+
+def narrow_dims(width: int) -> tuple[int, ...]:
+    """``(32, width, width, width, width, 16)``: the layer dims of the fused-MLP cases."""
+    return (NARROW_IN, *[width] * NARROW_HIDDEN, NARROW_OUT)
+
+
+class _ModelLoss(nn.Module):
+    """``scale * loss(model(x), target)``: the part of a training step that autograd records
+    (and ``torch.compile`` compiles as one forward/backward graph)."""
+
+    def __init__(self, model: nn.Module, loss: nn.Module, scale: float) -> None:
+        super().__init__()
+        self.model = model
+        self.loss = loss
+        self.scale = scale
+
+    def forward(self, x: Tensor, target: Tensor) -> Tensor:
+        loss = self.loss(self.model(x), target)
+        return loss if self.scale == 1.0 else loss * self.scale
+
+
+def _compiled_optimizer_step(opt: torch.optim.Optimizer) -> Callable[[], None]:
+    """``opt.step`` under ``torch.compile`` (default mode), as PyTorch's "compiling the
+    optimizer" recipe does: one graph of the whole foreach update."""
+
+    def opt_step() -> None:
+        opt.step()
+
+    return _compile(opt_step)
+
+
+def _bind_narrow_step(
+    provider: str, native: nn.Sequential, scale: float, lr: float
+) -> tuple[Callable[[Tensor, Tensor], Tensor], torch.optim.Optimizer, Callable[[], Any], str]:
+    """``(loss_fn(x, t), optimizer, opt_step(), label)`` of one provider of the step."""
+    sgd = lambda ps: torch.optim.SGD(ps, lr=lr, momentum=MLP_MOMENTUM)
+    if provider in (NATIVE, COMPILE, COMPILE_MAX_AUTOTUNE):
+        head = _ModelLoss(native, nn.MSELoss(), scale)
+        opt = sgd(native.parameters())
+        base = "nn.Sequential(nn.Linear, nn.ReLU, ...) + nn.MSELoss + torch.optim.SGD"
+        if provider == NATIVE:
+            return head, opt, opt.step, base + " (default: foreach on CUDA), eager"
+        mode = "max-autotune" if provider == COMPILE_MAX_AUTOTUNE else None
+        label = f"torch.compile(model + loss{'' if mode is None else f', mode={mode!r}'})"
+        label += " + torch.compile(optimizer.step) (default mode)"
+        return _compile(head, mode), opt, _compiled_optimizer_step(opt), label
+    if provider not in (MANUALBP, MANUALBP_CONVERT):
+        raise UnavailableError(f"provider {provider!r} does not apply to this case")
+    mbp = _manualbp()
+    if provider == MANUALBP:
+        cls = getattr(mbp, "FusedMLP", None)
+        if cls is None:
+            raise UnavailableError("not available: manualbp.FusedMLP does not exist yet")
+        model: nn.Module = cls.from_sequential(native)
+        head = _ModelLoss(model, mbp.MSELoss(), scale)
+        label = "manualbp.FusedMLP.from_sequential(model) + manualbp.MSELoss"
+    else:
+        head = mbp.convert(_ModelLoss(copy.deepcopy(native), nn.MSELoss(), scale))
+        model = head.model
+        label = "manualbp.convert(model + nn.MSELoss)"
+    from manualbp.optim import SGD
+
+    opt = SGD(model.parameters(), lr=lr, momentum=MLP_MOMENTUM)
+    return head, opt, opt.step, label + " + manualbp.optim.SGD"
+
+
+def _unit_max(t: Tensor) -> Tensor:
+    t = t.detach().float().reshape(-1)
+    return t / t.abs().max().clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def _narrow_step_bound(provider: str, native: nn.Sequential, scale: float, lr: float) -> Bound:
+    """Mode ``step``: zero_grad, scaled MSE of the forward, backward, SGD step. The check's
+    output: the first step's loss and every parameter's gradient, each scaled to a maximum of 1
+    (so that the check holds each gradient to the dtype's tolerance, not just the loss)."""
+    head, opt, opt_step, label = _bind_narrow_step(provider, native, scale, lr)
+    params = [p for group in opt.param_groups for p in group["params"]]
+
+    def step(s: dict[str, Any]) -> None:
+        opt.zero_grad(set_to_none=True)
+        head(s["x"], s["t"]).backward()
+        opt_step()
+
+    def output(s: dict[str, Any]) -> Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = head(s["x"], s["t"])
+        value = loss.detach().float().reshape(1) / scale
+        loss.backward()
+        out = torch.cat([value, *(_unit_max(p.grad) for p in params)])
+        opt_step()
+        return out
+
+    return Bound(modes={"step": (lambda s: s, step)}, label=label, output=output)
+
+
+def _log2(M: int) -> int | None:
+    """``log2(M)`` for a power of two, else ``None``."""
+    return M.bit_length() - 1 if M > 0 and M & (M - 1) == 0 else None
+
+
+def _narrow_params(M: int, width: int, dtype: torch.dtype) -> dict[str, Any]:
+    return {
+        "M": M, "log2_M": _log2(M), "width": width,
+        "num_hidden_layers": NARROW_HIDDEN, "dims": list(narrow_dims(width)),
+        "activation": NARROW_ACT, "dtype": DTYPE_NAMES[dtype],
+    }  # fmt: skip
+
+
+def _narrow_name(kind: str, M: int, width: int, dtype: torch.dtype) -> str:
+    return f"fused_mlp_{kind}/{DTYPE_NAMES[dtype]}/w{width}x{NARROW_HIDDEN}_{_size(M)}"
+
+
+def _size(M: int) -> str:
+    return f"M{M}" if _log2(M) is None else f"M2^{_log2(M)}"
+
+
+def fused_mlp_step_case(
+    M: int,
+    width: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    priority: int,
+    *,
+    providers: list[str] | None = None,
+    provider_priority: dict[str, int] | None = None,
+) -> Case:
+    """One training step of the coordinate network ``32 -> width x4 (ReLU) -> 16`` on ``M``
+    rows: zero_grad, forward, MSE loss (scaled for fp16, :data:`LOSS_SCALE`), backward, SGD
+    (momentum 0.9). The input needs no gradient (an encoding's output)."""
+    dims = narrow_dims(width)
+    dname = DTYPE_NAMES[dtype]
+    el = torch.empty((), dtype=dtype).element_size()
+    scale = LOSS_SCALE.get(dtype, 1.0)
+    lr = MLP_LR / scale
+
+    def make_set(i: int) -> dict[str, Any]:
+        g = _gen(device, 6000 + i)
+        return {"x": _randn((M, dims[0]), g, device, dtype),
+                "t": _randn((M, dims[-1]), g, device, dtype)}  # fmt: skip
+
+    def bind(provider: str) -> Bound:
+        native = _mlp_native_model(dims, device, dtype, NARROW_ACT)
+        return _narrow_step_bound(provider, native, scale, lr)
+
+    params = _narrow_params(M, width, dtype)
+    params.update(optimizer=f"SGD(lr={MLP_LR}/loss_scale, momentum={MLP_MOMENTUM})",
+                  loss="MSE (mean)", loss_scale=scale)  # fmt: skip
+    return Case(
+        name=_narrow_name("step", M, width, dtype),
+        group="fused_mlp_step",
+        params=params,
+        modes=["step"],
+        providers=providers or [NATIVE, MANUALBP, COMPILE, MANUALBP_CONVERT, COMPILE_MAX_AUTOTUNE],
+        metric="tflops",
+        work={"step": mlp_flops(M, dims, train=True)},
+        work_note="GEMM FLOPs: 6*M*sum(k*n) over the layers less the first layer's dX (the "
+        "input needs no grad); samples/s = M / time; bound: benchmarks/bounds.py "
+        "(mlp_step_min_bytes)",
+        dtype=dtype,
+        make_set=make_set,
+        bind=bind,
+        set_bytes=M * (dims[0] + dims[-1]) * el,
+        plot_key=f"fused_mlp_step_{dname}_w{width}",
+        plot_x=float(M),
+        plot_x_label=_size(M),
+        memory_mode="step",
+        tol=TOLERANCE[dtype] * 2,
+        priority=priority,
+        provider_priority=dict(provider_priority or {}),
+        min_bytes={"step": mlp_step_min_bytes(M, dims, el, momentum=bool(MLP_MOMENTUM))},
+        samples=M,
+    )
+
+
+def _narrow_infer_bound(provider: str, native: nn.Sequential) -> Bound:
+    """Mode ``infer``: the forward under ``torch.inference_mode`` (no graph, nothing saved)."""
+    if provider == NATIVE:
+        fn, label = native, "nn.Sequential(nn.Linear, nn.ReLU, ...), eager"
+    elif provider == COMPILE:
+        fn, label = _compile(native), "torch.compile(nn.Sequential(nn.Linear, nn.ReLU, ...))"
+    elif provider == MANUALBP:
+        cls = getattr(_manualbp(), "FusedMLP", None)
+        if cls is None:
+            raise UnavailableError("not available: manualbp.FusedMLP does not exist yet")
+        fn, label = cls.from_sequential(native), "manualbp.FusedMLP.from_sequential(model)"
+    else:
+        raise UnavailableError(f"provider {provider!r} does not apply to this case")
+
+    def forward(s: dict[str, Any]) -> Tensor:
+        with torch.inference_mode():
+            return fn(s["x"])
+
+    return Bound(modes={"infer": (lambda s: s, forward)}, label=label, output=forward)
+
+
+def fused_mlp_infer_case(
+    M: int,
+    width: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    priority: int,
+    *,
+    provider_priority: dict[str, int] | None = None,
+) -> Case:
+    """The coordinate network's forward on ``M`` rows under ``torch.inference_mode``."""
+    dims = narrow_dims(width)
+    dname = DTYPE_NAMES[dtype]
+    el = torch.empty((), dtype=dtype).element_size()
+
+    def make_set(i: int) -> dict[str, Any]:
+        return {"x": _randn((M, dims[0]), _gen(device, 7000 + i), device, dtype)}
+
+    def bind(provider: str) -> Bound:
+        return _narrow_infer_bound(provider, _mlp_native_model(dims, device, dtype, NARROW_ACT))
+
+    params = _narrow_params(M, width, dtype)
+    return Case(
+        name=_narrow_name("infer", M, width, dtype),
+        group="fused_mlp_infer",
+        params=params,
+        modes=["infer"],
+        providers=[NATIVE, MANUALBP, COMPILE],
+        metric="tflops",
+        work={"infer": mlp_flops(M, dims, train=False)},
+        work_note="GEMM FLOPs: 2*M*sum(k*n) over the layers; samples/s = M / time; bound: "
+        "benchmarks/bounds.py (mlp_infer_min_bytes)",
+        dtype=dtype,
+        make_set=make_set,
+        bind=bind,
+        set_bytes=M * (dims[0] + dims[-1]) * el,
+        plot_key=f"fused_mlp_infer_{dname}_w{width}",
+        plot_x=float(M),
+        plot_x_label=_size(M),
+        memory_mode="infer",
+        tol=TOLERANCE[dtype],
+        priority=priority,
+        provider_priority=dict(provider_priority or {}),
+        min_bytes={"infer": mlp_infer_min_bytes(M, dims, el)},
+        samples=M,
     )

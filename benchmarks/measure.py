@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from benchmarks.bounds import best_time_s
-from benchmarks.cases import COMPILE, NATIVE, Bound, Case, UnavailableError
+from benchmarks.cases import COMPILE_PROVIDERS, NATIVE, Bound, Case, UnavailableError
 from benchmarks.ceilings import DTYPE_NAMES
 from benchmarks.precompile import TRITON_PROVIDERS, precompile_provider
 from benchmarks.suites import Pass
@@ -148,6 +148,7 @@ def _record_header(case: Case, label: str) -> dict[str, Any]:
         "work": case.work,
         "work_note": case.work_note,
         "min_bytes": case.min_bytes,
+        "samples": case.samples,
         "modes": case.modes,
         "plot": {"key": case.plot_key, "x": case.plot_x, "x_label": case.plot_x_label},
     }
@@ -219,6 +220,8 @@ def _result(case: Case, mode: str, t: Timing, ceilings: dict[str, Any]) -> dict[
     key, scale = ("tflops", 1e12) if case.metric == "tflops" else ("gbps", 1e9)
     res[key] = rate / scale
     res["pct_of_ceiling"] = None if not ceiling else 100 * res[key] / ceiling
+    if case.samples:
+        res["samples_per_s"] = case.samples / (t.median_ms * 1e-3)
     if case.min_bytes and mode in case.min_bytes:
         flops = case.work[mode] if case.metric == "tflops" else 0.0
         best = best_time_s(
@@ -269,7 +272,7 @@ def run_pass(p: Pass, ctx: Context, rec: dict[str, Any]) -> dict[str, Any]:
 def _skip_reason(provider: str, ctx: Context) -> str | None:
     if ctx.wanted is not None and provider not in ctx.wanted:
         return "not selected (--providers)"
-    if provider == COMPILE and ctx.device.type == "cpu" and not ctx.cpu_compile:
+    if provider in COMPILE_PROVIDERS and ctx.device.type == "cpu" and not ctx.cpu_compile:
         return CPU_COMPILE_REASON
     if ctx.deadline is not None and time.perf_counter() > ctx.deadline:
         return f"time budget of {ctx.budget:g} s exhausted"
@@ -323,7 +326,7 @@ def _run_provider(case: Case, provider: str, ctx: Context, rec: dict[str, Any]) 
         prec.update(status="skipped", reason=str(e))
     except Exception as e:
         _record_error(prec, e)
-        if provider == COMPILE:
+        if provider in COMPILE_PROVIDERS:
             _reset_compile()  # drop whatever the failed compile left half built
     finally:
         del bound, sets

@@ -12,6 +12,11 @@ which kernel each provider launches, with which constexprs (a separate compile e
 autotuning bucket. ``tests/test_benchmark_plan.py`` checks that the kernels it names exist.
 Triton also specialises on integer arguments equal to 1 or divisible by 16; every shape here is
 a multiple of 16, so one compile per (kernel, constexprs, operand layout, config) is the count.
+The fused-MLP kernels are not autotuned (one fixed config per dtype class and width) and take
+the layer dims as constexprs: one compile of each of its four kernels per (dtype, dims); their
+runtime integers specialise alike over the batch sweep 2^16..2^21: the rows and the
+weight-gradient chunk are multiples of 16, the split S is 49..51, neither 1 nor a multiple of
+16 (:func:`manualbp.kernels.fused_mlp.wgrad_splits`).
 """
 
 from __future__ import annotations
@@ -24,7 +29,14 @@ from dataclasses import dataclass, field
 import torch
 
 from benchmarks.bounds import PREACT_ACTIVATIONS
-from benchmarks.cases import COMPILE, MANUALBP, MANUALBP_UNFUSED, Case
+from benchmarks.cases import (
+    COMPILE,
+    COMPILE_MAX_AUTOTUNE,
+    COMPILE_PROVIDERS,
+    MANUALBP_UNFUSED,
+    TRITON_PROVIDERS,
+    Case,
+)
 from benchmarks.ceilings import DTYPE_NAMES
 from benchmarks.suites import Pass
 
@@ -47,6 +59,14 @@ __all__ = [
 # (benchmarks/precompile.py) and a warm ~/.triton/cache (gpu_run.sh's CUDA tests compile some
 # of the same kernels first) only make it faster.
 TRITON_COMPILE_S = 2.5
+# One fused-MLP kernel (forward, backward chain or weight gradient) for sm_90, per WIDTH: every
+# layer is unrolled (tl.static_range), so it compiles like several GEMMs. Timed here with the
+# audit's compile (triton 3.9, ptxas, no GPU: `triton_kernels.audit`) on one shared core of a
+# 2-core AMD EPYC VM, 4 erf-GELU layers in bf16: width 64 1.6 / 1.8 / 2.5 s, width 128
+# 3.4 / 3.9 / 2.5 s (forward / backward / weight gradient); the cases have 5 layers (x 5/4)
+# and a launcher to build, so: rounded up. The reduction kernel is elementwise (0.3 s there).
+FUSED_MLP_COMPILE_S = {16: 3.0, 32: 3.0, 64: 3.5, 128: 5.5}
+FUSED_MLP_REDUCE_COMPILE_S = 1.0
 # triton's autotuner times each config with do_bench(warmup=25 ms, rep=100 ms) after a short
 # estimate: ~0.13 s plus launch overhead per config.
 AUTOTUNE_S_PER_CONFIG = 0.15
@@ -56,6 +76,15 @@ AUTOTUNE_S_PER_CONFIG = 0.15
 TORCH_COMPILE_WARMUP_S = 10.0
 # Once per run, on the first torch.compile: importing inductor, starting its compile workers.
 TORCH_COMPILE_FIRST_S = 15.0
+# The fused-MLP step's compile providers also compile ``optimizer.step`` (a second function):
+# dynamo traces the foreach SGD over the 10 parameters, inductor emits a few foreach kernels;
+# twice, since the first step creates the momentum buffers (a guard change: a recompile).
+TORCH_COMPILE_OPTIMIZER_S = 10.0
+# One shape under mode="max-autotune": inductor benchmarks Triton GEMM templates against cuBLAS
+# for every distinct GEMM of the forward and backward graphs (the step has ~8: 3 forward, dX
+# and dW of each layer shape; ~10-20 configs each, compiled in its worker pool, then timed) and
+# records CUDA graphs; minutes are commonly reported for small models. Deliberately slow.
+TORCH_COMPILE_MAX_AUTOTUNE_S = 90.0
 # Once per run: interpreter and torch/triton import, CUDA context, environment, the ceilings
 # (an 8192^3 matmul per dtype and a 1 GiB copy, ~100 ms of repetitions each).
 RUN_START_S = 20.0
@@ -85,7 +114,12 @@ K_BIAS_GRAD = "linear_backward:bias_grad_kernel"
 K_MSE = "mse:_mse_fwd_kernel"
 K_MSE_SCALE = "mse:_grad_scale_kernel"
 K_SGD = "sgd:_sgd_kernel"
-KERNELS = (K_FWD, K_MATMUL, K_ACT_GRAD, K_BIAS_GRAD, K_MSE, K_MSE_SCALE, K_SGD)
+K_MLP_FWD = "fused_mlp:mlp_forward_kernel"
+K_MLP_BWD = "fused_mlp:mlp_backward_kernel"
+K_MLP_WGRAD = "fused_mlp:mlp_wgrad_kernel"
+K_MLP_REDUCE = "fused_mlp:mlp_wgrad_reduce_kernel"
+KERNELS = (K_FWD, K_MATMUL, K_ACT_GRAD, K_BIAS_GRAD, K_MSE, K_MSE_SCALE, K_SGD,
+           K_MLP_FWD, K_MLP_BWD, K_MLP_WGRAD, K_MLP_REDUCE)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -98,6 +132,7 @@ class Launch:
     variant: tuple
     n_configs: int
     tune_key: tuple | None = None
+    compile_s: float = TRITON_COMPILE_S  # estimated seconds of one compile of one config
 
 
 @dataclass
@@ -175,6 +210,29 @@ def _sgd(dtype: torch.dtype, momentum: float) -> list[Launch]:
     return [Launch(K_SGD, (DTYPE_NAMES[dtype], momentum != 0), 1)]
 
 
+def _fused_mlp(
+    M: int, dims: tuple[int, ...], act: str, dtype: torch.dtype, *, train: bool
+) -> list[Launch]:
+    """``manualbp.FusedMLP``'s launches (``triton_kernels/fused_mlp.py``): the forward, one
+    launch (storing what backward reads only when training); for training the backward chain,
+    the weight-gradient blocks and, with more than one row chunk, their fixed-order reduction."""
+    from manualbp.kernels.fused_mlp import launch_config, padded_width, wgrad_splits
+
+    d, width = DTYPE_NAMES[dtype], padded_width(dims)
+    precision = _configs(dtype, epilogue=False)[1]
+    cfg = launch_config(torch.device("cuda"), dtype, width, precision, ARCH, cuda=True)
+    seconds = FUSED_MLP_COMPILE_S[width]
+    out = [Launch(K_MLP_FWD, (d, dims, act, train), 1, compile_s=seconds)]
+    if not train:
+        return out
+    out += [Launch(K_MLP_BWD, (d, dims, act, "no dX"), 1, compile_s=seconds)]
+    direct = wgrad_splits(M, len(dims) - 1, cfg["BLOCK_R"], cuda=True)[0] == 1  # one chunk
+    out += [Launch(K_MLP_WGRAD, (d, dims, act, direct), 1, compile_s=seconds)]
+    if not direct:
+        out += [Launch(K_MLP_REDUCE, (d, dims), 1, compile_s=FUSED_MLP_REDUCE_COMPILE_S)]
+    return out
+
+
 def _linear_mse_chunk_rows(M: int, K: int, N: int) -> int:
     """manualbp's default LinearMSELoss chunk (about ceil(N / K) chunks, >= 256 rows)."""
     chunks = max(1, math.ceil(N / max(K, 1)))
@@ -184,7 +242,7 @@ def _linear_mse_chunk_rows(M: int, K: int, N: int) -> int:
 def triton_launches(case: Case, provider: str) -> list[Launch]:
     """The Triton launches of ``provider``'s calls on ``case`` (all its modes)."""
     p, dtype = case.params, case.dtype
-    if provider not in (MANUALBP, MANUALBP_UNFUSED) or case.group in ("host_overhead", "reference"):
+    if provider not in TRITON_PROVIDERS or case.group in ("host_overhead", "reference"):
         return []
     if case.group == "linear":
         out = _linear(p["M"], p["K"], p["N"], p["activation"], dtype)
@@ -206,12 +264,28 @@ def triton_launches(case: Case, provider: str) -> list[Launch]:
             act = "gelu" if j < len(dims) - 2 else None
             out += _linear(p["M"], d_in, d_out, act, dtype, dx=j > 0)
         return out + _mse(dtype) + _sgd(dtype, 0.9)
+    if case.group in ("fused_mlp_step", "fused_mlp_infer"):
+        train = case.group == "fused_mlp_step"
+        out = _fused_mlp(p["M"], tuple(p["dims"]), p["activation"], dtype, train=train)
+        return out + (_mse(dtype) + _sgd(dtype, 0.9) if train else [])
     raise ValueError(f"no launch model for group {case.group!r}")
 
 
 # ---------------------------------------------------------------------------------------------
 # Estimates
 # ---------------------------------------------------------------------------------------------
+
+
+def torch_compile_cost(case: Case, provider: str) -> tuple[int, float]:
+    """``(warm-ups, seconds)`` of a compile provider's first calls on ``case``: one warm-up per
+    case shape (default mode, or max-autotune), plus the compiled ``optimizer.step`` of the
+    fused-MLP step."""
+    seconds = TORCH_COMPILE_MAX_AUTOTUNE_S if provider == COMPILE_MAX_AUTOTUNE else (
+        TORCH_COMPILE_WARMUP_S
+    )  # fmt: skip
+    if case.group == "fused_mlp_step":
+        return 2, seconds + TORCH_COMPILE_OPTIMIZER_S
+    return 1, seconds
 
 
 class _State:
@@ -231,6 +305,7 @@ def _estimate_pass(p: Pass, state: _State) -> PassEstimate:
             new = [k for k in new if k not in state.compiled]
             state.compiled.update(new)
             est.triton_compiles += len(new)
+            est.triton_s += len(new) * launch.compile_s
             if new:
                 est.kernels.append(launch.kernel.split(":")[1])
             tune = (launch.kernel, launch.tune_key)
@@ -239,13 +314,13 @@ def _estimate_pass(p: Pass, state: _State) -> PassEstimate:
                 est.autotune_configs += launch.n_configs
         modes = [m for m in p.case.modes if not (m == "gemms" and provider == COMPILE)]
         est.measure_s += SETUP_S_PER_PROVIDER + MEASURE_S_PER_MODE * len(modes)
-        if provider == COMPILE:
-            est.torch_compiles += 1
-            est.torch_compile_s += TORCH_COMPILE_WARMUP_S
+        if provider in COMPILE_PROVIDERS:
+            warmups, seconds = torch_compile_cost(p.case, provider)
+            est.torch_compiles += warmups
+            est.torch_compile_s += seconds
             if not state.torch_compiled:
                 est.torch_compile_s += TORCH_COMPILE_FIRST_S
                 state.torch_compiled = True
-    est.triton_s = est.triton_compiles * TRITON_COMPILE_S
     est.autotune_s = est.autotune_configs * AUTOTUNE_S_PER_CONFIG
     return est
 
@@ -289,7 +364,11 @@ def _constants() -> list[str]:
         f"  TRITON_COMPILE_S={TRITON_COMPILE_S} per Triton compile (one config of one kernel "
         f"variant; counted serially), AUTOTUNE_S_PER_CONFIG={AUTOTUNE_S_PER_CONFIG},",
         f"  TORCH_COMPILE_WARMUP_S={TORCH_COMPILE_WARMUP_S} per torch.compile warm-up (one per "
-        f"case shape) + TORCH_COMPILE_FIRST_S={TORCH_COMPILE_FIRST_S} once,",
+        f"case shape) + TORCH_COMPILE_FIRST_S={TORCH_COMPILE_FIRST_S} once; "
+        f"TORCH_COMPILE_MAX_AUTOTUNE_S={TORCH_COMPILE_MAX_AUTOTUNE_S} per max-autotune shape, "
+        f"TORCH_COMPILE_OPTIMIZER_S={TORCH_COMPILE_OPTIMIZER_S} per compiled optimizer step,",
+        f"  FUSED_MLP_COMPILE_S={FUSED_MLP_COMPILE_S} per fused-MLP kernel by width "
+        f"(reduction {FUSED_MLP_REDUCE_COMPILE_S}),",
         f"  SETUP_S_PER_PROVIDER={SETUP_S_PER_PROVIDER}, MEASURE_S_PER_MODE={MEASURE_S_PER_MODE}"
         f", RUN_START_S={RUN_START_S} (see benchmarks/plan.py for where they come from)",
     ]

@@ -1,5 +1,7 @@
 """PNG plots: throughput (or time) against size, one line per provider, one file per series.
 
+Cases that count samples (the fused-MLP cases) plot samples/s, the others TFLOP/s or GB/s.
+
 Optional: without matplotlib nothing is drawn and the run says so (JSON and table are
 unaffected).
 """
@@ -33,6 +35,8 @@ def write_plots(doc: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         recs = sorted(recs, key=lambda r: r["plot"]["x"])
         metric = recs[0]["metric"]
         field = "tflops" if metric == "tflops" else "gbps"
+        if recs[0].get("samples"):
+            field = "samples_per_s"
         providers = sorted({p for r in recs for p in r["results"][mode]})
         lines = {}
         for p in providers:
@@ -49,12 +53,12 @@ def write_plots(doc: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         fig, ax = plt.subplots(figsize=(7, 4.2))
         for p, pts in lines.items():
             ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=p)
-        ceiling = recs[0].get("ceiling")
+        ceiling = recs[0].get("ceiling") if field != "samples_per_s" else None
         if ceiling:
             ax.axhline(ceiling, color="gray", linestyle="--", linewidth=1, label="measured ceiling")
         ax.set_xticks(range(len(recs)))
         ax.set_xticklabels([r["plot"]["x_label"] for r in recs], rotation=20, fontsize=8)
-        ax.set_ylabel("TFLOP/s" if field == "tflops" else "GB/s")
+        ax.set_ylabel({"tflops": "TFLOP/s", "gbps": "GB/s", "samples_per_s": "samples/s"}[field])
         ax.set_title(f"{key} {mode}\n{doc['label']}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -40,12 +40,10 @@ from typing import Any
 import torch
 from manualbp.kernels._host import interpreting
 
-from benchmarks.cases import MANUALBP, MANUALBP_UNFUSED, Case
+from benchmarks.cases import TRITON_PROVIDERS, Case
 
 __all__ = ["TRITON_PROVIDERS", "max_workers", "precompile_provider", "unavailable_reason"]
 
-# The providers whose calls launch manualbp's Triton kernels.
-TRITON_PROVIDERS = (MANUALBP, MANUALBP_UNFUSED)
 MAX_WORKERS = 16  # the GPU machine has 16 CPU cores
 
 

@@ -31,6 +31,8 @@ def _num(value: float | None, fmt: str = ".3f") -> str:
 
 
 def _rate(res: dict[str, Any]) -> str:
+    if "samples_per_s" in res:
+        return f"{res['samples_per_s'] / 1e6:.1f} Msamples/s ({res.get('tflops', 0):.2f} TFLOP/s)"
     if "tflops" in res:
         return f"{res['tflops']:.2f} TFLOP/s"
     if "gbps" in res:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from benchmarks import report
-from benchmarks.cases import COMPILE
+from benchmarks.cases import COMPILE_PROVIDERS
 from benchmarks.ceilings import DTYPE_NAMES, measure_ceilings
 from benchmarks.environment import REPO_ROOT, collect_environment
 from benchmarks.measure import (
@@ -314,7 +314,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"{n_cases} cases in {len(passes)} passes; results in {out_dir}")
     if device.type == "cpu" and not args.cpu_compile:
         print(f"note: {CPU_COMPILE_REASON}")
-    if (device.type == "cuda" or args.cpu_compile) and any(COMPILE in p.providers for p in passes):
+    if (device.type == "cuda" or args.cpu_compile) and any(
+        set(COMPILE_PROVIDERS) & set(p.providers) for p in passes
+    ):
         configure_compile()  # once; dynamo is not reset between cases
     dtypes = sorted({p.case.dtype for p in passes}, key=lambda d: DTYPE_NAMES[d])
     tc = time.perf_counter()

@@ -5,13 +5,19 @@ measured what matters most:
 
 0. what ``benchmarks/gpu_run.sh`` must always measure (``python -m benchmarks --plan`` shows
    that these fit its window): Linear+GELU bf16 (with torch.compile: a target compares against
-   it), plain Linear, the whole MLP training step, MSE (fp32, sizes >= 2^24), LinearMSELoss;
+   it), plain Linear, the whole MLP training step, MSE (fp32, sizes >= 2^24), LinearMSELoss,
+   and the fused narrow MLP's headline (issue 15): the training step of a 32 -> 64 x4 -> 16
+   ReLU network at 2^18 rows in bf16 against eager and torch.compile, and its inference
+   against eager;
 1. Linear+GELU bf16 at the shapes of the "Linear on the GPU" issue (M=8192, K=4096, N=16384 and
    M=65536, K=N=1024), each with its % of bound and its GEMMs alone against torch.matmul;
 2. torch.compile on the priority-0 cases that measured it not (its warm-up, ~10 s a shape, is
-   what the priority-0 time cap cannot afford; see :mod:`benchmarks.plan`);
-3. the remaining shapes and sizes the targets are stated on, and SGD;
-4. the rest of the bf16 / fp16 matrix; 5. fp32; 6. the largest fp32 GEMMs, dropped first.
+   what the priority-0 time cap cannot afford; see :mod:`benchmarks.plan`), and the fused
+   MLP's headline step through ``manualbp.convert``;
+3. the remaining shapes and sizes the targets are stated on, and SGD; the fused MLP's headline
+   in fp16, and torch.compile(mode="max-autotune") at the headline (~90 s a shape);
+4. the rest of the bf16 / fp16 matrix (the fused MLP: widths 64 and 128, batches 2^16..2^21,
+   max-autotune at 2^18 for width 128); 5. fp32; 6. the largest fp32 GEMMs, dropped first.
 
 On CPU (the reference path) the suites are small, and the host-overhead and reference-path cases
 of :mod:`benchmarks.host_cases` come first.
@@ -25,7 +31,13 @@ import torch
 
 from benchmarks.cases import (
     COMPILE,
+    COMPILE_MAX_AUTOTUNE,
+    MANUALBP,
+    MANUALBP_CONVERT,
+    NATIVE,
     Case,
+    fused_mlp_infer_case,
+    fused_mlp_step_case,
     linear_case,
     linear_mse_case,
     mlp_step_case,
@@ -53,6 +65,16 @@ CPU_QUICK_MSE_LOG2 = [16, 20]
 CPU_QUICK_MLP = (128, 256, 256, 256, 128)
 
 ACTIVATIONS = (None, "relu", "gelu")
+
+# The fused narrow MLP (issue 15): hidden widths, batches (log2 rows) of the sweep, and the
+# headline the goals are stated on (width 64, 4 hidden layers, 2^18 rows).
+GPU_NARROW_WIDTHS = (64, 128)
+GPU_NARROW_LOG2_M = (16, 17, 18, 19, 20, 21)
+NARROW_HEADLINE = (64, 18)
+CPU_NARROW = (64, 14)  # width, log2 rows of the CPU suite
+CPU_QUICK_NARROW = (64, 12)
+# The step's providers without max-autotune (where no max-autotune shape is wanted).
+NARROW_NO_MAX_AUTOTUNE = [NATIVE, MANUALBP, COMPILE, MANUALBP_CONVERT]
 
 # Priorities of the CUDA suite (run in ascending order; see the module docstring).
 P_FIRST, P_BOUND, P_DEFERRED, P_REST, P_MATRIX, P_FP32, P_FP32_LARGEST = range(7)
@@ -110,7 +132,37 @@ def _cuda_first(device: torch.device) -> list[Case]:
         mse_case(24, fp32, device, P_FIRST, provider_priority=DEFER_COMPILE),
         mse_case(26, fp32, device, P_FIRST, provider_priority=DEFER_COMPILE),
         linear_mse_case(M, 4096, 8192, bf16, device, P_FIRST, provider_priority=DEFER_COMPILE),
+        *_narrow_headline(bf16, device, P_FIRST),
     ]
+
+
+def _narrow_headline(dtype: torch.dtype, device: torch.device, priority: int) -> list[Case]:
+    """The fused MLP at its headline shape: the step against eager and torch.compile (default
+    mode) at ``priority``, through ``convert`` in the deferred pass and under max-autotune at
+    P_REST; inference against eager at ``priority``, against torch.compile deferred."""
+    width, log2m = NARROW_HEADLINE
+    later = {MANUALBP_CONVERT: max(priority, P_DEFERRED), COMPILE_MAX_AUTOTUNE: P_REST}
+    step = fused_mlp_step_case(1 << log2m, width, dtype, device, priority, provider_priority={
+        p: prio for p, prio in later.items() if prio > priority})  # fmt: skip
+    infer_later = {COMPILE: P_DEFERRED} if priority < P_DEFERRED else {}
+    infer = fused_mlp_infer_case(1 << log2m, width, dtype, device, priority,
+                                 provider_priority=infer_later)  # fmt: skip
+    return [step, infer]
+
+
+def _narrow_sweep(device: torch.device, have: set[str]) -> list[Case]:
+    """Priority P_MATRIX: the fused MLP's step over widths, batches and bf16 / fp16 (those not
+    already in the suite); max-autotune only at 2^18 rows (its compile costs ~90 s a shape)."""
+    cases = []
+    for dtype in (torch.bfloat16, torch.float16):
+        for width in GPU_NARROW_WIDTHS:
+            for log2m in GPU_NARROW_LOG2_M:
+                providers = None if log2m == NARROW_HEADLINE[1] else NARROW_NO_MAX_AUTOTUNE
+                case = fused_mlp_step_case(1 << log2m, width, dtype, device, P_MATRIX,
+                                           providers=providers)  # fmt: skip
+                if case.name not in have:
+                    cases.append(case)
+    return cases
 
 
 def _cuda_full(device: torch.device) -> list[Case]:
@@ -125,12 +177,15 @@ def _cuda_full(device: torch.device) -> list[Case]:
     rest += [mse_case(log2n, fp32, device, P_REST) for log2n in GPU_MSE_LOG2]
     rest += [sgd_case(GPU_MLP, momentum, fp32, device, P_REST) for momentum in (0.0, 0.9)]
     rest += [linear_mse_case(M, 4096, N, bf16, device, P_REST) for N in (1024, 4096)]
+    rest += _narrow_headline(fp16, device, P_REST)
     cases += [c for c in rest if c.name not in have]
+    have |= {c.name for c in cases}
     # The rest of the bf16 / fp16 matrix.
     cases += [linear_case(M, K, N, "relu", bf16, device, P_MATRIX) for K, N in GPU_LINEAR_SHAPES]
     cases += [linear_case(M, K, N, act, fp16, device, P_MATRIX)
               for act in ACTIVATIONS for K, N in GPU_LINEAR_SHAPES]  # fmt: skip
     cases += [mse_case(log2n, bf16, device, P_MATRIX) for log2n in GPU_MSE_LOG2]
+    cases += _narrow_sweep(device, have)
     cases += _fp32_cases(M, GPU_LINEAR_SHAPES, GPU_MLP, device)
     return cases
 
@@ -158,6 +213,9 @@ def _cpu_quick(device: torch.device) -> list[Case]:
     K, N = CPU_QUICK_LINEAR_SHAPES[0]
     cases.append(linear_mse_case(M, K, N, fp32, device, 0))
     cases.append(mlp_step_case(M, CPU_QUICK_MLP, fp32, device, 0))
+    width, log2m = CPU_QUICK_NARROW
+    cases.append(fused_mlp_step_case(1 << log2m, width, fp32, device, 0))
+    cases.append(fused_mlp_infer_case(1 << log2m, width, fp32, device, 0))
     return cases
 
 
@@ -170,6 +228,9 @@ def _cpu_full(device: torch.device) -> list[Case]:
     cases += [sgd_case(CPU_MLP, momentum, fp32, device, 0) for momentum in (0.0, 0.9)]
     cases += [linear_mse_case(M, K, N, bf16, device, 0) for K, N in CPU_LINEAR_SHAPES[1:]]
     cases.append(mlp_step_case(M, CPU_MLP, bf16, device, 0))
+    width, log2m = CPU_NARROW
+    cases.append(fused_mlp_step_case(1 << log2m, width, bf16, device, 0))
+    cases.append(fused_mlp_infer_case(1 << log2m, width, bf16, device, 0))
     cases += [linear_case(M, K, N, "relu", bf16, device, 1) for K, N in CPU_LINEAR_SHAPES]
     cases += [mse_case(log2n, bf16, device, 1) for log2n in CPU_MSE_LOG2]
     fp32_cases = _fp32_cases(M, CPU_LINEAR_SHAPES, CPU_MLP, device)

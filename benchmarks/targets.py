@@ -117,6 +117,30 @@ def _pct(group: str, mode: str, min_numel: int = 0):
     return collect
 
 
+# The fused narrow MLP's goals (issue 15) are stated at one shape: hidden width 64, 4 hidden
+# layers, 2^18 rows (every dtype measured there is judged).
+NARROW_GOAL_SHAPE = {"width": 64, "num_hidden_layers": 4, "M": 1 << 18}
+
+
+def _narrow_speedup(
+    group: str, mode: str, others: tuple[str, ...]
+) -> Callable[[dict[str, Any]], Iterator[tuple[str, float]]]:
+    """``manualbp_vs_<other>`` of the fused-MLP cases at :data:`NARROW_GOAL_SHAPE`, for each
+    of ``others`` measured (torch.compile: default mode and max-autotune alike)."""
+
+    def collect(doc: dict[str, Any]) -> Iterator[tuple[str, float]]:
+        for c in doc["cases"]:
+            p = c["params"]
+            if c["group"] != group or any(p.get(k) != v for k, v in NARROW_GOAL_SHAPE.items()):
+                continue
+            for other in others:
+                value = c.get("speedups", {}).get(mode, {}).get(f"manualbp_vs_{other}")
+                if value is not None:
+                    yield f"{c['name']} {mode} vs {other}", value
+
+    return collect
+
+
 def _linear_mse_memory(doc: dict[str, Any]) -> Iterator[tuple[str, float]]:
     for c in doc["cases"]:
         if c["group"] != "linear_mse" or c["params"]["N"] < 4096:
@@ -201,6 +225,30 @@ TARGETS: list[Target] = [
         1.2,
         "x",
         lambda doc: _speedup(doc, "mlp_step", "step", "native", lambda p: True),
+    ),
+    Target(
+        "fused_mlp_train_vs_native",
+        "fused narrow MLP training step (manualbp.FusedMLP, 32 -> 64 x4 ReLU -> 16, 2^18 rows, "
+        "MSE + SGD) >= 3x native eager samples/s",
+        3.0,
+        "x",
+        _narrow_speedup("fused_mlp_step", "step", ("native",)),
+    ),
+    Target(
+        "fused_mlp_train_vs_compile",
+        "fused narrow MLP training step (same shape) >= 2x torch.compile samples/s (default "
+        "mode and mode='max-autotune', each where measured)",
+        2.0,
+        "x",
+        _narrow_speedup("fused_mlp_step", "step", ("compile", "compile_max_autotune")),
+    ),
+    Target(
+        "fused_mlp_infer_vs_native",
+        "fused narrow MLP inference (forward under torch.inference_mode, same shape) >= 4x "
+        "native eager samples/s",
+        4.0,
+        "x",
+        _narrow_speedup("fused_mlp_infer", "infer", ("native",)),
     ),
 ] + [
     Target(

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from benchmarks.cases import COMPILE, Case, UnavailableError
+from benchmarks.cases import COMPILE_PROVIDERS, Case, UnavailableError
 from benchmarks.measure import configure_compile
 from benchmarks.runner import CPU_LABEL
 from benchmarks.timing import synchronize
@@ -24,9 +24,9 @@ def test_bench(
     benchmark: Any, bench_spec: tuple[Case, str, str, torch.device], request: pytest.FixtureRequest
 ) -> None:
     case, mode, provider, device = bench_spec
-    if provider == COMPILE and device.type == "cpu":
+    if provider in COMPILE_PROVIDERS and device.type == "cpu":
         pytest.skip("torch.compile not benchmarked on CPU (inductor's C++ compile is slow)")
-    if provider == COMPILE:
+    if provider in COMPILE_PROVIDERS:
         configure_compile()  # raise the recompile limits; dynamo is not reset between cases
     torch.manual_seed(0)
     try:

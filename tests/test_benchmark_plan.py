@@ -16,9 +16,29 @@ import pytest
 import torch
 
 from benchmarks import plan
-from benchmarks.bounds import best_time_s, linear_min_bytes
-from benchmarks.cases import COMPILE, MANUALBP
-from benchmarks.suites import GPU_BOUND_SHAPES, P_BOUND, P_DEFERRED, build_cases, schedule
+from benchmarks.bounds import (
+    best_time_s,
+    linear_min_bytes,
+    mlp_flops,
+    mlp_infer_min_bytes,
+    mlp_step_min_bytes,
+)
+from benchmarks.cases import (
+    COMPILE,
+    COMPILE_MAX_AUTOTUNE,
+    MANUALBP,
+    MANUALBP_CONVERT,
+    NATIVE,
+)
+from benchmarks.suites import (
+    GPU_BOUND_SHAPES,
+    GPU_NARROW_LOG2_M,
+    GPU_NARROW_WIDTHS,
+    P_BOUND,
+    P_DEFERRED,
+    build_cases,
+    schedule,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 CUDA = torch.device("cuda")  # only names the suite: nothing is allocated
@@ -59,12 +79,14 @@ def test_priority0_order_most_valuable_first():
     groups = [(p.case.group, p.case.params.get("activation")) for p in first]
     assert groups[0] == ("linear", "gelu") and first[0].case.dtype == torch.bfloat16
     assert COMPILE in first[0].providers  # a target compares Linear+GELU with torch.compile
-    order = ["linear", "mlp_step", "mse", "linear_mse"]
+    order = ["linear", "mlp_step", "mse", "linear_mse", "fused_mlp_step", "fused_mlp_infer"]
     seen = [g for g, _ in groups]
     assert sorted(set(seen), key=seen.index) == order
     assert ("linear", None) in groups  # plain Linear
     # torch.compile of the other priority-0 cases runs in a later pass, not dropped.
-    deferred = {p.case.name for p in _passes() if p.priority == P_DEFERRED}
+    deferred = {
+        p.case.name for p in _passes() if p.priority == P_DEFERRED and COMPILE in p.providers
+    }
     assert deferred == {p.case.name for p in first if COMPILE not in p.providers}
 
 
@@ -224,3 +246,72 @@ def test_skipped_deferred_pass_says_why():
         "reason": "time budget of 1 s exhausted",
     }
     assert rec["status"] == "ran"  # native ran
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused narrow MLP (issue 15)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_fused_mlp_headline_in_priority0():
+    """The goals' shape (width 64, 4 hidden layers, 2^18 rows, bf16): the training step with
+    eager and torch.compile and the inference with eager at priority 0; convert, max-autotune
+    and inference's torch.compile later, not dropped."""
+    passes = _passes()
+    step = [p for p in passes if p.case.name == "fused_mlp_step/bf16/w64x4_M2^18"]
+    infer = [p for p in passes if p.case.name == "fused_mlp_infer/bf16/w64x4_M2^18"]
+    assert step[0].priority == 0 and set(step[0].providers) == {NATIVE, MANUALBP, COMPILE}
+    later = {prov: p.priority for p in step[1:] for prov in p.providers}
+    assert set(later) == {MANUALBP_CONVERT, COMPILE_MAX_AUTOTUNE} and min(later.values()) > 0
+    assert infer[0].priority == 0 and set(infer[0].providers) == {NATIVE, MANUALBP}
+    assert [(p.priority, p.providers) for p in infer[1:]] == [(P_DEFERRED, (COMPILE,))]
+    params = step[0].case.params
+    assert params["dims"] == [32, 64, 64, 64, 64, 16] and params["num_hidden_layers"] == 4
+    assert params["M"] == 1 << 18 and step[0].case.samples == 1 << 18
+
+
+def test_fused_mlp_sweep_covers_widths_batches_dtypes():
+    cases = {p.case.name: p.case for p in _passes() if p.case.group == "fused_mlp_step"}
+    seen = {(c.params["width"], c.params["log2_M"], c.params["dtype"]) for c in cases.values()}
+    want = {(w, m, d) for w in GPU_NARROW_WIDTHS for m in GPU_NARROW_LOG2_M
+            for d in ("bf16", "fp16")}  # fmt: skip
+    assert seen == want
+    # max-autotune (~90 s a shape) only at 2^18 rows.
+    tuned = {c.params["log2_M"] for c in cases.values() if COMPILE_MAX_AUTOTUNE in c.providers}
+    assert tuned == {18}
+    assert all(COMPILE in c.providers and MANUALBP in c.providers for c in cases.values())
+
+
+def test_plan_counts_fused_mlp_compiles():
+    """Training compiles the forward, backward chain, weight-gradient and reduction kernels
+    once per (dtype, width), inference one forward more; max-autotune is estimated as such."""
+    est = {(e.name, e.providers): e for e in plan.estimate(_passes())}
+    step = est[("fused_mlp_step/bf16/w64x4_M2^18", (NATIVE, MANUALBP, COMPILE))]
+    assert step.triton_compiles == 4  # bf16 MSE and SGD were compiled by the MLP step before
+    assert step.torch_compiles == 2  # model + loss, and optimizer.step
+    seconds = 3 * plan.FUSED_MLP_COMPILE_S[64] + plan.FUSED_MLP_REDUCE_COMPILE_S
+    assert step.triton_s == pytest.approx(seconds)
+    infer = est[("fused_mlp_infer/bf16/w64x4_M2^18", (NATIVE, MANUALBP))]
+    assert infer.triton_compiles == 1 and infer.torch_compiles == 0
+    tuned = est[("fused_mlp_step/bf16/w64x4_M2^18", (COMPILE_MAX_AUTOTUNE,))]
+    assert tuned.torch_compile_s >= plan.TORCH_COMPILE_MAX_AUTOTUNE_S >= 60
+    # The sweep: other batches of a compiled (dtype, width) compile nothing new.
+    other = next(e for (n, _), e in est.items() if n == "fused_mlp_step/bf16/w64x4_M2^20")
+    assert other.triton_compiles == 0
+
+
+def test_fused_mlp_bound_model():
+    dims = (32, 64, 64, 64, 64, 16)
+    kn = 32 * 64 + 3 * 64 * 64 + 64 * 16
+    assert mlp_flops(10, dims, train=False) == 2 * 10 * kn
+    assert mlp_flops(10, dims, train=True) == 6 * 10 * kn - 2 * 10 * 32 * 64
+    assert mlp_flops(10, dims, train=True, input_grad=True) == 6 * 10 * kn
+    w, b = kn, 4 * 64 + 16
+    # rows: X 32 + T 16 read; 4 saved hidden tensors of 64 and the prediction (16), each
+    # written and read; parameters: forward W+b, backward W, gradients W+b, SGD 5(W+b).
+    rows = 32 + 16 + 2 * 4 * 64 + 2 * 16
+    assert mlp_step_min_bytes(10, dims, 2, momentum=True) == 2 * (
+        10 * rows + w + b + w + 6 * (w + b)
+    )
+    assert mlp_step_min_bytes(10, dims, 2) == 2 * (10 * rows + w + b + w + 4 * (w + b))
+    assert mlp_infer_min_bytes(10, dims, 2) == 2 * (10 * (32 + 16) + w + b)

@@ -63,7 +63,8 @@ def test_quick_run_json(quick_run):
 
     groups = {c["group"] for c in doc["cases"]}
     assert groups == {
-        "host_overhead", "reference", "linear", "mse", "sgd", "linear_mse", "mlp_step"
+        "host_overhead", "reference", "linear", "mse", "sgd", "linear_mse", "mlp_step",
+        "fused_mlp_step", "fused_mlp_infer",
     }  # fmt: skip
     for case in doc["cases"]:
         assert case["status"] in ("ran", "skipped"), (case["name"], case)
@@ -196,3 +197,94 @@ def test_gemm_target_and_reference_goals_on_synthetic_results():
     assert by_key["gemm_pct_of_matmul"]["verdict"] == "not measured"
     assert by_key["host_mse_tiny"]["verdict"] == "fall short"
     assert set(REFERENCE_GOALS) <= set(by_key)
+
+
+def test_fused_mlp_cases_run_on_cpu(monkeypatch):
+    """The fused narrow MLP's training step and inference cases, tiny, on the CPU (reference
+    path): every non-compile provider runs, matches native (loss and every gradient), and
+    reports samples/s, TFLOP/s and % of the bound; torch.compile is skipped with a reason."""
+    import torch
+
+    from benchmarks import measure
+
+    # One thread (the shared CI cores), and no gc.collect between providers (~0.4 s each in a
+    # full pytest process; it only matters for a GPU's peak-memory figure).
+    monkeypatch.setattr(measure, "_cleanup", lambda device: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _run_fused_mlp_cases(torch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_fused_mlp_cases(torch):
+    from benchmarks.cases import (
+        COMPILE_PROVIDERS,
+        MANUALBP,
+        MANUALBP_CONVERT,
+        NATIVE,
+        fused_mlp_infer_case,
+        fused_mlp_step_case,
+    )
+    from benchmarks.measure import Context, new_record, run_pass
+    from benchmarks.report import format_case
+    from benchmarks.suites import schedule
+
+    cpu = torch.device("cpu")
+    # Made-up ceilings: only that % of ceiling and of the bound are computed is checked here.
+    ceilings = {"matmul": {"fp32": {"tflops": 0.1}}, "bandwidth": {"gbps": 10.0}}
+    ctx = Context(device=cpu, label="cpu", ceilings=ceilings, warmup_ms=1.0, rep_ms=5.0,
+                  min_reps=2, max_reps=3)  # fmt: skip
+    step = fused_mlp_step_case(48, 64, torch.float32, cpu, 0)
+    infer = fused_mlp_infer_case(48, 64, torch.float32, cpu, 0)
+    assert step.params["dims"] == [32, 64, 64, 64, 64, 16]
+    for case, mode, ran in ((step, "step", (NATIVE, MANUALBP, MANUALBP_CONVERT)),
+                            (infer, "infer", (NATIVE, MANUALBP))):  # fmt: skip
+        (p,) = schedule([case])
+        rec = new_record(case, ctx.label)
+        run_pass(p, ctx, rec)
+        assert rec["status"] == "ran" and rec["samples"] == 48
+        for provider in case.providers:
+            prec = rec["providers"][provider]
+            if provider in COMPILE_PROVIDERS:
+                assert prec["status"] == "skipped" and "torch.compile" in prec["reason"]
+                continue
+            assert provider in ran and prec["status"] == "ran", (provider, prec)
+            res = rec["results"][mode][provider]
+            assert math.isclose(res["samples_per_s"], 48 / (res["median_ms"] * 1e-3))
+            for key in ("tflops", "pct_of_ceiling", "bound_ms", "pct_of_bound"):
+                assert res[key] is not None and math.isfinite(res[key]) and res[key] > 0, key
+            if provider != NATIVE:
+                assert prec["check"]["ok"], prec["check"]
+                assert f"{provider}_vs_native" in rec["speedups"][mode]
+        assert "Msamples/s" in format_case(rec)
+
+
+def test_fused_mlp_targets_on_synthetic_results():
+    """The fused-MLP goals are judged at width 64, 4 hidden layers, 2^18 rows only: training
+    >= 3x eager and >= 2x torch.compile (each compile mode measured), inference >= 4x eager."""
+    from benchmarks.targets import evaluate_targets
+
+    shape = {"width": 64, "num_hidden_layers": 4, "M": 1 << 18}
+    step = _case(
+        "fused_mlp_step",
+        shape,
+        "step",
+        {"native": 3.3, "compile": 2.4, "compile_max_autotune": 1.8, "manualbp": 1.0},
+    )
+    other = _case(
+        "fused_mlp_step",
+        {**shape, "M": 1 << 16},
+        "step",
+        {"native": 1.0, "compile": 1.0, "manualbp": 1.0},
+    )
+    infer = _case("fused_mlp_infer", shape, "infer", {"native": 3.0, "manualbp": 1.0})
+    doc = {"label": "CUDA: manualbp runs its Triton kernels", "cases": [step, other, infer]}
+    by_key = {t["key"]: t for t in evaluate_targets(doc)}
+    assert by_key["fused_mlp_train_vs_native"]["verdict"] == "pass"  # 3.3x >= 3x
+    assert by_key["fused_mlp_train_vs_native"]["n_measured"] == 1  # 2^16 rows not judged
+    vs_compile = by_key["fused_mlp_train_vs_compile"]
+    assert vs_compile["verdict"] == "fall short" and vs_compile["n_measured"] == 2
+    assert "compile_max_autotune" in vs_compile["worst"]["where"]  # 1.8x < 2x
+    assert by_key["fused_mlp_infer_vs_native"]["verdict"] == "fall short"  # 3x < 4x

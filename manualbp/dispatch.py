@@ -99,10 +99,27 @@ def get_backend() -> str:
         return name
     if _process_choice is not None:
         return _process_choice
-    value = os.environ.get(ENV_VAR)
+    value = _env_value()
     if value is None or value in BACKENDS:
         return value or "auto"
     return _check(value or "auto", f"{ENV_VAR} environment variable")
+
+
+# The environment's own mapping, looked up directly: ``os.environ.get`` encodes the key and
+# decodes the value in Python on every call, a microsecond small layers feel. ``os.environ``
+# keeps ``_data`` in step with every assignment made through it (``monkeypatch.setenv``).
+_ENV_KEY = os.environ.encodekey(ENV_VAR) if isinstance(os.environ, os._Environ) else ENV_VAR
+
+
+def _env_value() -> str | None:
+    """``os.environ.get(ENV_VAR)``, without its per-call encoding where ``os.environ`` is the
+    standard mapping (not replaced by a test's mock) and torch.compile is not tracing (it
+    traces ``os.environ`` itself)."""
+    env = os.environ
+    if torch.compiler.is_compiling() or type(env) is not os._Environ:
+        return env.get(ENV_VAR)
+    raw = env._data.get(_ENV_KEY)
+    return None if raw is None else env.decodevalue(raw)
 
 
 def set_backend(name: str | None) -> None:
@@ -148,10 +165,17 @@ def triton_available() -> bool:
 def resolve(*tensors: torch.Tensor | None, choice: str | None = None) -> BackendName:
     """The name of the backend that runs an op on ``tensors`` under ``choice`` (default: the
     calling thread's setting, :func:`get_backend`)."""
-    choice = get_backend() if choice is None else _check(choice, "resolve")
+    if choice is None:
+        choice = get_backend()
+    elif choice not in BACKENDS:
+        choice = _check(choice, "resolve")
     if choice == "reference":
         return "reference"
-    on_cuda = all(t.is_cuda for t in tensors if t is not None)
+    on_cuda = True
+    for t in tensors:
+        if t is not None and not t.is_cuda:
+            on_cuda = False
+            break
     if choice == "auto":
         return "triton" if on_cuda and _TRITON_INSTALLED else "reference"
     # choice == "triton": honour it, or say exactly why it cannot be honoured.
@@ -180,4 +204,11 @@ def backend_for(
     """
     if differentiable or torch._C._are_functorch_transforms_active():
         return REFERENCE
+    if choice is None:
+        choice = get_backend()
+    if choice == "auto":  # resolve()'s rule, inline: this runs for every op of every call
+        for t in tensors:
+            if t is not None and not t.is_cuda:
+                return REFERENCE
+        return TRITON if _TRITON_INSTALLED else REFERENCE
     return TRITON if resolve(*tensors, choice=choice) == "triton" else REFERENCE

@@ -48,13 +48,21 @@ def _captured() -> bool:
     would have no gradient), jit.trace records an opaque Python op it cannot save (and its
     check re-traces under no_grad, where manualbp takes another path). manualbp then runs
     plain differentiable torch ops, which both record as native aten ops."""
-    return torch.compiler.is_exporting() or torch.jit.is_tracing()
+    return torch.compiler.is_exporting() or _jit_tracing()
+
+
+def _jit_tracing() -> bool:
+    """``torch.jit.is_tracing()``, read from the tracer's state directly outside torch.compile
+    (which cannot trace that read, and never runs under the JIT tracer)."""
+    return not torch.compiler.is_compiling() and torch._C._is_tracing()
 
 
 def _records(*tensors: Tensor | None) -> bool:
     """Whether autograd records this call (or forward-mode AD is on): a Function is needed."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return True
+    if torch.is_grad_enabled():
+        for t in tensors:
+            if t is not None and t.requires_grad:
+                return True
     return fwAD._current_level >= 0  # inside fwAD.dual_level(): the Functions' jvp
 
 
@@ -73,7 +81,7 @@ def _entry_point(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         global _routing_paused
-        if torch.jit.is_tracing():
+        if _jit_tracing():
             # The argument checks compare traced sizes: not data flow, so no TracerWarning.
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -92,8 +100,8 @@ def _entry_point(fn: Callable) -> Callable:
 # --------------------------------------------------------------------------------------------
 # Argument checks
 # --------------------------------------------------------------------------------------------
-def _require_tensor(name: str, value: object, op: str) -> None:
-    if not isinstance(value, Tensor):
+def _require_tensor(name: str, value: object, op: str, optional: bool = False) -> None:
+    if not isinstance(value, Tensor) and not (optional and value is None):
         raise TypeError(f"{op}: {name} must be a Tensor, got {type(value).__name__}")
 
 
@@ -108,35 +116,51 @@ def _check_same_device(op: str, **tensors: Tensor | None) -> None:
 def _check_linear_args(
     input: Tensor, weight: Tensor, bias: Tensor | None, negative_slope: float | None = None
 ) -> None:
-    _require_tensor("input", input, "linear")
-    _require_tensor("weight", weight, "linear")
-    if bias is not None:
-        _require_tensor("bias", bias, "linear")
-    if negative_slope is not None and (
-        not isinstance(negative_slope, Real) or isinstance(negative_slope, bool)
+    """Raise as ``F.linear`` would on what does not fit (written for the per-call cost of
+    small layers: the common case tests little)."""
+    if not (
+        isinstance(input, Tensor)
+        and isinstance(weight, Tensor)
+        and (bias is None or isinstance(bias, Tensor))
+    ):
+        _require_tensor("input", input, "linear")
+        _require_tensor("weight", weight, "linear")
+        _require_tensor("bias", bias, "linear", optional=True)
+    if (
+        negative_slope is not None
+        and type(negative_slope) is not float
+        and (not isinstance(negative_slope, Real) or isinstance(negative_slope, bool))
     ):
         raise TypeError(
             f"linear: negative_slope must be a real number, got {type(negative_slope).__name__}"
         )
-    if weight.dim() != 2:
+    if weight.ndim != 2:
         raise ShapeError(
             "linear: weight must be 2-D (out_features, in_features), "
             f"got shape {tuple(weight.shape)}"
         )
-    if input.dim() < 1:
+    in_shape, w_shape = input.shape, weight.shape
+    if not in_shape:
         raise ShapeError("linear: input must have at least 1 dimension (*, in_features), got 0-D")
-    if input.shape[-1] != weight.shape[1]:
+    if in_shape[-1] != w_shape[1]:
         raise ShapeError(
-            f"linear: input.shape[-1] ({input.shape[-1]}) must equal in_features = "
-            f"weight.shape[1] ({weight.shape[1]}); input {tuple(input.shape)}, "
-            f"weight {tuple(weight.shape)}"
+            f"linear: input.shape[-1] ({in_shape[-1]}) must equal in_features = "
+            f"weight.shape[1] ({w_shape[1]}); input {tuple(in_shape)}, "
+            f"weight {tuple(w_shape)}"
         )
-    if bias is not None and bias.dim() <= 1 and bias.numel() not in (1, weight.shape[0]):
+    if (
+        bias is not None
+        and bias.shape != w_shape[:1]
+        and bias.ndim <= 1
+        and bias.numel() not in (1, w_shape[0])
+    ):
         raise ShapeError(
-            f"linear: bias must have shape ({weight.shape[0]},) = (out_features,), "
+            f"linear: bias must have shape ({w_shape[0]},) = (out_features,), "
             f"got {tuple(bias.shape)}"
         )
-    _check_same_device("linear", input=input, weight=weight, bias=bias)
+    device = input.device
+    if weight.device != device or (bias is not None and bias.device != device):
+        _check_same_device("linear", input=input, weight=weight, bias=bias)
 
 
 def _check_linear_dtypes(input: Tensor, weight: Tensor, bias: Tensor | None) -> None:
@@ -202,6 +226,13 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     return None
 
 
+def _autocast_dtype_of(t: Tensor) -> torch.dtype | None:
+    """:func:`_autocast_dtype` for ``t``'s device, without making a device object."""
+    if t.is_cuda:
+        return _autocast_dtype("cuda")
+    return _autocast_dtype("cpu") if t.is_cpu else None
+
+
 def _autocast_cast(cast: torch.dtype | None, *tensors: Tensor | None) -> tuple:
     """``tensors`` as autocast casts them for a lower-precision op: every floating tensor but
     float64 goes to the autocast dtype ``cast`` (no-op when autocast is off)."""
@@ -256,11 +287,11 @@ def linear(
     """
     _check_linear_args(input, weight, bias, negative_slope)
     get_activation(activation)
-    device_type = input.device.type
-    cast = _autocast_dtype(device_type)
+    cast = _autocast_dtype_of(input)
     if cast is None:  # the common case: no context to enter
         _check_linear_dtypes(input, weight, bias)
         return _linear(input, weight, bias, activation, float(negative_slope))
+    device_type = input.device.type
     input, weight, bias = _autocast_cast(cast, input, weight, bias)
     _check_linear_dtypes(input, weight, bias)
     with _autocast_off(device_type, cast):
@@ -268,19 +299,19 @@ def linear(
 
 
 def _linear(input, weight, bias, activation, negative_slope) -> Tensor:
-    act = get_activation(activation)
-    if _captured() or not _is_vector_bias(bias, weight.shape[0]):
+    out_features = weight.shape[0]
+    vector_bias = bias is None or bias.shape == (out_features,)
+    if not (vector_bias or _is_vector_bias(bias, out_features)) or _captured():
         # Plain ops (F.linear, then the activation) for native autograd to record.
         return REFERENCE.linear_forward(
-            input, weight, bias, act, negative_slope, store_preact=False
+            input, weight, bias, get_activation(activation), negative_slope, store_preact=False
         )[0]
-    bias = _as_vector(bias, weight.shape[0])
+    bias = _as_vector(bias, out_features)
     if _records(input, weight, bias):
-        fn = LINEAR.pick()
-        return fn.apply(input, weight, bias, activation, negative_slope)[0]
+        return LINEAR.apply(input, weight, bias, activation, negative_slope)[0]
     # No graph to record: skip the Function and keep no pre-activation.
     y, _ = backend_for(input, weight, bias).linear_forward(
-        input, weight, bias, act, negative_slope, store_preact=False
+        input, weight, bias, get_activation(activation), negative_slope, store_preact=False
     )
     return y
 
@@ -298,19 +329,25 @@ def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     promote to a common dtype; a target that requires grad gets a gradient. Under autocast
     it computes in float32.
     """
-    _require_tensor("input", input, "mse_loss")
-    _require_tensor("target", target, "mse_loss")
+    if not (isinstance(input, Tensor) and isinstance(target, Tensor)):
+        _require_tensor("input", input, "mse_loss")
+        _require_tensor("target", target, "mse_loss")
     _check_reduction(reduction)
     if input.shape != target.shape:
         _warn_if_sizes_differ(input.size(), target.size(), stacklevel=3)
         _broadcast("mse_loss", "input", input.shape, target.shape)
-    if not torch.promote_types(input.dtype, target.dtype).is_floating_point:
+    dtype = input.dtype
+    if (
+        not (dtype.is_floating_point and target.dtype == dtype)
+        and not torch.promote_types(dtype, target.dtype).is_floating_point
+    ):
         raise TypeError(
             f"mse_loss: expected a floating-point input or target, got {input.dtype} "
             f"and {target.dtype}"
         )
-    _check_same_device("mse_loss", input=input, target=target)
-    if _autocast_dtype(input.device.type) is not None:
+    if target.device != input.device:
+        _check_same_device("mse_loss", input=input, target=target)
+    if _autocast_dtype_of(input) is not None:
         # Autocast runs mse_loss in float32, widening lower-precision floats.
         input, target = (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
                          for t in (input, target))  # fmt: skip
@@ -321,8 +358,7 @@ def _mse_loss(input: Tensor, target: Tensor, reduction: str) -> Tensor:
     if _captured():
         return REFERENCE.mse_forward(*broadcast_promoted(input, target), reduction)[0]
     if _records(input, target):
-        fn = MSE.pick()
-        return fn.apply(input, target, reduction)[0]
+        return MSE.apply(input, target, reduction)[0]
     return MSELossFunction.forward(input, target, reduction)[0]
 
 
@@ -418,9 +454,6 @@ def _fused_head(input, weight, bias, target, out_shape, reduction, loss_dtype, c
     t = as_rows(target.expand(out_shape))
     rows = chunk_rows or default_chunk_rows(x.shape[0], weight.shape[1], weight.shape[0])
     args = (x, weight, _as_vector(bias, weight.shape[0]), t, reduction, loss_dtype, rows)
-    if _records(input, weight, bias):
-        fn = HEAD.pick()
-        loss = fn.apply(*args)[0]
-    else:
-        loss = head_loss(*args)  # no graph to record: the loss alone, no gradient buffers
+    # With no graph to record, the loss alone, no gradient buffers.
+    loss = HEAD.apply(*args)[0] if _records(input, weight, bias) else head_loss(*args)
     return loss.view(out_shape) if reduction == "none" else loss

@@ -112,3 +112,47 @@ def test_mse_forward_mode_matches_native_with_broadcast(reduction):
             out = fn(fwAD.make_dual(x, tx), fwAD.make_dual(t, tt), reduction=reduction)
             got[key] = fwAD.unpack_dual(out).tangent
     assert_close(got["ours"], got["native"])
+
+
+@pytest.mark.parametrize("op", ["linear", "mse_loss"])
+def test_backward_using_a_tensor_saved_under_a_finished_vjp(op):
+    """A custom Function's backward that calls the op on a tensor it saved inside
+    ``torch.func.vjp`` runs after vjp has returned (the saved tensor is then a dead functorch
+    wrapper, which autograd.Function unwraps): the gradient must reach the real input, as with
+    the native op."""
+    eye, zero = torch.eye(4, dtype=torch.float64), torch.zeros(3, 4, dtype=torch.float64)
+
+    def apply(kind: str, x):
+        if op == "linear":
+            return functional.linear(x, eye) if kind == "ours" else F.linear(x, eye)
+        loss = functional.mse_loss if kind == "ours" else F.mse_loss
+        return loss(x, zero, reduction="none") / x  # = x
+
+    def square(kind: str):
+        class Square(torch.autograd.Function):
+            @staticmethod
+            def forward(x):
+                return x**2
+
+            @staticmethod
+            def setup_context(ctx, inputs, output):
+                ctx.save_for_backward(inputs[0])
+
+            @staticmethod
+            def backward(ctx, gy):
+                (x,) = ctx.saved_tensors
+                return 2 * gy * apply(kind, x)
+
+        return Square
+
+    grads = {}
+    for kind in ("native", "ours"):
+        torch.manual_seed(0)
+        x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+        gy = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+        _, vjp_fn = torch.func.vjp(square(kind).apply, x)
+        (r,) = vjp_fn(gy)
+        grads[kind] = torch.autograd.grad(r.sum(), (x, gy), allow_unused=True)
+    for got, want in zip(grads["ours"], grads["native"], strict=True):
+        assert want is not None and got is not None
+        assert_close(got, want)

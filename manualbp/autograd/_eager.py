@@ -11,23 +11,30 @@ torch.compile, and picks one per call. All share a name, so ``grad_fn`` reads th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.autograd import Function
 
 __all__ = ["Forms", "eager_twin", "without_jvp"]
 
+_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+
 
 def eager_twin(cls: type[Function]) -> type[Function]:
-    """A ``forward(ctx, *args)`` Function running ``cls``'s forward, setup_context,
-    backward and jvp."""
+    """A ``forward(ctx, *args)`` Function running ``cls``'s forward and setup_context (or its
+    ``forward_with_ctx``, which does both), backward and jvp."""
 
     def forward(ctx: Any, *args: Any) -> Any:
         output = cls.forward(*args)
         cls.setup_context(ctx, args, output)
         return output
+
+    # A Function may define the two in one (``forward_with_ctx``), to share work between them.
+    forward = getattr(cls, "forward_with_ctx", forward)
 
     namespace = {
         "forward": staticmethod(forward),
@@ -37,7 +44,11 @@ def eager_twin(cls: type[Function]) -> type[Function]:
     }
     if "jvp" in vars(cls):
         namespace["jvp"] = staticmethod(cls.jvp)
-    return type(cls.__name__, (Function,), namespace)
+    twin = type(cls.__name__, (Function,), namespace)
+    # The engine calls the backward node's ``apply``, which by default looks up backward (and
+    # checks that no vjp is defined too) on every call; the twin's node calls it directly.
+    twin._backward_cls.apply = cls.backward  # type: ignore[attr-defined]
+    return twin
 
 
 def without_jvp(cls: type[Function]) -> type[Function]:
@@ -56,10 +67,15 @@ class Forms:
     canonical: type[Function]
     eager: type[Function]
     traced: type[Function]
+    # ``eager.apply`` as autograd's C++ ``_FunctionBase.apply`` bound to ``eager``: what
+    # ``Function.apply`` calls once it has checked for torch.func transforms and unwrapped
+    # the dead ones' tensor wrappers, which :meth:`apply` does itself.
+    eager_apply: Callable[..., Any]
 
     @classmethod
     def of(cls, fn: type[Function]) -> Forms:
-        return cls(fn, eager_twin(fn), without_jvp(fn))
+        eager = eager_twin(fn)
+        return cls(fn, eager, without_jvp(fn), super(Function, eager).apply)
 
     def pick(self) -> type[Function]:
         if torch.compiler.is_compiling():
@@ -67,3 +83,14 @@ class Forms:
         if torch._C._are_functorch_transforms_active():
             return self.canonical
         return self.eager
+
+    def apply(self, *args: Any) -> Any:
+        """``self.pick().apply(*args)``, with the eager form's Python wrapper skipped."""
+        if torch.compiler.is_compiling():
+            return self.traced.apply(*args)
+        if torch._C._are_functorch_transforms_active():
+            return self.canonical.apply(*args)
+        # A tensor saved inside a torch.func transform that has since returned (a vjp_fn
+        # called later) is a dead wrapper: ``Function.apply`` unwraps those, and so does this.
+        # See PyTorch's NOTE [functorch vjp and autograd interaction].
+        return self.eager_apply(*[_unwrap_if_dead(a) if isinstance(a, Tensor) else a for a in args])

@@ -6,13 +6,21 @@ import math
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
 
-from manualbp.activations import get_activation
+from manualbp.activations import Activation, get_activation
 from manualbp.autograd._eager import Forms
+from manualbp.backends import Backend
 from manualbp.dispatch import backend_for, get_backend
+
+
+def forward_ad_on() -> bool:
+    """Whether a Function's jvp may run for this call: inside ``fwAD.dual_level()`` or a
+    ``torch.func`` transform (``jvp``, ``jacfwd``)."""
+    return fwAD._current_level >= 0 or torch._C._are_functorch_transforms_active()
 
 
 def as_rows(t: Tensor) -> Tensor:
@@ -47,36 +55,30 @@ class LinearFunction(Function):
         negative_slope: float,
     ) -> tuple[Tensor, Tensor | None]:
         act = get_activation(activation)
-        # The backend returns fresh (*, N) tensors, not views made in here: a view would make
-        # in-place ops on the output (nn.ReLU(inplace=True), ``y += residual``) an error.
-        return backend_for(input, weight, bias).linear_forward(
-            input, weight, bias, act, negative_slope,
-            store_preact=act is not None and act.saved_for(negative_slope) == "preact",
-        )  # fmt: skip
+        return _forward(backend_for(input, weight, bias), input, weight, bias, act, negative_slope)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
         input, weight, bias, activation, negative_slope = inputs
-        y, z = output
         act = get_activation(activation)
-        kind = "nothing" if act is None else act.saved_for(negative_slope)
-        needs_x, needs_w, _ = ctx.needs_input_grad[:3]
-        # Keep only what backward reads: X for dW, W for dX, and Y or Z for act'.
-        # For act'(Z), also X, W, b: double backward recomputes Z with a graph from them.
-        recompute = kind == "preact"
-        ctx.save_for_backward(
-            input if needs_w or recompute else None,
-            weight if needs_x or recompute else None,
-            bias if recompute else None,
-            y if kind == "output" else z,
-        )
-        if z is not None:
-            ctx.mark_non_differentiable(z)
-        ctx.set_materialize_grads(False)
-        ctx.act, ctx.negative_slope, ctx.kind = act, negative_slope, kind
-        # Backward may run on another thread (CUDA's autograd thread): keep this one's choice.
-        ctx.backend_choice = get_backend()
-        ctx.forward_saved = (input, weight, y if kind == "output" else z)
+        _setup_context(ctx, input, weight, bias, act, negative_slope, output, None)
+
+    @staticmethod
+    def forward_with_ctx(
+        ctx: Any,
+        input: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        activation: str | None,
+        negative_slope: float,
+    ) -> tuple[Tensor, Tensor | None]:
+        """``forward`` then ``setup_context`` in one, resolving the backend once for both
+        passes: the eager twin's forward (see ``manualbp/autograd/_eager.py``)."""
+        act = get_activation(activation)
+        backend = backend_for(input, weight, bias)
+        output = _forward(backend, input, weight, bias, act, negative_slope)
+        _setup_context(ctx, input, weight, bias, act, negative_slope, output, backend)
+        return output
 
     @staticmethod
     def jvp(ctx: Any, input_t, weight_t, bias_t, _activation_t, _slope_t) -> tuple:
@@ -121,15 +123,70 @@ class LinearFunction(Function):
             if differentiable and ctx.kind == "preact":
                 saved = F.linear(input, weight, bias)
             saved = as_rows(saved)
-        backend = backend_for(
-            grad_y, x, weight, saved, differentiable=differentiable, choice=ctx.backend_choice
-        )
+        backend = ctx.backend
+        if backend is None or differentiable or torch._C._are_functorch_transforms_active():
+            backend = backend_for(
+                grad_y, x, weight, saved, differentiable=differentiable, choice=ctx.backend_choice
+            )
         dx, dw, db = backend.linear_backward(
             grad_y, x, weight, saved, ctx.act, ctx.negative_slope, needs
         )
-        if dx is not None:
+        if dx is not None and grad_output.dim() != 2:
             dx = dx.view(_input_shape(input, grad_output, weight))
         return dx, dw, db, None, None
+
+
+def _forward(
+    backend: Backend,
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    act: Activation | None,
+    negative_slope: float,
+) -> tuple[Tensor, Tensor | None]:
+    # The backend returns fresh (*, N) tensors, not views made in here: a view would make
+    # in-place ops on the output (nn.ReLU(inplace=True), ``y += residual``) an error.
+    return backend.linear_forward(
+        input, weight, bias, act, negative_slope,
+        store_preact=act is not None and act.saved_for(negative_slope) == "preact",
+    )  # fmt: skip
+
+
+def _setup_context(
+    ctx: Any,
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    act: Activation | None,
+    negative_slope: float,
+    output: tuple[Tensor, Tensor | None],
+    backend: Backend | None,
+) -> None:
+    """What backward (and jvp) read. ``backend``: the one forward ran on, which backward
+    reuses (``None``: backward resolves it from the forward thread's choice)."""
+    y, z = output
+    kind = "nothing" if act is None else act.saved_for(negative_slope)
+    needs_x, needs_w, _ = ctx.needs_input_grad[:3]
+    # Keep only what backward reads: X for dW, W for dX, and Y or Z for act'.
+    # For act'(Z), also X, W, b: double backward recomputes Z with a graph from them.
+    recompute = kind == "preact"
+    ctx.save_for_backward(
+        input if needs_w or recompute else None,
+        weight if needs_x or recompute else None,
+        bias if recompute else None,
+        y if kind == "output" else z,
+    )
+    if z is not None:
+        ctx.mark_non_differentiable(z)
+    ctx.set_materialize_grads(False)
+    ctx.act, ctx.negative_slope, ctx.kind, ctx.backend = act, negative_slope, kind, backend
+    # Backward may run on another thread (CUDA's autograd thread): keep this one's choice.
+    ctx.backend_choice = get_backend() if backend is None else None
+    # For jvp, which runs only where forward-mode AD is on. Kept otherwise, the output y
+    # would make a reference cycle (y -> its grad_fn, this ctx -> y) that holds y until the
+    # garbage collector runs, where native autograd frees it at once.
+    keep_y = kind == "output" and forward_ad_on()
+    ctx.forward_saved = (input, weight, y if keep_y else z)
 
 
 def _input_shape(input: Tensor | None, grad_output: Tensor, weight: Tensor) -> tuple[int, ...]:

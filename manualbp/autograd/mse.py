@@ -10,6 +10,7 @@ from torch.autograd import Function
 
 from manualbp.activations import in_place_ok
 from manualbp.autograd._eager import Forms
+from manualbp.backends import Backend
 from manualbp.dispatch import backend_for, get_backend
 
 
@@ -41,22 +42,24 @@ class MSELossFunction(Function):
     @staticmethod
     def forward(input: Tensor, target: Tensor, reduction: str) -> tuple[Tensor, Tensor | None]:
         x, t = broadcast_promoted(input, target)
-        wants_grad = input.requires_grad or target.requires_grad
-        return backend_for(x, t).mse_forward(x, t, reduction, compute_grad=wants_grad)
+        return _forward(backend_for(x, t), input, target, x, t, reduction)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
         input, target, reduction = inputs
-        _, grad = output
-        ctx.save_for_backward(input, target)
-        ctx.grad = grad  # not saved_tensors: backward may scale it in place
-        if grad is not None:
-            ctx.mark_non_differentiable(grad)
-        ctx.set_materialize_grads(False)
-        ctx.reduction = reduction
-        ctx.consumed = False
-        ctx.forward_saved = (input, target)
-        ctx.backend_choice = get_backend()  # backward may run on another thread
+        _setup_context(ctx, input, target, reduction, output, None)
+
+    @staticmethod
+    def forward_with_ctx(
+        ctx: Any, input: Tensor, target: Tensor, reduction: str
+    ) -> tuple[Tensor, Tensor | None]:
+        """``forward`` then ``setup_context`` in one, resolving the backend once for both
+        passes: the eager twin's forward (see ``manualbp/autograd/_eager.py``)."""
+        x, t = broadcast_promoted(input, target)
+        backend = backend_for(x, t)
+        output = _forward(backend, input, target, x, t, reduction)
+        _setup_context(ctx, input, target, reduction, output, backend)
+        return output
 
     @staticmethod
     def jvp(ctx: Any, input_t: Tensor | None, target_t: Tensor | None, _reduction_t: None):
@@ -101,13 +104,17 @@ class MSELossFunction(Function):
             # so a second backward (retain_graph) recomputes instead.
             ctx.consumed = True
             ctx.grad = None  # so that AccumulateGrad may take the result rather than copy it
-            backend = backend_for(precomputed, grad_output, choice=ctx.backend_choice)
+            backend = ctx.backend or backend_for(
+                precomputed, grad_output, choice=ctx.backend_choice
+            )
             grad = backend.mse_grad_scale(precomputed, grad_output)
         else:
             x, t = broadcast_promoted(input, target)
-            backend = backend_for(
-                grad_output, x, t, differentiable=differentiable, choice=ctx.backend_choice
-            )
+            backend = ctx.backend
+            if backend is None or differentiable or torch._C._are_functorch_transforms_active():
+                backend = backend_for(
+                    grad_output, x, t, differentiable=differentiable, choice=ctx.backend_choice
+                )
             grad = backend.mse_backward(grad_output, x, t, ctx.reduction)
         grad_input = grad_target = None
         if needs_input:
@@ -115,6 +122,37 @@ class MSELossFunction(Function):
         if needs_target:
             grad_target = _reduce_to(-grad, target)
         return grad_input, grad_target, None
+
+
+def _forward(
+    backend: Backend, input: Tensor, target: Tensor, x: Tensor, t: Tensor, reduction: str
+) -> tuple[Tensor, Tensor | None]:
+    """The loss (and, where the backend computes it in the same pass, its gradient for an
+    upstream gradient of 1) of the broadcast, promoted ``x`` and ``t``."""
+    wants_grad = input.requires_grad or target.requires_grad
+    return backend.mse_forward(x, t, reduction, compute_grad=wants_grad)
+
+
+def _setup_context(
+    ctx: Any,
+    input: Tensor,
+    target: Tensor,
+    reduction: str,
+    output: tuple[Tensor, Tensor | None],
+    backend: Backend | None,
+) -> None:
+    """What backward (and jvp) read. ``backend``: the one forward ran on, which backward
+    reuses (``None``: backward resolves it from the forward thread's choice)."""
+    grad = output[1]
+    ctx.save_for_backward(input, target)
+    ctx.grad = grad  # not saved_tensors: backward may scale it in place
+    if grad is not None:
+        ctx.mark_non_differentiable(grad)
+    ctx.set_materialize_grads(False)
+    ctx.reduction, ctx.consumed, ctx.backend = reduction, False, backend
+    ctx.forward_saved = (input, target)
+    # Backward may run on another thread (CUDA's autograd thread): keep this one's choice.
+    ctx.backend_choice = get_backend() if backend is None else None
 
 
 def _reduce_to(grad: Tensor, operand: Tensor) -> Tensor:

@@ -141,7 +141,11 @@ def any_dtensor(*tensors: object) -> bool:
     """Whether any of ``tensors`` is a ``DTensor``."""
     if _dtensor is None and not _lookup():
         return False
-    return _dtensor is not None and any(isinstance(t, _dtensor) for t in tensors)
+    if _dtensor is not None:
+        for t in tensors:
+            if isinstance(t, _dtensor):
+                return True
+    return False
 
 
 def _is_dtensor(t: object) -> bool:

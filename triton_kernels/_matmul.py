@@ -311,11 +311,35 @@ def size_bucket(*sizes: int) -> tuple[int, ...]:
     return tuple(triton.next_power_of_2(max(s, 1)) for s in sizes)
 
 
+def operand_layout(a: torch.Tensor, b: torch.Tensor) -> str:
+    """Which dimension of each GEMM operand is contiguous, from its strides: ``"A:K"`` (A
+    (M, K) row-major, K-major) or ``"A:M"`` (column-major, e.g. dW's stride-swapped dZ^T),
+    ``"B:N"`` or ``"B:K"``, ``S`` for neither. Part of the autotuning key: the best tile and
+    pipeline depth differ between layouts, so dX = dZ W and dW = dZ^T X tune apart."""
+
+    def major(t: torch.Tensor, inner: str, outer: str) -> str:
+        if t.stride(1) == 1 or t.shape[1] <= 1:
+            return inner
+        return outer if t.stride(0) == 1 or t.shape[0] <= 1 else "S"
+
+    return f"A:{major(a, 'K', 'M')},B:{major(b, 'N', 'K')}"
+
+
+def tuning_key(a: torch.Tensor, b: torch.Tensor) -> tuple:
+    """``(arch, dtype, input precision, size bucket, operand layout)``: the autotuner
+    :func:`matmul` uses for ``a @ b`` (one per key)."""
+    M, K = a.shape
+    precision = input_precision_for(a.dtype)
+    bucket = size_bucket(M, b.shape[1], K)
+    return arch_of(a.device), a.dtype, precision, bucket, operand_layout(a, b)
+
+
 @functools.cache
 def _tuned_matmul(
-    arch: int, dtype: torch.dtype, input_precision: str, bucket: tuple[int, ...]
+    arch: int, dtype: torch.dtype, input_precision: str, bucket: tuple[int, ...], layout: str = ""
 ) -> Any:
-    # One autotuner per size bucket (see size_bucket), tuned on the first shape it sees.
+    # One autotuner per size bucket (see size_bucket) and operand layout (operand_layout),
+    # tuned on the first shape it sees.
     # Every C element is written exactly once per launch: no reset_to_zero needed.
     return triton.autotune(
         configs=to_triton_configs(configs_for(arch, dtype, input_precision)),
@@ -332,7 +356,10 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` for 2-D ``a`` (M, K) and ``b`` (K, N) of one dtype, any strides.
 
     Returns a new contiguous (M, N) tensor of ``a.dtype`` (fp32/fp64 accumulation). An empty
-    inner dimension gives zeros; an empty output launches nothing.
+    inner dimension gives zeros; an empty output launches nothing. On sm_90+ the persistent
+    TMA kernel of :mod:`triton_kernels._matmul_hopper` runs instead when
+    :func:`~triton_kernels._matmul_hopper.tma_eligible` allows it (fp16/bf16/TF32, 16-byte
+    aligned row-major or transposed operands).
     """
     M, K = a.shape
     N = b.shape[1]
@@ -341,6 +368,12 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     c = torch.empty((M, N), dtype=a.dtype, device=a.device)
     if M == 0 or N == 0:
         return c
+    # sm_90+ and TMA-readable operands: the persistent TMA kernel. Imported here: it imports
+    # this module.
+    from ._matmul_hopper import matmul_tma, tma_eligible
+
+    if tma_eligible((a, b), (c,)):
+        return matmul_tma(a, b, out=c)
     args = (
         a,
         b,
@@ -362,6 +395,6 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             *args, ACC_FP64=acc_fp64, INPUT_PRECISION=precision, **INTERPRETER_CONFIG
         )
     else:
-        tuned = _tuned_matmul(arch_of(a.device), a.dtype, precision, size_bucket(M, N, K))
+        tuned = _tuned_matmul(*tuning_key(a, b))
         tuned[grid_for(M, N)](*args, ACC_FP64=acc_fp64, INPUT_PRECISION=precision)
     return c

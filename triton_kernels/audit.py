@@ -16,7 +16,8 @@ The specialisation compiled is the common one (contiguous row-major operands, si
 of 16): unit strides are constexpr 1 and pointers / other strides / sizes divisible by 16,
 which is what Triton's launcher would pick for such tensors.
 
-Besides the Linear kernels (``linear_forward``, ``matmul``, ``act_grad``, ``bias_grad``) it
+Besides the Linear kernels (``linear_forward``, ``matmul``, ``act_grad``, ``bias_grad``, dW's
+split-K ``splitk_partial`` / ``splitk_reduce`` and the cross-layer ``chain_grad``) it
 covers the MSE kernels of ``triton_kernels.mse`` (``mse_fwd``, ``mse_bwd``, ``mse_scale``; each
 contiguous with 16-byte aligned pointers, and as a general 4-d strided view; ``mse_fwd`` also
 contiguous but unaligned) and the multi-tensor SGD kernel of ``triton_kernels.sgd`` (``sgd``, in
@@ -30,6 +31,17 @@ The fused-MLP kernels of ``triton_kernels.fused_mlp`` (``mlp_fwd``, ``mlp_bwd``,
 ``mlp_reduce``) are compiled for 4 layers at every WIDTH their config tables ship, erf-GELU
 hidden layers (the heaviest epilogue), fp16, bf16, TF32 and IEEE fp32; wgmma is required of
 the fp16/bf16/TF32 row-tile kernels and of the weight-gradient blocks of 64 rows.
+
+The Hopper GEMM path (``triton_kernels._matmul_hopper``: persistent grid, TMA descriptors) is
+compiled for sm_90 only, every shipped config (fp16, bf16, TF32), ``matmul_tma`` with dX's
+operand layout and ``linear_forward_tma`` with bias, stored pre-activation and erf-GELU, plus
+the first config with dW's (A read through its transpose) and the forward's (B = W^T, bias)
+layouts. Each row must show TMA (``cp.async.bulk.tensor`` in the PTX, ``UTMALDG`` and
+``UTMASTG`` in the SASS) and wgmma (``HGMMA``); a TMA report follows the table.
+
+The elementwise forward pass that follows a cuBLAS GEMM (``linear_epilogue``, of
+``triton_kernels.linear_epilogue``) is compiled with a bias, a stored pre-activation and each
+activation, contiguous and aligned: it gets the vector-width report and must load 128 bits.
 """
 
 from __future__ import annotations
@@ -61,11 +73,17 @@ from . import mse as _mse
 from . import sgd as _sgd
 from ._host import interpreting
 from ._matmul import configs_for, matmul_kernel, smem_limit
+from ._matmul_hopper import hopper_configs_for, matmul_tma_kernel
+from ._splitk import REDUCE_CONFIGS as SPLITK_REDUCE_CONFIGS
+from ._splitk import splitk_config_for, splitk_partial_kernel, splitk_reduce_kernel
 from .linear_backward import (
     ELEMENTWISE_CONFIGS,
     act_grad_kernel,
     bias_grad_kernel,
+    chain_configs,
+    chain_grad_kernel,
 )
+from .linear_epilogue import EPILOGUE_CONFIGS, linear_epilogue_kernel
 from .linear_forward import linear_forward_kernel
 
 ARCHS = (80, 90)
@@ -107,8 +125,14 @@ class Job:
 _KERNELS = {
     "linear_forward": linear_forward_kernel,
     "matmul": matmul_kernel,
+    "matmul_tma": matmul_tma_kernel,
+    "linear_forward_tma": matmul_tma_kernel,
     "act_grad": act_grad_kernel,
     "bias_grad": bias_grad_kernel,
+    "linear_epilogue": linear_epilogue_kernel,
+    "splitk_partial": splitk_partial_kernel,
+    "splitk_reduce": splitk_reduce_kernel,
+    "chain_grad": chain_grad_kernel,
     "mse_fwd": _mse._mse_fwd_kernel,
     "mse_bwd": _mse._mse_bwd_kernel,
     "mse_scale": _mse._grad_scale_kernel,
@@ -117,6 +141,7 @@ _KERNELS = {
     "mlp_bwd": _mlp.mlp_backward_kernel,
     "mlp_wgrad": _mlp.mlp_wgrad_kernel,
     "mlp_reduce": _mlp.mlp_wgrad_reduce_kernel,
+    "mlp_loss_reduce": _mlp.mlp_loss_reduce_kernel,
 }
 _MSE_KERNELS = ("mse_fwd", "mse_bwd", "mse_scale")
 # Bandwidth-bound kernels: their rows carry the vector-width report (see vector_widths).
@@ -216,6 +241,128 @@ def _gemm_job(
                 gemm=True,
             )
         )
+    return jobs
+
+
+def _splitk_chain_jobs(
+    arch: int, dtype: torch.dtype, precision: str, quick: bool, kernels: set[str]
+) -> list[Job]:
+    """dW's split-K kernels (``triton_kernels._splitk``) with dW's operands: A = dZ^T, an
+    M-major view (``stride_am`` 1), B = X row-major; and the cross-layer chain GEMM
+    (``linear_backward.chain_grad_kernel``: dZ @ W, row-major, with the lower layer's erf-GELU
+    or tanh-GELU gradient and bias partials in its epilogue) in every epilogue config."""
+    t, acc = TL_NAME[dtype], ("fp64" if dtype == torch.float64 else "fp32")
+    dname = "tf32" if precision == "tf32" else t
+    fp64 = dtype == torch.float64
+    jobs = []
+    if "splitk_partial" in kernels:
+        cfg = splitk_config_for(arch, dtype, precision)
+        blocks = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+        types = dict(a_ptr=f"*{t}", b_ptr=f"*{t}", ws_ptr=f"*{acc}", M="i32", N="i32", K="i32",
+                     CHUNK="i32", stride_ak="i32", stride_bk="i32")  # fmt: skip
+        const = dict(stride_am=1, stride_bn=1, ACC_FP64=fp64, INPUT_PRECISION=precision, **blocks)
+        jobs.append(Job("splitk_partial", arch, dname, f"{_cfg_name(cfg)} dW", types, const,
+                        set(types), cfg["num_warps"], cfg["num_stages"], gemm=True))  # fmt: skip
+    if "splitk_reduce" in kernels and precision == "ieee":
+        cfg = SPLITK_REDUCE_CONFIGS["cuda"]
+        types = dict(ws_ptr=f"*{acc}", c_ptr=f"*{t}", S="i32", M="i32", N="i32", stride_cm="i32")
+        const = dict(stride_cn=1, ACC_FP64=fp64, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
+        name = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{cfg['num_warps']}"
+        jobs.append(Job("splitk_reduce", arch, t, name, types, const, set(types) - {"S"},
+                        cfg["num_warps"], 1, fields=_vector_fields("contig")))  # fmt: skip
+    if "chain_grad" in kernels:
+        cfgs = chain_configs(arch, dtype, precision)
+        types = dict(a_ptr=f"*{t}", b_ptr=f"*{t}", s_ptr=f"*{t}", dz_ptr=f"*{t}",
+                     part_ptr=f"*{acc}", negative_slope="fp64", M="i32", N="i32", K="i32",
+                     stride_am="i32", stride_bk="i32", stride_sm="i32",
+                     stride_dzm="i32")  # fmt: skip
+        for cfg in cfgs[:1] if quick else cfgs:
+            blocks = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+            for act in ("gelu", "gelu_tanh"):
+                const = dict(stride_ak=1, stride_bn=1, stride_sn=1, stride_dzn=1, ACTIVATION=act,
+                             COMPUTE_DB=True, ACC_FP64=fp64, INPUT_PRECISION=precision,
+                             **blocks)  # fmt: skip
+                jobs.append(Job("chain_grad", arch, dname, f"{_cfg_name(cfg)} {act}", types,
+                                const, set(types) - {"negative_slope"}, cfg["num_warps"],
+                                cfg["num_stages"], gemm=True))  # fmt: skip
+    return jobs
+
+
+def _epilogue_jobs(arch: int, dtype: torch.dtype, quick: bool) -> list[Job]:
+    """The cuBLAS candidate's elementwise forward pass (``linear_epilogue``) in its shipped CUDA
+    config: bias, stored pre-activation and each activation (quick: erf-GELU), contiguous and
+    16-byte aligned, so a 128-bit vector load is required."""
+    t = TL_NAME[dtype]
+    cfg = EPILOGUE_CONFIGS["cuda_fp64" if dtype == torch.float64 else "cuda"]
+    types = dict(acc_ptr=f"*{t}", b_ptr=f"*{t}", y_ptr=f"*{t}", z_ptr=f"*{t}",
+                 negative_slope="fp64", M="i32", N="i32", stride_am="i32", stride_ym="i32",
+                 stride_zm="i32")  # fmt: skip
+    jobs = []
+    for act in ["gelu"] if quick else ["none", *REGISTRY]:
+        const = dict(stride_an=1, stride_b=1, stride_yn=1, stride_zn=1, HAS_BIAS=True,
+                     ACTIVATION=act, STORE_PREACT=True, ACC_FP64=dtype == torch.float64,
+                     BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])  # fmt: skip
+        name = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{cfg['num_warps']} {act}"
+        jobs.append(Job("linear_epilogue", arch, t, name, types, const,
+                        set(types) - {"negative_slope"}, cfg["num_warps"], 1,
+                        fields=_vector_fields("contig")))  # fmt: skip
+    return jobs
+
+
+# The persistent grid the audit compiles for: an H100 / H200 SXM's SM count (NUM_SMS is a
+# constexpr of the Hopper kernel; the launcher passes the device's).
+HOPPER_NUM_SMS = 132
+# Operand layouts of the Hopper GEMM: (name, A_T, B_T, HAS_BIAS). dX = dZ @ W: both
+# row-major; dW = dZ^T @ X: A read through its transpose; the forward x @ W^T: B = W^T.
+_TMA_LAYOUTS = (("dX", False, False, False), ("dW", True, False, False),
+                ("fwd+bias", False, True, True))  # fmt: skip
+
+
+def _hopper_job(
+    kernel: str, arch: int, dtype: torch.dtype, dname: str, precision: str,
+    cfg: dict[str, Any], layout: tuple[str, bool, bool, bool], act: str,
+) -> Job:  # fmt: skip
+    """One compile of ``matmul_tma_kernel``: descriptors typed with the config's TMA boxes."""
+    t = TL_NAME[dtype]
+    name, a_t, b_t, bias = layout
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    out = f"tensordesc<{t}[{bm}, {bn // 2}]>"
+    types = dict(
+        a_desc=f"tensordesc<{t}[{bk}, {bm}]>" if a_t else f"tensordesc<{t}[{bm}, {bk}]>",
+        b_desc=f"tensordesc<{t}[{bn}, {bk}]>" if b_t else f"tensordesc<{t}[{bk}, {bn}]>",
+        c_desc=out, z_desc=out, bias_ptr=f"*{t}", negative_slope="fp64", M="i32", N="i32",
+        K="i32",
+    )  # fmt: skip
+    blocks = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "WARP_SPECIALIZE")}
+    const = dict(stride_bias=1, HAS_BIAS=bias, ACTIVATION=act, STORE_PREACT=act != "none",
+                 A_T=a_t, B_T=b_t, INPUT_PRECISION=precision, NUM_SMS=HOPPER_NUM_SMS,
+                 **blocks)  # fmt: skip
+    label = f"{_cfg_name(cfg)} {name if act == 'none' else act}"
+    return Job(kernel, arch, dname, label, types, const, {"bias_ptr", "M", "N", "K"},
+               cfg["num_warps"], cfg["num_stages"], gemm=True, fields=dict(tma=True))  # fmt: skip
+
+
+def _hopper_jobs(
+    arch: int, dtype: torch.dtype, precision: str, quick: bool, kernels: set[str]
+) -> list[Job]:
+    """The Hopper GEMM path on sm_90+: every shipped config (quick: the first) of
+    ``matmul_tma`` (dX's layout; the first config also dW's and the forward's) and of
+    ``linear_forward_tma`` (bias, stored pre-activation, erf-GELU: the heaviest epilogue)."""
+    if arch < 90 or dtype == torch.float64 or (dtype == torch.float32 and precision != "tf32"):
+        return []
+    dname = "tf32" if precision == "tf32" else TL_NAME[dtype]
+    jobs = []
+    if "matmul_tma" in kernels:
+        cfgs = hopper_configs_for(arch, dtype, precision, epilogue=False)
+        for i, cfg in enumerate(cfgs[:1] if quick else cfgs):
+            for layout in _TMA_LAYOUTS if i == 0 else _TMA_LAYOUTS[:1]:
+                jobs.append(_hopper_job("matmul_tma", arch, dtype, dname, precision, cfg,
+                                        layout, "none"))  # fmt: skip
+    if "linear_forward_tma" in kernels:
+        cfgs = hopper_configs_for(arch, dtype, precision, epilogue=True)
+        for cfg in cfgs[:1] if quick else cfgs:
+            jobs.append(_hopper_job("linear_forward_tma", arch, dtype, dname, precision, cfg,
+                                    _TMA_LAYOUTS[2], "gelu"))  # fmt: skip
     return jobs
 
 
@@ -454,16 +601,19 @@ def _mlp_types(t: str, acc: str) -> dict[str, dict[str, Any]]:
     """Argument types of each MLP kernel for MLP_LAYERS layers of dtype ``t``."""
     L, p = MLP_LAYERS, f"*{t}"
     layers, hidden = (p,) * L, (p,) * (L - 1)
-    slopes = {"hidden_slope": "fp32", "out_slope": "fp32"}
+    slopes = {"hidden_slope": "fp64", "out_slope": "fp64"}
     return {
-        "mlp_fwd": dict(x_ptr=p, y_ptr=p, zo_ptr=p, ws=layers, bs=layers, ss=hidden, **slopes,
-                        M="i32", stride_xm="i32"),
-        "mlp_bwd": dict(g_ptr=p, so_ptr=p, dx_ptr=p, ws=layers, ss=hidden, dzs=layers, **slopes,
-                        M="i32", stride_gm="i32"),
+        "mlp_fwd": dict(x_ptr=p, y_ptr=p, zo_ptr=p, ws=layers, bs=layers, ss=hidden, t_ptr=p,
+                        lp_ptr=f"*{acc}", **slopes, M="i32", stride_xm="i32", stride_tm="i32",
+                        numel="i32"),
+        "mlp_bwd": dict(g_ptr=p, so_ptr=p, dx_ptr=p, ws=layers, ss=hidden, dzs=layers, gs_ptr=p,
+                        t_ptr=p, **slopes, M="i32", stride_gm="i32", stride_tm="i32",
+                        numel="i32"),
         "mlp_wgrad": dict(x_ptr=p, ss=hidden, dzs=layers, dws=layers, dbs=layers,
-                          part_ptr=f"*{acc}", hidden_slope="fp32", M="i32", stride_xm="i32",
+                          part_ptr=f"*{acc}", hidden_slope="fp64", M="i32", stride_xm="i32",
                           chunk="i32", S="i32"),
         "mlp_reduce": dict(part_ptr=f"*{acc}", dws=layers, dbs=layers, S="i32"),
+        "mlp_loss_reduce": dict(lp_ptr=f"*{acc}", loss_ptr=p, T="i32", numel="i32"),
     }  # fmt: skip
 
 
@@ -482,29 +632,48 @@ def _mlp_jobs(
         nc = min(cfg["CHUNK"], width)  # the forward / backward chunk
         chain = dict(HIDDEN_ACT="gelu", OUT_ACT="none", INPUT_PRECISION=precision, **common)
         bias = (True,) * MLP_LAYERS
+        # The loss folded into the last layer (mse, mean), as training runs it: fp32 / TF32
+        # write dZ for an upstream gradient of 1, fp16 / bf16 write y.
+        loss_fwd, loss_bwd = ("dz", "scaled") if t == "fp32" else ("y", "mse")
         const = {
-            "mlp_fwd": dict(stride_xk=1, HAS_BIAS=bias, HIDDEN_PREACT=True, STORE=True,
-                            STORE_OUT_PREACT=False, BLOCK_M=cfg["BLOCK_M"], NC=nc, **chain),
-            "mlp_bwd": dict(stride_gn=1, NEED_DX=True, BLOCK_M=cfg["BLOCK_M"], NC=nc, **chain),
+            "mlp_fwd": dict(stride_xk=1, stride_tn=1, HAS_BIAS=bias, HIDDEN_PREACT=True,
+                            STORE=True, STORE_OUT_PREACT=False, LOSS="none", LOSS_MEAN=False,
+                            OUT_PREACT=False, BLOCK_M=cfg["BLOCK_M"], NC=nc, **chain),
+            "mlp_fwd+mse": dict(stride_xk=1, stride_tn=1, HAS_BIAS=bias, HIDDEN_PREACT=True,
+                                STORE=True, STORE_OUT_PREACT=False, LOSS=loss_fwd,
+                                LOSS_MEAN=True, OUT_PREACT=False, BLOCK_M=cfg["BLOCK_M"],
+                                NC=nc, **chain),
+            "mlp_bwd": dict(stride_gn=1, stride_tn=1, NEED_DX=True, G_MODE="grad",
+                            LOSS_MEAN=False, BLOCK_M=cfg["BLOCK_M"], NC=nc, **chain),
+            "mlp_bwd+mse": dict(stride_gn=1, stride_tn=1, NEED_DX=True, G_MODE=loss_bwd,
+                                LOSS_MEAN=True, BLOCK_M=cfg["BLOCK_M"], NC=nc, **chain),
             "mlp_wgrad": dict(stride_xk=1, HAS_BIAS=bias, HIDDEN_ACT="gelu", HIDDEN_PREACT=True,
                               DIRECT=False, INPUT_PRECISION=precision, BLOCK_R=cfg["BLOCK_R"],
                               NC=min(cfg["WGRAD_CHUNK"], width), **common),
             "mlp_reduce": dict(HAS_BIAS=bias, BLOCK=_mlp.REDUCE_BLOCK["cuda"], **common),
+            "mlp_loss_reduce": dict(MEAN=True, BLOCK=_mlp.REDUCE_BLOCK["cuda"]),
         }  # fmt: skip
         warps = dict(mlp_fwd=cfg["num_warps"], mlp_bwd=cfg["num_warps"],
-                     mlp_wgrad=cfg["wgrad_warps"], mlp_reduce=4)  # fmt: skip
+                     mlp_wgrad=cfg["wgrad_warps"], mlp_reduce=4, mlp_loss_reduce=4)  # fmt: skip
         rows = dict(mlp_fwd=cfg["BLOCK_M"], mlp_bwd=cfg["BLOCK_M"], mlp_wgrad=cfg["BLOCK_R"])
-        for name, types in _mlp_types(t, acc).items():
-            if name not in kernels or (name == "mlp_reduce" and width != widths[-1]):
+        types_of = _mlp_types(t, acc)
+        for variant in const:
+            name, _, loss = variant.partition("+")
+            last = width == widths[-1]
+            if name not in kernels or (name in ("mlp_reduce", "mlp_loss_reduce") and not last):
                 continue
-            chunk = const[name].get("NC")
-            what = f"{rows[name]}x{chunk}" if name in rows else f"{const[name]['BLOCK']}"
+            chunk = const[variant].get("NC")
+            what = f"{rows[name]}x{chunk}" if name in rows else f"{const[variant]['BLOCK']}"
             label = f"{MLP_LAYERS}x{width} {what} w{warps[name]}"
-            div16 = {k for k, v in types.items() if v != "fp32"}
+            if loss:
+                mode = const[variant].get("LOSS", const[variant].get("G_MODE"))
+                label += f" {loss}:{mode}"
+            types = types_of[name]
+            div16 = {k for k, v in types.items() if v not in ("fp32", "fp64")}
             # wgmma needs 64 rows per warpgroup: a weight-gradient block has NC rows.
             gemm = name in ("mlp_fwd", "mlp_bwd") or (name == "mlp_wgrad" and chunk >= 64)
-            jobs.append(Job(name, arch, dname, label, types, const[name], div16, warps[name], 1,
-                            gemm=gemm))  # fmt: skip
+            jobs.append(Job(name, arch, dname, label, types, const[variant], div16, warps[name],
+                            1, gemm=gemm))  # fmt: skip
     return jobs
 
 
@@ -521,6 +690,43 @@ def vector_widths(ptx: str) -> dict[str, int]:
         bits = next((int(q[1:]) for q in reversed(parts) if re.fullmatch(r"[bfsu]\d+", q)), 0)
         best[op] = max(best[op], lanes * bits)
     return {"ld_bits": best["ld"], "st_bits": best["st"]}
+
+
+def tma_usage(ptx: str, sass: str) -> dict[str, int]:
+    """TMA and warp specialisation in a compiled kernel: ``cp.async.bulk.tensor`` instructions
+    in the PTX, ``UTMALDG`` (TMA loads) and ``UTMASTG`` (TMA stores) in the SASS, and whether
+    the PTX reallocates registers between warpgroups (``setmaxnreg``: warp-specialised)."""
+    return dict(
+        ptx_bulk=ptx.count("cp.async.bulk.tensor"),
+        tma_ld=sass.count("UTMALDG"),
+        tma_st=sass.count("UTMASTG"),
+        ws=int("setmaxnreg" in ptx),
+    )
+
+
+def format_tma_table(rows: list[dict[str, Any]]) -> str:
+    """The TMA report for the Hopper path's rows ("" if none), indented like the vector
+    report: registers, spills, TMA instruction counts, wgmma and warp specialisation."""
+    rows = [r for r in rows if "ptx_bulk" in r]
+    if not rows:
+        return ""
+    head = ["kernel", "config", "arch", "dtype", "regs", "spill B", "bulk.tensor", "UTMALDG",
+            "UTMASTG", "wgmma", "warp-spec", "status"]  # fmt: skip
+    lines = []
+    for r in rows:
+        bad = [p for p in problems(r) if p in ("no TMA", "no wgmma", "spills")]
+        lines.append([r["kernel"], r["config"], f"sm_{r['arch']}", r["dtype"], str(r["regs"]),
+                      str(r["spills"]), str(r["ptx_bulk"]), str(r["tma_ld"]), str(r["tma_st"]),
+                      "yes" if r["wgmma"] else "no", "yes" if r["ws"] else "no",
+                      "OK" if not bad else "FAIL: " + ", ".join(bad)])  # fmt: skip
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
+    fmt = "  " + "  ".join(f"{{:<{w}}}" for w in widths[:-1]) + "  {}"
+    title = (
+        "TMA (Hopper path): cp.async.bulk.tensor in the PTX, UTMALDG / UTMASTG in the SASS, "
+        "wgmma (HGMMA) and warp specialisation (setmaxnreg); TMA and wgmma required"
+    )
+    out = [title, fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+    return "\n".join(out + [fmt.format(*line) for line in lines])
 
 
 def format_vector_table(rows: list[dict[str, Any]]) -> str:
@@ -564,8 +770,12 @@ def build_jobs(
             if quick and (dtype == torch.float64 or precision == "tf32"):
                 continue
             jobs += _gemm_jobs(arch, dtype, precision, quick, kernels)
+            jobs += _hopper_jobs(arch, dtype, precision, quick, kernels)
+            jobs += _splitk_chain_jobs(arch, dtype, precision, quick, kernels)
             if precision == "ieee":
                 jobs += _elementwise_jobs(arch, dtype, quick, kernels)
+                if "linear_epilogue" in kernels:
+                    jobs += _epilogue_jobs(arch, dtype, quick)
                 jobs += _mse_jobs(arch, dtype, quick, kernels)
                 if "sgd" in kernels:
                     jobs += _sgd_jobs(arch, dtype, quick)
@@ -688,7 +898,10 @@ def compile_job(job: Job) -> dict[str, Any]:
         # Only the GEMMs are checked for wgmma (disassembling is a good part of a small
         # kernel's compile time).
         hopper_gemm = job.gemm and job.arch >= 90
-        row["wgmma"] = "HGMMA" in _sass(compiled.asm["cubin"]) if hopper_gemm else None
+        sass = _sass(compiled.asm["cubin"]) if hopper_gemm else ""
+        row["wgmma"] = "HGMMA" in sass if hopper_gemm else None
+        if job.fields.get("tma"):  # the Hopper path's TMA report
+            row.update(tma_usage(compiled.asm["ptx"], sass), need_tma=True)
         if job.fields.get("vector"):  # the bandwidth-bound kernels' vector-width report
             row.update(vector_widths(compiled.asm["ptx"]), need_v128=job.fields["need_v128"])
     except Exception as e:  # any compile failure is reported, not raised
@@ -709,6 +922,8 @@ def problems(row: dict[str, Any]) -> list[str]:
     needs_wgmma = row["dtype"] in ("fp16", "bf16", "tf32")
     if row["gemm"] and row["arch"] >= 90 and needs_wgmma and not row["wgmma"]:
         out.append("no wgmma")
+    if row.get("need_tma") and not (row["ptx_bulk"] and row["tma_ld"] and row["tma_st"]):
+        out.append("no TMA")
     if row.get("need_v128") and row.get("ld_bits", 0) < 128:
         out.append("no 128-bit loads")
     return out
@@ -786,6 +1001,9 @@ def main(argv: list[str] | None = None) -> int:
     vector_table = format_vector_table(rows)
     if vector_table:
         print("\n" + vector_table)
+    tma_table = format_tma_table([r for r in rows if not r["error"]])
+    if tma_table:
+        print("\n" + tma_table)
     failed = [r for r in rows if problems(r)]
     print(
         f"\n{len(rows)} compiles in {time.time() - t0:.1f} s, {len(failed)} failing "

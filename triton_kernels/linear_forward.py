@@ -6,6 +6,11 @@ the output dtype (as native Linear does before its activation), stores Z only wh
 pass needs it, and applies the activation in fp32 (fp64). Tiles are
 visited in grouped order for L2 reuse; block shapes are autotuned from the per-architecture
 config lists in :mod:`triton_kernels._matmul`.
+
+On sm_90+ (fp16/bf16, or fp32 under TF32) with TMA-readable operands and row-major outputs,
+:func:`linear_forward` runs the same epilogue on the persistent TMA kernel of
+:mod:`triton_kernels._matmul_hopper` instead; this pointer kernel stays for sm_80, fp64, IEEE
+fp32, misaligned views and the CPU interpreter.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from ._matmul import (
     to_triton_configs,
     use_fixed_config,
 )
+from ._matmul_hopper import linear_forward_tma, tma_eligible
 
 __all__ = ["linear_forward", "linear_forward_kernel"]
 
@@ -159,6 +165,10 @@ def linear_forward(
     if store_preact:
         z = preact_out if preact_out is not None else torch.empty_like(y)
     if M == 0 or N == 0:
+        return y, z
+    outputs = (y,) if z is None else (y, z)
+    if K > 0 and tma_eligible((x, weight), outputs, epilogue=activation is not None):
+        linear_forward_tma(x, weight, bias, activation, negative_slope, y, z)
         return y, z
     # With K == 0 the K loop runs zero times and the epilogue sees a zero accumulator.
     has_bias = bias is not None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
 from manualbp.activations import Activation
@@ -54,6 +55,27 @@ class Backend(Protocol):
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """``(dx, dW, db)``, ``None`` where not needed; ``saved`` is what
         ``act.saved_for(negative_slope)`` names (y or z)."""
+        ...
+
+    def linear_chain_backward(
+        self,
+        grad_y: Tensor,
+        x: Tensor,
+        weight: Tensor,
+        saved: Tensor | None,
+        act: Activation | None,
+        negative_slope: float,
+        prev_saved: Tensor | None,
+        prev_act: Activation | None,
+        prev_negative_slope: float,
+        needs_grad: tuple[bool, bool, bool, bool],
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        """The upper layer of ``Linear -> prev_act -> Linear (-> act)`` through to the lower
+        layer's dZ: ``(dZ_prev, dW, db, db_prev)``, ``None`` where not needed (``needs_grad``
+        in that order). ``x`` (M, K) is the upper layer's input (the lower layer's output),
+        ``prev_saved`` what ``prev_act.saved_for(prev_negative_slope)`` names (its output or
+        pre-activation, (M, K)); ``dZ_prev = (dZ W) * prev_act'(.)``, ``db_prev = sum_rows
+        dZ_prev``."""
         ...
 
     def linear_grad_accumulate(
@@ -135,4 +157,45 @@ class Backend(Protocol):
         (M, k_0), the output ``y`` (M, n_{L-1}; read when the output activation derives from
         y) and ``saved`` as ``mlp_forward`` made it (2-D). ``needs_grad``: ``(dx, params)``;
         ``db_l`` is ``None`` where ``has_bias[l]`` is False."""
+        ...
+
+    def mlp_mse_forward(
+        self,
+        x: Tensor,
+        target: Tensor,
+        weights: list[Tensor],
+        biases: list[Tensor | None],
+        acts: tuple[Activation | None, Activation | None],
+        slopes: tuple[float, float],
+        reduction: str,
+        loss_dtype: torch.dtype,
+        *,
+        store: bool,
+    ) -> tuple[Tensor, Tensor | None, list[Tensor | None]]:
+        """``(loss, head, saved)``: ``loss = mse(y, target)`` (``reduction`` ``"mean"`` or
+        ``"sum"``, in ``loss_dtype``) for the MLP ``y`` of :meth:`mlp_forward` on 2-D ``x``
+        (M, k_0) and a same-shape (M, n_{L-1}) ``target`` of any float dtype. With ``store``:
+        ``head`` is ``dZ_{L-1}`` for an upstream gradient of 1 (``act_o'`` of ``norm (y - t)``)
+        when ``x`` is float32/float64, else y itself; ``saved`` as ``mlp_forward`` keeps it
+        (its last entry ``None`` when ``head`` is ``dZ_{L-1}``). Without: ``None`` and ``[]``."""
+        ...
+
+    def mlp_mse_backward(
+        self,
+        grad_loss: Tensor,
+        x: Tensor,
+        target: Tensor,
+        weights: list[Tensor],
+        head: Tensor,
+        saved: list[Tensor | None],
+        acts: tuple[Activation | None, Activation | None],
+        slopes: tuple[float, float],
+        reduction: str,
+        has_bias: tuple[bool, ...],
+        needs_grad: tuple[bool, bool],
+    ) -> tuple[Tensor | None, list[Tensor] | None, list[Tensor | None] | None]:
+        """:meth:`mlp_backward` of :meth:`mlp_mse_forward` for the loss's 0-dim upstream
+        gradient ``grad_loss``: ``dY = grad_loss * head`` (float32/float64 ``x``: ``head`` is
+        already ``dZ_{L-1}``), else ``dY = grad_loss * norm (head - target)``, formed in the
+        loss dtype and rounded once, as native autograd forms it."""
         ...

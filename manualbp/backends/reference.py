@@ -17,6 +17,7 @@ from manualbp.backends.sharding import any_dtensor, reduce_partial, sharded
 __all__ = ["ReferenceBackend", "REFERENCE"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}  # aten's at::Reduction
 
 
 class ReferenceBackend:
@@ -70,6 +71,41 @@ class ReferenceBackend:
         return dx, dw, db
 
     @staticmethod
+    def linear_chain_backward(
+        grad_y: Tensor,
+        x: Tensor,
+        weight: Tensor,
+        saved: Tensor | None,
+        act: Activation | None,
+        negative_slope: float,
+        prev_saved: Tensor | None,
+        prev_act: Activation | None,
+        prev_negative_slope: float,
+        needs_grad: tuple[bool, bool, bool, bool],
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        """``(dZ_p, dW, db, db_p)`` of the upper layer of Linear -> act_p -> Linear, by the
+        chain rule twice (:meth:`linear_backward` of each layer):
+
+        dZ = dY * act'(.),  dW = dZ^T H,  db = sum_rows dZ,  dH = dZ W     (upper layer)
+        dZ_p = dH * act_p'(.),  db_p = sum_rows dZ_p                         (lower layer)
+        """
+        need_dzp, need_dw, need_db, need_dbp = needs_grad
+        need_chain = need_dzp or need_dbp
+        dh, dw, db = ReferenceBackend.linear_backward(
+            grad_y, x, weight, saved, act, negative_slope, (need_chain, need_dw, need_db)
+        )
+        if not need_chain:
+            return None, dw, db, None
+        if prev_act is None:
+            dzp = dh
+        elif dh.dtype in _LOW_PRECISION:  # act' in float32, rounded once, as aten's kernels
+            dzp = prev_act.grad(dh.float(), prev_saved.float(), prev_negative_slope)
+            dzp = dzp.to(dh.dtype)
+        else:
+            dzp = prev_act.grad(dh, prev_saved, prev_negative_slope)
+        return (dzp if need_dzp else None), dw, db, (dzp.sum(0) if need_dbp else None)
+
+    @staticmethod
     def linear_grad_accumulate(
         grad_y: Tensor,
         x: Tensor,
@@ -95,10 +131,15 @@ class ReferenceBackend:
     ) -> tuple[Tensor, None]:
         """``L = reduce((input - target)^2)`` (the forward is aten's own, so the loss is
         bitwise native's); the gradient is left to :meth:`mse_backward`."""
-        if reduction == "mean" and sharded(input, target):
-            # DTensor's own mean averages the shards' means, which is off for uneven shards.
-            return F.mse_loss(input, target, reduction="sum") / input.numel(), None
-        return F.mse_loss(input, target, reduction=reduction), None
+        code = _REDUCTION_ENUM.get(reduction)
+        if code is None or any_dtensor(input, target):
+            if reduction == "mean" and sharded(input, target):
+                # DTensor's mean averages the shards' means, which is off for uneven shards.
+                return F.mse_loss(input, target, reduction="sum") / input.numel(), None
+            return F.mse_loss(input, target, reduction=reduction), None
+        # aten's op itself, without F.mse_loss's Python checks: input and target come
+        # broadcast and promoted (so also no size warning to give).
+        return torch._C._nn.mse_loss(input, target, code), None
 
     @staticmethod
     def mse_backward(grad_output: Tensor, input: Tensor, target: Tensor, reduction: str) -> Tensor:
@@ -223,6 +264,71 @@ class ReferenceBackend:
             (dws if need_params else None),
             (dbs if need_params else None),
         )
+
+    @staticmethod
+    def mlp_mse_forward(
+        x: Tensor,
+        target: Tensor,
+        weights: list[Tensor],
+        biases: list[Tensor | None],
+        acts: tuple[Activation | None, Activation | None],
+        slopes: tuple[float, float],
+        reduction: str,
+        loss_dtype: torch.dtype,
+        *,
+        store: bool,
+    ) -> tuple[Tensor, Tensor | None, list[Tensor | None]]:
+        """``mse(y, t)`` of the MLP's ``y``; with ``store``, in float32/float64, ``head`` is
+        ``dZ_{L-1} = act_o'(norm (y - t))`` (``norm`` = 2/numel or 2), else y (see
+        :meth:`Backend.mlp_mse_forward`)."""
+        y, saved = ReferenceBackend.mlp_forward(x, weights, biases, acts, slopes, store=store)
+        d = y.to(loss_dtype) - target.to(loss_dtype)
+        loss = F.mse_loss(y.to(loss_dtype), target.to(loss_dtype), reduction=reduction)
+        if not store:
+            return loss, None, []
+        if x.dtype in _LOW_PRECISION:
+            return loss, y, saved
+        head = d * _mse_norm(reduction, d.numel())
+        act, slope = acts[1], slopes[1]
+        if act is not None:
+            head = act.grad(head, saved[-1] if act.saved_for(slope) == "preact" else y, slope)
+        return loss, head, [*saved[:-1], None]
+
+    @staticmethod
+    def mlp_mse_backward(
+        grad_loss: Tensor,
+        x: Tensor,
+        target: Tensor,
+        weights: list[Tensor],
+        head: Tensor,
+        saved: list[Tensor | None],
+        acts: tuple[Activation | None, Activation | None],
+        slopes: tuple[float, float],
+        reduction: str,
+        has_bias: tuple[bool, ...],
+        needs_grad: tuple[bool, bool],
+    ) -> tuple[Tensor | None, list[Tensor] | None, list[Tensor | None] | None]:
+        """With ``D = y - t`` and upstream ``g``: ``dY = g * norm * D``, then
+        :meth:`mlp_backward`; in float32/float64 ``head`` already is ``dZ_{L-1}`` for g = 1,
+        and ``dZ_{L-1} = g * head`` (every gradient is linear in g)."""
+        if x.dtype not in _LOW_PRECISION:
+            return ReferenceBackend.mlp_backward(
+                head * grad_loss, x, weights, None, [*saved[:-1], None], (acts[0], None),
+                slopes, has_bias, needs_grad,
+            )  # fmt: skip
+        # In float32 (float64 for a float64 loss), rounded once to the MLP's dtype.
+        dtype = torch.promote_types(grad_loss.dtype, torch.float32)
+        d = head.to(dtype) - target.to(dtype)
+        grad_y = (d * _mse_norm(reduction, d.numel()) * grad_loss.to(dtype)).to(head.dtype)
+        return ReferenceBackend.mlp_backward(
+            grad_y, x, weights, head, saved, acts, slopes, has_bias, needs_grad
+        )
+
+
+def _mse_norm(reduction: str, numel: int) -> float:
+    """``dL/dD = norm * D``: 2/numel for the mean (2 with no elements: zero gradients), 2 for
+    the sum."""
+    return 2.0 / max(numel, 1) if reduction == "mean" else 2.0
 
 
 REFERENCE = ReferenceBackend()

@@ -7,6 +7,7 @@ but it must not run under the CPU interpreter: it runs in a subprocess without
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -146,3 +147,64 @@ def test_vector_width_rule():
     row = {"error": None, "spills": 0, "shared": 0, "arch": 90, "dtype": "fp32", "gemm": False}
     row.update(need_v128=True, ld_bits=32)
     assert "no 128-bit loads" in problems(row)
+
+
+def test_tma_rule():
+    from manualbp.kernels.audit import problems, tma_usage
+
+    usage = tma_usage("cp.async.bulk.tensor.2d.shared::cluster.global", "UTMALDG UTMASTG HGMMA")
+    assert usage == dict(ptx_bulk=1, tma_ld=1, tma_st=1, ws=0)
+    row = dict(error=None, spills=0, shared=1024, arch=90, gemm=True, dtype="bf16", wgmma=True)
+    row.update(usage, need_tma=True)
+    assert problems(row) == []
+    assert problems({**row, "tma_ld": 0}) == ["no TMA"]  # loads through cp.async: not TMA
+    assert problems({**row, "tma_st": 0}) == ["no TMA"]
+    assert problems({**row, "ptx_bulk": 0, "wgmma": False}) == ["no wgmma", "no TMA"]
+
+
+def test_every_hopper_config_is_audited():
+    import torch
+    from manualbp.kernels._matmul_hopper import hopper_configs_for
+    from manualbp.kernels.audit import build_jobs
+
+    jobs = build_jobs()
+    tma = [j for j in jobs if j.kernel in ("matmul_tma", "linear_forward_tma")]
+    assert tma and all(j.arch >= 90 and j.gemm and j.fields.get("tma") for j in tma)
+    for dtype, precision, name in (
+        (torch.float16, "ieee", "fp16"),
+        (torch.bfloat16, "ieee", "bf16"),
+        (torch.float32, "tf32", "tf32"),
+    ):
+        for kernel, epilogue in (("matmul_tma", False), ("linear_forward_tma", True)):
+            audited = {j.config.rsplit(" ", 1)[0] for j in tma
+                       if j.kernel == kernel and j.dtype == name}  # fmt: skip
+            cfgs = hopper_configs_for(90, dtype, precision, epilogue=epilogue)
+            assert len(audited) == len(cfgs), (kernel, name, audited)
+        layouts = {(j.constexprs["A_T"], j.constexprs["B_T"]) for j in tma if j.dtype == name}
+        assert layouts == {(False, False), (True, False), (False, True)}  # dX, dW, forward
+    assert not [j for j in build_jobs(archs=(80,)) if j.kernel.endswith("_tma")]
+
+
+def test_hopper_kernel_compiles_with_tma_and_wgmma():
+    """Two real sm_90 compiles (this process runs the interpreter: a subprocess): the forward
+    with erf-GELU and dW's transposed-A layout, bf16, must show TMA loads and stores, wgmma
+    and no spills."""
+    pytest.importorskip("triton.backends.nvidia")
+    code = (
+        "import json\n"
+        "from manualbp.kernels.audit import build_jobs, compile_job, problems\n"
+        "jobs = [j for j in build_jobs((90,), {'matmul_tma', 'linear_forward_tma'}, quick=True)\n"
+        "        if j.dtype == 'bf16' and (j.kernel == 'linear_forward_tma' or 'dW' in j.config)]\n"
+        "rows = [compile_job(j) for j in jobs]\n"
+        "print(json.dumps([dict(r, problems=problems(r)) for r in rows]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {r["kernel"] for r in rows} == {"matmul_tma", "linear_forward_tma"}, rows
+    for r in rows:
+        assert r["problems"] == [] and r["spills"] == 0 and r["wgmma"], r
+        assert r["ptx_bulk"] > 0 and r["tma_ld"] > 0 and r["tma_st"] > 0, r

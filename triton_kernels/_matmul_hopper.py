@@ -1,0 +1,464 @@
+"""The Hopper (sm_90+) GEMM path: a persistent, TMA-fed GEMM with the fused Linear epilogue.
+
+``C = epilogue(A @ B)`` for A (M, K) and B (K, N), the same contract as the pointer kernels of
+:mod:`triton_kernels._matmul` / :mod:`triton_kernels.linear_forward`, built the Hopper way:
+
+* **persistent grid**: one program per SM, each looping over output tiles in grouped order
+  (GROUP_M row-blocks share the column-blocks they visit, for L2 reuse); Triton flattens the
+  tile and K loops so the next tile's loads overlap this tile's epilogue;
+* **tensor descriptors** (TMA) for every load and store, made on the host
+  (``triton.tools.tensor_descriptor.TensorDescriptor``, present in Triton 3.6 and 3.9): the
+  hardware clips and zero-fills the tile edges, so the main loop has no masks and no address
+  arithmetic;
+* **epilogue subtiling**: the accumulator is split into two (BLOCK_M, BLOCK_N / 2) halves,
+  each biased, activated and stored on its own (half the registers and store buffer);
+* **warp specialisation**: the tile loop is a ``tl.range(..., warp_specialize=...)`` driven
+  by the configs' ``WARP_SPECIALIZE``, off in every shipped config. On sm_90 neither supported
+  Triton specialises this loop: with 8 warps 3.6 and 3.9 compile it to the very same PTX as
+  without (no producer/consumer split, no ``setmaxnreg``), with 4 warps their Hopper pass
+  (``NVGPUWarpSpecialization``) fails ("descriptor block and tensor must have the same number
+  of elements"). The switch stays so that a Triton that does it on Hopper needs a config
+  entry, not a new kernel.
+
+TMA reads 2-D row-major boxes: a descriptor needs a 16-byte aligned base, 16-byte aligned row
+stride and a unit last stride. An operand stored transposed (a column-major view) is read
+through a descriptor on its transpose and transposed back in registers (``A_T`` / ``B_T``): so
+``x @ W^T`` (forward), ``dZ @ W`` (dX) and ``dZ^T @ X`` (dW) all run without copies.
+:func:`tma_eligible` decides; everything else (sm_80, the CPU interpreter, fp64, IEEE fp32,
+misaligned views) stays on the pointer kernels. Accumulation is fp32: fp16 / bf16 inputs, and
+fp32 inputs with TF32 ``tl.dot`` (torch's float32 matmul precision "high" / "medium").
+
+Under the CPU interpreter the launchers here run too (tests call them directly, with
+:data:`INTERPRETER_CONFIG`): the interpreter executes tensor descriptors, so the math of this
+kernel is tested on the CPU; what only the GPU shows (TMA, wgmma, spills) is in the audit.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from ._activations import apply_activation, constexpr_name, slope_as
+from ._matmul import (
+    arch_of,
+    cast_out,
+    dtype_class,
+    input_precision_for,
+    size_bucket,
+    smem_limit,
+)
+from ._runtime import interpreting
+
+__all__ = [
+    "HOPPER_CONFIGS",
+    "INTERPRETER_CONFIG",
+    "hopper_configs_for",
+    "linear_forward_tma",
+    "matmul_tma",
+    "matmul_tma_kernel",
+    "tma_eligible",
+    "tma_layout",
+    "tma_supported",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs, as data: (dtype class, fused epilogue) -> the configs the autotuner tries.
+#
+# BLOCK_K is 128 bytes of operand (64 fp16/bf16, 32 fp32), the TMA box's 128-byte swizzle.
+# With 8 warps, two warpgroups split BLOCK_M: 128x256 keeps 128 fp32 accumulator elements
+# per thread. An activation epilogue needs registers next to the accumulator, so its lists
+# stop at 128x128 (64 per thread): 128x256 w8 with an erf-GELU or SiLU epilogue compiles
+# without spills but at 239-255 registers (no margin), 128x128 w4 at 233-255. The
+# epilogue-free lists (plain GEMMs, dX/dW, a Linear without activation, bias or not) are
+# uncapped. Shared memory: stages x (A + B tile) + one half-tile store buffer; 227 KiB on
+# H100/H200. Every entry is compiled by the audit for sm_90 under Triton 3.6 and 3.9 (TMA
+# loads and stores, wgmma, 0 spills required).
+# ---------------------------------------------------------------------------------------------
+def _cfg(
+    m: int, n: int, k: int, warps: int, stages: int, ws: bool = False, group: int = 8
+) -> dict[str, int]:
+    return dict(
+        BLOCK_M=m,
+        BLOCK_N=n,
+        BLOCK_K=k,
+        GROUP_M=group,
+        WARP_SPECIALIZE=ws,
+        num_warps=warps,
+        num_stages=stages,
+    )
+
+
+HOPPER_CONFIGS: dict[tuple[str, bool], list[dict[str, int]]] = {
+    ("fp16", False): [_cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(64, 128, 64, 4, 4)],
+    ("fp16", True): [_cfg(128, 128, 64, 8, 4), _cfg(64, 128, 64, 4, 4)],
+    ("tf32", False): [_cfg(128, 256, 32, 8, 3), _cfg(128, 128, 32, 8, 4), _cfg(64, 128, 32, 4, 4)],
+    ("tf32", True): [_cfg(128, 128, 32, 8, 4), _cfg(64, 128, 32, 4, 4)],
+}
+# The one config used under the CPU interpreter (tests): small blocks so that odd shapes span
+# several tiles, and a 3-program "persistent grid" so that programs loop over tiles.
+INTERPRETER_CONFIG: dict[str, int] = dict(
+    BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=2, WARP_SPECIALIZE=False, num_warps=4,
+    num_stages=1,
+)  # fmt: skip
+INTERPRETER_NUM_SMS = 3
+# Input dtypes the TMA path takes (fp32 only with TF32 tl.dot).
+TMA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def smem_estimate(cfg: dict[str, int], elsize: int) -> int:
+    """Shared memory: the pipelined operand buffers plus one half-tile output buffer."""
+    operands = cfg["num_stages"] * (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * elsize
+    return operands + cfg["BLOCK_M"] * (cfg["BLOCK_N"] // 2) * elsize
+
+
+def hopper_configs_for(
+    arch: int, dtype: torch.dtype, input_precision: str, *, epilogue: bool
+) -> list[dict[str, int]]:
+    """The shipped configs for ``dtype`` inputs (fp16/bf16, or fp32 with ``"tf32"``), with or
+    without an activation ``epilogue``, that fit ``arch``'s shared memory (may be empty)."""
+    cls = dtype_class(dtype, input_precision)
+    if cls not in ("fp16", "tf32"):
+        return []
+    elsize = torch.empty((), dtype=dtype).element_size()
+    limit = smem_limit(arch)
+    return [c for c in HOPPER_CONFIGS[(cls, epilogue)] if smem_estimate(c, elsize) <= limit]
+
+
+# ---------------------------------------------------------------------------------------------
+# Eligibility
+# ---------------------------------------------------------------------------------------------
+def tma_layout(t: torch.Tensor) -> bool | None:
+    """How a TMA descriptor reads the 2-D tensor ``t``: ``False`` row-major (unit column
+    stride), ``True`` through its transpose (unit row stride), ``None`` neither (misaligned
+    base or row stride, no unit stride, or empty)."""
+    if t.dim() != 2 or t.numel() == 0 or t.data_ptr() % 16:
+        return None
+    es = t.element_size()
+    rows, cols = t.stride()
+    if cols == 1 and (rows * es) % 16 == 0:
+        return False
+    if rows == 1 and (cols * es) % 16 == 0:
+        return True
+    return None
+
+
+def tma_supported(
+    arch: int,
+    input_precision: str,
+    operands: tuple[torch.Tensor, ...],
+    outputs: tuple[torch.Tensor, ...],
+    *,
+    epilogue: bool = False,
+) -> bool:
+    """The device-independent half of :func:`tma_eligible`: compute capability ``arch`` 9.0+,
+    fp16/bf16 inputs or fp32 ones under TF32 ``input_precision``, every operand TMA-readable and
+    every output row-major (:func:`tma_layout`), and a shipped config of the class
+    (``epilogue``: with an activation) that fits ``arch``'s shared memory."""
+    dtype = operands[0].dtype
+    if arch < 90 or dtype not in TMA_DTYPES:
+        return False
+    if any(tma_layout(t) is None for t in operands):
+        return False
+    if any(tma_layout(t) is not False for t in outputs):
+        return False
+    return bool(hopper_configs_for(arch, dtype, input_precision, epilogue=epilogue))
+
+
+def tma_eligible(
+    operands: tuple[torch.Tensor, ...],
+    outputs: tuple[torch.Tensor, ...],
+    *,
+    epilogue: bool = False,
+) -> bool:
+    """Whether the Hopper path runs a GEMM on ``operands`` into ``outputs``: CUDA tensors, not
+    the interpreter, and :func:`tma_supported` for the device and the ``tl.dot`` precision
+    :func:`~triton_kernels._matmul.input_precision_for` picks."""
+    first = operands[0]
+    if interpreting() or first.device.type != "cuda":
+        return False
+    precision = input_precision_for(first.dtype)
+    return tma_supported(arch_of(first.device), precision, operands, outputs, epilogue=epilogue)
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Programs of the persistent grid: the device's SM count (a few under the interpreter)."""
+    if device.type != "cuda":
+        return INTERPRETER_NUM_SMS
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# ---------------------------------------------------------------------------------------------
+# Device code
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """(row-block, column-block) of output tile ``tile_id`` in grouped order."""
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = tile_id // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (tile_id % group_size_m)
+    pid_n = (tile_id % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _dot(a, b, acc, INPUT_PRECISION: tl.constexpr):
+    if INPUT_PRECISION == "upcast_ieee":
+        # CPU interpreter only: it has no bf16 dot, so multiply the fp32 upcasts.
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=tl.float32)
+
+
+@triton.jit
+def _store_half(
+    acc,
+    off_m,
+    off_n,
+    c_desc,
+    z_desc,
+    bias_ptr,
+    stride_bias,
+    negative_slope,
+    N,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    STORE_PREACT: tl.constexpr,
+    HALF_N: tl.constexpr,
+):
+    """Epilogue of one (BLOCK_M, BLOCK_N / 2) half: bias, pre-activation store, activation."""
+    if HAS_BIAS:
+        offs_n = off_n + tl.arange(0, HALF_N)
+        bias = tl.load(bias_ptr + offs_n * stride_bias, mask=offs_n < N, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    # Round z to the output dtype before the activation, as native Linear + activation does.
+    z = cast_out(acc, c_desc.dtype)
+    if STORE_PREACT:
+        z_desc.store([off_m, off_n], z)
+    if ACTIVATION == "none":
+        c_desc.store([off_m, off_n], z)
+    else:
+        y = apply_activation(z.to(tl.float32), slope_as(negative_slope, tl.float32), ACTIVATION)
+        c_desc.store([off_m, off_n], cast_out(y, c_desc.dtype))
+
+
+@triton.jit
+def matmul_tma_kernel(
+    a_desc,
+    b_desc,
+    c_desc,
+    z_desc,
+    bias_ptr,
+    negative_slope: tl.float64,
+    M,
+    N,
+    K,
+    stride_bias,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    STORE_PREACT: tl.constexpr,
+    A_T: tl.constexpr,
+    B_T: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    NUM_SMS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
+):
+    """``C = act(A @ B + bias)`` (and ``Z = A @ B + bias``) over a persistent grid.
+
+    ``a_desc`` reads A (M, K) in (BLOCK_M, BLOCK_K) boxes, or A^T (K, M) in (BLOCK_K, BLOCK_M)
+    boxes when ``A_T``; ``b_desc`` reads B (K, N) in (BLOCK_K, BLOCK_N) boxes, or B^T (N, K) in
+    (BLOCK_N, BLOCK_K) boxes when ``B_T``; ``c_desc`` / ``z_desc`` write (BLOCK_M, BLOCK_N / 2)
+    boxes. ``bias_ptr`` (N,) is read only when ``HAS_BIAS``, ``z_desc`` only used when
+    ``STORE_PREACT``.
+    """
+    start_pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    num_tiles = num_pid_m * num_pid_n
+    # The epilogue recomputes its tile from a counter of its own (as Triton's persistent
+    # matmul tutorial does), so the flattened loop's prologue and epilogue stay independent.
+    tile_id_c = start_pid - NUM_SMS
+    for tile_id in tl.range(
+        start_pid, num_tiles, NUM_SMS, flatten=True, warp_specialize=WARP_SPECIALIZE
+    ):
+        pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            off_k = ki * BLOCK_K
+            a = a_desc.load([off_k, off_m]).T if A_T else a_desc.load([off_m, off_k])
+            b = b_desc.load([off_n, off_k]).T if B_T else b_desc.load([off_k, off_n])
+            acc = _dot(a, b, acc, INPUT_PRECISION)
+        tile_id_c += NUM_SMS
+        pid_m, pid_n = _tile_coords(tile_id_c, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        # Epilogue subtiling: two (BLOCK_M, BLOCK_N / 2) halves, stored one after the other.
+        acc = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+        acc0, acc1 = tl.split(acc)
+        for_half = (c_desc, z_desc, bias_ptr, stride_bias, negative_slope, N, HAS_BIAS)
+        _store_half(acc0, off_m, off_n, *for_half, ACTIVATION, STORE_PREACT, BLOCK_N // 2)
+        _store_half(
+            acc1, off_m, off_n + BLOCK_N // 2, *for_half, ACTIVATION, STORE_PREACT, BLOCK_N // 2
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+def _block_shapes(meta: dict[str, Any]) -> dict[str, list[int]]:
+    """The TMA box of each descriptor for a config ``meta`` (BLOCK_*, A_T, B_T)."""
+    bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
+    return dict(
+        a_desc=[bk, bm] if meta["A_T"] else [bm, bk],
+        b_desc=[bn, bk] if meta["B_T"] else [bk, bn],
+        c_desc=[bm, bn // 2],
+        z_desc=[bm, bn // 2],
+    )
+
+
+def _set_block_shapes(nargs: dict[str, Any]) -> None:
+    """Autotuner pre-hook: give the host descriptors the boxes of the config being run."""
+    for name, shape in _block_shapes(nargs).items():
+        nargs[name].block_shape = shape
+
+
+def _triton_configs(cfgs: list[dict[str, int]]) -> list[triton.Config]:
+    out = []
+    for c in cfgs:
+        kw = {k: v for k, v in c.items() if k not in ("num_warps", "num_stages")}
+        out.append(
+            triton.Config(
+                kw,
+                num_warps=c["num_warps"],
+                num_stages=c["num_stages"],
+                pre_hook=_set_block_shapes,
+            )
+        )
+    return out
+
+
+@functools.cache
+def _tuned(
+    arch: int, dtype: torch.dtype, input_precision: str, epilogue: bool, bucket: tuple[int, ...]
+) -> Any:
+    # One autotuner per power-of-two size bucket (see _matmul.size_bucket); the layouts and
+    # the epilogue are in the key. Every output element is written once per launch.
+    cfgs = hopper_configs_for(arch, dtype, input_precision, epilogue=epilogue)
+    return triton.autotune(
+        configs=_triton_configs(cfgs),
+        key=["HAS_BIAS", "ACTIVATION", "STORE_PREACT", "A_T", "B_T", "INPUT_PRECISION"],
+    )(matmul_tma_kernel)
+
+
+def _descriptor(t: torch.Tensor, transposed: bool) -> TensorDescriptor:
+    """A descriptor on ``t`` (or on ``t.T`` when ``transposed``); the box is set at launch."""
+    base = t.t() if transposed else t
+    return TensorDescriptor(base, list(base.shape), list(base.stride()), [16, 16])
+
+
+def _launch(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    c: torch.Tensor,
+    z: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    activation: str | None,
+    negative_slope: float,
+) -> None:
+    """``c = act(a @ b + bias)`` (``z = a @ b + bias`` too, if given); every shape non-empty."""
+    M, K = a.shape
+    N = b.shape[1]
+    a_t, b_t = tma_layout(a), tma_layout(b)
+    rows_out = all(tma_layout(t) is False for t in (c, z) if t is not None)
+    if a_t is None or b_t is None or not rows_out:
+        raise ValueError("operands not TMA-readable or outputs not row-major: see tma_eligible")
+    precision = input_precision_for(a.dtype)
+    meta = dict(
+        HAS_BIAS=bias is not None,
+        ACTIVATION=constexpr_name(activation),
+        STORE_PREACT=z is not None,
+        A_T=a_t,
+        B_T=b_t,
+        INPUT_PRECISION=precision,
+        NUM_SMS=num_sms(a.device),
+    )
+    descs = dict(
+        a_desc=_descriptor(a, a_t),
+        b_desc=_descriptor(b, b_t),
+        c_desc=_descriptor(c, False),
+    )
+    descs["z_desc"] = _descriptor(z, False) if z is not None else descs["c_desc"]
+    args = (
+        descs["a_desc"],
+        descs["b_desc"],
+        descs["c_desc"],
+        descs["z_desc"],
+        bias if bias is not None else c,  # dummy pointer, never read when HAS_BIAS is False
+        float(negative_slope),
+        M,
+        N,
+        K,
+        bias.stride(0) if bias is not None else 0,
+    )
+
+    def grid(cfg: dict[str, Any]) -> tuple[int]:
+        tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+        return (min(cfg["NUM_SMS"], tiles),)
+
+    if interpreting() or a.device.type != "cuda":
+        cfg = INTERPRETER_CONFIG
+        _set_block_shapes({**descs, **meta, **cfg})
+        matmul_tma_kernel[grid](*args, **meta, **cfg)
+        return
+    epilogue = activation is not None
+    tuned = _tuned(arch_of(a.device), a.dtype, precision, epilogue, size_bucket(M, N, K))
+    tuned[grid](*args, **meta)
+
+
+def matmul_tma(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b`` on the Hopper path for 2-D ``a`` (M, K), ``b`` (K, N) of one dtype, each
+    TMA-readable (:func:`tma_layout`; check :func:`tma_eligible` first on a GPU). Returns
+    ``out`` or a new contiguous (M, N) tensor; K == 0 gives zeros, an empty output launches
+    nothing."""
+    M, K = a.shape
+    N = b.shape[1]
+    c = out if out is not None else torch.empty((M, N), dtype=a.dtype, device=a.device)
+    if M == 0 or N == 0:
+        return c
+    if K == 0:
+        return c.zero_()
+    _launch(a, b, c, None, None, None, 0.0)
+    return c
+
+
+def linear_forward_tma(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str | None,
+    negative_slope: float,
+    y: torch.Tensor,
+    z: torch.Tensor | None,
+) -> None:
+    """``y = act(x @ weight.T + bias)``, ``z = x @ weight.T + bias`` if ``z`` is given, into
+    the row-major (M, N) outputs ``y`` / ``z``, on the Hopper path. Shapes are non-empty (K
+    included); operands TMA-readable (see :func:`tma_eligible`)."""
+    _launch(x, weight.t(), y, z, bias, activation, negative_slope)

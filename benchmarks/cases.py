@@ -18,7 +18,14 @@ Providers:
 * ``manualbp_unfused`` (LinearMSELoss only): ``manualbp.Linear`` + ``manualbp.MSELoss``;
 * ``compile_max_autotune`` (fused MLP step only): ``torch.compile(mode="max-autotune")``;
 * ``manualbp_convert`` (fused MLP step only): ``manualbp.convert`` of the native model, whose
-  ``Sequential`` runs the Linear/ReLU chain as one fused MLP at call time.
+  ``Sequential`` runs the Linear/ReLU chain as one fused MLP at call time;
+* ``manualbp_triton`` / ``manualbp_cublas`` (Linear cases built with ``candidates=True``):
+  ``manualbp.Linear`` with one candidate of the Triton backend's per-shape Linear choice forced
+  (``manualbp.backends.linear_choice.force``) around every call, backward included: the fused
+  Triton kernels, or cuBLAS plus the Triton elementwise passes. ``manualbp`` itself runs the
+  choice (``auto``: the faster of the two, measured at the first call of each shape bucket).
+  They apply where manualbp runs its Triton backend (on the CPU's reference path there is
+  nothing to force: skipped, with the reason).
 
 The suites (which cases, in which order) are in :mod:`benchmarks.suites`; the host-overhead and
 reference-path cases of the CPU run in :mod:`benchmarks.host_cases`.
@@ -56,6 +63,9 @@ __all__ = [
     "MANUALBP_UNFUSED",
     "COMPILE_MAX_AUTOTUNE",
     "MANUALBP_CONVERT",
+    "MANUALBP_TRITON",
+    "MANUALBP_CUBLAS",
+    "LINEAR_CANDIDATES",
     "COMPILE_PROVIDERS",
     "TRITON_PROVIDERS",
     "fused_mlp_infer_case",
@@ -74,10 +84,15 @@ NATIVE_FUSED = "native_fused"
 MANUALBP_UNFUSED = "manualbp_unfused"
 COMPILE_MAX_AUTOTUNE = "compile_max_autotune"
 MANUALBP_CONVERT = "manualbp_convert"
+MANUALBP_TRITON = "manualbp_triton"
+MANUALBP_CUBLAS = "manualbp_cublas"
+# The providers that force one candidate of the Linear choice: provider -> candidate
+# (manualbp.backends.linear_choice.IMPLS).
+LINEAR_CANDIDATES = {MANUALBP_TRITON: "triton", MANUALBP_CUBLAS: "cublas"}
 # The providers that run torch.compile (skipped on CPU unless --cpu-compile).
 COMPILE_PROVIDERS = (COMPILE, COMPILE_MAX_AUTOTUNE)
 # The providers whose calls launch manualbp's Triton kernels.
-TRITON_PROVIDERS = (MANUALBP, MANUALBP_UNFUSED, MANUALBP_CONVERT)
+TRITON_PROVIDERS = (MANUALBP, MANUALBP_UNFUSED, MANUALBP_CONVERT, *LINEAR_CANDIDATES)
 
 Prepare = Callable[[Any], Any]
 Run = Callable[[Any], Any]
@@ -95,6 +110,9 @@ class Bound:
     label: str
     output: Callable[[Any], Tensor] | None = None  # forward result on a set, for the check
     unavailable: dict[str, str] = field(default_factory=dict)  # mode -> why it is not offered
+    # What the provider decided while it ran (e.g. the Linear candidates its per-shape choice
+    # kept), read after timing and stored in its record.
+    details: Callable[[], dict[str, Any]] | None = None
 
 
 @dataclass
@@ -255,12 +273,15 @@ def _gemms_native(weight: Tensor) -> tuple[Prepare, Run]:
 
 
 def _gemms_manualbp(weight: Tensor) -> tuple[Prepare, Run]:
-    """Mode ``gemms``, manualbp: the same three GEMMs on the kernels manualbp.Linear launches
-    (the forward kernel with no bias and no activation; the strided GEMM for dX and dW)."""
+    """Mode ``gemms``, manualbp: the same three GEMMs on the kernels the Triton candidate of
+    manualbp.Linear launches: the forward kernel with no bias and no activation (on sm_90 the
+    persistent TMA kernel where the operands allow it), the GEMM for dX and dW's deterministic
+    split-K GEMM (which runs the plain GEMM when the output has tiles enough)."""
     if weight.device.type != "cuda":
         raise UnavailableError("manualbp's GEMM kernels run on CUDA only")
     try:
         from manualbp.kernels._matmul import matmul
+        from manualbp.kernels._splitk import splitk_matmul
         from manualbp.kernels.linear_forward import linear_forward
     except Exception as e:
         raise UnavailableError(f"manualbp's GEMM kernels: {type(e).__name__}: {e}") from e
@@ -271,9 +292,67 @@ def _gemms_manualbp(weight: Tensor) -> tuple[Prepare, Run]:
         with torch.cuda.device(x.device):
             linear_forward(x, w, None, None, store_preact=False)
             matmul(g, w)
-            matmul(g.t(), x)
+            splitk_matmul(g.t(), x)
 
     return (lambda s: s, run)
+
+
+def _gemms_measured_by_manualbp() -> tuple[Prepare, Run]:
+    raise UnavailableError(
+        "the GEMMs alone run the Triton kernels directly, with no choice to force: measured as "
+        f"{MANUALBP!r}'s gemms mode"
+    )
+
+
+def _linear_choice() -> Any:
+    """``manualbp.backends.linear_choice`` (UnavailableError where it does not exist)."""
+    try:
+        from manualbp.backends import linear_choice
+    except Exception as e:
+        raise UnavailableError(f"manualbp's Linear choice: {type(e).__name__}: {e}") from e
+    return linear_choice
+
+
+def _forced(impl: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with the Linear candidate ``impl`` forced for the call (process-wide, so also on
+    autograd's device threads while ``fn`` runs a backward)."""
+    force = _linear_choice().force
+
+    def call(*args: Any) -> Any:
+        with force(impl):
+            return fn(*args)
+
+    return call
+
+
+def _force_bound(bound: Bound, impl: str) -> Bound:
+    """``bound`` with every call (each mode's prepare and run, the output check) under
+    ``force(impl)``: untimed prepares too, so that no call of it reaches the choice."""
+    bound.modes = {m: (_forced(impl, prep), _forced(impl, run)) for m, (prep, run) in
+                   bound.modes.items()}  # fmt: skip
+    if bound.output is not None:
+        bound.output = _forced(impl, bound.output)
+    return bound
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _choices_of(M: int, K: int, N: int, act: str | None, dtype: torch.dtype) -> dict[str, str]:
+    """The Linear choice's kept candidate for each bucket of this layer shape (forward with
+    this activation, dX, dW), from ``linear_choice.decisions()``: ``{bucket key: impl}``."""
+    tag = str(dtype).removeprefix("torch.")
+    shape = f"|M={_pow2(M)}|N={N}|K={K}"
+    out = {}
+    for (_, key), impl in _linear_choice().decisions().items():
+        parts = key.split("|")
+        if not key.endswith(shape) or not parts[1].startswith(tag):
+            continue
+        if parts[0] == "fwd" and parts[2] != (act or "none"):
+            continue
+        out[key] = impl
+    return dict(sorted(out.items()))
 
 
 def linear_case(
@@ -286,12 +365,15 @@ def linear_case(
     priority: int,
     *,
     gemms: bool = False,
+    candidates: bool = False,
     provider_priority: dict[str, int] | None = None,
 ) -> Case:
     """``act(x W^T + b)`` with ``x`` of shape ``(M, K)`` requiring grad (an MLP's hidden layer).
 
     ``gemms``: also mode ``gemms``, the layer's three GEMMs alone on manualbp's kernels against
     ``torch.matmul`` at the same shapes (GEMM efficiency without bias, activation or autograd).
+    ``candidates``: also the providers that force each candidate of the Linear choice
+    (:data:`LINEAR_CANDIDATES`), so that each is judged against native on its own.
     """
     dname = DTYPE_NAMES[dtype]
     aname = act or "none"
@@ -307,6 +389,10 @@ def linear_case(
                 out.modes["gemms"] = gemm_mode()
             except UnavailableError as e:
                 out.unavailable["gemms"] = str(e)
+        if provider in LINEAR_CANDIDATES:
+            return _force_bound(out, LINEAR_CANDIDATES[provider])
+        if provider == MANUALBP and device.type == "cuda":
+            out.details = lambda: {"linear_choice": _choices_of(M, K, N, act, dtype)}
         return out
 
     el = torch.empty((), dtype=dtype).element_size()
@@ -319,7 +405,7 @@ def linear_case(
         group="linear",
         params={"M": M, "K": K, "N": N, "activation": act, "dtype": dname, "bias": True},
         modes=["fwd+bwd", "fwd", "bwd"] + (["gemms"] if gemms else []),
-        providers=[NATIVE, COMPILE, MANUALBP],
+        providers=[NATIVE, COMPILE, MANUALBP] + (list(LINEAR_CANDIDATES) if candidates else []),
         metric="tflops",
         work=work,
         work_note="2*M*N*K FLOPs per GEMM; fwd = 1 GEMM, bwd = 2 (dX, dW), fwd+bwd = 3; "
@@ -351,14 +437,38 @@ def _bind_linear(
             return model, _compile(model), f"nn.Linear{act_label}, torch.compile", None
         weight = model[0].weight
         return model, model, f"nn.Linear{act_label}, eager", lambda: _gemms_native(weight)
+    if provider not in (MANUALBP, *LINEAR_CANDIDATES):
+        raise UnavailableError(f"provider {provider!r} does not apply to this case")
+    mbp = _manualbp()
+    ref = _linear_native_model(K, N, act, device, dtype)[0]
+    model = mbp.Linear(K, N, activation=act, device=device, dtype=dtype)
+    _copy_linear_(model.weight, model.bias, ref)
+    label = f"manualbp.Linear(activation={act!r})"
     if provider == MANUALBP:
-        mbp = _manualbp()
-        ref = _linear_native_model(K, N, act, device, dtype)[0]
-        model = mbp.Linear(K, N, activation=act, device=device, dtype=dtype)
-        _copy_linear_(model.weight, model.bias, ref)
-        label = f"manualbp.Linear(activation={act!r})"
+        if device.type == "cuda":
+            label += f", Linear GEMMs: {_linear_choice_mode()}"
         return model, model, label, lambda: _gemms_manualbp(model.weight)
-    raise UnavailableError(f"provider {provider!r} does not apply to this case")
+    impl = LINEAR_CANDIDATES[provider]
+    from manualbp.dispatch import resolve
+
+    backend = resolve(model.weight)
+    if backend != "triton":
+        raise UnavailableError(
+            f"not applicable: forcing the {impl!r} Linear candidate applies to the Triton "
+            f"backend; manualbp runs its {backend} path here (measured as {MANUALBP!r})"
+        )
+    _linear_choice()  # raises UnavailableError if the choice does not exist
+    label += f", linear_choice.force({impl!r})"
+    return model, model, label, _gemms_measured_by_manualbp
+
+
+def _linear_choice_mode() -> str:
+    """How the ``manualbp`` provider's Linear GEMMs are picked (``MANUALBP_LINEAR_IMPL``)."""
+    try:
+        mode = _linear_choice().mode()
+    except (UnavailableError, ValueError) as e:
+        return f"unknown ({e})"
+    return "per-shape choice (auto)" if mode == "auto" else f"forced {mode!r} (environment)"
 
 
 # ---------------------------------------------------------------------------------------------

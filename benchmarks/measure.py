@@ -2,8 +2,10 @@
 
 Providers are measured one after another (only that provider's model exists at a time): bind,
 check its forward result against ``native`` on input set 0, measure peak memory with that one
-input set, then make the other input sets and time every mode rotating among them. On CUDA the
-Triton GEMM configs a manualbp provider will autotune over are first compiled in parallel
+input set, then make the other input sets and time every mode rotating among them; last, what
+the provider decided while it ran (:attr:`Bound.details`: the ``manualbp`` Linear's per-shape
+choice, made in its first, untimed calls) goes into its record. On CUDA the Triton GEMM configs
+a manualbp provider will autotune over are first compiled in parallel
 (:mod:`benchmarks.precompile`). Interleaved cases (:attr:`Case.interleaved`) bind all their
 providers first and time them side by side instead.
 
@@ -322,6 +324,8 @@ def _run_provider(case: Case, provider: str, ctx: Context, rec: dict[str, Any]) 
         prec["setup_s"] = time.perf_counter() - t_setup
         sets += [case.make_set(i) for i in range(1, _n_sets(case, ctx))]
         _time_modes(case, provider, bound, sets, ctx, rec)
+        if bound.details is not None:
+            prec.update(bound.details())
     except UnavailableError as e:
         prec.update(status="skipped", reason=str(e))
     except Exception as e:

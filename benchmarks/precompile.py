@@ -15,7 +15,10 @@ The warm-ups use the real call's arguments, so they compile exactly the speciali
 16-byte alignment, integers equal to 1 or divisible by 16) the real launches need. Kernels that
 are not autotuned (the elementwise ones) compile, as usual, when the throw-away pass launches
 them; autotuned kernels launch nothing during that pass (their outputs stay uninitialised, which
-nothing downstream minds: the pass's results are discarded, and its model too).
+nothing downstream minds: the pass's results are discarded, and its model too). The pass runs
+with the Triton candidate of manualbp's per-shape Linear choice forced, so that it decides
+nothing (a choice timed against GEMMs that launch nothing would be kept for the whole run);
+the real first call then measures the choice.
 
 Robustness (triton 3.6 and 3.9, the versions this project meets): both have
 ``triton.AsyncCompileMode``, ``Autotuner.warmup`` and ``JITFunction.warmup``. In triton 3.6 a
@@ -123,12 +126,26 @@ def precompile_provider(case: Case, provider: str, device: torch.device) -> dict
 
 def _throw_away_pass(case: Case, provider: str, device: torch.device) -> None:
     """Each mode of a fresh instance of ``provider`` once on a fresh input set (an optimizer
-    step changes its set), both dropped afterwards."""
+    step changes its set), both dropped afterwards; under :func:`_no_linear_choice`."""
     one_set = case.make_set(0)
     bound = case.bind(provider)
     try:
-        for prepare, run in bound.modes.values():
-            run(prepare(one_set))
+        with _no_linear_choice():
+            for prepare, run in bound.modes.values():
+                run(prepare(one_set))
         torch.cuda.synchronize(device)
     finally:
         del bound, one_set
+
+
+def _no_linear_choice() -> contextlib.AbstractContextManager[Any]:
+    """The Triton candidate of manualbp's Linear choice forced (``linear_choice.force``), so
+    that the throw-away pass compiles its GEMM configs and decides nothing: with the autotuner
+    patched, the Triton GEMMs launch nothing, and a choice timed now would keep a meaningless
+    winner for the rest of the run. A provider that forces a candidate itself
+    (``manualbp_cublas``) still does so inside this block."""
+    try:
+        from manualbp.backends.linear_choice import force
+    except Exception:
+        return contextlib.nullcontext()
+    return force("triton")

@@ -51,6 +51,8 @@ def _ran_row(rec: dict[str, Any], mode: str, provider: str, res: dict[str, Any])
     peak = prec.get("peak_mem_bytes")
     check = prec.get("check")
     flag = "" if check is None or check["ok"] else "CHECK-MISMATCH"
+    if prec.get("linear_choice") and mode == rec["modes"][0]:
+        flag = " ".join(filter(None, (flag, _choice_note(prec["linear_choice"]))))
     return [
         rec["name"],
         mode,
@@ -63,6 +65,15 @@ def _ran_row(rec: dict[str, Any], mode: str, provider: str, res: dict[str, Any])
         vs or "-",
         flag,
     ]
+
+
+def _choice_note(choices: dict[str, str]) -> str:
+    """``kept fwd=cublas dx=triton dw=triton``: the Linear choice's candidates per op."""
+    per_op: dict[str, set[str]] = {}
+    for key, impl in choices.items():
+        per_op.setdefault(key.split("|", 1)[0], set()).add(impl)
+    order = sorted(per_op, key=lambda op: ("fwd", "dx", "dw", op).index(op))
+    return "kept " + " ".join(f"{op}={'/'.join(sorted(per_op[op]))}" for op in order)
 
 
 def _rows(rec: dict[str, Any]) -> list[list[str]]:

@@ -347,6 +347,11 @@ def _notes(device: torch.device, args: argparse.Namespace) -> list[str]:
         "pct_of_bound: the case's best achievable time, max(FLOPs / matmul ceiling, least bytes "
         "/ copy bandwidth) (benchmarks/bounds.py), over the measured time.",
         "manualbp runs the default manualbp backend ('auto': Triton on CUDA, reference on CPU).",
+        "On the Triton backend each Linear GEMM (forward, dX, dW) is the faster of two "
+        "candidates, timed at the first call of its shape bucket and kept (manualbp."
+        "backends.linear_choice; the manualbp provider's record lists what it kept): "
+        "manualbp_triton and manualbp_cublas force one candidate each (the fused Triton "
+        "kernels; cuBLAS plus Triton elementwise passes) so that each is compared with native.",
         "Host-overhead / reference-path cases (CPU) time native and manualbp side by side "
         "(interleaved repetitions, one thread); their ratio is time(manualbp) / time(native).",
     ]

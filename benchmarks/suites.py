@@ -10,14 +10,18 @@ measured what matters most:
    ReLU network at 2^18 rows in bf16 against eager and torch.compile, and its inference
    against eager;
 1. Linear+GELU bf16 at the shapes of the "Linear on the GPU" issue (M=8192, K=4096, N=16384 and
-   M=65536, K=N=1024), each with its % of bound and its GEMMs alone against torch.matmul;
+   M=65536, K=N=1024), each with its % of bound and its GEMMs alone against torch.matmul, and
+   plain Linear bf16 at the same shapes;
 2. torch.compile on the priority-0 cases that measured it not (its warm-up, ~10 s a shape, is
-   what the priority-0 time cap cannot afford; see :mod:`benchmarks.plan`), and the fused
-   MLP's headline step through ``manualbp.convert``;
+   what the priority-0 time cap cannot afford; see :mod:`benchmarks.plan`), the fused
+   MLP's headline step through ``manualbp.convert``, and each Linear candidate forced on its
+   own (``manualbp_triton``, ``manualbp_cublas``) on the bf16 Linear cases of priorities 0
+   and 1 (``manualbp`` itself, the per-shape choice, is measured with the case);
 3. the remaining shapes and sizes the targets are stated on, and SGD; the fused MLP's headline
    in fp16, and torch.compile(mode="max-autotune") at the headline (~90 s a shape);
 4. the rest of the bf16 / fp16 matrix (the fused MLP: widths 64 and 128, batches 2^16..2^21,
-   max-autotune at 2^18 for width 128); 5. fp32; 6. the largest fp32 GEMMs, dropped first.
+   max-autotune at 2^18 for width 128), with the forced Linear candidates of priority 3's bf16
+   Linear cases; 5. fp32; 6. the largest fp32 GEMMs, dropped first.
 
 On CPU (the reference path) the suites are small, and the host-overhead and reference-path cases
 of :mod:`benchmarks.host_cases` come first.
@@ -32,6 +36,7 @@ import torch
 from benchmarks.cases import (
     COMPILE,
     COMPILE_MAX_AUTOTUNE,
+    LINEAR_CANDIDATES,
     MANUALBP,
     MANUALBP_CONVERT,
     NATIVE,
@@ -82,6 +87,24 @@ P_FIRST, P_BOUND, P_DEFERRED, P_REST, P_MATRIX, P_FP32, P_FP32_LARGEST = range(7
 DEFER_COMPILE = {COMPILE: P_DEFERRED}
 
 
+def candidates_later(priority: int, **more: int) -> dict[str, int]:
+    """Provider priorities of a bf16 Linear case at ``priority`` with the forced Linear
+    candidates (``manualbp_triton``, ``manualbp_cublas``): a later pass than the case's own
+    providers (P_DEFERRED for priorities 0 and 1, P_MATRIX for P_DEFERRED and P_REST), plus
+    ``more``."""
+    later = P_DEFERRED if priority < P_DEFERRED else max(priority, P_MATRIX)
+    return {**{p: later for p in LINEAR_CANDIDATES}, **more}
+
+
+def _linear_bf16(
+    M: int, K: int, N: int, act: str | None, device: torch.device, priority: int, **kw
+) -> Case:
+    """A bf16 Linear case with the forced Linear candidates, in a later pass."""
+    more = kw.pop("provider_priority", {})
+    return linear_case(M, K, N, act, torch.bfloat16, device, priority, candidates=True,
+                       provider_priority=candidates_later(priority, **more), **kw)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Pass:
     """One step of a run: measure ``providers`` of ``case``. A case whose providers have
@@ -126,14 +149,18 @@ def _cuda_first(device: torch.device) -> list[Case]:
     """Priority 0, most valuable first: what gpu_run.sh must always measure."""
     bf16, fp32, M = torch.bfloat16, torch.float32, GPU_TOKENS
     return [
-        linear_case(M, 4096, 4096, "gelu", bf16, device, P_FIRST),
-        linear_case(M, 4096, 4096, None, bf16, device, P_FIRST, provider_priority=DEFER_COMPILE),
+        _linear_bf16(M, 4096, 4096, "gelu", device, P_FIRST),
+        _linear_bf16(M, 4096, 4096, None, device, P_FIRST, provider_priority=DEFER_COMPILE),
         mlp_step_case(M, GPU_MLP, bf16, device, P_FIRST, provider_priority=DEFER_COMPILE),
         mse_case(24, fp32, device, P_FIRST, provider_priority=DEFER_COMPILE),
         mse_case(26, fp32, device, P_FIRST, provider_priority=DEFER_COMPILE),
         linear_mse_case(M, 4096, 8192, bf16, device, P_FIRST, provider_priority=DEFER_COMPILE),
         *_narrow_headline(bf16, device, P_FIRST),
-    ]
+        # Issue 13's decisive shapes (GEMM-bound N=16384; fusion-bound K=N=1024), against
+        # eager here; their torch.compile pass comes right after priority 0.
+        *[_linear_bf16(m, k, n, "gelu", device, P_FIRST, gemms=True,
+                       provider_priority={COMPILE: P_BOUND}) for m, k, n in GPU_BOUND_SHAPES],
+    ]  # fmt: skip
 
 
 def _narrow_headline(dtype: torch.dtype, device: torch.device, priority: int) -> list[Case]:
@@ -142,6 +169,8 @@ def _narrow_headline(dtype: torch.dtype, device: torch.device, priority: int) ->
     P_REST; inference against eager at ``priority``, against torch.compile deferred."""
     width, log2m = NARROW_HEADLINE
     later = {MANUALBP_CONVERT: max(priority, P_DEFERRED), COMPILE_MAX_AUTOTUNE: P_REST}
+    if priority == P_FIRST:  # the step's torch.compile warm-up (~20 s) right after priority 0
+        later[COMPILE] = P_BOUND
     step = fused_mlp_step_case(1 << log2m, width, dtype, device, priority, provider_priority={
         p: prio for p, prio in later.items() if prio > priority})  # fmt: skip
     infer_later = {COMPILE: P_DEFERRED} if priority < P_DEFERRED else {}
@@ -169,10 +198,11 @@ def _cuda_full(device: torch.device) -> list[Case]:
     bf16, fp16, fp32, M = torch.bfloat16, torch.float16, torch.float32, GPU_TOKENS
     cases = _cuda_first(device)
     have = {c.name for c in cases}
-    for m, k, n in GPU_BOUND_SHAPES:
-        cases.append(linear_case(m, k, n, "gelu", bf16, device, P_BOUND, gemms=True))
+    for m, k, n in GPU_BOUND_SHAPES:  # plain Linear there: its target is native, not compile
+        cases.append(_linear_bf16(m, k, n, None, device, P_BOUND,
+                                  provider_priority=DEFER_COMPILE))  # fmt: skip
     # The rest of what the targets are stated on.
-    rest = [linear_case(M, K, N, act, bf16, device, P_REST)
+    rest = [_linear_bf16(M, K, N, act, device, P_REST)
             for act in ("gelu", None) for K, N in GPU_LINEAR_SHAPES]  # fmt: skip
     rest += [mse_case(log2n, fp32, device, P_REST) for log2n in GPU_MSE_LOG2]
     rest += [sgd_case(GPU_MLP, momentum, fp32, device, P_REST) for momentum in (0.0, 0.9)]

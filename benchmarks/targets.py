@@ -68,15 +68,52 @@ def _speedup(
             yield f"{c['name']} {mode}", value
 
 
-def _linear_gelu(other: str) -> Callable[[dict[str, Any]], Iterator[tuple[str, float]]]:
+# The shapes the "Linear on the GPU" issue states its Linear+GELU goals on: GEMM-bound (the MLP
+# up-projection: fusion can gain at most ~1.03x there) and fusion-bound (a narrow layer).
+GEMM_BOUND_SHAPE = {"M": 8192, "K": 4096, "N": 16384}
+FUSION_BOUND_SHAPE = {"M": 65536, "K": 1024, "N": 1024}
+
+
+def _at(shape: dict[str, int]) -> Callable[[dict[str, Any]], bool]:
+    return lambda p: all(p.get(k) == v for k, v in shape.items())
+
+
+def _linear_gelu(
+    other: str, shape: dict[str, int] | None = None
+) -> Callable[[dict[str, Any]], Iterator[tuple[str, float]]]:
+    """``manualbp_vs_<other>`` of the Linear+GELU cases, fwd+bwd (at ``shape`` only, if given)."""
+    at = _at(shape or {})
     return lambda doc: _speedup(
-        doc, "linear", "fwd+bwd", other, lambda p: p["activation"] == "gelu"
+        doc, "linear", "fwd+bwd", other, lambda p: p["activation"] == "gelu" and at(p)
     )
 
 
+def _linear_gelu_vs(
+    others: tuple[str, ...], shape: dict[str, int]
+) -> Callable[[dict[str, Any]], Iterator[tuple[str, float]]]:
+    """``manualbp_vs_<other>`` of the Linear+GELU cases at ``shape``, fwd+bwd, each of
+    ``others`` named."""
+
+    def collect(doc: dict[str, Any]) -> Iterator[tuple[str, float]]:
+        for other in others:
+            for where, value in _linear_gelu(other, shape)(doc):
+                yield f"{where} vs {other}", value
+
+    return collect
+
+
 def _plain_linear(doc: dict[str, Any]) -> Iterator[tuple[str, float]]:
-    for mode in ("fwd+bwd", "fwd", "bwd"):
-        yield from _speedup(doc, "linear", mode, "native", lambda p: p["activation"] is None)
+    yield from _speedup(doc, "linear", "fwd+bwd", "native", lambda p: p["activation"] is None)
+
+
+def _linear_pct_of_bound(doc: dict[str, Any]) -> Iterator[tuple[str, float]]:
+    """manualbp's % of the bound (benchmarks/bounds.py) of every Linear case, fwd+bwd."""
+    for c in doc["cases"]:
+        if c["group"] != "linear":
+            continue
+        r = _ran(c, "fwd+bwd", "manualbp")
+        if r is not None and r.get("pct_of_bound") is not None:
+            yield f"{c['name']} fwd+bwd", r["pct_of_bound"]
 
 
 def _gemm_pct(doc: dict[str, Any]) -> Iterator[tuple[str, float]]:
@@ -151,11 +188,16 @@ def _linear_mse_memory(doc: dict[str, Any]) -> Iterator[tuple[str, float]]:
             yield c["name"], mine / theirs
 
 
+# The Linear goals are the "Linear on the GPU" issue's (never slower than native; fusion pays
+# where the elementwise traffic is a real share: at K=4096 the best possible gain of fusing
+# GELU is ~1.03x, so the earlier 1.15x-at-every-shape goal is stated at the narrow shape only).
+# They judge the ``manualbp`` provider (the per-shape choice); the forced candidates
+# (manualbp_triton, manualbp_cublas) are in the table next to it, each with its own ratios.
 TARGETS: list[Target] = [
     Target(
         "linear_gelu_vs_native",
-        "Linear+GELU fwd+bwd >= 1.15x native eager (every shape and dtype measured)",
-        1.15,
+        "Linear+GELU fwd+bwd >= 1.0x native eager: never slower (every shape and dtype measured)",
+        1.0,
         "x",
         _linear_gelu("native"),
     ),
@@ -167,19 +209,43 @@ TARGETS: list[Target] = [
         _linear_gelu("compile"),
     ),
     Target(
-        "linear_plain_vs_cublas",
-        "plain Linear within 5% of cuBLAS: >= 0.95x native (fwd, bwd, fwd+bwd)",
-        0.95,
+        "linear_gelu_gemm_bound",
+        "Linear+GELU fwd+bwd >= 1.0x native eager and >= 1.0x torch.compile at M=8192, "
+        "K=4096, N=16384 (GEMM-bound)",
+        1.0,
+        "x",
+        _linear_gelu_vs(("native", "compile"), GEMM_BOUND_SHAPE),
+    ),
+    Target(
+        "linear_gelu_fusion_bound",
+        "Linear+GELU fwd+bwd >= 1.15x native eager at M=65536, K=N=1024 (fusion-bound)",
+        1.15,
+        "x",
+        _linear_gelu("native", FUSION_BOUND_SHAPE),
+    ),
+    Target(
+        "linear_plain_vs_native",
+        "plain Linear fwd+bwd >= 1.0x native (cuBLAS): never slower (every shape and dtype "
+        "measured)",
+        1.0,
         "x",
         _plain_linear,
     ),
     Target(
         "gemm_pct_of_matmul",
-        "manualbp Linear's GEMMs alone >= 90% of torch.matmul at the same shapes "
+        "manualbp's Triton GEMMs alone >= 95% of torch.matmul at the same shapes "
         "(100 * time(torch.matmul) / time(manualbp), mode gemms)",
-        90.0,
+        95.0,
         "%",
         _gemm_pct,
+    ),
+    Target(
+        "linear_pct_of_bound",
+        "every Linear case fwd+bwd >= 85% of its bound (best time from its FLOPs and least "
+        "bytes at the measured ceilings, benchmarks/bounds.py)",
+        85.0,
+        "%",
+        _linear_pct_of_bound,
     ),
     Target(
         "mse_bandwidth",

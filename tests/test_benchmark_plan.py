@@ -26,8 +26,11 @@ from benchmarks.bounds import (
 from benchmarks.cases import (
     COMPILE,
     COMPILE_MAX_AUTOTUNE,
+    LINEAR_CANDIDATES,
     MANUALBP,
     MANUALBP_CONVERT,
+    MANUALBP_CUBLAS,
+    MANUALBP_TRITON,
     NATIVE,
 )
 from benchmarks.suites import (
@@ -85,36 +88,170 @@ def test_priority0_order_most_valuable_first():
     assert ("linear", None) in groups  # plain Linear
     # torch.compile of the other priority-0 cases runs in a later pass, not dropped.
     deferred = {
-        p.case.name for p in _passes() if p.priority == P_DEFERRED and COMPILE in p.providers
+        p.case.name
+        for p in _passes()
+        if p.priority in (P_BOUND, P_DEFERRED) and not p.first and COMPILE in p.providers
     }
-    assert deferred == {p.case.name for p in first if COMPILE not in p.providers}
+    early = [p for p in _passes() if p.priority in (0, P_BOUND) and p.first]
+    assert deferred == {p.case.name for p in early if COMPILE not in p.providers}
+    assert {p.case.name for p in first if COMPILE not in p.providers} <= deferred
 
 
-def test_section5_cases_after_priority0():
+def test_issue13_shapes_in_the_window():
+    """Linear+GELU at the decisive shapes runs in priority 0 against eager (its torch.compile
+    pass right after priority 0); plain Linear there right after too."""
     passes = _passes()
-    bound = [p for p in passes if p.priority == P_BOUND]
-    shapes = {(p.case.params["M"], p.case.params["K"], p.case.params["N"]) for p in bound}
-    assert shapes == set(GPU_BOUND_SHAPES)
-    for p in bound:
-        assert p.case.params["activation"] == "gelu" and p.case.dtype == torch.bfloat16
-        assert "gemms" in p.case.modes and p.case.min_bytes["gemms"] > 0
-        assert set(p.providers) >= {"native", COMPILE, MANUALBP}
-    first_bound = min(passes.index(p) for p in bound)
+    by_shape = [p for p in passes if p.case.group == "linear"
+                and (p.case.params["M"], p.case.params["K"], p.case.params["N"])
+                in set(GPU_BOUND_SHAPES) and p.priority <= P_BOUND]  # fmt: skip
+    acts = {(p.case.params["activation"], (p.case.params["M"], p.case.params["K"],
+             p.case.params["N"])) for p in by_shape}  # fmt: skip
+    assert acts == {(a, shape) for a in ("gelu", None) for shape in GPU_BOUND_SHAPES}
+    for p in by_shape:
+        assert p.case.dtype == torch.bfloat16
+        if p.case.params["activation"] == "gelu":  # judged against eager and torch.compile
+            assert "gemms" in p.case.modes and p.case.min_bytes["gemms"] > 0
+            assert set(p.case.providers) >= {"native", COMPILE, MANUALBP}
+            if p.first:
+                assert p.priority == 0 and {"native", MANUALBP} <= set(p.providers)
+            else:
+                assert p.priority == P_BOUND and COMPILE in p.providers
+        else:
+            assert p.priority == P_BOUND and MANUALBP in p.providers
+    first_bound = min(passes.index(p) for p in passes if p.priority == P_BOUND)
     assert all(i < first_bound for i, p in enumerate(passes) if p.priority == 0)
 
 
-def test_plan_counts_compiles_from_config_lists():
-    from manualbp.kernels._matmul import configs_for
+def test_linear_candidates_forced_later():
+    """Every bf16 plain / GELU Linear case also measures each Linear candidate forced on its
+    own, in a later pass than its own providers (so priority 0 keeps its cap)."""
+    passes = _passes()
+    cases = {p.case.name: p.case for p in passes}
+    bf16 = [c for c in cases.values() if c.group == "linear" and c.dtype == torch.bfloat16
+            and c.params["activation"] in (None, "gelu")]  # fmt: skip
+    assert {(c.params["M"], c.params["K"], c.params["N"]) for c in bf16} >= set(GPU_BOUND_SHAPES)
+    for c in bf16:
+        assert set(LINEAR_CANDIDATES) <= set(c.providers), c.name
+        assert min(c.priority_of(p) for p in LINEAR_CANDIDATES) > c.priority_of(MANUALBP)
+    for p in passes:
+        if p.priority == 0:
+            assert not set(LINEAR_CANDIDATES) & set(p.providers), p.case.name
+    deferred = {p.case.name for p in passes if p.priority == P_DEFERRED
+                and set(LINEAR_CANDIDATES) <= set(p.providers)}  # fmt: skip
+    first = {p.case.name for p in passes if p.priority in (0, P_BOUND) and p.case.group == "linear"}
+    assert deferred == first
 
-    est = plan.estimate(_passes())
-    first = est[0]  # Linear+GELU bf16: forward (epilogue configs), dX and dW GEMMs, 2 fixed
-    n_epi = len(configs_for(90, torch.bfloat16, "ieee", epilogue=True))
-    n_mm = len(configs_for(90, torch.bfloat16, "ieee"))
-    assert first.triton_compiles == n_epi + 2 * n_mm + 2
+
+def _est(name: str, providers: tuple[str, ...] | None = None) -> plan.PassEstimate:
+    return next(e for e in plan.estimate(_passes())
+                if e.name == name and (providers is None or e.providers == providers))  # fmt: skip
+
+
+def _case(name: str):
+    return next(p.case for p in _passes() if p.case.name == name)
+
+
+def test_plan_counts_hopper_configs_for_bf16():
+    """On sm_90 the bf16 Linear GEMMs are the persistent TMA kernel's: the forward with its
+    activation over the epilogue list, dX and dW over the uncapped list (each from
+    _matmul_hopper); the first pass compiles those, the elementwise act' and bias passes and
+    the cuBLAS candidate's epilogue pass, and times 3 choices (forward, dX, dW)."""
+    from manualbp.kernels._matmul_hopper import hopper_configs_for
+
+    bf16 = torch.bfloat16
+    n_epi = len(hopper_configs_for(90, bf16, "ieee", epilogue=True))
+    n_plain = len(hopper_configs_for(90, bf16, "ieee", epilogue=False))
+    assert n_epi and n_plain
+    first = plan.estimate(_passes())[0]  # Linear+GELU bf16 M8192 K4096 N4096
+    assert first.name == "linear/gelu/bf16/M8192_K4096_N4096"
+    assert first.triton_compiles == n_epi + 2 * n_plain + 3
+    assert first.triton_s == pytest.approx(
+        (n_epi + 2 * n_plain) * plan.TRITON_COMPILE_S + 3 * plan.ELEMENTWISE_COMPILE_S
+    )
+    assert first.autotune_configs == n_epi + 2 * n_plain
+    assert first.choices == 3 and 0 < first.choice_s < 1
     assert first.torch_compiles == 1
+    launches = plan.triton_launches(_case(first.name), MANUALBP)
+    tma = [(lz.n_configs, lz.variant[-2:]) for lz in launches if lz.kernel == plan.K_TMA]
+    # forward: x row-major, W read through its transpose; dX: both row-major; dW: dZ^T.
+    assert tma == [(n_epi, (False, True)), (n_plain, (False, False)), (n_plain, (True, False))]
+    assert not {plan.K_FWD, plan.K_MATMUL} & {lz.kernel for lz in launches}
+    # IEEE fp32 stays on the pointer kernels.
+    fp32 = plan.triton_launches(_case("linear/gelu/fp32/M8192_K4096_N4096"), MANUALBP)
+    assert plan.K_TMA not in {lz.kernel for lz in fp32}
+    assert {plan.K_FWD, plan.K_MATMUL} <= {lz.kernel for lz in fp32}
     # The same shape class later compiles nothing new: only its autotuning runs again.
-    gelu_1024 = next(e for e in est if e.name == "linear/gelu/bf16/M8192_K1024_N4096")
+    gelu_1024 = _est("linear/gelu/bf16/M8192_K1024_N4096", (NATIVE, COMPILE, MANUALBP))
     assert gelu_1024.triton_compiles == 0 and gelu_1024.autotune_configs > 0
+
+
+def test_plan_counts_split_k_exactly_when_plan_splits():
+    """dW's split-K (partial kernel + fixed-order reduction) is counted for a Linear case
+    exactly when _splitk.plan_splits cuts its reduction over the 132 SMs of an H200."""
+    from manualbp.kernels._splitk import CHUNK_ALIGN, MIN_CHUNK, plan_splits, splitk_config_for
+
+    seen = set()
+    for case in {p.case.name: p.case for p in _passes()}.values():
+        if case.group != "linear":
+            continue
+        M, K, N = case.params["M"], case.params["K"], case.params["N"]
+        precision = "tf32" if plan._precision(case.dtype) == "tf32" else "ieee"
+        cfg = splitk_config_for(90, case.dtype, precision)
+        tiles = -(-N // cfg["BLOCK_M"]) * -(-K // cfg["BLOCK_N"])
+        splits = plan_splits(tiles, M, 132, min_chunk=MIN_CHUNK["cuda"],
+                             align=CHUNK_ALIGN["cuda"]).splits  # fmt: skip
+        assert plan.dw_splits(M, K, N, case.dtype) == splits
+        kernels = [lz.kernel for lz in plan.triton_launches(case, MANUALBP)]
+        n = kernels.count(plan.K_SPLITK)
+        assert n == (0 if splits == 1 else 1 + ("gemms" in case.modes)), case.name
+        assert kernels.count(plan.K_SPLITK_REDUCE) == n
+        seen.add(splits > 1)
+    assert seen == {True, False}
+    # The narrow layer: 8 x 8 output tiles for 132 SMs.
+    assert plan.dw_splits(65536, 1024, 1024, torch.bfloat16) > 1
+    assert plan.dw_splits(8192, 4096, 4096, torch.bfloat16) == 1
+
+
+def test_plan_counts_candidates_per_provider():
+    """manualbp (auto) compiles both candidates and times each bucket once; a forced
+    candidate compiles only its own kernels and times nothing."""
+    case = _case("linear/gelu/bf16/M8192_K4096_N16384")
+    auto = plan.provider_work(case, MANUALBP)
+    triton = plan.provider_work(case, MANUALBP_TRITON)
+    cublas = plan.provider_work(case, MANUALBP_CUBLAS)
+    assert [c.key.split("|")[0] for c in auto.choices] == ["fwd", "dx", "dw"]
+    assert all(c.seconds > 0 for c in auto.choices)
+    assert not triton.choices and not cublas.choices
+    gemm_kernels = {plan.K_TMA, plan.K_FWD, plan.K_MATMUL, plan.K_SPLITK}
+    assert not gemm_kernels & {lz.kernel for lz in cublas.launches}
+    assert plan.K_EPILOGUE in {lz.kernel for lz in cublas.launches}  # bias is in addmm
+    assert plan.K_EPILOGUE not in {lz.kernel for lz in triton.launches}
+    assert {lz.kernel for lz in auto.launches} >= {lz.kernel for lz in triton.launches} | {
+        lz.kernel for lz in cublas.launches
+    }
+    # Plain bf16 Linear: addmm's output is y, no elementwise pass.
+    plain = plan.provider_work(_case("linear/none/bf16/M8192_K4096_N4096"), MANUALBP_CUBLAS)
+    assert plan.K_EPILOGUE not in {lz.kernel for lz in plain.launches}
+    # The forced passes compile and time nothing new.
+    for e in plan.estimate(_passes()):
+        if set(e.providers) <= set(LINEAR_CANDIDATES):
+            assert (e.triton_compiles, e.autotune_configs, e.choices) == (0, 0, 0), e.name
+
+
+def test_plan_counts_chain_kernel_in_mlp_step():
+    """The MLP step through convert: manualbp.Sequential runs the 4 layers as 2 Linear -> GELU
+    -> Linear pairs, each backward with one chain GEMM (act' and db in its epilogue)."""
+    from manualbp.kernels.linear_backward import chain_configs
+
+    case = _case("mlp_step/bf16/M8192_1024-4096-4096-4096-1024")
+    assert plan.chain_pairs(4) == [(0, 1), (2, 3)] and plan.chain_pairs(3) == [(0, 1), (2,)]
+    chains = [lz for lz in plan.triton_launches(case, MANUALBP) if lz.kernel == plan.K_CHAIN]
+    assert len(chains) == 2
+    assert all(lz.n_configs == len(chain_configs(90, torch.bfloat16, "ieee")) for lz in chains)
+    assert chains[0].variant == chains[1].variant  # compiled once, tuned per size bucket
+    assert chains[0].tune_key != chains[1].tune_key
+    step = _est(case.name, (NATIVE, MANUALBP))
+    assert step.triton_compiles >= len(chain_configs(90, torch.bfloat16, "ieee"))
 
 
 def test_plan_kernels_exist():
@@ -136,7 +273,7 @@ def test_plan_cli():
         env={**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "TRITON_COMPILE_S=2.5" in proc.stdout
+    assert "TRITON_COMPILE_S=2.5" in proc.stdout and "choose_s" in proc.stdout
     m = re.search(r"priority-0 total ([\d.]+) s; cap (\d+) s", proc.stdout)
     assert m and float(m.group(1)) <= float(m.group(2)), proc.stdout[-1500:]
     assert "linear/gelu/bf16/M8192_K4096_N16384" in proc.stdout
@@ -254,15 +391,17 @@ def test_skipped_deferred_pass_says_why():
 
 
 def test_fused_mlp_headline_in_priority0():
-    """The goals' shape (width 64, 4 hidden layers, 2^18 rows, bf16): the training step with
-    eager and torch.compile and the inference with eager at priority 0; convert, max-autotune
-    and inference's torch.compile later, not dropped."""
+    """The goals' shape (width 64, 4 hidden layers, 2^18 rows, bf16): the training step and
+    the inference with eager at priority 0, the step's torch.compile first thing after it;
+    convert, max-autotune and inference's torch.compile later, not dropped."""
     passes = _passes()
     step = [p for p in passes if p.case.name == "fused_mlp_step/bf16/w64x4_M2^18"]
     infer = [p for p in passes if p.case.name == "fused_mlp_infer/bf16/w64x4_M2^18"]
-    assert step[0].priority == 0 and set(step[0].providers) == {NATIVE, MANUALBP, COMPILE}
+    assert step[0].priority == 0 and set(step[0].providers) == {NATIVE, MANUALBP}
     later = {prov: p.priority for p in step[1:] for prov in p.providers}
-    assert set(later) == {MANUALBP_CONVERT, COMPILE_MAX_AUTOTUNE} and min(later.values()) > 0
+    assert set(later) == {COMPILE, MANUALBP_CONVERT, COMPILE_MAX_AUTOTUNE}
+    assert later[COMPILE] == P_BOUND and min(later.values()) > 0
+    assert passes.index(step[1]) == min(i for i, p in enumerate(passes) if p.priority > 0)
     assert infer[0].priority == 0 and set(infer[0].providers) == {NATIVE, MANUALBP}
     assert [(p.priority, p.providers) for p in infer[1:]] == [(P_DEFERRED, (COMPILE,))]
     params = step[0].case.params
@@ -286,11 +425,12 @@ def test_plan_counts_fused_mlp_compiles():
     """Training compiles the forward, backward chain, weight-gradient and reduction kernels
     once per (dtype, width), inference one forward more; max-autotune is estimated as such."""
     est = {(e.name, e.providers): e for e in plan.estimate(_passes())}
-    step = est[("fused_mlp_step/bf16/w64x4_M2^18", (NATIVE, MANUALBP, COMPILE))]
+    step = est[("fused_mlp_step/bf16/w64x4_M2^18", (NATIVE, MANUALBP))]
     assert step.triton_compiles == 4  # bf16 MSE and SGD were compiled by the MLP step before
-    assert step.torch_compiles == 2  # model + loss, and optimizer.step
     seconds = 3 * plan.FUSED_MLP_COMPILE_S[64] + plan.FUSED_MLP_REDUCE_COMPILE_S
     assert step.triton_s == pytest.approx(seconds)
+    compiled = est[("fused_mlp_step/bf16/w64x4_M2^18", (COMPILE,))]
+    assert compiled.torch_compiles == 2  # model + loss, and optimizer.step
     infer = est[("fused_mlp_infer/bf16/w64x4_M2^18", (NATIVE, MANUALBP))]
     assert infer.triton_compiles == 1 and infer.torch_compiles == 0
     tuned = est[("fused_mlp_step/bf16/w64x4_M2^18", (COMPILE_MAX_AUTOTUNE,))]

@@ -127,11 +127,13 @@ def test_quick_run_host_overhead_cases(quick_run):
     assert zstd8["params"]["K"] == 1024 and zstd8["params"]["N"] == 1024
 
 
-def _case(group, params, mode, times, pct=None, mem=None):
-    pct, mem = pct or {}, mem or {}
+def _case(group, params, mode, times, pct=None, mem=None, bound=None):
+    pct, mem, bound = pct or {}, mem or {}, bound or {}
     results = {
-        p: {"status": "ran", "median_ms": t, "pct_of_ceiling": pct.get(p)} for p, t in times.items()
-    }
+        p: {"status": "ran", "median_ms": t, "pct_of_ceiling": pct.get(p),
+            "pct_of_bound": bound.get(p)}
+        for p, t in times.items()
+    }  # fmt: skip
     speedups = {f"{a}_vs_{b}": times[b] / times[a] for a in times for b in times if a != b}
     providers = {p: {"status": "ran", "peak_mem_bytes": mem.get(p)} for p in times}
     return {
@@ -165,7 +167,7 @@ def test_targets_verdicts_on_synthetic_results():
         ],
     }  # fmt: skip
     verdicts = {t["key"]: t["verdict"] for t in evaluate_targets(doc)}
-    assert verdicts["linear_gelu_vs_native"] == "pass"  # 1.2x >= 1.15x
+    assert verdicts["linear_gelu_vs_native"] == "pass"  # 1.2x >= 1.0x
     assert verdicts["linear_gelu_vs_compile"] == "pass"  # 1.0x >= 1.0x
     assert verdicts["mse_vs_native"] == "pass"
     assert verdicts["mse_bandwidth"] == "pass"
@@ -181,14 +183,14 @@ def test_gemm_target_and_reference_goals_on_synthetic_results():
     the reference-path goals on time(manualbp) / time(native), lower is better, on any run."""
     from benchmarks.targets import REFERENCE_GOALS, evaluate_targets
 
-    gemm = _case("linear", {"activation": "gelu"}, "gemms", {"native": 0.95, "manualbp": 1.0})
+    gemm = _case("linear", {"activation": "gelu"}, "gemms", {"native": 0.96, "manualbp": 1.0})
     fast = _case("reference", {"goal": "ref_mse_4m"}, "fwd+bwd", {"native": 1.0, "manualbp": 1.04})
     slow = _case("host_overhead", {"goal": "host_mse_tiny"}, "fwd+bwd",
                  {"native": 1.0, "manualbp": 1.5})  # fmt: skip
     doc = {"label": "CUDA: manualbp runs its Triton kernels", "cases": [gemm, fast, slow]}
     by_key = {t["key"]: t for t in evaluate_targets(doc)}
-    assert by_key["gemm_pct_of_matmul"]["verdict"] == "pass"  # 95% >= 90%
-    assert math.isclose(by_key["gemm_pct_of_matmul"]["worst"]["value"], 95.0)
+    assert by_key["gemm_pct_of_matmul"]["verdict"] == "pass"  # 96% >= 95%
+    assert math.isclose(by_key["gemm_pct_of_matmul"]["worst"]["value"], 96.0)
     assert by_key["ref_mse_4m"]["verdict"] == "pass"  # 1.04x <= 1.05x
     assert by_key["host_mse_tiny"]["verdict"] == "fall short"  # 1.5x > 1.3x
     assert by_key["host_linear_tiny"]["verdict"] == "not measured"
@@ -288,3 +290,136 @@ def test_fused_mlp_targets_on_synthetic_results():
     assert vs_compile["verdict"] == "fall short" and vs_compile["n_measured"] == 2
     assert "compile_max_autotune" in vs_compile["worst"]["where"]  # 1.8x < 2x
     assert by_key["fused_mlp_infer_vs_native"]["verdict"] == "fall short"  # 3x < 4x
+
+
+def test_linear_targets_on_synthetic_results():
+    """The "Linear on the GPU" goals: Linear+GELU never slower than eager, and at the two
+    stated shapes >= 1.0x eager and compile (GEMM-bound) and >= 1.15x eager (fusion-bound);
+    plain Linear fwd+bwd >= 1.0x native; every Linear case >= 85% of its bound. Only the
+    ``manualbp`` provider (the per-shape choice) is judged, not the forced candidates."""
+    from benchmarks.targets import evaluate_targets
+
+    def linear(act, M, K, N, times, bound=None):
+        c = _case("linear", {"activation": act, "M": M, "K": K, "N": N}, "fwd+bwd", times,
+                  bound=bound)  # fmt: skip
+        c["name"] = f"linear/{act}/M{M}_K{K}_N{N}"
+        return c
+
+    gemm_bound = linear("gelu", 8192, 4096, 16384,
+                        {"native": 1.01, "compile": 0.99, "manualbp": 1.0,
+                         "manualbp_cublas": 0.9},  # a forced candidate slower: not judged
+                        bound={"manualbp": 90.0})  # fmt: skip
+    fusion_bound = linear("gelu", 65536, 1024, 1024, {"native": 1.1, "manualbp": 1.0},
+                          bound={"manualbp": 80.0})  # fmt: skip
+    plain = linear(None, 8192, 4096, 4096, {"native": 1.0, "manualbp": 1.0})
+    doc = {"label": "CUDA: manualbp runs its Triton kernels",
+           "cases": [gemm_bound, fusion_bound, plain]}  # fmt: skip
+    by_key = {t["key"]: t for t in evaluate_targets(doc)}
+    assert by_key["linear_gelu_vs_native"]["verdict"] == "pass"  # 1.01x and 1.1x >= 1.0x
+    gemm = by_key["linear_gelu_gemm_bound"]
+    assert gemm["verdict"] == "fall short" and gemm["n_measured"] == 2  # vs native and compile
+    assert gemm["worst"]["where"].endswith("vs compile")  # 0.99x < 1.0x
+    fusion = by_key["linear_gelu_fusion_bound"]
+    assert fusion["verdict"] == "fall short" and fusion["n_measured"] == 1  # 1.1x < 1.15x
+    assert by_key["linear_plain_vs_native"]["verdict"] == "pass"  # 1.0x >= 1.0x
+    pct = by_key["linear_pct_of_bound"]
+    assert pct["verdict"] == "fall short" and pct["n_measured"] == 2  # 80% < 85%
+    assert "65536" in pct["worst"]["where"]
+
+
+def _linear_candidate_case(torch, device):
+    from benchmarks.cases import linear_case
+
+    # Odd, tiny: the Triton kernels run under the CPU interpreter here.
+    return linear_case(24, 40, 16, "gelu", torch.float32, device, 0, candidates=True)
+
+
+def test_linear_candidates_skip_on_reference_path(monkeypatch):
+    """On the CPU's reference path there is no candidate to force: the forced providers are
+    skipped with the reason, the rest of the case runs."""
+    import torch
+
+    from benchmarks import measure
+    from benchmarks.cases import LINEAR_CANDIDATES, MANUALBP, NATIVE
+    from benchmarks.measure import Context, new_record, run_pass
+    from benchmarks.suites import schedule
+
+    monkeypatch.setattr(measure, "_cleanup", lambda device: None)
+    cpu = torch.device("cpu")
+    case = _linear_candidate_case(torch, cpu)
+    (p,) = schedule([case])
+    ctx = Context(device=cpu, label="cpu", ceilings={}, warmup_ms=1.0, rep_ms=2.0, min_reps=1,
+                  max_reps=2, wanted={NATIVE, MANUALBP, *LINEAR_CANDIDATES})  # fmt: skip
+    rec = new_record(case, ctx.label)
+    run_pass(p, ctx, rec)
+    assert rec["status"] == "ran"
+    assert rec["providers"][MANUALBP]["check"]["ok"]
+    for provider in LINEAR_CANDIDATES:
+        prec = rec["providers"][provider]
+        assert prec["status"] == "skipped" and "reference" in prec["reason"], prec
+        assert rec["results"]["fwd+bwd"][provider]["status"] == "skipped"
+
+
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="runs the kernels under the interpreter"
+)
+def test_linear_candidates_force_their_candidate(monkeypatch):
+    """On the Triton backend each forced provider runs its own candidate for every forward,
+    dX and dW (prepare, timed run and output check alike) and matches native; outside its
+    calls nothing stays forced."""
+    import torch
+
+    import manualbp
+    from benchmarks.cases import LINEAR_CANDIDATES, NATIVE
+    from manualbp.backends import linear_choice as lc
+
+    monkeypatch.delenv(lc.IMPL_ENV, raising=False)
+    ran: list[str] = []
+    for op, table in (("fwd", lc.FORWARDS), ("dx", lc.GEMMS["dx"]), ("dw", lc.GEMMS["dw"])):
+        for impl, fn in list(table.items()):
+
+            def spy(*args, _fn=fn, _tag=f"{op}:{impl}"):
+                ran.append(_tag)
+                return _fn(*args)
+
+            monkeypatch.setitem(table, impl, spy)
+    cpu = torch.device("cpu")
+    case = _linear_candidate_case(torch, cpu)
+    one = case.make_set(0)
+    ref = case.bind(NATIVE).output(one)
+    lc.clear()
+    with manualbp.use_backend("triton"):
+        for provider, impl in LINEAR_CANDIDATES.items():
+            ran.clear()
+            bound = case.bind(provider)
+            assert f"force({impl!r})" in bound.label
+            out = bound.output(one)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+            prepare, run = bound.modes["fwd+bwd"]
+            run(prepare(one))
+            prepare, run = bound.modes["bwd"]
+            run(prepare(one))
+            assert one["x"].grad is not None
+            assert set(ran) == {f"{op}:{impl}" for op in ("fwd", "dx", "dw")}, ran
+            assert lc.mode() == "auto"  # restored after each call
+    assert lc.decisions() == {}  # nothing was chosen
+    # manualbp itself chooses (here with a timer that prefers cuBLAS); its record lists what
+    # it kept for the case's forward, dX and dW buckets.
+    from benchmarks.cases import MANUALBP, _choices_of
+    from benchmarks.report import _choice_note
+
+    def timer(run, impl):
+        run()
+        return 1.0 if impl == "cublas" else 2.0
+
+    with manualbp.use_backend("triton"), lc.use_timer(timer):
+        prepare, run = case.bind(MANUALBP).modes["fwd+bwd"]
+        run(prepare(one))
+    kept = _choices_of(24, 40, 16, "gelu", torch.float32)
+    assert sorted(k.split("|")[0] for k in kept) == ["dw", "dx", "fwd"]
+    assert set(kept.values()) == {"cublas"}
+    assert _choices_of(24, 40, 16, None, torch.float32).keys() == kept.keys() - {
+        k for k in kept if k.startswith("fwd")
+    }  # dX and dW buckets do not depend on the activation
+    assert _choice_note(kept) == "kept fwd=cublas dx=cublas dw=cublas"
+    lc.clear()

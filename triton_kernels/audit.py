@@ -28,9 +28,11 @@ vector-width report: the widest ``ld.global`` / ``st.global`` in each one's PTX 
 has no 128-bit load.
 
 The fused-MLP kernels of ``triton_kernels.fused_mlp`` (``mlp_fwd``, ``mlp_bwd``, ``mlp_wgrad``,
-``mlp_reduce``) are compiled for 4 layers at every WIDTH their config tables ship, erf-GELU
-hidden layers (the heaviest epilogue), fp16, bf16, TF32 and IEEE fp32; wgmma is required of
-the fp16/bf16/TF32 row-tile kernels and of the weight-gradient blocks of 64 rows.
+``mlp_reduce``, ``mlp_loss_reduce``) are compiled for 4 layers at every WIDTH their config
+tables ship, erf-GELU hidden layers (the heaviest epilogue), fp16, bf16, TF32 and IEEE fp32;
+``mlp_fwd`` / ``mlp_bwd`` also with the MSE loss folded in (rows labelled ``mse:<mode>``, the
+mode training uses for the dtype); wgmma is required of the fp16/bf16/TF32 row-tile kernels and
+of the weight-gradient blocks of 64 rows.
 
 The Hopper GEMM path (``triton_kernels._matmul_hopper``: persistent grid, TMA descriptors) is
 compiled for sm_90 only, every shipped config (fp16, bf16, TF32), ``matmul_tma`` with dX's
@@ -604,11 +606,9 @@ def _mlp_types(t: str, acc: str) -> dict[str, dict[str, Any]]:
     slopes = {"hidden_slope": "fp64", "out_slope": "fp64"}
     return {
         "mlp_fwd": dict(x_ptr=p, y_ptr=p, zo_ptr=p, ws=layers, bs=layers, ss=hidden, t_ptr=p,
-                        lp_ptr=f"*{acc}", **slopes, M="i32", stride_xm="i32", stride_tm="i32",
-                        numel="i32"),
+                        lp_ptr=f"*{acc}", **slopes, M="i32", stride_xm="i32", numel="i32"),
         "mlp_bwd": dict(g_ptr=p, so_ptr=p, dx_ptr=p, ws=layers, ss=hidden, dzs=layers, gs_ptr=p,
-                        t_ptr=p, **slopes, M="i32", stride_gm="i32", stride_tm="i32",
-                        numel="i32"),
+                        t_ptr=p, **slopes, M="i32", stride_gm="i32", numel="i32"),
         "mlp_wgrad": dict(x_ptr=p, ss=hidden, dzs=layers, dws=layers, dbs=layers,
                           part_ptr=f"*{acc}", hidden_slope="fp64", M="i32", stride_xm="i32",
                           chunk="i32", S="i32"),
@@ -636,16 +636,16 @@ def _mlp_jobs(
         # write dZ for an upstream gradient of 1, fp16 / bf16 write y.
         loss_fwd, loss_bwd = ("dz", "scaled") if t == "fp32" else ("y", "mse")
         const = {
-            "mlp_fwd": dict(stride_xk=1, stride_tn=1, HAS_BIAS=bias, HIDDEN_PREACT=True,
+            "mlp_fwd": dict(stride_xk=1, HAS_BIAS=bias, HIDDEN_PREACT=True,
                             STORE=True, STORE_OUT_PREACT=False, LOSS="none", LOSS_MEAN=False,
                             OUT_PREACT=False, BLOCK_M=cfg["BLOCK_M"], NC=nc, **chain),
-            "mlp_fwd+mse": dict(stride_xk=1, stride_tn=1, HAS_BIAS=bias, HIDDEN_PREACT=True,
+            "mlp_fwd+mse": dict(stride_xk=1, HAS_BIAS=bias, HIDDEN_PREACT=True,
                                 STORE=True, STORE_OUT_PREACT=False, LOSS=loss_fwd,
                                 LOSS_MEAN=True, OUT_PREACT=False, BLOCK_M=cfg["BLOCK_M"],
                                 NC=nc, **chain),
-            "mlp_bwd": dict(stride_gn=1, stride_tn=1, NEED_DX=True, G_MODE="grad",
+            "mlp_bwd": dict(stride_gn=1, NEED_DX=True, G_MODE="grad",
                             LOSS_MEAN=False, BLOCK_M=cfg["BLOCK_M"], NC=nc, **chain),
-            "mlp_bwd+mse": dict(stride_gn=1, stride_tn=1, NEED_DX=True, G_MODE=loss_bwd,
+            "mlp_bwd+mse": dict(stride_gn=1, NEED_DX=True, G_MODE=loss_bwd,
                                 LOSS_MEAN=True, BLOCK_M=cfg["BLOCK_M"], NC=nc, **chain),
             "mlp_wgrad": dict(stride_xk=1, HAS_BIAS=bias, HIDDEN_ACT="gelu", HIDDEN_PREACT=True,
                               DIRECT=False, INPUT_PRECISION=precision, BLOCK_R=cfg["BLOCK_R"],

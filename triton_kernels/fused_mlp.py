@@ -27,6 +27,12 @@ Launches (``M`` rows, ``L`` layers):
    writes ``dW_l`` / ``db_l`` into the layers' own gradient tensors. With a single chunk
    (``S == 1``, small ``M``) step 3 writes them directly and this launch is skipped.
 
+With the MSE loss folded in (:func:`mlp_mse_forward`), step 1's last-layer epilogue also
+reads the target and writes each row tile's ``sum (y - t)^2`` to a partials buffer (and, for
+a backward, ``dZ_{L-1}`` of an upstream gradient of 1 in fp32/fp64, or y in fp16/bf16, instead
+of the output), and :func:`mlp_loss_reduce_kernel` sums the partials in a fixed order: forward
+2 launches. Step 2 then starts from those (``G_MODE``), scaled by the loss's upstream gradient.
+
 No atomics anywhere: the gradients are bitwise reproducible. ``S`` depends on ``M`` and ``L``
 only (:func:`wgrad_splits`). Rounding follows native ``nn.Linear`` + activation modules: z, y,
 dZ and each ``dY`` are rounded to the input dtype where native rounds them.
@@ -38,12 +44,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._activations import activation_grad, apply_activation, constexpr_name
+from ._activations import activation_grad, apply_activation, constexpr_name, slope_as
 from ._matmul import cast_out, input_precision_for
 from ._runtime import interpreting
 
 __all__ = [
     "CONFIGS",
+    "LOSS_MODES",
     "MAX_LAYERS",
     "MAX_WIDTH",
     "launch_config",
@@ -51,6 +58,8 @@ __all__ = [
     "mlp_backward_kernel",
     "mlp_forward",
     "mlp_forward_kernel",
+    "mlp_loss_reduce_kernel",
+    "mlp_mse_forward",
     "mlp_wgrad_kernel",
     "mlp_wgrad_reduce_kernel",
     "padded_width",
@@ -78,14 +87,20 @@ def _cfg(
 # Configs as data, by (architecture family, dtype class, WIDTH); the audit compiles each one
 # under Triton 3.6 and 3.9 and every entry is spill-free there. Dtype classes as in
 # _matmul.dtype_class: "fp16" (fp16/bf16) and "tf32" run on tensor cores (wgmma on sm_90: 64
-# rows a warpgroup), "fp32" (IEEE) on the FMA units, whose operand fragments sit in registers:
-# spill-free up to WIDTH 32 only (wider IEEE fp32 MLPs run layer by layer, see supports()).
-# Up to 32 columns, 128 rows with 4 warps; from 64, 8 warps (64 accumulator elements a thread
-# spill with an erf-GELU epilogue) and, at 128, narrower chunks where 64 columns spill (sm_80,
-# and TF32 under Triton 3.6; sm_80 TF32 needs 16).
+# rows a warpgroup), "fp32" (IEEE) on the FMA units, whose operand fragments sit in registers
+# (a thread holds a whole K slice of each dot operand): spill-free up to WIDTH 64, with 32-row
+# tiles and 8 warps at 64. WIDTH 128 found none: with 16-column chunks the forward fits (16
+# rows, 8 warps: 174 registers) but the backward chain spills 164 bytes on sm_90 (Triton
+# 3.9), 16 rows x 32 columns 192+, 16 warps caps a thread at 128 registers and spills KBs
+# (the K-outer loop order and barriers between chunks did not help); so wider IEEE fp32 MLPs
+# run layer by layer (see supports()). Tensor cores: up to 32 columns, 128 rows with 4 warps;
+# from 64, 8 warps (64 accumulator elements a thread spill with an erf-GELU epilogue) and, at
+# 128, narrower chunks where 64 columns spill (sm_80, and TF32 under Triton 3.6; sm_80 TF32
+# needs 16).
 _NARROW = {w: _cfg(128, 4, 64, 64, 64, 4) for w in (16, 32)}
 _WIDE64 = _cfg(128, 8, 64, 64, 64, 4)
-_FMA = {16: _cfg(64, 4, 16, 32, 16, 4), 32: _cfg(32, 4, 32, 32, 32, 4)}
+_FMA = {16: _cfg(64, 4, 16, 32, 16, 4), 32: _cfg(32, 4, 32, 32, 32, 4),
+        64: _cfg(32, 8, 64, 32, 32, 4)}  # fmt: skip
 CONFIGS: dict[tuple[int, str], dict[int, dict[str, int]]] = {
     (90, "fp16"): {**_NARROW, 64: _WIDE64, 128: _cfg(128, 8, 64, 64, 64, 4)},
     (90, "tf32"): {**_NARROW, 64: _WIDE64, 128: _cfg(128, 8, 32, 64, 64, 4)},
@@ -115,7 +130,7 @@ def supports(dims: tuple[int, ...], dtype: torch.dtype, device: torch.device) ->
     """Whether the fused kernels take layers of these dims (``k_0, n_0, ..., n_{L-1}``) in
     ``dtype`` on ``device``: widths <= :data:`MAX_WIDTH`, at most :data:`MAX_LAYERS` layers and,
     on a GPU, a shipped config (:data:`CONFIGS`: fp16/bf16, TF32 fp32, IEEE fp32 up to width
-    32; fp64 and wider IEEE fp32 run layer by layer). The interpreter takes every float dtype."""
+    64; fp64 and wider IEEE fp32 run layer by layer). The interpreter takes every float dtype."""
     if not (2 <= len(dims) <= MAX_LAYERS + 1 and min(dims) >= 1 and max(dims) <= MAX_WIDTH):
         return False
     if device.type != "cuda" or interpreting():
@@ -244,6 +259,24 @@ def _store_chunks(ptr, h, row0, rows_left, offs_r, N, NC: tl.constexpr, CH: tl.c
 # 1. Forward
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _preact_chunk(
+    h, w_ptr, b_ptr, j: tl.constexpr, K: tl.constexpr, N: tl.constexpr, HAS_B: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, NC: tl.constexpr,
+    CH: tl.constexpr,
+):  # fmt: skip
+    """Output chunk ``j`` of ``z = h W^T + b``, rounded to the input dtype before the
+    activation, as native Linear + activation modules round it."""
+    offs_n = j * NC + tl.arange(0, NC)
+    acc = tl.zeros((h[0].shape[0], NC), ACC_DTYPE)
+    for c in tl.static_range(CH):
+        if c * NC < K:
+            acc = _dot(h[c], _wblock(w_ptr, K, N, j * NC, c * NC, NC, True), acc, INPUT_PRECISION)
+    if HAS_B:
+        acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(ACC_DTYPE)[None, :]
+    return cast_out(acc, h[0].dtype)
+
+
+@triton.jit
 def _forward_layer(
     h, w_ptr, b_ptr, s_ptr, y_ptr, zo_ptr, row0, rows_left, offs_r, slope,
     K: tl.constexpr, N: tl.constexpr, HAS_B: tl.constexpr, LAST: tl.constexpr,
@@ -258,15 +291,7 @@ def _forward_layer(
         zero = tl.zeros((offs_r.shape[0], NC), h[0].dtype)
         if j * NC < N:
             offs_n = j * NC + tl.arange(0, NC)
-            acc = tl.zeros((offs_r.shape[0], NC), ACC_DTYPE)
-            for c in tl.static_range(CH):
-                if c * NC < K:
-                    acc = _dot(h[c], _wblock(w_ptr, K, N, j * NC, c * NC, NC, True), acc,
-                               INPUT_PRECISION)  # fmt: skip
-            if HAS_B:
-                acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(ACC_DTYPE)[None, :]
-            # z rounded to the input dtype before the activation, as native Linear + act does.
-            z = cast_out(acc, h[0].dtype)
+            z = _preact_chunk(h, w_ptr, b_ptr, j, K, N, HAS_B, ACC_DTYPE, INPUT_PRECISION, NC, CH)
             hj = cast_out(apply_activation(z.to(ACC_DTYPE), slope, ACT), h[0].dtype)
             if LAST:
                 _store_tile(y_ptr, hj, row0, rows_left, offs_r, offs_n, N)
@@ -281,21 +306,76 @@ def _forward_layer(
 
 
 @triton.jit
+def _loss_layer(
+    h, w_ptr, b_ptr, y_ptr, zo_ptr, t_ptr, row0, rows_left, offs_r, slope, norm,
+    K: tl.constexpr, N: tl.constexpr, HAS_B: tl.constexpr,
+    ACT: tl.constexpr, LOSS: tl.constexpr, OUT_PREACT: tl.constexpr, STORE_ZO: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, NC: tl.constexpr,
+    CH: tl.constexpr,
+):  # fmt: skip
+    """The last layer with the MSE loss folded into its epilogue: ``y = act(h W^T + b)``,
+    ``D = y - t``; returns this row tile's ``sum D^2`` and stores, by ``LOSS``, nothing
+    (``"value"``), ``y`` (and its z when ``STORE_ZO``; ``"y"``), or
+    ``dZ = act'(norm * D)``, the last layer's gradient for an upstream gradient of 1
+    (``"dz"``), in ``y_ptr``. The target is contiguous (int32 tile offsets, as for the
+    layers' own buffers: a strided target's int64 addressing spills on sm_80 TF32 at 128)."""
+    rowsq = tl.zeros((offs_r.shape[0],), ACC_DTYPE)
+    for j in tl.static_range(CH):
+        if j * NC < N:
+            offs_n = j * NC + tl.arange(0, NC)
+            z = _preact_chunk(h, w_ptr, b_ptr, j, K, N, HAS_B, ACC_DTYPE, INPUT_PRECISION, NC, CH)
+            hj = cast_out(apply_activation(z.to(ACC_DTYPE), slope, ACT), h[0].dtype)
+            t = _load_tile(t_ptr, row0, rows_left, offs_r, offs_n, N).to(ACC_DTYPE)
+            # D from the prediction rounded to the input dtype, as the unfused loss reads it.
+            # Padding columns hold act(0) (rows past M are dropped below, once).
+            d = hj.to(ACC_DTYPE) - t
+            if ACT != "none":
+                d = tl.where((offs_n < N)[None, :], d, 0.0)
+            rowsq += tl.sum(d * d, axis=1)
+            if LOSS == "dz":
+                dz = d * norm
+                if ACT != "none":
+                    dz = activation_grad(dz, (z if OUT_PREACT else hj).to(ACC_DTYPE), slope, ACT)
+                _store_tile(y_ptr, dz, row0, rows_left, offs_r, offs_n, N)
+            elif LOSS == "y":
+                _store_tile(y_ptr, hj, row0, rows_left, offs_r, offs_n, N)
+                if STORE_ZO:
+                    _store_tile(zo_ptr, z, row0, rows_left, offs_r, offs_n, N)
+    return tl.sum(tl.where(offs_r < rows_left, rowsq, 0.0), axis=0)
+
+
+@triton.jit
+def _loss_norm(numel, MEAN: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """``norm`` in ``dL/dD = norm * D``: ``2 / numel`` for the mean, 2 for the sum (computed
+    here, in the accumulator dtype: a float argument would reach the kernel as fp32)."""
+    if MEAN:
+        return 2.0 / tl.cast(numel, ACC_DTYPE)
+    return tl.cast(2.0, ACC_DTYPE)
+
+
+@triton.jit
 def mlp_forward_kernel(
-    x_ptr, y_ptr, zo_ptr, ws, bs, ss, hidden_slope, out_slope, M, stride_xm, stride_xk,
-    DIMS: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_LAYERS: tl.constexpr,
-    HIDDEN_ACT: tl.constexpr, OUT_ACT: tl.constexpr, HIDDEN_PREACT: tl.constexpr,
-    STORE: tl.constexpr, STORE_OUT_PREACT: tl.constexpr, ACC_FP64: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, WIDTH: tl.constexpr, NC: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    x_ptr, y_ptr, zo_ptr, ws, bs, ss, t_ptr, lp_ptr, hidden_slope: tl.float64,
+    out_slope: tl.float64, M, stride_xm, stride_xk, numel, DIMS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    NUM_LAYERS: tl.constexpr, HIDDEN_ACT: tl.constexpr, OUT_ACT: tl.constexpr,
+    HIDDEN_PREACT: tl.constexpr, STORE: tl.constexpr, STORE_OUT_PREACT: tl.constexpr,
+    LOSS: tl.constexpr, LOSS_MEAN: tl.constexpr, OUT_PREACT: tl.constexpr,
+    ACC_FP64: tl.constexpr, INPUT_PRECISION: tl.constexpr, WIDTH: tl.constexpr,
+    NC: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """One tile of rows through every layer. ``ws`` / ``bs``: per-layer weight and bias
     pointers (``HAS_BIAS[l]`` False: a dummy); ``ss``: per hidden layer, the (M, n_l) tensor
     the activation's derivative reads (z when ``HIDDEN_PREACT``, else y), written when
-    ``STORE``; ``zo_ptr``: the last layer's z, written when ``STORE_OUT_PREACT``."""
+    ``STORE``; ``zo_ptr``: the last layer's z, written when ``STORE_OUT_PREACT``.
+
+    ``LOSS`` (``"none"``: no loss) folds ``mse(y, t)`` into the last layer (see
+    :func:`_loss_layer`; ``t_ptr`` a contiguous (M, n_{L-1}) target, ``numel`` its elements,
+    ``OUT_PREACT``: the output activation's derivative reads z): each program writes its
+    rows' ``sum (y - t)^2`` to ``lp_ptr[program]``, for :func:`mlp_loss_reduce_kernel`."""
     acc_dtype: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
-    h_slope = tl.cast(hidden_slope, acc_dtype)
-    o_slope = tl.cast(out_slope, acc_dtype)
+    h_slope = slope_as(hidden_slope, acc_dtype)
+    o_slope = slope_as(out_slope, acc_dtype)
     row0 = tl.program_id(0).to(tl.int64) * BLOCK_M
     offs_r = tl.arange(0, BLOCK_M)
     h = _load_chunks(x_ptr, row0 + offs_r, M, stride_xm, stride_xk, DIMS[0], NC, WIDTH // NC)
@@ -306,14 +386,52 @@ def mlp_forward_kernel(
                            HIDDEN_PREACT, False, acc_dtype, INPUT_PRECISION, NC,
                            WIDTH // NC)  # fmt: skip
     last: tl.constexpr = NUM_LAYERS - 1
-    _forward_layer(h, ws[last], bs[last], y_ptr, y_ptr, zo_ptr, row0, M - row0, offs_r, o_slope,
-                   DIMS[last], DIMS[NUM_LAYERS], HAS_BIAS[last], True, OUT_ACT, False, False,
-                   STORE_OUT_PREACT, acc_dtype, INPUT_PRECISION, NC, WIDTH // NC)  # fmt: skip
+    if LOSS == "none":
+        _forward_layer(h, ws[last], bs[last], y_ptr, y_ptr, zo_ptr, row0, M - row0, offs_r,
+                       o_slope, DIMS[last], DIMS[NUM_LAYERS], HAS_BIAS[last], True, OUT_ACT,
+                       False, False, STORE_OUT_PREACT, acc_dtype, INPUT_PRECISION, NC,
+                       WIDTH // NC)  # fmt: skip
+    else:
+        norm = _loss_norm(numel, LOSS_MEAN, acc_dtype)
+        part = _loss_layer(h, ws[last], bs[last], y_ptr, zo_ptr, t_ptr, row0, M - row0, offs_r,
+                           o_slope, norm, DIMS[last], DIMS[NUM_LAYERS], HAS_BIAS[last], OUT_ACT,
+                           LOSS, OUT_PREACT, STORE_OUT_PREACT, acc_dtype, INPUT_PRECISION, NC,
+                           WIDTH // NC)  # fmt: skip
+        tl.store(lp_ptr + tl.program_id(0), part)
+
+
+@triton.jit
+def mlp_loss_reduce_kernel(lp_ptr, loss_ptr, T, numel, MEAN: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: the ``T`` row tiles' partial sums of squares added lane by lane in a fixed
+    order, then across lanes; divided by ``numel`` for the mean; the loss, in its dtype."""
+    acc = tl.zeros((BLOCK,), lp_ptr.dtype.element_ty)
+    for i in range(0, T, BLOCK):
+        offs = i + tl.arange(0, BLOCK)
+        acc += tl.load(lp_ptr + offs, mask=offs < T, other=0.0)
+    total = tl.sum(acc, axis=0)
+    if MEAN:  # one division, in fp64, rounded once to the loss dtype
+        total = total.to(tl.float64) / tl.cast(numel, tl.float64)
+    tl.store(loss_ptr, cast_out(total, loss_ptr.dtype.element_ty))
 
 
 # --------------------------------------------------------------------------------------------
 # 2. Backward through the chain
 # --------------------------------------------------------------------------------------------
+@triton.jit
+def _dz_chunk(
+    gj, s_ptr, dz_ptr, row0, rows_left, offs_r, slope, j: tl.constexpr, N: tl.constexpr,
+    ACT: tl.constexpr, ACC_DTYPE: tl.constexpr, NC: tl.constexpr,
+):  # fmt: skip
+    """Chunk ``j`` of ``dZ = dY * act'(s)``, stored, and returned."""
+    offs_n = j * NC + tl.arange(0, NC)
+    dzj = gj
+    if ACT != "none":
+        s = _load_tile(s_ptr, row0, rows_left, offs_r, offs_n, N).to(ACC_DTYPE)
+        dzj = cast_out(activation_grad(dzj.to(ACC_DTYPE), s, slope, ACT), gj.dtype)
+    _store_tile(dz_ptr, dzj, row0, rows_left, offs_r, offs_n, N)
+    return dzj
+
+
 @triton.jit
 def _backward_layer(
     g, w_ptr, s_ptr, dz_ptr, row0, rows_left, offs_r, slope, K: tl.constexpr,
@@ -325,12 +443,8 @@ def _backward_layer(
     dz = ()
     for j in tl.static_range(CH):
         if j * NC < N:
-            offs_n = j * NC + tl.arange(0, NC)
-            dzj = g[j]
-            if ACT != "none":
-                s = _load_tile(s_ptr, row0, rows_left, offs_r, offs_n, N).to(ACC_DTYPE)
-                dzj = cast_out(activation_grad(dzj.to(ACC_DTYPE), s, slope, ACT), g[0].dtype)
-            _store_tile(dz_ptr, dzj, row0, rows_left, offs_r, offs_n, N)
+            dzj = _dz_chunk(g[j], s_ptr, dz_ptr, row0, rows_left, offs_r, slope, j, N, ACT,
+                            ACC_DTYPE, NC)  # fmt: skip
             dz = dz + (dzj,)  # noqa: RUF005 (Triton has no tuple unpacking)
     out = ()
     if NEED_PREV:
@@ -346,32 +460,66 @@ def _backward_layer(
 
 
 @triton.jit
+def _loss_grad_chunks(
+    g_ptr, t_ptr, gs_ptr, norm, row0, offs_r, M, N: tl.constexpr, G_MODE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, NC: tl.constexpr, CH: tl.constexpr,
+):  # fmt: skip
+    """The row tile's ``dY`` of a folded loss with upstream gradient ``g = *gs_ptr``:
+    ``g * v`` for a stored ``v = dZ_{L-1}`` of ``g = 1`` (``"scaled"``), or
+    ``norm * (y - t) * g`` from the stored prediction ``y`` (``"mse"``), formed in the
+    accumulator dtype and rounded once, as native autograd rounds ``dY``. ``g_ptr`` and
+    ``t_ptr`` are contiguous (M, N)."""
+    gs = tl.load(gs_ptr).to(ACC_DTYPE)
+    out = ()
+    for c in tl.static_range(CH):
+        offs_c = c * NC + tl.arange(0, NC)
+        v = _load_tile(g_ptr, row0, M - row0, offs_r, offs_c, N).to(ACC_DTYPE)
+        if G_MODE == "mse":
+            v = norm * (v - _load_tile(t_ptr, row0, M - row0, offs_r, offs_c, N).to(ACC_DTYPE))
+        out = out + (cast_out(v * gs, g_ptr.dtype.element_ty),)  # noqa: RUF005
+    return out
+
+
+@triton.jit
 def mlp_backward_kernel(
-    g_ptr, so_ptr, dx_ptr, ws, ss, dzs, hidden_slope, out_slope, M, stride_gm, stride_gn,
-    DIMS: tl.constexpr, NUM_LAYERS: tl.constexpr, HIDDEN_ACT: tl.constexpr,
-    OUT_ACT: tl.constexpr, NEED_DX: tl.constexpr, ACC_FP64: tl.constexpr,
+    g_ptr, so_ptr, dx_ptr, ws, ss, dzs, gs_ptr, t_ptr, hidden_slope: tl.float64,
+    out_slope: tl.float64, M, stride_gm, stride_gn, numel, DIMS: tl.constexpr,
+    NUM_LAYERS: tl.constexpr,
+    HIDDEN_ACT: tl.constexpr, OUT_ACT: tl.constexpr, NEED_DX: tl.constexpr,
+    G_MODE: tl.constexpr, LOSS_MEAN: tl.constexpr, ACC_FP64: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, WIDTH: tl.constexpr, NC: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """One tile of rows back through every layer: writes ``dZ_l`` into ``dzs[l]`` (M, n_l) and,
-    when ``NEED_DX``, ``dX`` (M, k_0). ``so_ptr``: the last layer's saved tensor (y or z)."""
+    when ``NEED_DX``, ``dX`` (M, k_0). ``so_ptr``: the last layer's saved tensor (y or z).
+
+    ``G_MODE``: where ``dY`` comes from: ``"grad"``, the strided (M, n_{L-1}) ``g_ptr``; or a
+    folded loss (:func:`_loss_grad_chunks`, ``gs_ptr`` the loss's upstream gradient, a
+    scalar): ``"scaled"`` (``g_ptr`` holds ``dZ_{L-1}`` for ``g = 1``; ``OUT_ACT`` must be
+    ``"none"``) or ``"mse"`` (``g_ptr`` holds y, ``t_ptr`` the target, both contiguous;
+    ``numel`` their size)."""
     acc_dtype: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
-    h_slope = tl.cast(hidden_slope, acc_dtype)
-    o_slope = tl.cast(out_slope, acc_dtype)
+    h_slope = slope_as(hidden_slope, acc_dtype)
+    o_slope = slope_as(out_slope, acc_dtype)
     row0 = tl.program_id(0).to(tl.int64) * BLOCK_M
     offs_r = tl.arange(0, BLOCK_M)
     L: tl.constexpr = NUM_LAYERS
-    g = _load_chunks(g_ptr, row0 + offs_r, M, stride_gm, stride_gn, DIMS[L], NC, WIDTH // NC)
+    CH: tl.constexpr = WIDTH // NC
+    if G_MODE == "grad":
+        g = _load_chunks(g_ptr, row0 + offs_r, M, stride_gm, stride_gn, DIMS[L], NC, CH)
+    else:
+        g = _loss_grad_chunks(g_ptr, t_ptr, gs_ptr, _loss_norm(numel, LOSS_MEAN, acc_dtype),
+                              row0, offs_r, M, DIMS[L], G_MODE, acc_dtype, NC, CH)  # fmt: skip
     g = _backward_layer(g, ws[L - 1], so_ptr, dzs[L - 1], row0, M - row0, offs_r, o_slope,
                         DIMS[L - 1], DIMS[L], OUT_ACT, L > 1 or NEED_DX, acc_dtype,
-                        INPUT_PRECISION, NC, WIDTH // NC)  # fmt: skip
+                        INPUT_PRECISION, NC, CH)  # fmt: skip
     for i in tl.static_range(1, L):  # layer L - 1 - i, a constexpr
         g = _backward_layer(g, ws[L - 1 - i], ss[L - 1 - i], dzs[L - 1 - i], row0, M - row0,
                             offs_r, h_slope, DIMS[L - 1 - i], DIMS[L - i], HIDDEN_ACT,
                             i < L - 1 or NEED_DX, acc_dtype, INPUT_PRECISION, NC,
-                            WIDTH // NC)  # fmt: skip
+                            CH)  # fmt: skip
     if NEED_DX:
-        _store_chunks(dx_ptr, g, row0, M - row0, offs_r, DIMS[0], NC, WIDTH // NC)
+        _store_chunks(dx_ptr, g, row0, M - row0, offs_r, DIMS[0], NC, CH)
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,7 +576,8 @@ def _wgrad_block(
 
 @triton.jit
 def mlp_wgrad_kernel(
-    x_ptr, ss, dzs, dws, dbs, part_ptr, hidden_slope, M, stride_xm, stride_xk, chunk, S,
+    x_ptr, ss, dzs, dws, dbs, part_ptr, hidden_slope: tl.float64, M, stride_xm, stride_xk,
+    chunk, S,
     DIMS: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_LAYERS: tl.constexpr,
     HIDDEN_ACT: tl.constexpr, HIDDEN_PREACT: tl.constexpr, DIRECT: tl.constexpr,
     ACC_FP64: tl.constexpr, INPUT_PRECISION: tl.constexpr, WIDTH: tl.constexpr,
@@ -442,7 +591,7 @@ def mlp_wgrad_kernel(
     n0 = (tl.program_id(2) // (WIDTH // NC)) * NC
     k0 = (tl.program_id(2) % (WIDTH // NC)) * NC
     acc_dtype: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
-    slope = tl.cast(hidden_slope, acc_dtype)
+    slope = slope_as(hidden_slope, acc_dtype)
     for li in tl.static_range(NUM_LAYERS):
         if (pid_l == li) & (n0 < DIMS[li + 1]) & (k0 < DIMS[li]):
             _wgrad_block(
@@ -499,9 +648,14 @@ def _dims(weights: list[torch.Tensor]) -> tuple[int, ...]:
     return (weights[0].shape[1], *(w.shape[0] for w in weights))
 
 
-def _segments(total_rows: int, widths: list[int], like: torch.Tensor) -> list[torch.Tensor]:
+def _segments(
+    total_rows: int, widths: list[int], like: torch.Tensor, separate: bool = False
+) -> list[torch.Tensor]:
     """Contiguous (rows, w) tensors, one per width, carved from one allocation; each starts
-    128-byte aligned (so Triton's alignment specialisation does not depend on the row count)."""
+    128-byte aligned (so Triton's alignment specialisation does not depend on the row count).
+    ``separate``: one allocation each (a custom op may not return views of one buffer)."""
+    if separate:
+        return [like.new_empty((total_rows, w)) for w in widths]
     sizes = [triton.cdiv(total_rows * w, _ALIGN) * _ALIGN for w in widths]
     flat = like.new_empty(max(sum(sizes), 1))
     out, start = [], 0
@@ -530,6 +684,25 @@ def _arch(device: torch.device) -> int:
     return 10 * major + minor
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _launch_forward(x, y, zo, saved, weights, biases, slopes, cfg, meta, *, target=None,
+                    partials=None, **flags) -> None:  # fmt: skip
+    """One :func:`mlp_forward_kernel` launch (``flags``: its store / loss constexprs)."""
+    M, L = x.shape[0], len(weights)
+    t = x if target is None else target
+    mlp_forward_kernel[(triton.cdiv(M, cfg["BLOCK_M"]),)](
+        x, y, y if zo is None else zo, tuple(weights),
+        tuple(w if b is None else b for w, b in zip(weights, biases, strict=True)),
+        tuple(saved) if saved else (y,) * max(L - 1, 1), t, y if partials is None else partials,
+        float(slopes[0]), float(slopes[1]), M, x.stride(0), x.stride(1), M * meta["DIMS"][-1],
+        HAS_BIAS=tuple(b is not None for b in biases),
+        STORE=bool(saved), BLOCK_M=cfg["BLOCK_M"], num_warps=cfg["num_warps"], **meta, **flags,
+    )  # fmt: skip
+
+
 def mlp_forward(
     x: torch.Tensor,
     weights: list[torch.Tensor],
@@ -540,6 +713,7 @@ def mlp_forward(
     *,
     store: tuple[bool, bool, bool],
     out: torch.Tensor | None = None,
+    separate: bool = False,
 ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     """The MLP forward in one launch.
 
@@ -551,6 +725,7 @@ def mlp_forward(
         store: ``(hidden, hidden_preact, out_preact)``: write the hidden layers' saved tensors
             (their z when ``hidden_preact``, else their y), and the last layer's z.
         out: a contiguous (M, n_{L-1}) tensor to write the output into.
+        separate: allocate each saved tensor on its own (else: views of one buffer).
 
     Returns:
         ``(y, saved)``: ``saved`` has one entry per layer: the hidden layers' (M, n_l) tensors
@@ -561,22 +736,83 @@ def mlp_forward(
     L = len(weights)
     y = out if out is not None else x.new_empty((M, dims[-1]))
     store_hidden, hidden_preact, out_preact = store
-    saved = _segments(M, list(dims[1:-1]), x) if store_hidden and L > 1 else []
+    saved = _segments(M, list(dims[1:-1]), x, separate) if store_hidden and L > 1 else []
     zo = x.new_empty((M, dims[-1])) if out_preact else None
     result = [*saved, zo] if store_hidden else []
     if M == 0:
         return y, result
     cfg, meta = _common(x, dims, hidden_act, out_act, _arch(x.device))
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
-    mlp_forward_kernel[grid](
-        x, y, y if zo is None else zo, tuple(weights),
-        tuple(w if b is None else b for w, b in zip(weights, biases, strict=True)),
-        tuple(saved) if saved else (y,) * max(L - 1, 1), float(slopes[0]), float(slopes[1]), M,
-        x.stride(0), x.stride(1), HAS_BIAS=tuple(b is not None for b in biases),
-        HIDDEN_PREACT=hidden_preact, STORE=bool(saved), STORE_OUT_PREACT=out_preact,
-        BLOCK_M=cfg["BLOCK_M"], num_warps=cfg["num_warps"], **meta,
-    )  # fmt: skip
+    _launch_forward(x, y, zo, saved, weights, biases, slopes, cfg, meta,
+                    HIDDEN_PREACT=hidden_preact, STORE_OUT_PREACT=out_preact, LOSS="none",
+                    LOSS_MEAN=False, OUT_PREACT=False)  # fmt: skip
     return y, result
+
+
+LOSS_MODES = ("value", "dz", "y")
+
+
+def mlp_mse_forward(
+    x: torch.Tensor,
+    target: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor | None],
+    hidden_act: str | None,
+    out_act: str | None,
+    slopes: tuple[float, float],
+    *,
+    reduction: str,
+    loss_dtype: torch.dtype,
+    mode: str,
+    hidden_preact: bool,
+    out_preact: bool,
+    separate: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor | None]]:
+    """``mse(mlp(x), target)`` (``reduction`` ``"mean"`` or ``"sum"``) in two launches: the
+    forward with the loss folded into the last layer's epilogue (each row tile's sum of
+    squares into a partials buffer), then their fixed-order sum.
+
+    Args:
+        x, weights, biases, activations, slopes: as in :func:`mlp_forward`.
+        target: (M, n_{L-1}), any float dtype (read in the accumulator dtype); made contiguous
+            if it is not. loss_dtype: the loss's dtype.
+        mode: what else is written: ``"value"`` nothing (no backward follows); ``"dz"`` the
+            hidden layers' saved tensors and ``dZ_{L-1}`` for an upstream gradient of 1
+            (the output activation's derivative applied: y itself is never written);
+            ``"y"`` the saved tensors, y, and the last layer's z when ``out_preact`` (a
+            backward then forms ``dY`` once the upstream gradient is known).
+        hidden_preact / out_preact: the activations' derivatives read z (else y).
+
+    Returns:
+        ``(loss, head, saved)``: the 0-dim loss; ``head`` the (M, n_{L-1}) ``dZ_{L-1}``
+        (``"dz"``) or y (``"y"``), ``None`` for ``"value"``; ``saved`` as
+        :func:`mlp_forward` returns it with ``store`` (empty for ``"value"``).
+    """
+    if mode not in LOSS_MODES or reduction not in ("mean", "sum"):
+        raise ValueError(f"mlp_mse_forward: mode {mode!r}, reduction {reduction!r}")
+    M = x.shape[0]
+    dims = _dims(weights)
+    grad = mode != "value"
+    head = x.new_empty((M, dims[-1])) if grad else None
+    saved = _segments(M, list(dims[1:-1]), x, separate) if grad and len(weights) > 1 else []
+    zo = x.new_empty((M, dims[-1])) if mode == "y" and out_preact else None
+    result = [*saved, zo] if grad else []
+    loss = torch.empty((), dtype=loss_dtype, device=x.device)
+    if M == 0:  # the mean of no elements is NaN, as natively
+        return loss.fill_(float("nan") if reduction == "mean" else 0.0), head, result
+    cfg, meta = _common(x, dims, hidden_act, out_act, _arch(x.device))
+    tiles = triton.cdiv(M, cfg["BLOCK_M"])
+    target = target.contiguous()
+    partials = torch.empty(tiles, dtype=_acc_dtype(x.dtype), device=x.device)
+    _launch_forward(x, x if head is None else head, zo, saved, weights, biases, slopes, cfg,
+                    meta, target=target, partials=partials, HIDDEN_PREACT=hidden_preact,
+                    STORE_OUT_PREACT=zo is not None, LOSS=mode, LOSS_MEAN=reduction == "mean",
+                    OUT_PREACT=out_preact)  # fmt: skip
+    cuda = x.device.type == "cuda" and not interpreting()
+    mlp_loss_reduce_kernel[(1,)](
+        partials, loss, tiles, M * dims[-1], MEAN=reduction == "mean",
+        BLOCK=REDUCE_BLOCK["cuda" if cuda else "interpreter"], num_warps=4,
+    )  # fmt: skip
+    return loss, head, result
 
 
 def mlp_backward(
@@ -593,6 +829,7 @@ def mlp_backward(
     hidden_preact: bool,
     need_dx: bool,
     need_params: bool,
+    loss: tuple[torch.Tensor, torch.Tensor | None, str] | None = None,
 ) -> tuple[torch.Tensor | None, list[torch.Tensor] | None, list[torch.Tensor | None] | None]:
     """Gradients of :func:`mlp_forward`, in 2 launches (one weight-gradient chunk) or 3.
 
@@ -602,6 +839,11 @@ def mlp_backward(
             ``hidden_preact``, else y). out_saved: the last layer's saved tensor, contiguous
             (M, n_{L-1}) (y or z, whatever ``out_act`` derives from; ``None`` without).
         has_bias: per layer. need_dx / need_params: which gradients to compute.
+        loss: for the gradients of :func:`mlp_mse_forward`: ``(grad_loss, target,
+            reduction)``, the loss's 0-dim upstream gradient, and ``grad_y`` is that forward's
+            (contiguous) ``head``: ``dZ_{L-1}`` for an upstream gradient of 1 when ``target``
+            is ``None`` (``"dz"``: ``out_act`` and ``out_saved`` are then ignored), else y
+            (``"y"``; ``target`` is made contiguous if it is not).
 
     Returns:
         ``(dx (M, k_0), [dW_l], [db_l or None])``, fresh tensors of ``grad_y.dtype``; ``None``
@@ -621,14 +863,20 @@ def mlp_backward(
             if t is not None:
                 t.zero_()
         return dx, dws, dbs if need_params else None
+    g_mode, scale, target = "grad", grad_y, grad_y
+    if loss is not None:
+        scale, target = loss[0], grad_y if loss[1] is None else loss[1].contiguous()
+        g_mode = "scaled" if loss[1] is None else "mse"
+        out_act = None if g_mode == "scaled" else out_act
     cfg, meta = _common(grad_y, dims, hidden_act, out_act, _arch(grad_y.device))
     dzs = _segments(M, list(dims[1:]), grad_y)
     ss = tuple(saved) if L > 1 else (grad_y,)
     mlp_backward_kernel[(triton.cdiv(M, cfg["BLOCK_M"]),)](
         grad_y, grad_y if out_saved is None else out_saved, grad_y if dx is None else dx,
-        tuple(weights), ss, tuple(dzs), float(slopes[0]), float(slopes[1]), M,
-        grad_y.stride(0), grad_y.stride(1), NEED_DX=need_dx, BLOCK_M=cfg["BLOCK_M"],
-        num_warps=cfg["num_warps"], **meta,
+        tuple(weights), ss, tuple(dzs), scale, target, float(slopes[0]), float(slopes[1]), M,
+        grad_y.stride(0), grad_y.stride(1), M * dims[-1],
+        NEED_DX=need_dx, G_MODE=g_mode, LOSS_MEAN=loss is not None and loss[2] == "mean",
+        BLOCK_M=cfg["BLOCK_M"], num_warps=cfg["num_warps"], **meta,
     )  # fmt: skip
     if need_params:
         _weight_grads(x, ss, dzs, dws, dbs, slopes[0], has_bias, hidden_preact, cfg, meta)

@@ -20,10 +20,11 @@ from torch import Tensor
 from torch.autograd import Function
 
 from manualbp.activations import Activation, get_activation
-from manualbp.autograd._eager import eager_twin
+from manualbp.autograd._eager import Forms
 from manualbp.autograd.linear import as_rows
 from manualbp.backends.reference import REFERENCE
 from manualbp.dispatch import backend_for, resolve
+from manualbp.errors import ShapeError
 
 __all__ = ["MAX_WIDTH", "FusedMLPFunction", "fused_mlp", "kernel_supports"]
 
@@ -140,7 +141,8 @@ class FusedMLPFunction(Function):
         return tuple(grads)
 
 
-FusedMLPFunctionEager = eager_twin(FusedMLPFunction)
+FUSED_MLP = Forms.of(FusedMLPFunction)
+FusedMLPFunctionEager = FUSED_MLP.eager
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,11 +154,11 @@ def _check(input: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | N
     width = input.shape[-1] if input.dim() else None
     for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
         if w.dim() != 2 or w.shape[1] != width:
-            raise ValueError(
+            raise ShapeError(
                 f"fused_mlp: weight {i} has shape {tuple(w.shape)}, expected (out, {width})"
             )
         if b is not None and tuple(b.shape) != (w.shape[0],):
-            raise ValueError(f"fused_mlp: bias {i} has shape {tuple(b.shape)}, expected "
+            raise ShapeError(f"fused_mlp: bias {i} has shape {tuple(b.shape)}, expected "
                              f"({w.shape[0]},)")  # fmt: skip
         width = w.shape[0]
     tensors = [input, *weights, *(b for b in biases if b is not None)]
@@ -168,7 +170,8 @@ def _check(input: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | N
 
 def kernel_supports(input: Tensor, weights: Sequence[Tensor]) -> bool:
     """Whether the fused kernels take this MLP (widths <= 128, a bounded depth, a dtype they
-    compile spill-free for; IEEE fp32 on a GPU runs layer by layer, see fused_mlp.supports)."""
+    compile spill-free for; IEEE fp32 wider than 64 runs layer by layer on a GPU, see
+    fused_mlp.supports)."""
     from manualbp.kernels import fused_mlp as kernels
 
     dims = (weights[0].shape[1], *(w.shape[0] for w in weights))
@@ -218,8 +221,9 @@ def fused_mlp(
     layers apply ``activation`` (slope ``negative_slope`` for leaky_relu), the last layer
     ``output_activation`` (slope ``output_negative_slope``, default ``negative_slope``).
 
-    On the Triton backend, widths up to 128 run as one fused forward kernel; otherwise (wider
-    layers, ``torch.func`` transforms, ``torch.compile``) each layer is one
+    On the Triton backend, widths up to 128 run as one fused forward kernel (under
+    ``torch.compile`` too: the kernels are custom ops there); otherwise (wider layers,
+    ``torch.func`` transforms, ``torch.export`` / ``torch.jit.trace``) each layer is one
     :func:`manualbp.functional.linear` call. Under autocast it computes in the autocast dtype.
     """
     get_activation(activation)
@@ -233,13 +237,17 @@ def fused_mlp(
 
 
 def _fused_mlp(input: Tensor, weights: list, biases: list, spec: Spec) -> Tensor:
-    transforms = torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling()
+    from manualbp.functional import _captured
+
+    # torch.func transforms, torch.export, torch.jit.trace: plain ops they can record.
+    transforms = torch._C._are_functorch_transforms_active() or _captured()
     on_kernels = resolve(input, *weights) == "triton"
     if transforms or (on_kernels and not kernel_supports(input, weights)):
         return _layerwise(input, weights, biases, spec)
     params = [t for pair in zip(weights, biases, strict=True) for t in pair]
     if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in [input, *params]):
-        return FusedMLPFunctionEager.apply(input, spec, *params)[0]
+        # Under torch.compile the jvp-less form (Dynamo traces it; the kernels are custom ops).
+        return FUSED_MLP.pick().apply(input, spec, *params)[0]
     # No graph to record: the forward alone, keeping nothing for a backward.
     acts, slopes = _acts(spec)
     y, _ = backend_for(input, *weights).mlp_forward(

@@ -349,7 +349,9 @@ def _reference():
 
 def _preacts(acts, slopes) -> tuple[bool, bool]:
     """Whether the hidden / output activation's derivative reads z (else y)."""
-    return tuple(a is not None and a.saved_for(s) == "preact" for a, s in zip(acts, slopes))  # type: ignore[return-value]
+    hidden, out = (a is not None and a.saved_for(s) == "preact"
+                   for a, s in zip(acts, slopes, strict=True))  # fmt: skip
+    return hidden, out
 
 
 def _preact_names(hidden: str, out: str, slopes: list[float]) -> tuple[bool, bool]:
@@ -375,7 +377,8 @@ def _mlp_grads(grads: list[Tensor], has_bias, needs_grad) -> tuple:
 
 
 def _contiguous(weights: list[Tensor], biases: list[Tensor | None]) -> tuple[list, list]:
-    return [w.contiguous() for w in weights], [None if b is None else b.contiguous() for b in biases]
+    biases = [None if b is None else b.contiguous() for b in biases]
+    return [w.contiguous() for w in weights], biases
 
 
 def _act_arg(name: str) -> str | None:
@@ -514,8 +517,8 @@ def mlp_backward_op(
         grad_y, x, weights, y, saved, hidden, out, slopes, has_bias, needs_grad, loss
     )
     L = len(weights)
-    return [_or_empty(dx, grad_y), *(_or_empty(t, grad_y) for t in [*(dws or [None] * L),
-                                                                    *(dbs or [None] * L)])]  # fmt: skip
+    grads = [dx, *(dws or [None] * L), *(dbs or [None] * L)]
+    return [_or_empty(t, grad_y) for t in grads]
 
 
 @mlp_backward_op.register_fake
@@ -527,5 +530,6 @@ def _(grad_y, x, weights, y, saved, hidden, out, slopes, has_bias, needs_grad, g
     dbs = [grad_y.new_empty(w.shape[0]) if needs_grad[1] and b else _empty(grad_y)
            for w, b in zip(weights, has_bias, strict=True)]  # fmt: skip
     return [dx, *dws, *dbs]
+
 
 TRITON = TritonBackend()

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from manualbp.activations import activation_of_module, get_activation
 from manualbp.autograd.fused_mlp import MAX_WIDTH, fused_mlp
+from manualbp.autograd.fused_mlp_mse import fused_mlp_mse_loss
 
 __all__ = ["FusedMLP"]
 
@@ -31,7 +32,8 @@ class FusedMLP(nn.Module):
     take the odd indices), so ``mlp.layers.state_dict()`` loads into that ``nn.Sequential``
     and back. :meth:`to_sequential` and :meth:`from_sequential` convert. Forward reads the
     Linear modules' ``weight`` / ``bias`` at each call but does not call the modules (their
-    hooks do not run).
+    hooks do not run). :meth:`mse_loss` computes ``mse(self(x), target)`` with the loss
+    folded into the last layer's epilogue.
 
     Args:
         in_features, hidden_features, out_features: the widths.
@@ -81,6 +83,18 @@ class FusedMLP(nn.Module):
         return fused_mlp(
             input, [m.weight for m in linears], [m.bias for m in linears], self.activation,
             self.output_activation, negative_slope=self.negative_slope,
+        )  # fmt: skip
+
+    def mse_loss(self, input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+        """``nn.MSELoss(reduction=reduction)(self(input), target)`` with the loss folded into the
+        last layer (:func:`~manualbp.autograd.fused_mlp_mse.fused_mlp_mse_loss`): for
+        ``"mean"`` / ``"sum"`` the prediction is never stored; on the Triton backend the
+        forward is two launches and the backward the fused MLP's."""
+        linears = self.linears()
+        return fused_mlp_mse_loss(
+            input, target, [m.weight for m in linears], [m.bias for m in linears],
+            self.activation, self.output_activation, reduction,
+            negative_slope=self.negative_slope,
         )  # fmt: skip
 
     def to_sequential(self) -> nn.Sequential:

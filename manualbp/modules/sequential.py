@@ -17,8 +17,11 @@ from torch.nn.modules import module as _module
 from manualbp import functional
 from manualbp.activations import activation_of_module
 from manualbp.autograd.fused_mlp import MAX_WIDTH, fused_mlp
+from manualbp.autograd.fused_mlp_mse import fused_mlp_mse_loss
 from manualbp.dispatch import resolve
 from manualbp.modules.linear import Linear
+from manualbp.modules.linear_mse import LinearMSELoss
+from manualbp.modules.loss import MSELoss
 
 __all__ = ["Sequential"]
 
@@ -80,10 +83,11 @@ def _layer_at(modules: list[nn.Module], j: int) -> tuple[Linear, str | None, flo
     return lin, pair[0], pair[1] if pair[0] == "leaky_relu" else 0.01, j + 2
 
 
-def mlp_run(modules: list[nn.Module], start: int) -> MLPRun | None:
-    """The longest run of >= 2 layers from ``start`` that one fused MLP computes exactly: each a
-    hook-free :class:`manualbp.Linear` (+ registry activation), every width <= 128, one dtype
-    and device, consecutive shapes, and every layer but the last with the same activation."""
+def mlp_run(modules: list[nn.Module], start: int, min_layers: int = 2) -> MLPRun | None:
+    """The longest run of >= ``min_layers`` layers from ``start`` that one fused MLP computes
+    exactly: each a hook-free :class:`manualbp.Linear` (+ registry activation), every width
+    <= 128, one dtype and device, consecutive shapes, and every layer but the last with the
+    same activation."""
     layers: list[tuple[Linear, str | None, float]] = []
     j = start
     while j < len(modules):
@@ -103,28 +107,66 @@ def mlp_run(modules: list[nn.Module], start: int) -> MLPRun | None:
             break
         layers.append((lin, act, slope))
         j = nxt
-    if len(layers) < 2:
+    if len(layers) < max(min_layers, 1):
         return None
     (_, hidden, h_slope), (_, out, o_slope) = layers[0], layers[-1]
     return MLPRun(start, j, [lin for lin, _, _ in layers], hidden, out, h_slope, o_slope)
 
 
-def _run_mlp(run: MLPRun, input: Tensor) -> Tensor | None:
-    """The run on ``input`` through :func:`fused_mlp`, or ``None`` when it would not run on the
-    fused kernels (the reference path gains nothing over the pairs) or the input does not fit
-    (its width, or its dtype outside autocast: the modules then raise as natively)."""
+def _runs_fused(run: MLPRun, input: Tensor) -> bool:
+    """Whether ``run`` on ``input`` runs on the fused kernels: not on the reference path (it
+    gains nothing over the pairs there), nor when the input does not fit (its width, or its
+    dtype outside autocast: the modules then raise as natively)."""
     weights = [lin.weight for lin in run.linears]
     w0 = weights[0]
     if input.dim() < 1 or input.shape[-1] != w0.shape[1] or input.device != w0.device:
-        return None
+        return False
     autocast = input.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(input.device.type)
     if input.dtype != w0.dtype and not autocast:
+        return False
+    return resolve(input, *weights) == "triton"
+
+
+def _run_mlp(run: MLPRun, input: Tensor) -> Tensor | None:
+    """The run on ``input`` through :func:`fused_mlp`, or ``None`` when it would not run on the
+    fused kernels (see :func:`_runs_fused`)."""
+    if not _runs_fused(run, input):
         return None
-    if resolve(input, *weights) != "triton":
-        return None
+    weights = [lin.weight for lin in run.linears]
     return fused_mlp(
         input, weights, [lin.bias for lin in run.linears], run.hidden, run.out,
         negative_slope=run.hidden_slope, output_negative_slope=run.out_slope,
+    )  # fmt: skip
+
+
+def _run_mlp_loss(run: MLPRun, input: Tensor, target: Tensor, loss: nn.Module) -> Tensor | None:
+    """``loss(run(input), target)`` with the loss folded into the fused MLP
+    (:func:`fused_mlp_mse_loss`), or ``None`` when it does not fold: the loss is not a
+    hook-free :class:`manualbp.MSELoss` or :class:`manualbp.LinearMSELoss` with a scalar
+    reduction, the run would not run fused, or a head's layer does not extend the run (its
+    width, dtype or device, or a run whose last activation differs from its hidden one)."""
+    reduction = getattr(loss, "reduction", None)
+    if type(loss) not in (MSELoss, LinearMSELoss) or reduction not in ("mean", "sum"):
+        return None
+    if has_hooks(loss) or not _runs_fused(run, input):
+        return None
+    weights = [lin.weight for lin in run.linears]
+    biases = [lin.bias for lin in run.linears]
+    out, out_slope = run.out, run.out_slope
+    if type(loss) is LinearMSELoss:  # its Linear is the MLP's last layer, without activation
+        w, last = loss.weight, weights[-1]
+        if (run.out, run.out_slope) != (run.hidden, run.hidden_slope) or w.dim() != 2:
+            return None
+        if (w.dtype, w.device) != (last.dtype, last.device) or w.shape[1] != last.shape[0]:
+            return None
+        if max(w.shape) > MAX_WIDTH:
+            return None
+        weights.append(w)
+        biases.append(loss.bias)
+        out, out_slope = None, 0.01
+    return fused_mlp_mse_loss(
+        input, target, weights, biases, run.hidden, out, reduction,
+        negative_slope=run.hidden_slope, output_negative_slope=out_slope,
     )  # fmt: skip
 
 
@@ -146,18 +188,41 @@ class Sequential(nn.Sequential):
     modules' own ``weight`` / ``bias`` at each call. ``fuse_mlp = False`` (on the instance)
     turns this off; the pairs are then fused as above.
 
+    When the last child is a loss (:class:`manualbp.MSELoss` or
+    :class:`manualbp.LinearMSELoss`, or ``nn.MSELoss``), the container is called as
+    ``loss = seq(x, target)`` and passes ``target`` to it. When a run of layers that runs fused
+    reaches a hook-free ``manualbp.MSELoss`` / ``manualbp.LinearMSELoss`` (``"mean"`` or
+    ``"sum"``; the head's Linear becomes the MLP's last layer), the loss and its gradient fold
+    into the fused MLP's last layer (:func:`manualbp.FusedMLP.mse_loss`'s op): the prediction
+    is never stored.
+
     :func:`manualbp.convert` re-classes ``nn.Sequential`` containers into this class in place;
     children, indices, ``state_dict`` keys and Parameters are unchanged.
     """
 
     fuse_mlp: bool = True  # class default; an instance attribute overrides it
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, target: Tensor | None = None) -> Tensor:
         modules = list(self._modules.values())
+        loss = None
+        if target is not None:
+            if not modules or not isinstance(modules[-1], (nn.MSELoss, LinearMSELoss)):
+                raise TypeError(
+                    f"{type(self).__name__}.forward() takes a target only when its last module "
+                    "is a loss (manualbp.MSELoss, manualbp.LinearMSELoss or nn.MSELoss)"
+                )
+            modules, loss = modules[:-1], modules[-1]
         i = 0
         while i < len(modules):
             module = modules[i]
-            run = mlp_run(modules, i) if self.fuse_mlp and type(module) is Linear else None
+            fuse = self.fuse_mlp and type(module) is Linear
+            if fuse and loss is not None:  # a run up to the loss: fold the loss into it
+                run = mlp_run(modules, i, min_layers=1)
+                if run is not None and run.end == len(modules):
+                    folded = _run_mlp_loss(run, input, target, loss)
+                    if folded is not None:
+                        return folded
+            run = mlp_run(modules, i) if fuse else None
             out = None if run is None else _run_mlp(run, input)
             if out is not None:
                 input, i = out, run.end
@@ -172,7 +237,7 @@ class Sequential(nn.Sequential):
                 input, module.weight, module.bias, activation, negative_slope=slope
             )
             i += 2
-        return input
+        return input if loss is None else loss(input, target)
 
     def fused_pairs(self) -> list[tuple[str, str]]:
         """The (Linear, activation) child names the container fuses when called now."""

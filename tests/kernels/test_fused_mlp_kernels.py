@@ -206,7 +206,114 @@ def test_supported_shapes():
     assert not fm.supports((3, 129, 1), torch.float16, cpu)
     assert not fm.supports((3,) * (fm.MAX_LAYERS + 2), torch.float16, cpu)
     assert fm.padded_width((3, 20, 5)) == 32 and fm.padded_width((2, 3)) == 16
-    # Every shipped config is compiled by the audit, and IEEE fp32 stops at width 32.
+    # Every shipped config is compiled by the audit, and IEEE fp32 stops at width 64.
     assert fm.shipped_widths(90, torch.float16, "ieee") == [16, 32, 64, 128]
-    assert fm.shipped_widths(80, torch.float32, "ieee") == [16, 32]
+    assert fm.shipped_widths(80, torch.float32, "ieee") == [16, 32, 64]
     assert fm.shipped_widths(90, torch.float32, "tf32") == [16, 32, 64, 128]
+
+
+# --------------------------------------------------------------------------------------------
+# The MSE loss folded into the last layer (mlp_mse_forward, mlp_backward(loss=...))
+# --------------------------------------------------------------------------------------------
+def _native_loss_grads(x, ws, bs, t, g, hidden, out, slopes, dtype, reduction):
+    """(loss, dx, dWs, dbs) of native autograd, every tensor cast to ``dtype`` (the loss in
+    the promoted dtype of the prediction and the target, as F.mse_loss computes it)."""
+    leaves = [v.detach().to(dtype).requires_grad_() for v in [x, *ws]]
+    bl = [None if b is None else b.detach().to(dtype).requires_grad_() for b in bs]
+    y = native_mlp(leaves[0], leaves[1:], bl, hidden, out, slopes)
+    t = t.to(torch.float64) if dtype == torch.float64 else t
+    loss = F.mse_loss(y, t, reduction=reduction)
+    loss.backward(torch.tensor(g, dtype=loss.dtype, device=loss.device))
+    return [loss, leaves[0].grad, *(w.grad for w in leaves[1:]),
+            *(b.grad for b in bl if b is not None)]  # fmt: skip
+
+
+def _run_loss(x, t, ws, bs, g, hidden, out, slopes, reduction, loss_dtype):
+    """(loss, dx, dWs, dbs) of the launchers, with the mode the dtype calls for."""
+    mode = "y" if x.dtype in (torch.float16, torch.bfloat16) else "dz"
+    pre = (_kind(hidden, slopes[0]) == "preact", _kind(out, slopes[1]) == "preact")
+    loss, head, saved = fm.mlp_mse_forward(
+        x, t, ws, bs, hidden, out, slopes, reduction=reduction, loss_dtype=loss_dtype,
+        mode=mode, hidden_preact=pre[0], out_preact=pre[1],
+    )  # fmt: skip
+    out_saved = None
+    if mode == "y":
+        out_saved = {"preact": saved[-1], "output": head, "none": None}[_kind(out, slopes[1])]
+    grad = torch.tensor(g, dtype=loss_dtype, device=DEVICE)
+    dx, dws, dbs = fm.mlp_backward(
+        head, x, ws, saved[:-1], out_saved, hidden, out, slopes,
+        has_bias=tuple(b is not None for b in bs), hidden_preact=pre[0], need_dx=True,
+        need_params=True, loss=(grad, t if mode == "y" else None, reduction),
+    )  # fmt: skip
+    return [loss, dx, *dws, *(d for d in dbs if d is not None)]
+
+
+LOSS_CASES = [
+    # dims, hidden, output activation, dtype, target dtype, rows, reduction
+    ((3, 16, 16, 5), "relu", None, torch.float32, torch.float32, 37, "mean"),
+    ((3, 20, 17, 5), "gelu", "sigmoid", torch.float16, torch.float16, 37, "sum"),
+    ((5, 32, 3), "silu", "gelu", torch.float32, torch.float32, 37, "sum"),
+    ((2, 64, 1), "tanh", "leaky_relu", torch.bfloat16, torch.float32, 19, "mean"),
+    ((4, 16, 4), "leaky_relu", "silu", torch.float64, torch.float64, 37, "mean"),
+    ((6, 9), None, "tanh", torch.float16, torch.float32, 37, "mean"),
+]
+
+
+@pytest.mark.parametrize("dims, hidden, out, dtype, t_dtype, rows, reduction", LOSS_CASES)
+def test_folded_loss_as_accurate_as_native(launches, monkeypatch, dims, hidden, out, dtype,
+                                           t_dtype, rows, reduction):  # fmt: skip
+    counts = {"mlp_loss_reduce_kernel": 0}
+    reduce = _Counted(fm.mlp_loss_reduce_kernel, counts, "mlp_loss_reduce_kernel")
+    monkeypatch.setattr(fm, "mlp_loss_reduce_kernel", reduce)
+    slopes = (-0.3, 0.2)
+    ws, bs = _params(dims, dtype, True)
+    x = torch.randn(rows, dims[0], device=DEVICE).to(dtype)
+    # A strided target: a column slice of a wider tensor, in its own dtype.
+    t = torch.randn(rows, dims[-1] + 2, device=DEVICE).to(t_dtype)[:, 1:-1]
+    loss_dtype = torch.promote_types(dtype, t_dtype)
+    got = _run_loss(x, t, ws, bs, 0.75, hidden, out, slopes, reduction, loss_dtype)
+    args = (x, ws, bs, t, 0.75, hidden, out, slopes)
+    native = _native_loss_grads(*args, dtype, reduction)
+    exact = _native_loss_grads(*args, torch.float64, reduction)
+    eps = torch.finfo(dtype).eps
+    for i, (ours, nat, ex) in enumerate(zip(got, native, exact, strict=True)):
+        assert ours.dtype == nat.dtype and ours.shape == ex.shape, (i, ours.dtype, nat.dtype)
+        err, err_native = (_max_abs(v.double() - ex) for v in (ours, nat))
+        bound = 2 * err_native + 8 * eps * max(_max_abs(ex), 1.0)
+        assert err <= bound, f"result {i}: error {err:.3g} > {bound:.3g} (native {err_native:.3g})"
+    # Forward: the MLP with the loss in its epilogue, and the partials' sum; backward as ever.
+    splits, _ = fm.wgrad_splits(rows, len(dims) - 1, 16, cuda=DEVICE == "cuda" and not _INTERPRET)
+    assert counts == {"mlp_loss_reduce_kernel": 1}
+    assert launches == {
+        "mlp_forward_kernel": 1,
+        "mlp_backward_kernel": 1,
+        "mlp_wgrad_kernel": 1,
+        "mlp_wgrad_reduce_kernel": int(splits > 1),
+    }
+
+
+def test_folded_loss_value_mode_writes_nothing_but_the_loss(launches):
+    ws, bs = _params((3, 16, 16, 2), torch.float32, True)
+    x, t = torch.randn(37, 3, device=DEVICE), torch.randn(37, 2, device=DEVICE)
+    for reduction in ("mean", "sum"):
+        loss, head, saved = fm.mlp_mse_forward(
+            x, t, ws, bs, "gelu", None, (0.01, 0.01), reduction=reduction,
+            loss_dtype=torch.float32, mode="value", hidden_preact=True, out_preact=False,
+        )  # fmt: skip
+        assert head is None and saved == []
+        want = F.mse_loss(native_mlp(x, ws, bs, "gelu", None, (0.01, 0.01)), t, reduction=reduction)
+        torch.testing.assert_close(loss, want)
+    assert launches["mlp_forward_kernel"] == 2 and sum(launches.values()) == 2
+
+
+def test_folded_loss_zero_rows_launch_nothing(launches):
+    ws, bs = _params((3, 16, 2), torch.float32, True)
+    x, t = torch.randn(0, 3, device=DEVICE), torch.randn(0, 2, device=DEVICE)
+    for reduction, want in (("mean", float("nan")), ("sum", 0.0)):
+        loss, head, saved = fm.mlp_mse_forward(
+            x, t, ws, bs, "relu", None, (0.01, 0.01), reduction=reduction,
+            loss_dtype=torch.float32, mode="dz", hidden_preact=False, out_preact=False,
+        )  # fmt: skip
+        torch.testing.assert_close(loss, torch.tensor(want, device=DEVICE), equal_nan=True)
+        assert head.shape == (0, 2) and saved[0].shape == (0, 16)
+    assert sum(launches.values()) == 0

@@ -10,6 +10,8 @@ small and odd (13 -> 21 -> 11 features) for the interpreter's sake.
 
 from __future__ import annotations
 
+import copy
+import itertools
 import os
 
 import pytest
@@ -228,3 +230,55 @@ def test_bad_input_raises_as_native():
         linear_chain(x, w1, b1, "relu6", w2, b2, None)
     with pytest.raises(TypeError):
         linear_chain(x, w1.double(), b1, "relu", w2, b2, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The container: manualbp.Sequential runs Linear -> act -> Linear pairs through the chain.
+# ---------------------------------------------------------------------------------------------
+def _stack(widths, acts, dtype=torch.float64):
+    layers = []
+    for (k, n), act in zip(itertools.pairwise(widths), acts, strict=True):
+        layers.append(torch.nn.Linear(k, n, dtype=dtype, device=DEVICE))
+        if act is not None:
+            layers.append(native_activation(act))
+    return torch.nn.Sequential(*layers)
+
+
+@needs_kernels
+@pytest.mark.parametrize("acts", [("gelu", "relu", None), ("silu", None, "tanh")])
+def test_sequential_runs_pairs_through_the_chain(acts):
+    """Children Linear, act, Linear, act, Linear (fused MLP off, so that the narrow test widths
+    take the pair path): the first two layers run as one chain node, the third as a fused
+    pair; outputs and every gradient equal the native container's."""
+    torch.manual_seed(0)
+    native = _stack((K_, H_, N_, 7), acts)
+    ours = manualbp.convert(copy.deepcopy(native))
+    ours.fuse_mlp = False
+    x = torch.randn(9, K_, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    x_ = x.detach().clone().requires_grad_()
+    with manualbp.use_backend("triton"):
+        y = ours(x_)
+        nodes = set()
+        stack = [y.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is not None and node not in nodes:
+                nodes.add(node)
+                stack.extend(f for f, _ in node.next_functions)
+        assert any(type(n).__name__.startswith("LinearChainFunction") for n in nodes)
+        y.sum().backward()
+    native(x).sum().backward()
+    torch.testing.assert_close(y, native(x))
+    torch.testing.assert_close(x_.grad, x.grad)
+    for (name, p), (_, q) in zip(ours.named_parameters(), native.named_parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def test_sequential_chain_pairs_skip_hooked_layers():
+    native = _stack((K_, H_, N_), ("gelu", None))
+    ours = manualbp.convert(copy.deepcopy(native))
+    assert ours.chain_pairs() == []  # narrow: a fused MLP run takes the layers first
+    ours.fuse_mlp = False
+    assert ours.chain_pairs() == [("0", "2")]
+    ours[2].register_forward_hook(lambda *a: None)
+    assert ours.chain_pairs() == []

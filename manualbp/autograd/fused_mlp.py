@@ -23,7 +23,7 @@ from manualbp.activations import Activation, get_activation
 from manualbp.autograd._eager import Forms
 from manualbp.autograd.linear import as_rows
 from manualbp.backends.reference import REFERENCE
-from manualbp.dispatch import backend_for, resolve
+from manualbp.dispatch import backend_for, get_backend, resolve
 from manualbp.errors import ShapeError
 
 __all__ = ["MAX_WIDTH", "FusedMLPFunction", "fused_mlp", "kernel_supports"]
@@ -72,6 +72,7 @@ class FusedMLPFunction(Function):
         # reference cycle, which keeping y there would: y is saved through save_for_backward).
         ctx.saved_hidden = saved
         ctx.spec = spec
+        ctx.backend_choice = get_backend()  # backward may run on autograd's device thread
         ctx.has_bias = tuple(b is not None for b in params[1::2])
         ctx.set_materialize_grads(False)
 
@@ -129,7 +130,9 @@ class FusedMLPFunction(Function):
         needs = ctx.needs_input_grad
         rows = [None if t is None else as_rows(t) for t in (grad_output, input, y, *saved)]
         grad_y, x, y2, saved2 = rows[0], rows[1], rows[2], rows[3:]
-        backend = backend_for(grad_y, x, *weights, differentiable=differentiable)
+        backend = backend_for(
+            grad_y, x, *weights, differentiable=differentiable, choice=ctx.backend_choice
+        )
         dx, dws, dbs = backend.mlp_backward(
             grad_y, x, list(weights), y2, saved2, acts, slopes, ctx.has_bias,
             (needs[0], any(needs[2:])),

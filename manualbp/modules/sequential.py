@@ -18,6 +18,7 @@ from manualbp import functional
 from manualbp.activations import activation_of_module
 from manualbp.autograd.fused_mlp import MAX_WIDTH, fused_mlp
 from manualbp.autograd.fused_mlp_mse import fused_mlp_mse_loss
+from manualbp.autograd.linear_chain import linear_chain
 from manualbp.dispatch import resolve
 from manualbp.modules.linear import Linear
 from manualbp.modules.linear_mse import LinearMSELoss
@@ -113,6 +114,36 @@ def mlp_run(modules: list[nn.Module], start: int, min_layers: int = 2) -> MLPRun
     return MLPRun(start, j, [lin for lin, _, _ in layers], hidden, out, h_slope, o_slope)
 
 
+class ChainPair(NamedTuple):
+    """Two consecutive layers (a Linear, then its activation if any) the container runs as one
+    :func:`~manualbp.autograd.linear_chain.linear_chain` node: children ``start .. end - 1``,
+    the second Linear at ``middle``."""
+
+    start: int
+    middle: int
+    end: int
+    first: Linear
+    first_act: str | None
+    first_slope: float
+    second: Linear
+    second_act: str | None
+    second_slope: float
+
+
+def chain_pair(modules: list[nn.Module], start: int) -> ChainPair | None:
+    """The pair of layers from ``start`` whose backward fuses the lower layer's activation
+    gradient into the upper layer's dX GEMM: two hook-free :class:`manualbp.Linear` layers
+    (each with its own activation or a registry activation module after it, or none), the
+    second taking the first's output width."""
+    first = _layer_at(modules, start)
+    if first is None or first[3] >= len(modules):
+        return None
+    second = _layer_at(modules, first[3])
+    if second is None or second[0].in_features != first[0].out_features:
+        return None
+    return ChainPair(start, first[3], second[3], *first[:3], *second[:3])
+
+
 def _runs_fused(run: MLPRun, input: Tensor) -> bool:
     """Whether ``run`` on ``input`` runs on the fused kernels: not on the reference path (it
     gains nothing over the pairs there), nor when the input does not fit (its width, or its
@@ -170,6 +201,16 @@ def _run_mlp_loss(run: MLPRun, input: Tensor, target: Tensor, loss: nn.Module) -
     )  # fmt: skip
 
 
+def _run_chain(pair: ChainPair, input: Tensor) -> Tensor:
+    """The pair on ``input`` as one :func:`linear_chain` node (which itself runs the two layers
+    one by one where the fused node does not apply, with the same result)."""
+    return linear_chain(
+        input, pair.first.weight, pair.first.bias, pair.first_act,
+        pair.second.weight, pair.second.bias, pair.second_act,
+        negative_slope=pair.first_slope, negative_slope2=pair.second_slope,
+    )  # fmt: skip
+
+
 class Sequential(nn.Sequential):
     r"""``nn.Sequential`` whose Linear + activation pairs run as one fused call.
 
@@ -187,6 +228,12 @@ class Sequential(nn.Sequential):
     (:func:`manualbp.autograd.fused_mlp.fused_mlp`): one forward kernel launch, reading the
     modules' own ``weight`` / ``bias`` at each call. ``fuse_mlp = False`` (on the instance)
     turns this off; the pairs are then fused as above.
+
+    On the Triton backend, two consecutive layers (each a Linear with its activation or none)
+    that no fused MLP run takes, e.g. a wide up-projection -> GELU -> down-projection, run as
+    one :func:`~manualbp.autograd.linear_chain.linear_chain` node (:meth:`chain_pairs`): the
+    upper layer's dX GEMM forms the lower layer's activation gradient and bias gradient in its
+    epilogue, so that gradient is never written and read back; results equal the pairs'.
 
     When the last child is a loss (:class:`manualbp.MSELoss` or
     :class:`manualbp.LinearMSELoss`, or ``nn.MSELoss``), the container is called as
@@ -227,6 +274,10 @@ class Sequential(nn.Sequential):
             if out is not None:
                 input, i = out, run.end
                 continue
+            pair = chain_pair(modules, i) if type(module) is Linear else None
+            if pair is not None and resolve(input, pair.first.weight) == "triton":
+                input, i = _run_chain(pair, input), pair.end
+                continue
             fused = fusable_pair(module, modules[i + 1]) if i + 1 < len(modules) else None
             if fused is None:
                 input = module(input)
@@ -247,6 +298,25 @@ class Sequential(nn.Sequential):
             for (name, m), (next_name, n) in itertools.pairwise(items)
             if fusable_pair(m, n) is not None
         ]
+
+    def chain_pairs(self) -> list[tuple[str, str]]:
+        """The first child names of each pair of layers the container runs as one
+        cross-layer-fused node (:func:`~manualbp.autograd.linear_chain.linear_chain`) when
+        called now on the Triton backend, where no fused MLP run takes them."""
+        names, modules = list(self._modules), list(self._modules.values())
+        pairs, i = [], 0
+        while i < len(modules):
+            run = mlp_run(modules, i) if self.fuse_mlp and type(modules[i]) is Linear else None
+            if run is not None:
+                i = run.end
+                continue
+            pair = chain_pair(modules, i) if type(modules[i]) is Linear else None
+            if pair is None:
+                i += 1
+                continue
+            pairs.append((names[pair.start], names[pair.middle]))
+            i = pair.end
+        return pairs
 
     def mlp_runs(self) -> list[list[str]]:
         """The child names of each run the container fuses into one MLP when called now on the

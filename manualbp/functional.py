@@ -14,7 +14,6 @@ model's does. ``torch.compile`` keeps the Functions and their hand-written backw
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import warnings
 from collections.abc import Callable
@@ -24,6 +23,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
+from manualbp import _autocast as autocast
 from manualbp.activations import get_activation
 from manualbp.autograd.linear import LINEAR, as_rows
 from manualbp.autograd.linear_mse import HEAD, default_chunk_rows, head_loss
@@ -220,38 +220,6 @@ def _as_vector(bias: Tensor | None, out_features: int) -> Tensor | None:
     return bias.reshape(-1).expand(out_features)
 
 
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
-
-
-def _autocast_dtype_of(t: Tensor) -> torch.dtype | None:
-    """:func:`_autocast_dtype` for ``t``'s device, without making a device object."""
-    if t.is_cuda:
-        return _autocast_dtype("cuda")
-    return _autocast_dtype("cpu") if t.is_cpu else None
-
-
-def _autocast_cast(cast: torch.dtype | None, *tensors: Tensor | None) -> tuple:
-    """``tensors`` as autocast casts them for a lower-precision op: every floating tensor but
-    float64 goes to the autocast dtype ``cast`` (no-op when autocast is off)."""
-    if cast is None:
-        return tensors
-    return tuple(
-        t.to(cast) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
-        for t in tensors
-    )
-
-
-def _autocast_off(device_type: str, cast: torch.dtype | None):
-    """Autocast switched off for ``device_type`` while manualbp computes in the dtypes it
-    chose, entered only where autocast is on (``cast``): not every device type has one."""
-    if cast is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type, enabled=False)
-
-
 # --------------------------------------------------------------------------------------------
 # linear
 # --------------------------------------------------------------------------------------------
@@ -287,14 +255,14 @@ def linear(
     """
     _check_linear_args(input, weight, bias, negative_slope)
     get_activation(activation)
-    cast = _autocast_dtype_of(input)
+    cast = autocast.dtype_of(input)
     if cast is None:  # the common case: no context to enter
         _check_linear_dtypes(input, weight, bias)
         return _linear(input, weight, bias, activation, float(negative_slope))
     device_type = input.device.type
-    input, weight, bias = _autocast_cast(cast, input, weight, bias)
+    input, weight, bias = autocast.cast(cast, input, weight, bias)
     _check_linear_dtypes(input, weight, bias)
-    with _autocast_off(device_type, cast):
+    with autocast.off(device_type, cast):
         return _linear(input, weight, bias, activation, float(negative_slope))
 
 
@@ -347,7 +315,7 @@ def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
         )
     if target.device != input.device:
         _check_same_device("mse_loss", input=input, target=target)
-    if _autocast_dtype_of(input) is not None:
+    if autocast.dtype_of(input) is not None:
         # Autocast runs mse_loss in float32, widening lower-precision floats.
         input, target = (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
                          for t in (input, target))  # fmt: skip
@@ -404,12 +372,12 @@ def linear_mse_loss(
             is about the size of ``input``.
     """
     out_shape, shape = _check_head_args(input, weight, bias, target, reduction, chunk_rows)
-    cast = _autocast_dtype(input.device.type)
-    input, weight, bias = _autocast_cast(cast, input, weight, bias)
+    cast = autocast.dtype_for(input.device.type)
+    input, weight, bias = autocast.cast(cast, input, weight, bias)
     _check_linear_dtypes(input, weight, bias)
     # Autocast computes the loss in float32 (float64 stays float64), as for F.mse_loss.
     loss_dtype = torch.float32 if cast is not None and input.dtype != torch.float64 else None
-    with _autocast_off(input.device.type, cast):
+    with autocast.off(input.device.type, cast):
         if _head_unfused(input, weight, bias, target, out_shape, shape, loss_dtype):
             y = _linear(input, weight, bias, None, DEFAULT_SLOPE)
             return _mse_loss(y if loss_dtype is None else y.float(), target, reduction)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from manualbp import _autocast as autocast
 from manualbp import functional
 
 __all__ = ["enable", "is_enabled"]
@@ -60,8 +61,8 @@ def _takes_linear(input: object, weight: object, bias: object) -> bool:
     if weight.dim() != 2 or input.dim() < 1 or input.shape[-1] != weight.shape[1]:
         return False
     # The dtypes the op computes in: autocast's, as functional.linear casts them.
-    cast = functional._autocast_dtype(input.device.type)
-    dtypes = {t.dtype for t in functional._autocast_cast(cast, *tensors)}
+    cast = autocast.dtype_for(input.device.type)
+    dtypes = {t.dtype for t in autocast.cast(cast, *tensors)}
     return len(dtypes) == 1 and input.dtype.is_floating_point
 
 

@@ -10,7 +10,6 @@ none). On the Triton backend the forward is one kernel launch and the backward t
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
 
+from manualbp import _autocast as autocast
 from manualbp.activations import Activation, get_activation
 from manualbp.autograd._eager import Forms
 from manualbp.autograd.linear import as_rows
@@ -195,16 +195,12 @@ def _layerwise(input, weights, biases, spec: Spec) -> Tensor:
 
 
 def _autocast(input, weights, biases):
-    device = input.device.type
-    if device not in ("cuda", "cpu") or not torch.is_autocast_enabled(device):
-        return input, weights, biases, contextlib.nullcontext()
-    cast = torch.get_autocast_dtype(device)
-
-    def to(t):
-        return t if t is None or t.dtype == torch.float64 else t.to(cast)
-
-    off = torch.autocast(device, enabled=False)
-    return to(input), [to(w) for w in weights], [to(b) for b in biases], off
+    """The tensors as autocast casts them for ``F.linear``, and the context that switches
+    autocast off (see :mod:`manualbp._autocast`)."""
+    dtype = autocast.dtype_for(input.device.type)
+    input, *params = autocast.cast(dtype, input, *weights, *biases)
+    n = len(weights)
+    return input, params[:n], params[n:], autocast.off(input.device.type, dtype)
 
 
 def fused_mlp(

@@ -30,6 +30,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from torch.autograd import Function
 
+from manualbp import _autocast as autocast
 from manualbp.activations import get_activation, in_place_ok
 from manualbp.autograd._eager import Forms
 from manualbp.autograd.fused_mlp import (
@@ -214,8 +215,7 @@ def fused_mlp_mse_loss(
 
 
 def _autocast_on(input: Tensor) -> bool:
-    device = input.device.type
-    return device in ("cuda", "cpu") and torch.is_autocast_enabled(device)
+    return autocast.dtype_for(input.device.type) is not None
 
 
 def _unfused(input, target, weights, biases, spec: Spec, reduction: str) -> Tensor:

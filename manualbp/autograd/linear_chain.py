@@ -23,6 +23,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from torch.autograd import Function
 
+from manualbp import _autocast as autocast
 from manualbp.activations import Activation, get_activation
 from manualbp.autograd._eager import eager_twin
 from manualbp.autograd.linear import as_rows
@@ -134,19 +135,13 @@ LinearChainFunctionEager = eager_twin(LinearChainFunction)
 # The entry point
 # --------------------------------------------------------------------------------------------
 def _autocast(input: Tensor, params: list[Tensor | None]) -> tuple[Tensor, list, Any]:
-    """The tensors as autocast casts them for ``F.linear`` (floating, not float64, to the
-    autocast dtype), and the context that switches autocast off; unchanged without it."""
-    device = input.device.type
-    if device not in ("cuda", "cpu") or not torch.is_autocast_enabled(device):
+    """The tensors as autocast casts them for ``F.linear``, and the context that switches
+    autocast off, ``None`` without autocast (see :mod:`manualbp._autocast`)."""
+    dtype = autocast.dtype_for(input.device.type)
+    if dtype is None:
         return input, params, None
-    cast = torch.get_autocast_dtype(device)
-
-    def to(t: Tensor | None) -> Tensor | None:
-        if t is None or not t.is_floating_point() or t.dtype == torch.float64:
-            return t
-        return t.to(cast)
-
-    return to(input), [to(p) for p in params], torch.autocast(device, enabled=False)
+    input, *params = autocast.cast(dtype, input, *params)
+    return input, params, autocast.off(input.device.type, dtype)
 
 
 def _fusable(input: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None) -> bool:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import itertools
 from typing import NamedTuple
 
-import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
+from manualbp import _autocast as autocast
 from manualbp import functional
 from manualbp.activations import activation_of_module
 from manualbp.autograd.fused_mlp import MAX_WIDTH, fused_mlp
@@ -152,8 +152,7 @@ def _runs_fused(run: MLPRun, input: Tensor) -> bool:
     w0 = weights[0]
     if input.dim() < 1 or input.shape[-1] != w0.shape[1] or input.device != w0.device:
         return False
-    autocast = input.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(input.device.type)
-    if input.dtype != w0.dtype and not autocast:
+    if input.dtype != w0.dtype and autocast.dtype_of(input) is None:
         return False
     return resolve(input, *weights) == "triton"
 

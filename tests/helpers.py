@@ -29,6 +29,7 @@ __all__ = [
     "DEFAULT_TOLERANCES",
     "assert_close_through_sum",
     "clone_leaf",
+    "count_launches",
     "leaf",
     "linear_abs_sums",
     "make_layout",
@@ -65,3 +66,21 @@ def clone_leaf(t: Tensor) -> Tensor:
     out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
     out.copy_(t.detach())
     return out.requires_grad_(t.requires_grad)
+
+
+def count_launches(monkeypatch, module, names: tuple[str, ...]) -> dict[str, int]:
+    """How often each ``@triton.jit`` kernel ``module.<name>`` is launched (``kernel[grid](...)``)
+    while the test runs: the kernels are wrapped for the test's duration."""
+    counts = dict.fromkeys(names, 0)
+
+    class Counted:
+        def __init__(self, name: str) -> None:
+            self.name, self.kernel = name, getattr(module, name)
+
+        def __getitem__(self, grid):
+            counts[self.name] += 1
+            return self.kernel[grid]
+
+    for name in names:
+        monkeypatch.setattr(module, name, Counted(name))
+    return counts

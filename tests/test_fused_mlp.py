@@ -20,7 +20,7 @@ from torch.autograd import forward_ad
 
 import manualbp
 from manualbp.autograd.fused_mlp import MAX_WIDTH, fused_mlp
-from tests.helpers import ACTIVATION_CASES
+from tests.helpers import ACTIVATION_CASES, count_launches
 
 _KERNELS_RUN = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in (
     "",
@@ -37,19 +37,7 @@ def launches(monkeypatch) -> dict[str, int]:
     """Launch counts of the fused-MLP kernels during the test."""
     from manualbp.kernels import fused_mlp as fm
 
-    counts = dict.fromkeys(KERNELS, 0)
-
-    class Counted:
-        def __init__(self, name):
-            self.name, self.kernel = name, getattr(fm, name)
-
-        def __getitem__(self, grid):
-            counts[self.name] += 1
-            return self.kernel[grid]
-
-    for name in KERNELS:
-        monkeypatch.setattr(fm, name, Counted(name))
-    return counts
+    return count_launches(monkeypatch, fm, KERNELS)
 
 
 def _leaf(t):

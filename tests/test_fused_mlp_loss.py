@@ -20,7 +20,7 @@ from torch import nn
 
 import manualbp
 from manualbp.autograd.fused_mlp_mse import fused_mlp_mse_loss
-from tests.helpers import DEFAULT_TOLERANCES
+from tests.helpers import DEFAULT_TOLERANCES, count_launches
 from tests.test_fused_mlp import DEVICE, _max_abs, needs_kernels
 
 FORWARD = ("mlp_forward_kernel", "mlp_loss_reduce_kernel")
@@ -32,19 +32,7 @@ def launches(monkeypatch) -> dict[str, int]:
     """Launch counts of the fused-MLP kernels during the test."""
     from manualbp.kernels import fused_mlp as fm
 
-    counts = dict.fromkeys(FORWARD + BACKWARD, 0)
-
-    class Counted:
-        def __init__(self, name):
-            self.name, self.kernel = name, getattr(fm, name)
-
-        def __getitem__(self, grid):
-            counts[self.name] += 1
-            return self.kernel[grid]
-
-    for name in counts:
-        monkeypatch.setattr(fm, name, Counted(name))
-    return counts
+    return count_launches(monkeypatch, fm, FORWARD + BACKWARD)
 
 
 def _leaf(t):

@@ -20,7 +20,13 @@ import torch.nn.functional as F
 
 import manualbp
 from manualbp.autograd.linear_chain import LinearChainFunctionEager, linear_chain
-from tests.helpers import ACTIVATION_CASES, ACTIVATION_NAMES, make_layout, native_activation
+from tests.helpers import (
+    ACTIVATION_CASES,
+    ACTIVATION_NAMES,
+    count_launches,
+    make_layout,
+    native_activation,
+)
 
 _KERNELS_RUN = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in (
     "",
@@ -83,20 +89,7 @@ def launches(monkeypatch) -> dict[str, int]:
     """Launch counts of the Linear backward's kernels during the test."""
     from manualbp.kernels import linear_backward as lb
 
-    names = ("act_grad_kernel", "chain_grad_kernel")
-    counts = dict.fromkeys(names, 0)
-
-    class Counted:
-        def __init__(self, name):
-            self.name, self.kernel = name, getattr(lb, name)
-
-        def __getitem__(self, grid):
-            counts[self.name] += 1
-            return self.kernel[grid]
-
-    for name in names:
-        monkeypatch.setattr(lb, name, Counted(name))
-    return counts
+    return count_launches(monkeypatch, lb, ("act_grad_kernel", "chain_grad_kernel"))
 
 
 # --------------------------------------------------------------------------------------------

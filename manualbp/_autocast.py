@@ -27,6 +27,8 @@ def dtype_for(device_type: str) -> torch.dtype | None:
 
 def dtype_of(t: Tensor) -> torch.dtype | None:
     """:func:`dtype_for` ``t``'s device, without making a device object."""
+    if not torch._C._is_any_autocast_enabled():  # the common case, in one call
+        return None
     if t.is_cuda:
         return dtype_for("cuda")
     return dtype_for("cpu") if t.is_cpu else None

@@ -49,6 +49,7 @@ from manualbp.kernels._host import interpreting
 __all__ = [
     "BACKENDS",
     "backend_for",
+    "eager_backend_for",
     "get_backend",
     "interpreter_enabled",
     "resolve",
@@ -99,7 +100,10 @@ def get_backend() -> str:
         return name
     if _process_choice is not None:
         return _process_choice
-    value = _env_value()
+    return _env_choice(_env_value())
+
+
+def _env_choice(value: str | None) -> str:
     if value is None or value in BACKENDS:
         return value or "auto"
     return _check(value or "auto", f"{ENV_VAR} environment variable")
@@ -207,6 +211,29 @@ def backend_for(
     if choice is None:
         choice = get_backend()
     if choice == "auto":  # resolve()'s rule, inline: this runs for every op of every call
+        for t in tensors:
+            if t is not None and not t.is_cuda:
+                return REFERENCE
+        return TRITON if _TRITON_INSTALLED else REFERENCE
+    return TRITON if resolve(*tensors, choice=choice) == "triton" else REFERENCE
+
+
+def eager_backend_for(*tensors: torch.Tensor | None) -> Backend:
+    """:func:`backend_for` for the autograd Functions' eager forms, which run only where no
+    ``torch.func`` transform is active and torch.compile is not tracing: :func:`get_backend`
+    inline, the environment read directly (torch.compile traces ``os.environ`` itself), for
+    the per-call cost of small layers."""
+    choice = _thread_choice.name
+    if choice is None:
+        choice = _process_choice
+        if choice is None:
+            env = os.environ
+            if type(env) is not os._Environ:  # replaced (a test's mock): read it as it asks
+                choice = _env_choice(env.get(ENV_VAR))
+            else:
+                raw = env._data.get(_ENV_KEY)
+                choice = "auto" if raw is None else _env_choice(env.decodevalue(raw))
+    if choice == "auto":
         for t in tensors:
             if t is not None and not t.is_cuda:
                 return REFERENCE

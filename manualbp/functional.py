@@ -24,7 +24,8 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from manualbp import _autocast as autocast
-from manualbp.activations import get_activation
+from manualbp.activations import ACTIVATIONS, get_activation
+from manualbp.autograd._eager import _unwrap_if_dead
 from manualbp.autograd.linear import LINEAR, as_rows
 from manualbp.autograd.linear_mse import HEAD, default_chunk_rows, head_loss
 from manualbp.autograd.mse import MSE, MSELossFunction, broadcast_promoted
@@ -66,6 +67,50 @@ def _records(*tensors: Tensor | None) -> bool:
     return fwAD._current_level >= 0  # inside fwAD.dual_level(): the Functions' jvp
 
 
+# How an entry point runs a call (:func:`_route`).
+PLAIN_OPS = 0  # plain differentiable torch ops: torch.export / torch.jit.trace (_captured)
+NO_GRAPH = 1  # nothing to record: the forward alone, no Function
+FORMS = 2  # a Function, its form picked by Forms.first (torch.compile, torch.func)
+EAGER = 3  # a Function's eager form, applied directly: plain eager autograd
+
+
+def _route(*tensors: Tensor | None) -> int:
+    """:func:`_captured` and :func:`_records` and the choice among the Function's forms in
+    one, each state read once: entry points pay this once per call."""
+    if torch.compiler.is_exporting():
+        return PLAIN_OPS
+    if torch.compiler.is_compiling():
+        return FORMS if _records(*tensors) else NO_GRAPH
+    if torch._C._is_tracing():
+        return PLAIN_OPS
+    if not _records(*tensors):
+        return NO_GRAPH
+    return FORMS if torch._C._are_functorch_transforms_active() else EAGER
+
+
+def _plain_eager(*tensors: Tensor | None) -> bool:
+    """Whether plain eager autograd records this call and nothing else is on: grad mode with
+    one of ``tensors`` requiring grad, and no torch.compile, torch.export, torch.jit.trace,
+    torch.func transform, forward-mode AD, autocast or TorchFunctionMode. Where the call's
+    arguments are also of the common kind, an entry point's fast path then applies its
+    Function's eager form at once: the per-call cost of small layers."""
+    if (
+        not torch.is_grad_enabled()
+        or torch._C._is_torch_function_mode_enabled()
+        or torch._C._is_any_autocast_enabled()
+        or torch._C._are_functorch_transforms_active()
+        or fwAD._current_level >= 0
+        or torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+        or torch._C._is_tracing()  # read only outside torch.compile, which cannot trace it
+    ):
+        return False
+    for t in tensors:  # noqa: SIM110 (any() over a generator costs a frame more per call)
+        if t is not None and t.requires_grad:
+            return True
+    return False
+
+
 # Set while a manualbp entry point runs with a TorchFunctionMode on: manualbp.enable()'s mode
 # (manualbp/overrides.py) then leaves the F.linear / F.mse_loss calls manualbp makes itself to
 # PyTorch. A plain module global, as dispatch's backend choice, so torch.compile can trace it
@@ -81,18 +126,19 @@ def _entry_point(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         global _routing_paused
-        if _jit_tracing():
-            # The argument checks compare traced sizes: not data flow, so no TracerWarning.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        if torch.compiler.is_compiling() or not torch._C._is_tracing():
+            if _routing_paused or not torch._C._is_torch_function_mode_enabled():
                 return fn(*args, **kwargs)
-        if _routing_paused or not torch._C._is_torch_function_mode_enabled():
+            _routing_paused = True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _routing_paused = False
+        # torch.jit.trace: the argument checks compare traced sizes (not data flow), so no
+        # TracerWarning.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             return fn(*args, **kwargs)
-        _routing_paused = True
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            _routing_paused = False
 
     return wrapper
 
@@ -223,7 +269,6 @@ def _as_vector(bias: Tensor | None, out_features: int) -> Tensor | None:
 # --------------------------------------------------------------------------------------------
 # linear
 # --------------------------------------------------------------------------------------------
-@_entry_point
 def linear(
     input: Tensor,
     weight: Tensor,
@@ -253,6 +298,35 @@ def linear(
     Raises:
         ShapeError: (a ``ValueError`` and a ``RuntimeError``) on shapes that do not fit.
     """
+    if (
+        isinstance(input, Tensor)
+        and isinstance(weight, Tensor)
+        and (bias is None or isinstance(bias, Tensor))
+        and _plain_eager(input, weight, bias)  # first: under torch.jit.trace, no size compared
+        and (activation is None or (type(activation) is str and activation in ACTIVATIONS))
+        and type(negative_slope) is float
+        and (dtype := input.dtype).is_floating_point
+        and weight.dtype is dtype
+        and weight.dim() == 2
+        and input.dim() != 0
+        and input.shape[-1] == (w_shape := weight.shape)[1]
+        and (device := input.device) == weight.device
+        and (
+            bias is None
+            or (bias.dtype is dtype and bias.shape == w_shape[:1] and bias.device == device)
+        )
+    ):
+        # The fast path: valid arguments, a vector bias, plain eager autograd.
+        return LINEAR.eager_apply(
+            _unwrap_if_dead(input), _unwrap_if_dead(weight),
+            None if bias is None else _unwrap_if_dead(bias), activation, negative_slope,
+        )  # fmt: skip
+    return _linear_checked(input, weight, bias, activation, negative_slope)
+
+
+@_entry_point
+def _linear_checked(input, weight, bias, activation, negative_slope) -> Tensor:
+    """:func:`linear`, every argument checked, every path."""
     _check_linear_args(input, weight, bias, negative_slope)
     get_activation(activation)
     cast = autocast.dtype_of(input)
@@ -268,15 +342,20 @@ def linear(
 
 def _linear(input, weight, bias, activation, negative_slope) -> Tensor:
     out_features = weight.shape[0]
-    vector_bias = bias is None or bias.shape == (out_features,)
-    if not (vector_bias or _is_vector_bias(bias, out_features)) or _captured():
-        # Plain ops (F.linear, then the activation) for native autograd to record.
-        return REFERENCE.linear_forward(
-            input, weight, bias, get_activation(activation), negative_slope, store_preact=False
-        )[0]
-    bias = _as_vector(bias, out_features)
-    if _records(input, weight, bias):
-        return LINEAR.apply(input, weight, bias, activation, negative_slope)[0]
+    if bias is not None and bias.shape != (out_features,):
+        if not _is_vector_bias(bias, out_features):
+            return _linear_plain(input, weight, bias, activation, negative_slope)
+        bias = _as_vector(bias, out_features)
+    route = _route(input, weight, bias)
+    if route == EAGER:
+        return LINEAR.eager_apply(
+            _unwrap_if_dead(input), _unwrap_if_dead(weight),
+            None if bias is None else _unwrap_if_dead(bias), activation, negative_slope,
+        )  # fmt: skip
+    if route == FORMS:
+        return LINEAR.first(input, weight, bias, activation, negative_slope)
+    if route == PLAIN_OPS:
+        return _linear_plain(input, weight, bias, activation, negative_slope)
     # No graph to record: skip the Function and keep no pre-activation.
     y, _ = backend_for(input, weight, bias).linear_forward(
         input, weight, bias, get_activation(activation), negative_slope, store_preact=False
@@ -284,10 +363,16 @@ def _linear(input, weight, bias, activation, negative_slope) -> Tensor:
     return y
 
 
+def _linear_plain(input, weight, bias, activation, negative_slope) -> Tensor:
+    """Plain ops (F.linear, then the activation) for native autograd to record."""
+    return REFERENCE.linear_forward(
+        input, weight, bias, get_activation(activation), negative_slope, store_preact=False
+    )[0]
+
+
 # --------------------------------------------------------------------------------------------
 # mse_loss
 # --------------------------------------------------------------------------------------------
-@_entry_point
 def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     r"""Mean squared error with a hand-written backward; the semantics of ``F.mse_loss``.
 
@@ -297,16 +382,37 @@ def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     promote to a common dtype; a target that requires grad gets a gradient. Under autocast
     it computes in float32.
     """
+    if (
+        isinstance(input, Tensor)
+        and isinstance(target, Tensor)
+        and _plain_eager(input, target)  # first: under torch.jit.trace, no size compared
+        and reduction in REDUCTIONS
+        and input.dtype is target.dtype
+        and input.dtype.is_floating_point
+        and input.shape == target.shape
+        # Devices: a CPU input with a target elsewhere runs aten's op, which refuses as
+        # F.mse_loss does; on the GPU the kernels need them equal.
+        and (not input.is_cuda or input.device == target.device)
+    ):
+        # The fast path: valid arguments of one shape and dtype, plain eager autograd.
+        return MSE.eager_apply(_unwrap_if_dead(input), _unwrap_if_dead(target), reduction)
+    return _mse_loss_checked(input, target, reduction)
+
+
+@_entry_point
+def _mse_loss_checked(input: Tensor, target: Tensor, reduction: str) -> Tensor:
+    """:func:`mse_loss`, every argument checked, every path."""
     if not (isinstance(input, Tensor) and isinstance(target, Tensor)):
         _require_tensor("input", input, "mse_loss")
         _require_tensor("target", target, "mse_loss")
-    _check_reduction(reduction)
+    if reduction not in REDUCTIONS:
+        _check_reduction(reduction)
     if input.shape != target.shape:
-        _warn_if_sizes_differ(input.size(), target.size(), stacklevel=3)
+        _warn_if_sizes_differ(input.size(), target.size(), stacklevel=4)
         _broadcast("mse_loss", "input", input.shape, target.shape)
     dtype = input.dtype
     if (
-        not (dtype.is_floating_point and target.dtype == dtype)
+        not (dtype.is_floating_point and target.dtype is dtype)
         and not torch.promote_types(dtype, target.dtype).is_floating_point
     ):
         raise TypeError(
@@ -323,10 +429,13 @@ def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
 
 
 def _mse_loss(input: Tensor, target: Tensor, reduction: str) -> Tensor:
-    if _captured():
+    route = _route(input, target)
+    if route == EAGER:
+        return MSE.eager_apply(_unwrap_if_dead(input), _unwrap_if_dead(target), reduction)
+    if route == FORMS:
+        return MSE.first(input, target, reduction)
+    if route == PLAIN_OPS:
         return REFERENCE.mse_forward(*broadcast_promoted(input, target), reduction)[0]
-    if _records(input, target):
-        return MSE.apply(input, target, reduction)[0]
     return MSELossFunction.forward(input, target, reduction)[0]
 
 
@@ -423,5 +532,5 @@ def _fused_head(input, weight, bias, target, out_shape, reduction, loss_dtype, c
     rows = chunk_rows or default_chunk_rows(x.shape[0], weight.shape[1], weight.shape[0])
     args = (x, weight, _as_vector(bias, weight.shape[0]), t, reduction, loss_dtype, rows)
     # With no graph to record, the loss alone, no gradient buffers.
-    loss = HEAD.apply(*args)[0] if _records(input, weight, bias) else head_loss(*args)
+    loss = HEAD.first(*args) if _records(input, weight, bias) else head_loss(*args)
     return loss.view(out_shape) if reduction == "none" else loss

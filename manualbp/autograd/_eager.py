@@ -25,16 +25,25 @@ _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 
 
 def eager_twin(cls: type[Function]) -> type[Function]:
-    """A ``forward(ctx, *args)`` Function running ``cls``'s forward and setup_context (or its
-    ``forward_with_ctx``, which does both), backward and jvp."""
+    """A ``forward(ctx, *args)`` Function running ``cls``'s forward and setup_context, backward
+    and jvp.
 
-    def forward(ctx: Any, *args: Any) -> Any:
-        output = cls.forward(*args)
-        cls.setup_context(ctx, args, output)
-        return output
+    A Function may define the two in one, ``forward_with_ctx(ctx, *args)``, to share work
+    between them and to return its first output alone: what it would return beside it (a
+    pre-activation, a gradient computed in the forward pass) it keeps on ``ctx``, so the twin
+    has one output, the cheaper for autograd to wrap, and its ``backward`` is called with one
+    gradient (the Function's backward takes the others as optional).
+    """
+    fused = getattr(cls, "forward_with_ctx", None)
+    if fused is None:
 
-    # A Function may define the two in one (``forward_with_ctx``), to share work between them.
-    forward = getattr(cls, "forward_with_ctx", forward)
+        def forward(ctx: Any, *args: Any) -> Any:
+            output = cls.forward(*args)
+            cls.setup_context(ctx, args, output)
+            return output
+
+    else:
+        forward = fused
 
     namespace = {
         "forward": staticmethod(forward),
@@ -43,7 +52,13 @@ def eager_twin(cls: type[Function]) -> type[Function]:
         "__module__": cls.__module__,
     }
     if "jvp" in vars(cls):
-        namespace["jvp"] = staticmethod(cls.jvp)
+        jvp = cls.jvp
+        if fused is not None:  # one output: its tangent alone
+
+            def jvp(ctx: Any, *tangents: Any, _jvp: Callable = cls.jvp) -> Any:
+                return _jvp(ctx, *tangents)[0]
+
+        namespace["jvp"] = staticmethod(jvp)
     twin = type(cls.__name__, (Function,), namespace)
     # The engine calls the backward node's ``apply``, which by default looks up backward (and
     # checks that no vjp is defined too) on every call; the twin's node calls it directly.
@@ -69,13 +84,16 @@ class Forms:
     traced: type[Function]
     # ``eager.apply`` as autograd's C++ ``_FunctionBase.apply`` bound to ``eager``: what
     # ``Function.apply`` calls once it has checked for torch.func transforms and unwrapped
-    # the dead ones' tensor wrappers, which :meth:`apply` does itself.
+    # the dead ones' tensor wrappers, which :meth:`first` does itself.
     eager_apply: Callable[..., Any]
+    # Whether the eager form returns the first output alone (``forward_with_ctx``).
+    eager_returns_first: bool
 
     @classmethod
     def of(cls, fn: type[Function]) -> Forms:
         eager = eager_twin(fn)
-        return cls(fn, eager, without_jvp(fn), super(Function, eager).apply)
+        single = hasattr(fn, "forward_with_ctx")
+        return cls(fn, eager, without_jvp(fn), super(Function, eager).apply, single)
 
     def pick(self) -> type[Function]:
         if torch.compiler.is_compiling():
@@ -84,13 +102,20 @@ class Forms:
             return self.canonical
         return self.eager
 
-    def apply(self, *args: Any) -> Any:
-        """``self.pick().apply(*args)``, with the eager form's Python wrapper skipped."""
+    def first(self, *args: Any) -> Any:
+        """The first output of ``self.pick().apply(*args)``, the eager form's Python wrapper
+        skipped."""
         if torch.compiler.is_compiling():
-            return self.traced.apply(*args)
+            return self.traced.apply(*args)[0]
         if torch._C._are_functorch_transforms_active():
-            return self.canonical.apply(*args)
-        # A tensor saved inside a torch.func transform that has since returned (a vjp_fn
-        # called later) is a dead wrapper: ``Function.apply`` unwraps those, and so does this.
-        # See PyTorch's NOTE [functorch vjp and autograd interaction].
-        return self.eager_apply(*[_unwrap_if_dead(a) if isinstance(a, Tensor) else a for a in args])
+            return self.canonical.apply(*args)[0]
+        out = self.eager_apply(*unwrap_dead(args))
+        return out if self.eager_returns_first else out[0]
+
+
+def unwrap_dead(args: tuple) -> list:
+    """``args`` with the tensor wrappers of finished torch.func transforms unwrapped, as
+    ``Function.apply`` does: a tensor saved inside a transform that has since returned (a
+    vjp_fn called later) is a dead wrapper. See PyTorch's NOTE [functorch vjp and autograd
+    interaction]. For callers that have checked that no transform is active."""
+    return [_unwrap_if_dead(a) if isinstance(a, Tensor) else a for a in args]

@@ -14,7 +14,7 @@ from torch.autograd import Function
 from manualbp.activations import Activation, get_activation
 from manualbp.autograd._eager import Forms
 from manualbp.backends import Backend
-from manualbp.dispatch import backend_for, get_backend
+from manualbp.dispatch import backend_for, eager_backend_for, get_backend
 
 
 def forward_ad_on() -> bool:
@@ -60,8 +60,12 @@ class LinearFunction(Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
         input, weight, bias, activation, negative_slope = inputs
+        y, z = output
+        if z is not None:
+            ctx.mark_non_differentiable(z)
+        ctx.set_materialize_grads(False)  # backward gets None, not zeros, for ``preact``
         act = get_activation(activation)
-        _setup_context(ctx, input, weight, bias, act, negative_slope, output, None)
+        _setup_context(ctx, input, weight, bias, act, negative_slope, y, z, None)
 
     @staticmethod
     def forward_with_ctx(
@@ -71,14 +75,15 @@ class LinearFunction(Function):
         bias: Tensor | None,
         activation: str | None,
         negative_slope: float,
-    ) -> tuple[Tensor, Tensor | None]:
-        """``forward`` then ``setup_context`` in one, resolving the backend once for both
-        passes: the eager twin's forward (see ``manualbp/autograd/_eager.py``)."""
-        act = get_activation(activation)
-        backend = backend_for(input, weight, bias)
-        output = _forward(backend, input, weight, bias, act, negative_slope)
-        _setup_context(ctx, input, weight, bias, act, negative_slope, output, backend)
-        return output
+    ) -> Tensor:
+        """``forward`` then ``setup_context`` in one, the eager twin's forward (see
+        ``manualbp/autograd/_eager.py``): the backend is resolved once for both passes, and
+        the output is returned alone (the pre-activation, where kept, is saved on ``ctx``)."""
+        act = None if activation is None else get_activation(activation)
+        backend = eager_backend_for(input, weight, bias)
+        y, z = _forward(backend, input, weight, bias, act, negative_slope)
+        _setup_context(ctx, input, weight, bias, act, negative_slope, y, z, backend)
+        return y
 
     @staticmethod
     def jvp(ctx: Any, input_t, weight_t, bias_t, _activation_t, _slope_t) -> tuple:
@@ -101,7 +106,7 @@ class LinearFunction(Function):
         return ctx.act.grad(z_t, saved, ctx.negative_slope), None
 
     @staticmethod
-    def backward(ctx: Any, grad_output: Tensor | None, _grad_preact: None) -> tuple:
+    def backward(ctx: Any, grad_output: Tensor | None, _grad_preact: None = None) -> tuple:
         """Chain rule through ``Z = X W^T + b`` and ``Y = act(Z)``, given ``dY = dL/dY``:
 
         dZ = dY * act'(Z)            (elementwise; act' read off Y or Z, see activations.py)
@@ -115,14 +120,16 @@ class LinearFunction(Function):
         if grad_output is None:
             return None, None, None, None, None
         input, weight, bias, saved = ctx.saved_tensors
-        needs = tuple(ctx.needs_input_grad[:3])
-        grad_y = as_rows(grad_output)
-        x = None if input is None else as_rows(input)
+        needs = ctx.needs_input_grad[:3]
         differentiable = torch.is_grad_enabled()
-        if saved is not None:
-            if differentiable and ctx.kind == "preact":
-                saved = F.linear(input, weight, bias)
-            saved = as_rows(saved)
+        if saved is not None and differentiable and ctx.kind == "preact":
+            saved = F.linear(input, weight, bias)
+        if grad_output.dim() == 2:  # as_rows of each, inline: the common case
+            grad_y, x = grad_output, input
+        else:
+            grad_y = as_rows(grad_output)
+            x = None if input is None else as_rows(input)
+            saved = None if saved is None else as_rows(saved)
         backend = ctx.backend
         if backend is None or differentiable or torch._C._are_functorch_transforms_active():
             backend = backend_for(
@@ -159,12 +166,13 @@ def _setup_context(
     bias: Tensor | None,
     act: Activation | None,
     negative_slope: float,
-    output: tuple[Tensor, Tensor | None],
+    y: Tensor,
+    z: Tensor | None,
     backend: Backend | None,
 ) -> None:
-    """What backward (and jvp) read. ``backend``: the one forward ran on, which backward
-    reuses (``None``: backward resolves it from the forward thread's choice)."""
-    y, z = output
+    """What backward (and jvp) read. ``z``: the pre-activation, where the forward kept it.
+    ``backend``: the one forward ran on, which backward reuses (``None``: backward resolves
+    it from the forward thread's choice)."""
     kind = "nothing" if act is None else act.saved_for(negative_slope)
     needs_x, needs_w, _ = ctx.needs_input_grad[:3]
     # Keep only what backward reads: X for dW, W for dX, and Y or Z for act'.
@@ -176,9 +184,6 @@ def _setup_context(
         bias if recompute else None,
         y if kind == "output" else z,
     )
-    if z is not None:
-        ctx.mark_non_differentiable(z)
-    ctx.set_materialize_grads(False)
     ctx.act, ctx.negative_slope, ctx.kind, ctx.backend = act, negative_slope, kind, backend
     # Backward may run on another thread (CUDA's autograd thread): keep this one's choice.
     ctx.backend_choice = get_backend() if backend is None else None

@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from torch.autograd import Function
 
 from manualbp.activations import in_place_ok
 from manualbp.autograd._eager import Forms
 from manualbp.backends import Backend
-from manualbp.dispatch import backend_for, get_backend
+from manualbp.dispatch import backend_for, eager_backend_for, get_backend
 
 
 def broadcast_promoted(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -42,24 +43,38 @@ class MSELossFunction(Function):
     @staticmethod
     def forward(input: Tensor, target: Tensor, reduction: str) -> tuple[Tensor, Tensor | None]:
         x, t = broadcast_promoted(input, target)
-        return _forward(backend_for(x, t), input, target, x, t, reduction)
+        wants_grad = input.requires_grad or target.requires_grad
+        return backend_for(x, t).mse_forward(x, t, reduction, compute_grad=wants_grad)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
         input, target, reduction = inputs
-        _setup_context(ctx, input, target, reduction, output, None)
+        grad = output[1]
+        if grad is not None:
+            ctx.mark_non_differentiable(grad)
+        ctx.set_materialize_grads(False)  # backward gets None, not zeros, for ``grad``
+        same = input.shape == target.shape and input.dtype == target.dtype
+        _setup_context(ctx, input, target, reduction, grad, None, same)
 
     @staticmethod
-    def forward_with_ctx(
-        ctx: Any, input: Tensor, target: Tensor, reduction: str
-    ) -> tuple[Tensor, Tensor | None]:
-        """``forward`` then ``setup_context`` in one, resolving the backend once for both
-        passes: the eager twin's forward (see ``manualbp/autograd/_eager.py``)."""
-        x, t = broadcast_promoted(input, target)
-        backend = backend_for(x, t)
-        output = _forward(backend, input, target, x, t, reduction)
-        _setup_context(ctx, input, target, reduction, output, backend)
-        return output
+    def forward_with_ctx(ctx: Any, input: Tensor, target: Tensor, reduction: str) -> Tensor:
+        """``forward`` then ``setup_context`` in one, the eager twin's forward (see
+        ``manualbp/autograd/_eager.py``): the backend is resolved once for both passes, and
+        the loss is returned alone (a gradient computed beside it stays on ``ctx``)."""
+        same = input.dtype is target.dtype and input.shape == target.shape
+        x, t = (input, target) if same else broadcast_promoted(input, target)
+        backend = eager_backend_for(x, t)
+        loss, grad = backend.mse_forward(
+            x, t, reduction, compute_grad=input.requires_grad or target.requires_grad
+        )
+        # _setup_context, inline; forward_saved only where a jvp can run (forward-mode AD
+        # on: no torch.func transform is, or the canonical form would run).
+        ctx.save_for_backward(input, target)
+        ctx.grad, ctx.reduction, ctx.backend, ctx.same = grad, reduction, backend, same
+        ctx.backend_choice = None
+        if fwAD._current_level >= 0:
+            ctx.forward_saved = (input, target)
+        return loss
 
     @staticmethod
     def jvp(ctx: Any, input_t: Tensor | None, target_t: Tensor | None, _reduction_t: None):
@@ -84,7 +99,7 @@ class MSELossFunction(Function):
 
     @staticmethod
     def backward(
-        ctx: Any, grad_output: Tensor | None, _grad_grad: None
+        ctx: Any, grad_output: Tensor | None, _grad_grad: None = None
     ) -> tuple[Tensor | None, Tensor | None, None]:
         """With ``D = input - target`` over the N broadcast elements and ``g = dL_out``:
 
@@ -96,41 +111,36 @@ class MSELossFunction(Function):
         if grad_output is None:
             return None, None, None
         input, target = ctx.saved_tensors
+        same = ctx.same
         precomputed = ctx.grad
-        needs_input, needs_target = ctx.needs_input_grad[:2]
-        differentiable = torch.is_grad_enabled()
-        if precomputed is not None and in_place_ok(grad_output) and not ctx.consumed:
+        if precomputed is not None and in_place_ok(grad_output):
             # 2D/N (or 2D) from the forward pass, times g; the backend may scale it in place,
-            # so a second backward (retain_graph) recomputes instead.
-            ctx.consumed = True
-            ctx.grad = None  # so that AccumulateGrad may take the result rather than copy it
+            # so it is used once: a second backward (retain_graph) recomputes. Dropped from
+            # ctx, so that AccumulateGrad may also take the result rather than copy it.
+            ctx.grad = None
             backend = ctx.backend or backend_for(
                 precomputed, grad_output, choice=ctx.backend_choice
             )
             grad = backend.mse_grad_scale(precomputed, grad_output)
         else:
-            x, t = broadcast_promoted(input, target)
+            x, t = (input, target) if same else broadcast_promoted(input, target)
             backend = ctx.backend
-            if backend is None or differentiable or torch._C._are_functorch_transforms_active():
+            if (
+                backend is None
+                or torch.is_grad_enabled()
+                or torch._C._are_functorch_transforms_active()
+            ):
                 backend = backend_for(
-                    grad_output, x, t, differentiable=differentiable, choice=ctx.backend_choice
-                )
+                    grad_output, x, t, differentiable=torch.is_grad_enabled(),
+                    choice=ctx.backend_choice,
+                )  # fmt: skip
             grad = backend.mse_backward(grad_output, x, t, ctx.reduction)
-        grad_input = grad_target = None
-        if needs_input:
-            grad_input = _reduce_to(grad, input)
-        if needs_target:
-            grad_target = _reduce_to(-grad, target)
+        needs_input, needs_target, _ = ctx.needs_input_grad
+        if same:  # no broadcast dimension to sum over, no promotion to undo
+            return (grad if needs_input else None), (-grad if needs_target else None), None
+        grad_input = None if not needs_input else _reduce_to(grad, input)
+        grad_target = None if not needs_target else _reduce_to(-grad, target)
         return grad_input, grad_target, None
-
-
-def _forward(
-    backend: Backend, input: Tensor, target: Tensor, x: Tensor, t: Tensor, reduction: str
-) -> tuple[Tensor, Tensor | None]:
-    """The loss (and, where the backend computes it in the same pass, its gradient for an
-    upstream gradient of 1) of the broadcast, promoted ``x`` and ``t``."""
-    wants_grad = input.requires_grad or target.requires_grad
-    return backend.mse_forward(x, t, reduction, compute_grad=wants_grad)
 
 
 def _setup_context(
@@ -138,18 +148,17 @@ def _setup_context(
     input: Tensor,
     target: Tensor,
     reduction: str,
-    output: tuple[Tensor, Tensor | None],
+    grad: Tensor | None,
     backend: Backend | None,
+    same: bool,
 ) -> None:
-    """What backward (and jvp) read. ``backend``: the one forward ran on, which backward
-    reuses (``None``: backward resolves it from the forward thread's choice)."""
-    grad = output[1]
+    """What backward (and jvp) read. ``grad``: the gradient the forward pass computed, if
+    any. ``backend``: the one forward ran on, which backward reuses (``None``: backward
+    resolves it from the forward thread's choice). ``same``: whether ``input`` and
+    ``target`` have one shape and dtype (nothing broadcast or promoted)."""
     ctx.save_for_backward(input, target)
-    ctx.grad = grad  # not saved_tensors: backward may scale it in place
-    if grad is not None:
-        ctx.mark_non_differentiable(grad)
-    ctx.set_materialize_grads(False)
-    ctx.reduction, ctx.consumed, ctx.backend = reduction, False, backend
+    ctx.grad = grad  # not saved_tensors: backward may scale it in place, once
+    ctx.reduction, ctx.backend, ctx.same = reduction, backend, same
     ctx.forward_saved = (input, target)
     # Backward may run on another thread (CUDA's autograd thread): keep this one's choice.
     ctx.backend_choice = get_backend() if backend is None else None

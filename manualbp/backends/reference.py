@@ -18,6 +18,27 @@ __all__ = ["ReferenceBackend", "REFERENCE"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}  # aten's at::Reduction
+_ZEROS: dict[object, Tensor] = {}  # by dtype (CPU) or (dtype, device)
+# Up to this many elements the MSE gradient takes one op fewer (addcmul with two 0-dim
+# operands); above, the in-place passes, which vectorise (addcmul does not, with two such).
+_FEW = 2048
+
+
+def _zero(like: Tensor) -> Tensor:
+    """A 0-dim zero of ``like``'s dtype and device, made once per pair for plain tensors
+    (tensor subclasses, fake tensors, dispatch modes and torch.compile get a fresh one)."""
+    if (
+        torch.compiler.is_compiling()
+        or type(like) is not Tensor
+        or torch._C._len_torch_dispatch_stack()
+    ):
+        return like.new_zeros(())
+    key = like.dtype if like.is_cpu else (like.dtype, like.device)
+    zero = _ZEROS.get(key)
+    if zero is None:
+        with torch.inference_mode(False):  # usable outside an inference_mode block too
+            zero = _ZEROS[key] = torch.zeros((), dtype=like.dtype, device=like.device)
+    return zero
 
 
 class ReferenceBackend:
@@ -65,8 +86,8 @@ class ReferenceBackend:
             grad_z = act.grad(grad_y.float(), saved.float(), negative_slope).to(grad_y.dtype)
         else:
             grad_z = act.grad(grad_y, saved, negative_slope)
-        dx = grad_z @ weight if needs_grad[0] else None
-        dw = grad_z.mT @ x if needs_grad[1] else None
+        dx = torch.mm(grad_z, weight) if needs_grad[0] else None
+        dw = torch.mm(grad_z.t(), x) if needs_grad[1] else None
         db = grad_z.sum(0) if needs_grad[2] else None
         return dx, dw, db
 
@@ -132,7 +153,9 @@ class ReferenceBackend:
         """``L = reduce((input - target)^2)`` (the forward is aten's own, so the loss is
         bitwise native's); the gradient is left to :meth:`mse_backward`."""
         code = _REDUCTION_ENUM.get(reduction)
-        if code is None or any_dtensor(input, target):
+        if code is None or (
+            (type(input) is not Tensor or type(target) is not Tensor) and any_dtensor(input, target)
+        ):
             if reduction == "mean" and sharded(input, target):
                 # DTensor's mean averages the shards' means, which is off for uneven shards.
                 return F.mse_loss(input, target, reduction="sum") / input.numel(), None
@@ -151,12 +174,23 @@ class ReferenceBackend:
         and dL/dy = -dL/dx in every case.
         """
         # max(., 1): an empty mean has an empty gradient, whatever the factor.
-        norm = 2.0 / max(input.numel(), 1) if reduction == "mean" else 2.0
-        if not in_place_ok(grad_output, input):  # recorded for double backward, or batched
+        n = input.numel()
+        norm = 2.0 / max(n, 1) if reduction == "mean" else 2.0
+        plain = type(input) is Tensor and type(target) is Tensor and type(grad_output) is Tensor
+        if not plain and any_dtensor(input, target, grad_output):
             return norm * (input - target) * grad_output
+        residual = torch.sub(input, target)
+        if n <= _FEW:
+            # Latency-bound: the fewest ops. (norm * (x - y)) * g, aten's order, as
+            # 0 + norm * (x - y) * g: addcmul takes the factor as a plain scalar (a Python
+            # float operand costs a tensor per call); differentiable, as double backward and
+            # torch.func need.
+            return torch.addcmul(_zero(residual), residual, grad_output, value=norm)
+        if not in_place_ok(grad_output, input):  # recorded for double backward, or batched
+            return norm * residual * grad_output
         if grad_output.dim() == 0:  # one pass over the residual: scale by g * norm at once
-            return torch.sub(input, target).mul_(grad_output * norm)
-        return torch.sub(input, target).mul_(norm).mul_(grad_output)
+            return residual.mul_(grad_output * norm)
+        return residual.mul_(norm).mul_(grad_output)
 
     @staticmethod
     def mse_grad_scale(grad: Tensor, grad_output: Tensor) -> Tensor:

@@ -139,6 +139,11 @@ def routed(*tensors: Tensor | None) -> bool:
 
 def any_dtensor(*tensors: object) -> bool:
     """Whether any of ``tensors`` is a ``DTensor``."""
+    for t in tensors:
+        if type(t) not in _PLAIN:
+            break
+    else:
+        return False  # the common case: plain tensors (or None) only
     if _dtensor is None and not _lookup():
         return False
     if _dtensor is not None:

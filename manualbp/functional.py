@@ -88,27 +88,33 @@ def _route(*tensors: Tensor | None) -> int:
     return FORMS if torch._C._are_functorch_transforms_active() else EAGER
 
 
-def _plain_eager(*tensors: Tensor | None) -> bool:
-    """Whether plain eager autograd records this call and nothing else is on: grad mode with
-    one of ``tensors`` requiring grad, and no torch.compile, torch.export, torch.jit.trace,
-    torch.func transform, forward-mode AD, autocast or TorchFunctionMode. Where the call's
-    arguments are also of the common kind, an entry point's fast path then applies its
-    Function's eager form at once: the per-call cost of small layers."""
+# The state reads of _plain_eager, bound once (no attribute look-ups per call).
+_grad_enabled = torch.is_grad_enabled
+_function_mode_on = torch._C._is_torch_function_mode_enabled
+_autocast_on = torch._C._is_any_autocast_enabled
+_transforms_on = torch._C._are_functorch_transforms_active
+_compiling = torch.compiler.is_compiling
+_jit_trace_state = torch._C._is_tracing
+
+
+def _plain_eager(a: Tensor, b: Tensor, c: Tensor | None = None) -> bool:
+    """Whether plain eager autograd records a call on ``a``, ``b`` (and ``c``) and nothing
+    else is on: grad mode with one of them requiring grad, and no torch.compile,
+    torch.export, torch.jit.trace, torch.func transform, forward-mode AD, autocast or
+    TorchFunctionMode. Where the call's arguments are also of the common kind, an entry
+    point's fast path then applies its Function's eager form at once: the per-call cost of
+    small layers. (torch.export sets torch.compile's flag too, strict or not.)"""
     if (
-        not torch.is_grad_enabled()
-        or torch._C._is_torch_function_mode_enabled()
-        or torch._C._is_any_autocast_enabled()
-        or torch._C._are_functorch_transforms_active()
+        not _grad_enabled()
+        or _function_mode_on()
+        or _autocast_on()
+        or _transforms_on()
         or fwAD._current_level >= 0
-        or torch.compiler.is_compiling()
-        or torch.compiler.is_exporting()
-        or torch._C._is_tracing()  # read only outside torch.compile, which cannot trace it
+        or _compiling()
+        or _jit_trace_state()  # read only outside torch.compile, which cannot trace it
     ):
         return False
-    for t in tensors:  # noqa: SIM110 (any() over a generator costs a frame more per call)
-        if t is not None and t.requires_grad:
-            return True
-    return False
+    return a.requires_grad or b.requires_grad or (c is not None and c.requires_grad)
 
 
 # Set while a manualbp entry point runs with a TorchFunctionMode on: manualbp.enable()'s mode

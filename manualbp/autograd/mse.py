@@ -14,6 +14,9 @@ from manualbp.autograd._eager import Forms
 from manualbp.backends import Backend
 from manualbp.dispatch import backend_for, eager_backend_for, get_backend
 
+_grad_enabled = torch.is_grad_enabled  # bound once: read on every backward
+_transforms_on = torch._C._are_functorch_transforms_active
+
 
 def broadcast_promoted(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """``input`` and ``target`` as same-shape views (stride 0 where broadcast) in their
@@ -68,10 +71,9 @@ class MSELossFunction(Function):
             x, t, reduction, compute_grad=input.requires_grad or target.requires_grad
         )
         # _setup_context, inline; forward_saved only where a jvp can run (forward-mode AD
-        # on: no torch.func transform is, or the canonical form would run).
+        # on; no torch.func transform is, or the canonical form would run).
         ctx.save_for_backward(input, target)
-        ctx.grad, ctx.reduction, ctx.backend, ctx.same = grad, reduction, backend, same
-        ctx.backend_choice = None
+        ctx.grad, ctx.spec = grad, (reduction, backend, same, None)
         if fwAD._current_level >= 0:
             ctx.forward_saved = (input, target)
         return loss
@@ -91,9 +93,10 @@ class MSELossFunction(Function):
             zeros if target_t is None else target_t.to(x.dtype)
         )
         loss_t = 2 * (x - t) * d_t
-        if ctx.reduction == "mean":
+        reduction = ctx.spec[0]
+        if reduction == "mean":
             loss_t = loss_t.mean()
-        elif ctx.reduction == "sum":
+        elif reduction == "sum":
             loss_t = loss_t.sum()
         return loss_t, None
 
@@ -111,30 +114,23 @@ class MSELossFunction(Function):
         if grad_output is None:
             return None, None, None
         input, target = ctx.saved_tensors
-        same = ctx.same
+        reduction, backend, same, backend_choice = ctx.spec
         precomputed = ctx.grad
         if precomputed is not None and in_place_ok(grad_output):
             # 2D/N (or 2D) from the forward pass, times g; the backend may scale it in place,
             # so it is used once: a second backward (retain_graph) recomputes. Dropped from
             # ctx, so that AccumulateGrad may also take the result rather than copy it.
             ctx.grad = None
-            backend = ctx.backend or backend_for(
-                precomputed, grad_output, choice=ctx.backend_choice
-            )
+            backend = backend or backend_for(precomputed, grad_output, choice=backend_choice)
             grad = backend.mse_grad_scale(precomputed, grad_output)
         else:
             x, t = (input, target) if same else broadcast_promoted(input, target)
-            backend = ctx.backend
-            if (
-                backend is None
-                or torch.is_grad_enabled()
-                or torch._C._are_functorch_transforms_active()
-            ):
+            if backend is None or _grad_enabled() or _transforms_on():
                 backend = backend_for(
                     grad_output, x, t, differentiable=torch.is_grad_enabled(),
-                    choice=ctx.backend_choice,
+                    choice=backend_choice,
                 )  # fmt: skip
-            grad = backend.mse_backward(grad_output, x, t, ctx.reduction)
+            grad = backend.mse_backward(grad_output, x, t, reduction)
         needs_input, needs_target, _ = ctx.needs_input_grad
         if same:  # no broadcast dimension to sum over, no promotion to undo
             return (grad if needs_input else None), (-grad if needs_target else None), None
@@ -152,16 +148,17 @@ def _setup_context(
     backend: Backend | None,
     same: bool,
 ) -> None:
-    """What backward (and jvp) read. ``grad``: the gradient the forward pass computed, if
-    any. ``backend``: the one forward ran on, which backward reuses (``None``: backward
-    resolves it from the forward thread's choice). ``same``: whether ``input`` and
-    ``target`` have one shape and dtype (nothing broadcast or promoted)."""
+    """What backward (and jvp) read: ``input`` and ``target`` (saved), ``ctx.grad`` (the
+    gradient the forward pass computed, if any) and ``ctx.spec`` = ``(reduction, backend,
+    same, backend_choice)``, one attribute for the per-call cost: ``backend`` is the one
+    forward ran on, which backward reuses (``None``: backward resolves ``backend_choice``,
+    the forward thread's setting); ``same``: whether ``input`` and ``target`` have one shape
+    and dtype (nothing broadcast or promoted). The eager form's forward sets the same."""
     ctx.save_for_backward(input, target)
     ctx.grad = grad  # not saved_tensors: backward may scale it in place, once
-    ctx.reduction, ctx.backend, ctx.same = reduction, backend, same
-    ctx.forward_saved = (input, target)
     # Backward may run on another thread (CUDA's autograd thread): keep this one's choice.
-    ctx.backend_choice = get_backend() if backend is None else None
+    ctx.spec = (reduction, backend, same, get_backend() if backend is None else None)
+    ctx.forward_saved = (input, target)
 
 
 def _reduce_to(grad: Tensor, operand: Tensor) -> Tensor:

@@ -25,17 +25,16 @@ _FEW = 2048
 
 
 def _zero(like: Tensor) -> Tensor:
-    """A 0-dim zero of ``like``'s dtype and device, made once per pair for plain tensors
-    (tensor subclasses, fake tensors, dispatch modes and torch.compile get a fresh one)."""
-    if (
-        torch.compiler.is_compiling()
-        or type(like) is not Tensor
-        or torch._C._len_torch_dispatch_stack()
-    ):
+    """A 0-dim zero of ``like``'s dtype and device: for plain tensors one made once per pair
+    (kept only when made in plain eager mode: not while torch.compile traces, nor under a
+    dispatch mode such as FakeTensorMode); tensor subclasses and fake tensors get a fresh one."""
+    if type(like) is not Tensor:
         return like.new_zeros(())
     key = like.dtype if like.is_cpu else (like.dtype, like.device)
     zero = _ZEROS.get(key)
     if zero is None:
+        if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+            return like.new_zeros(())
         with torch.inference_mode(False):  # usable outside an inference_mode block too
             zero = _ZEROS[key] = torch.zeros((), dtype=like.dtype, device=like.device)
     return zero
@@ -185,7 +184,10 @@ class ReferenceBackend:
             # 0 + norm * (x - y) * g: addcmul takes the factor as a plain scalar (a Python
             # float operand costs a tensor per call); differentiable, as double backward and
             # torch.func need.
-            return torch.addcmul(_zero(residual), residual, grad_output, value=norm)
+            zero = _ZEROS.get(residual.dtype) if residual.is_cpu else None  # _zero's hit
+            if zero is None or not plain:
+                zero = _zero(residual)
+            return torch.addcmul(zero, residual, grad_output, value=norm)
         if not in_place_ok(grad_output, input):  # recorded for double backward, or batched
             return norm * residual * grad_output
         if grad_output.dim() == 0:  # one pass over the residual: scale by g * norm at once

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from manualbp import _autocast as autocast
 from manualbp.activations import ACTIVATIONS, get_activation
-from manualbp.autograd._eager import _unwrap_if_dead
+from manualbp.autograd._eager import _unwrap_if_dead, grad_enabled, transforms_active
 from manualbp.autograd.linear import LINEAR, as_rows
 from manualbp.autograd.linear_mse import HEAD, default_chunk_rows, head_loss
 from manualbp.autograd.mse import MSE, MSELossFunction, broadcast_promoted
@@ -67,32 +67,9 @@ def _records(*tensors: Tensor | None) -> bool:
     return fwAD._current_level >= 0  # inside fwAD.dual_level(): the Functions' jvp
 
 
-# How an entry point runs a call (:func:`_route`).
-PLAIN_OPS = 0  # plain differentiable torch ops: torch.export / torch.jit.trace (_captured)
-NO_GRAPH = 1  # nothing to record: the forward alone, no Function
-FORMS = 2  # a Function, its form picked by Forms.first (torch.compile, torch.func)
-EAGER = 3  # a Function's eager form, applied directly: plain eager autograd
-
-
-def _route(*tensors: Tensor | None) -> int:
-    """:func:`_captured` and :func:`_records` and the choice among the Function's forms in
-    one, each state read once: entry points pay this once per call."""
-    if torch.compiler.is_exporting():
-        return PLAIN_OPS
-    if torch.compiler.is_compiling():
-        return FORMS if _records(*tensors) else NO_GRAPH
-    if torch._C._is_tracing():
-        return PLAIN_OPS
-    if not _records(*tensors):
-        return NO_GRAPH
-    return FORMS if torch._C._are_functorch_transforms_active() else EAGER
-
-
-# The state reads of _plain_eager, bound once (no attribute look-ups per call).
-_grad_enabled = torch.is_grad_enabled
+# The other state reads of _plain_eager, bound once (no attribute look-ups per call).
 _function_mode_on = torch._C._is_torch_function_mode_enabled
 _autocast_on = torch._C._is_any_autocast_enabled
-_transforms_on = torch._C._are_functorch_transforms_active
 _compiling = torch.compiler.is_compiling
 _jit_trace_state = torch._C._is_tracing
 
@@ -105,10 +82,10 @@ def _plain_eager(a: Tensor, b: Tensor, c: Tensor | None = None) -> bool:
     point's fast path then applies its Function's eager form at once: the per-call cost of
     small layers. (torch.export sets torch.compile's flag too, strict or not.)"""
     if (
-        not _grad_enabled()
+        not grad_enabled()
         or _function_mode_on()
         or _autocast_on()
-        or _transforms_on()
+        or transforms_active()
         or fwAD._current_level >= 0
         or _compiling()
         or _jit_trace_state()  # read only outside torch.compile, which cannot trace it
@@ -132,19 +109,18 @@ def _entry_point(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         global _routing_paused
-        if torch.compiler.is_compiling() or not torch._C._is_tracing():
-            if _routing_paused or not torch._C._is_torch_function_mode_enabled():
+        if _jit_tracing():
+            # The argument checks compare traced sizes: not data flow, so no TracerWarning.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 return fn(*args, **kwargs)
-            _routing_paused = True
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                _routing_paused = False
-        # torch.jit.trace: the argument checks compare traced sizes (not data flow), so no
-        # TracerWarning.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        if _routing_paused or not torch._C._is_torch_function_mode_enabled():
             return fn(*args, **kwargs)
+        _routing_paused = True
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _routing_paused = False
 
     return wrapper
 
@@ -348,32 +324,20 @@ def _linear_checked(input, weight, bias, activation, negative_slope) -> Tensor:
 
 def _linear(input, weight, bias, activation, negative_slope) -> Tensor:
     out_features = weight.shape[0]
-    if bias is not None and bias.shape != (out_features,):
-        if not _is_vector_bias(bias, out_features):
-            return _linear_plain(input, weight, bias, activation, negative_slope)
-        bias = _as_vector(bias, out_features)
-    route = _route(input, weight, bias)
-    if route == EAGER:
-        return LINEAR.eager_apply(
-            _unwrap_if_dead(input), _unwrap_if_dead(weight),
-            None if bias is None else _unwrap_if_dead(bias), activation, negative_slope,
-        )  # fmt: skip
-    if route == FORMS:
+    vector_bias = bias is None or bias.shape == (out_features,)
+    if not (vector_bias or _is_vector_bias(bias, out_features)) or _captured():
+        # Plain ops (F.linear, then the activation) for native autograd to record.
+        return REFERENCE.linear_forward(
+            input, weight, bias, get_activation(activation), negative_slope, store_preact=False
+        )[0]
+    bias = _as_vector(bias, out_features)
+    if _records(input, weight, bias):
         return LINEAR.first(input, weight, bias, activation, negative_slope)
-    if route == PLAIN_OPS:
-        return _linear_plain(input, weight, bias, activation, negative_slope)
     # No graph to record: skip the Function and keep no pre-activation.
     y, _ = backend_for(input, weight, bias).linear_forward(
         input, weight, bias, get_activation(activation), negative_slope, store_preact=False
     )
     return y
-
-
-def _linear_plain(input, weight, bias, activation, negative_slope) -> Tensor:
-    """Plain ops (F.linear, then the activation) for native autograd to record."""
-    return REFERENCE.linear_forward(
-        input, weight, bias, get_activation(activation), negative_slope, store_preact=False
-    )[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -411,14 +375,13 @@ def _mse_loss_checked(input: Tensor, target: Tensor, reduction: str) -> Tensor:
     if not (isinstance(input, Tensor) and isinstance(target, Tensor)):
         _require_tensor("input", input, "mse_loss")
         _require_tensor("target", target, "mse_loss")
-    if reduction not in REDUCTIONS:
-        _check_reduction(reduction)
+    _check_reduction(reduction)
     if input.shape != target.shape:
         _warn_if_sizes_differ(input.size(), target.size(), stacklevel=4)
         _broadcast("mse_loss", "input", input.shape, target.shape)
     dtype = input.dtype
     if (
-        not (dtype.is_floating_point and target.dtype is dtype)
+        not (dtype.is_floating_point and target.dtype == dtype)
         and not torch.promote_types(dtype, target.dtype).is_floating_point
     ):
         raise TypeError(
@@ -435,13 +398,10 @@ def _mse_loss_checked(input: Tensor, target: Tensor, reduction: str) -> Tensor:
 
 
 def _mse_loss(input: Tensor, target: Tensor, reduction: str) -> Tensor:
-    route = _route(input, target)
-    if route == EAGER:
-        return MSE.eager_apply(_unwrap_if_dead(input), _unwrap_if_dead(target), reduction)
-    if route == FORMS:
-        return MSE.first(input, target, reduction)
-    if route == PLAIN_OPS:
+    if _captured():
         return REFERENCE.mse_forward(*broadcast_promoted(input, target), reduction)[0]
+    if _records(input, target):
+        return MSE.first(input, target, reduction)
     return MSELossFunction.forward(input, target, reduction)[0]
 
 

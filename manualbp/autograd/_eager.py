@@ -22,6 +22,9 @@ from torch.autograd import Function
 __all__ = ["Forms", "eager_twin", "without_jvp"]
 
 _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+# Mode reads the eager paths make on every call, bound once (no attribute look-ups per call).
+grad_enabled = torch.is_grad_enabled
+transforms_active = torch._C._are_functorch_transforms_active
 
 
 def eager_twin(cls: type[Function]) -> type[Function]:
@@ -98,7 +101,7 @@ class Forms:
     def pick(self) -> type[Function]:
         if torch.compiler.is_compiling():
             return self.traced
-        if torch._C._are_functorch_transforms_active():
+        if transforms_active():
             return self.canonical
         return self.eager
 
@@ -107,7 +110,7 @@ class Forms:
         skipped."""
         if torch.compiler.is_compiling():
             return self.traced.apply(*args)[0]
-        if torch._C._are_functorch_transforms_active():
+        if transforms_active():
             return self.canonical.apply(*args)[0]
         out = self.eager_apply(*unwrap_dead(args))
         return out if self.eager_returns_first else out[0]

@@ -10,12 +10,9 @@ from torch import Tensor
 from torch.autograd import Function
 
 from manualbp.activations import in_place_ok
-from manualbp.autograd._eager import Forms
+from manualbp.autograd._eager import Forms, grad_enabled, transforms_active
 from manualbp.backends import Backend
 from manualbp.dispatch import backend_for, eager_backend_for, get_backend
-
-_grad_enabled = torch.is_grad_enabled  # bound once: read on every backward
-_transforms_on = torch._C._are_functorch_transforms_active
 
 
 def broadcast_promoted(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -125,9 +122,9 @@ class MSELossFunction(Function):
             grad = backend.mse_grad_scale(precomputed, grad_output)
         else:
             x, t = (input, target) if same else broadcast_promoted(input, target)
-            if backend is None or _grad_enabled() or _transforms_on():
+            if backend is None or grad_enabled() or transforms_active():
                 backend = backend_for(
-                    grad_output, x, t, differentiable=torch.is_grad_enabled(),
+                    grad_output, x, t, differentiable=grad_enabled(),
                     choice=backend_choice,
                 )  # fmt: skip
             grad = backend.mse_backward(grad_output, x, t, reduction)

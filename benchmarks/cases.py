@@ -21,7 +21,7 @@ Providers:
   ``Sequential`` runs the Linear/ReLU chain as one fused MLP at call time;
 * ``manualbp_triton`` / ``manualbp_cublas`` (Linear cases built with ``candidates=True``):
   ``manualbp.Linear`` with one candidate of the Triton backend's per-shape Linear choice forced
-  (``manualbp.backends.linear_choice.force``) around every call, backward included: the fused
+  (``manualbp.kernels.linear.force``) around every call, backward included: the fused
   Triton kernels, or cuBLAS plus the Triton elementwise passes. ``manualbp`` itself runs the
   choice (``auto``: the faster of the two, measured at the first call of each shape bucket).
   They apply where manualbp runs its Triton backend (on the CPU's reference path there is
@@ -87,7 +87,7 @@ MANUALBP_CONVERT = "manualbp_convert"
 MANUALBP_TRITON = "manualbp_triton"
 MANUALBP_CUBLAS = "manualbp_cublas"
 # The providers that force one candidate of the Linear choice: provider -> candidate
-# (manualbp.backends.linear_choice.IMPLS).
+# (manualbp.kernels.linear.IMPLS).
 LINEAR_CANDIDATES = {MANUALBP_TRITON: "triton", MANUALBP_CUBLAS: "cublas"}
 # The providers that run torch.compile (skipped on CPU unless --cpu-compile).
 COMPILE_PROVIDERS = (COMPILE, COMPILE_MAX_AUTOTUNE)
@@ -282,7 +282,7 @@ def _gemms_manualbp(weight: Tensor) -> tuple[Prepare, Run]:
     try:
         from manualbp.kernels._matmul import matmul
         from manualbp.kernels._splitk import splitk_matmul
-        from manualbp.kernels.linear_forward import linear_forward
+        from manualbp.kernels.linear import FORWARDS
     except Exception as e:
         raise UnavailableError(f"manualbp's GEMM kernels: {type(e).__name__}: {e}") from e
     w = weight.detach()
@@ -290,7 +290,7 @@ def _gemms_manualbp(weight: Tensor) -> tuple[Prepare, Run]:
     def run(s: dict[str, Any]) -> None:
         x, g = s["x"].detach(), s["gy"]
         with torch.cuda.device(x.device):
-            linear_forward(x, w, None, None, store_preact=False)
+            FORWARDS["triton"](x, w, None, None, 0.0, torch.empty_like(g), None)
             matmul(g, w)
             splitk_matmul(g.t(), x)
 
@@ -305,12 +305,13 @@ def _gemms_measured_by_manualbp() -> tuple[Prepare, Run]:
 
 
 def _linear_choice() -> Any:
-    """``manualbp.backends.linear_choice`` (UnavailableError where it does not exist)."""
+    """``manualbp.kernels.linear``, where the Linear choice lives (UnavailableError where it
+    cannot be imported)."""
     try:
-        from manualbp.backends import linear_choice
+        from manualbp.kernels import linear
     except Exception as e:
         raise UnavailableError(f"manualbp's Linear choice: {type(e).__name__}: {e}") from e
-    return linear_choice
+    return linear
 
 
 def _forced(impl: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -341,11 +342,13 @@ def _pow2(n: int) -> int:
 
 def _choices_of(M: int, K: int, N: int, act: str | None, dtype: torch.dtype) -> dict[str, str]:
     """The Linear choice's kept candidate for each bucket of this layer shape (forward with
-    this activation, dX, dW), from ``linear_choice.decisions()``: ``{bucket key: impl}``."""
+    this activation, dX, dW), from the kept decisions: ``{bucket key: impl}``."""
+    from manualbp.kernels import _tuning
+
     tag = str(dtype).removeprefix("torch.")
     shape = f"|M={_pow2(M)}|N={N}|K={K}"
     out = {}
-    for (_, key), impl in _linear_choice().decisions().items():
+    for (_, key), impl in _tuning.decisions().items():
         parts = key.split("|")
         if not key.endswith(shape) or not parts[1].startswith(tag):
             continue
@@ -449,9 +452,9 @@ def _bind_linear(
             label += f", Linear GEMMs: {_linear_choice_mode()}"
         return model, model, label, lambda: _gemms_manualbp(model.weight)
     impl = LINEAR_CANDIDATES[provider]
-    from manualbp.dispatch import resolve
+    from manualbp._mode import kernels_for
 
-    backend = resolve(model.weight)
+    backend = "triton" if kernels_for(model.weight) else "reference"
     if backend != "triton":
         raise UnavailableError(
             f"not applicable: forcing the {impl!r} Linear candidate applies to the Triton "

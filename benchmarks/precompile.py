@@ -145,7 +145,7 @@ def _no_linear_choice() -> contextlib.AbstractContextManager[Any]:
     winner for the rest of the run. A provider that forces a candidate itself
     (``manualbp_cublas``) still does so inside this block."""
     try:
-        from manualbp.backends.linear_choice import force
+        from manualbp.kernels.linear import force
     except Exception:
         return contextlib.nullcontext()
     return force("triton")

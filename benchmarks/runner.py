@@ -112,11 +112,9 @@ def _device(arg: str | None) -> torch.device:
 
 
 def _resolve_backend(device: torch.device) -> str:
-    try:
-        from manualbp.dispatch import resolve
-    except ImportError:  # before manualbp.dispatch existed
-        from manualbp._dispatch import resolve
-    return resolve(torch.empty(1, device=device))
+    from manualbp._mode import kernels_for
+
+    return "triton" if kernels_for(torch.empty(1, device=device)) else "reference"
 
 
 def _label(device: torch.device) -> str:

@@ -8,11 +8,14 @@ and fused activation) and the MSE loss, drop-in ``nn.Module`` stand-ins for
 # First: from a source checkout that was not installed, map triton_kernels/ to manualbp.kernels.
 import manualbp._source_checkout  # noqa: F401  (isort: skip)
 from manualbp import functional, optim
+from manualbp._mode import get_backend, set_backend, use_backend
 from manualbp.activations import ACTIVATIONS
-from manualbp.autograd import LinearFunction, LinearMSELossFunction, MSELossFunction
-from manualbp.dispatch import get_backend, set_backend, use_backend
 from manualbp.errors import ShapeError
 from manualbp.modules import FusedMLP, Linear, LinearMSELoss, MSELoss, Sequential, convert
+from manualbp.ops.fused_mlp import FusedMLPFunction
+from manualbp.ops.linear import LinearFunction
+from manualbp.ops.linear_mse import LinearMSELossFunction
+from manualbp.ops.mse import MSELossFunction
 from manualbp.overrides import enable
 
 __version__ = "0.1.0"
@@ -20,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ACTIVATIONS",
     "FusedMLP",
+    "FusedMLPFunction",
     "Linear",
     "LinearFunction",
     "LinearMSELoss",

@@ -31,8 +31,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from manualbp import _autocast as autocast
-from manualbp import functional
+from manualbp import _mode
+from manualbp.ops._checks import REDUCTIONS
+from manualbp.ops.linear import linear
+from manualbp.ops.mse import mse_loss
 
 __all__ = ["enable", "is_enabled"]
 
@@ -61,14 +63,13 @@ def _takes_linear(input: object, weight: object, bias: object) -> bool:
     if weight.dim() != 2 or input.dim() < 1 or input.shape[-1] != weight.shape[1]:
         return False
     # The dtypes the op computes in: autocast's, as functional.linear casts them.
-    cast = autocast.dtype_for(input.device.type)
-    dtypes = {t.dtype for t in autocast.cast(cast, *tensors)}
+    dtypes = {t.dtype for t in _mode.cast(_mode.autocast_dtype(input), *tensors)}
     return len(dtypes) == 1 and input.dtype.is_floating_point
 
 
 def _linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if _takes_linear(input, weight, bias):
-        return functional.linear(input, weight, bias)
+        return linear(input, weight, bias)
     return F.linear(input, weight, bias)
 
 
@@ -79,7 +80,7 @@ def _takes_mse(input, target, size_average, reduce, reduction, weight) -> bool:
     if not _plain(input, target) or not _one_device(input, target):
         return False
     return (
-        reduction in functional.REDUCTIONS
+        reduction in REDUCTIONS
         and _broadcastable(input.shape, target.shape)
         and torch.promote_types(input.dtype, target.dtype).is_floating_point
     )
@@ -94,7 +95,7 @@ def _mse_loss(
     weight: Tensor | None = None,
 ) -> Tensor:
     if _takes_mse(input, target, size_average, reduce, reduction, weight):
-        return functional.mse_loss(input, target, reduction)
+        return mse_loss(input, target, reduction)
     kwargs = {} if weight is None else {"weight": weight}
     return F.mse_loss(input, target, size_average, reduce, reduction, **kwargs)
 
@@ -102,12 +103,12 @@ def _mse_loss(
 class _Routing(TorchFunctionMode):
     """The mode behind :func:`enable`. PyTorch switches a mode off while its handler runs,
     so the calls made in ``_linear``/``_mse_loss`` (PyTorch's or manualbp's) are not seen
-    again; manualbp's entry points pause it when called directly (``functional._entry_point``).
+    again; manualbp's entry points pause it when called directly (``_mode.entry_point``).
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if not functional._routing_paused:
+        if not _mode.routing_paused():
             if func is F.linear:
                 return _linear(*args, **kwargs)
             if func is F.mse_loss:
@@ -115,13 +116,9 @@ class _Routing(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _stack() -> list:
-    return torch.overrides._get_current_function_mode_stack()
-
-
 def is_enabled() -> bool:
     """Whether :func:`enable` routes ``F.linear``/``F.mse_loss`` to manualbp in this thread."""
-    return any(isinstance(mode, _Routing) for mode in _stack())
+    return any(isinstance(mode, _Routing) for mode in _mode.function_modes())
 
 
 def _set_enabled(on: bool) -> None:
@@ -130,7 +127,7 @@ def _set_enabled(on: bool) -> None:
     if on:
         _Routing().__enter__()
         return
-    top = _stack()[-1]
+    top = _mode.function_modes()[-1]
     if not isinstance(top, _Routing):
         raise RuntimeError(
             "manualbp.enable(False): another TorchFunctionMode "

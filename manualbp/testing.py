@@ -26,12 +26,19 @@ rules:
 * **The activations to cover**, read off the registry: :data:`ACTIVATION_NAMES` (every
   activation and ``None``) and :data:`ACTIVATION_CASES` (also a negative slope for those that
   take one).
+* **The cases to cover**, one table per op, which ``manualbp check`` runs row by row and the
+  parity and gradcheck tests cross with their shapes and layouts: :data:`LINEAR_CASES` (every
+  activation case, with and without bias) and :data:`MSE_CASES` (every reduction, with every
+  target layout of :data:`MSE_TARGETS`). A case added here is checked by both. Each case
+  knows its oracle (``native``) and the sums bounding its rounding (``abs_sums``), and
+  :func:`parity` holds an op to them: what ``manualbp check`` reports, and the tests assert.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +51,14 @@ __all__ = [
     "ACTIVATION_NAMES",
     "DEFAULT_SLOPE",
     "DEFAULT_TOLERANCES",
+    "LINEAR_CASES",
+    "MSE_CASES",
+    "MSE_TARGETS",
+    "REDUCTIONS",
     "SUM_ULPS",
     "Comparison",
+    "LinearCase",
+    "MSECase",
     "allowed_error",
     "assert_close_through_sum",
     "compare",
@@ -54,6 +67,7 @@ __all__ = [
     "native_linear",
     "native_linear_mse_loss",
     "native_mse_loss",
+    "parity",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -71,6 +85,109 @@ ACTIVATION_CASES: list[tuple[str | None, float]] = [
     *((name, DEFAULT_SLOPE) for name in ACTIVATION_NAMES),
     *((a.name, NEGATIVE_SLOPE) for a in ACTIVATIONS.values() if a.slope_attr is not None),
 ]
+
+#: The reductions of ``mse_loss`` / ``linear_mse_loss``.
+REDUCTIONS: tuple[str, ...] = ("mean", "sum", "none")
+
+#: The target layouts of the MSE cases: the target's shape for an input of shape
+#: ``(rows, cols)``. ``row`` and ``column`` broadcast (with native's warning); ``expanded`` is a
+#: ``(1, cols)`` leaf that the loss sees expanded to the input's shape (a stride-0 view).
+MSE_TARGETS: dict[str, Callable[[int, int], tuple[int, ...]]] = {
+    "same": lambda rows, cols: (rows, cols),
+    "row": lambda rows, cols: (cols,),
+    "column": lambda rows, cols: (rows, 1),
+    "expanded": lambda rows, cols: (1, cols),
+}
+
+
+@dataclass(frozen=True)
+class LinearCase:
+    """A case of ``functional.linear``: its activation (``None``: none), negative slope and
+    whether it has a bias."""
+
+    op: ClassVar[str] = "linear"
+    grad_names: ClassVar[tuple[str, ...]] = ("dX", "dW", "db")
+
+    activation: str | None
+    negative_slope: float = DEFAULT_SLOPE
+    bias: bool = True
+
+    @property
+    def variant(self) -> str:
+        """Its name in ``manualbp check``'s table and in test ids: ``leaky_relu(-0.5), bias``."""
+        act = str(self.activation)
+        if self.negative_slope != DEFAULT_SLOPE:
+            act += f"({self.negative_slope:g})"
+        return f"{act}, {'bias' if self.bias else 'no bias'}"
+
+    def native(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """The oracle of this case: :func:`native_linear` with its activation and slope."""
+        return native_linear(x, weight, bias, self.activation, self.negative_slope)
+
+    def abs_sums(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, grad_out: Tensor
+    ) -> list[Tensor]:
+        """The sums over absolute values bounding the rounding of ``y``, ``dX``, ``dW`` and
+        ``db`` (float64, for the upstream gradient ``grad_out``): :func:`linear_abs_sums`, the
+        forward's carried through the activation by ``|act'(Z)|``."""
+        with torch.enable_grad():
+            x64, w64 = x.detach().double(), weight.detach().double()
+            b64 = None if bias is None else bias.detach().double()
+            z = F.linear(x64, w64, b64).requires_grad_(True)
+            y = native_activation(self.activation, self.negative_slope)(z)
+            (dz,) = torch.autograd.grad(y, z, grad_out.double(), retain_graph=True)
+            (slope,) = torch.autograd.grad(y, z, torch.ones_like(y))
+        forward, *grads = linear_abs_sums(x, weight, bias, dz)
+        return [forward * slope.abs(), *grads]
+
+
+@dataclass(frozen=True)
+class MSECase:
+    """A case of ``functional.mse_loss``: its reduction and target layout (:data:`MSE_TARGETS`)."""
+
+    op: ClassVar[str] = "mse_loss"
+    grad_names: ClassVar[tuple[str, ...]] = ("d input", "d target")
+
+    reduction: str
+    target: str = "same"
+
+    def target_shape(self, rows: int, cols: int) -> tuple[int, ...]:
+        """The shape of the target (the leaf) for an input of shape ``(rows, cols)``."""
+        return MSE_TARGETS[self.target](rows, cols)
+
+    def target_seen(self, target: Tensor, rows: int, cols: int) -> Tensor:
+        """What the loss is called with: ``target``, expanded to ``(rows, cols)`` if so laid out."""
+        return target.expand(rows, cols) if self.target == "expanded" else target
+
+    @property
+    def variant(self) -> str:
+        """Its name in ``manualbp check``'s table and in test ids: ``sum, row target``."""
+        target = "" if self.target == "same" else f", {self.target} target"
+        return self.reduction + target
+
+    def native(self, input: Tensor, target: Tensor) -> Tensor:
+        """The oracle of this case: :func:`native_mse_loss` of a ``(rows, cols)`` input."""
+        return native_mse_loss(input, self.target_seen(target, *input.shape), self.reduction)
+
+    def abs_sums(self, input: Tensor, target: Tensor, grad_out: Tensor) -> list[Tensor | None]:
+        """The sums over absolute values bounding the rounding of the loss, ``d input`` and
+        ``d target`` (float64; ``None`` where nothing is summed): the loss's squares, and the
+        per-element input gradients the target's gradient sums over its broadcast dims."""
+        diff = input.detach().double() - self.target_seen(target.detach().double(), *input.shape)
+        n = max(diff.numel(), 1)
+        squares = diff.square().sum()
+        loss = {"mean": squares / n, "sum": squares, "none": None}[self.reduction]
+        grads = (2 * diff * grad_out.double()).abs() / (n if self.reduction == "mean" else 1)
+        return [loss, None, None if self.target == "same" else grads.sum_to_size(target.shape)]
+
+
+#: The cases of ``functional.linear``: every activation case, with and without bias.
+LINEAR_CASES: tuple[LinearCase, ...] = tuple(
+    LinearCase(act, slope, bias) for act, slope in ACTIVATION_CASES for bias in (True, False)
+)
+
+#: The cases of ``functional.mse_loss``: every reduction with every target layout.
+MSE_CASES: tuple[MSECase, ...] = tuple(MSECase(r, t) for r in REDUCTIONS for t in MSE_TARGETS)
 
 # --------------------------------------------------------------------------------------------
 # Tolerances
@@ -207,3 +324,40 @@ def native_linear_mse_loss(
 ) -> Tensor:
     """What ``functional.linear_mse_loss`` computes, natively: ``F.mse_loss(F.linear(...))``."""
     return F.mse_loss(F.linear(x, weight, bias), target, reduction=reduction)
+
+
+# --------------------------------------------------------------------------------------------
+# A case held to its oracle
+# --------------------------------------------------------------------------------------------
+def _output_and_grads(
+    fn: Callable[..., Tensor], inputs: Sequence[Tensor | None], grad_out: Tensor
+) -> list[Tensor | None]:
+    """``[fn(*inputs), *gradients]`` on fresh leaves (``None`` for an input that is ``None``)."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in inputs]
+    with torch.enable_grad():
+        out = fn(*leaves)
+        grads = iter(torch.autograd.grad(out, [t for t in leaves if t is not None], grad_out))
+    return [out, *(None if t is None else next(grads) for t in leaves)]
+
+
+def parity(
+    fn: Callable[..., Tensor],
+    case: LinearCase | MSECase,
+    inputs: Sequence[Tensor | None],
+    grad_out: Tensor,
+) -> dict[str, Comparison]:
+    """``fn`` (the op of ``case`` under test) against the case's native oracle on ``inputs``:
+    the output (``"forward"``) and, for the upstream gradient ``grad_out``, the gradient of
+    each input (named by ``case.grad_names``; ``None`` inputs get none), each within
+    :func:`allowed_error`: native in float64 is the exact value, ``case.abs_sums`` the sums."""
+    got = _output_and_grads(fn, inputs, grad_out)
+    want = _output_and_grads(case.native, inputs, grad_out)
+    inputs64 = [None if t is None else t.double() for t in inputs]
+    exact = _output_and_grads(case.native, inputs64, grad_out.double())
+    sums = case.abs_sums(*inputs, grad_out)  # type: ignore[arg-type]
+    names = ("forward", *case.grad_names)
+    return {
+        name: compare(g, w, exact=e, abs_sum=s)
+        for name, g, w, e, s in zip(names, got, want, exact, sums, strict=True)
+        if g is not None and w is not None
+    }

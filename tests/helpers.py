@@ -3,7 +3,9 @@
 The oracle is always native PyTorch autograd (``F.linear`` + the native
 activation, ``F.mse_loss``) or float64 math, never manualbp's own code; it and
 the tolerances come from :mod:`manualbp.testing` (re-exported here), the input
-builders are below.
+builders are below. So do the tables of cases (``LINEAR_CASES``, ``MSE_CASES``) that the
+parity and gradcheck tests cross with their shapes and layouts: ``manualbp check`` runs the
+same tables.
 """
 
 from __future__ import annotations
@@ -11,11 +13,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# The oracle and the tolerances live in the library, shared with ``manualbp check``.
+# The oracle, the tolerances and the cases live in the library, shared with ``manualbp check``.
 from manualbp.testing import (
     ACTIVATION_CASES,
     ACTIVATION_NAMES,
     DEFAULT_TOLERANCES,
+    LINEAR_CASES,
+    MSE_CASES,
+    REDUCTIONS,
+    LinearCase,
+    MSECase,
     assert_close_through_sum,
     linear_abs_sums,
     native_activation,
@@ -27,6 +34,11 @@ __all__ = [
     "ACTIVATION_CASES",
     "ACTIVATION_NAMES",
     "DEFAULT_TOLERANCES",
+    "LINEAR_CASES",
+    "MSE_CASES",
+    "REDUCTIONS",
+    "LinearCase",
+    "MSECase",
     "assert_close_through_sum",
     "clone_leaf",
     "count_launches",

@@ -368,10 +368,11 @@ def test_linear_candidates_force_their_candidate(monkeypatch):
     dX and dW (prepare, timed run and output check alike) and matches native; outside its
     calls nothing stays forced."""
     import torch
+    from manualbp.kernels import _tuning
+    from manualbp.kernels import linear as lc
 
     import manualbp
     from benchmarks.cases import LINEAR_CANDIDATES, NATIVE
-    from manualbp.backends import linear_choice as lc
 
     monkeypatch.delenv(lc.IMPL_ENV, raising=False)
     ran: list[str] = []
@@ -387,7 +388,7 @@ def test_linear_candidates_force_their_candidate(monkeypatch):
     case = _linear_candidate_case(torch, cpu)
     one = case.make_set(0)
     ref = case.bind(NATIVE).output(one)
-    lc.clear()
+    _tuning.clear()
     with manualbp.use_backend("triton"):
         for provider, impl in LINEAR_CANDIDATES.items():
             ran.clear()
@@ -402,7 +403,7 @@ def test_linear_candidates_force_their_candidate(monkeypatch):
             assert one["x"].grad is not None
             assert set(ran) == {f"{op}:{impl}" for op in ("fwd", "dx", "dw")}, ran
             assert lc.mode() == "auto"  # restored after each call
-    assert lc.decisions() == {}  # nothing was chosen
+    assert _tuning.decisions() == {}  # nothing was chosen
     # manualbp itself chooses (here with a timer that prefers cuBLAS); its record lists what
     # it kept for the case's forward, dX and dW buckets.
     from benchmarks.cases import MANUALBP, _choices_of
@@ -412,7 +413,7 @@ def test_linear_candidates_force_their_candidate(monkeypatch):
         run()
         return 1.0 if impl == "cublas" else 2.0
 
-    with manualbp.use_backend("triton"), lc.use_timer(timer):
+    with manualbp.use_backend("triton"), _tuning.use_timer(timer):
         prepare, run = case.bind(MANUALBP).modes["fwd+bwd"]
         run(prepare(one))
     kept = _choices_of(24, 40, 16, "gelu", torch.float32)
@@ -422,4 +423,4 @@ def test_linear_candidates_force_their_candidate(monkeypatch):
         k for k in kept if k.startswith("fwd")
     }  # dX and dW buckets do not depend on the activation
     assert _choice_note(kept) == "kept fwd=cublas dx=cublas dw=cublas"
-    lc.clear()
+    _tuning.clear()

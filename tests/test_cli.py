@@ -14,6 +14,7 @@ import ast
 import importlib.metadata
 import importlib.util
 import inspect
+import io
 import os
 import subprocess
 import sys
@@ -199,6 +200,51 @@ def test_demo_exits_1_when_curves_disagree(monkeypatch, capsys):
     captured = capsys.readouterr()
     assert code == 1
     assert "DISAGREE" in captured.out and "FAILED" in captured.err
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@needs_sklearn
+@pytest.mark.parametrize(
+    "terminal,flags,bar", [(True, [], True), (True, ["--no-progress"], False), (False, [], False)]
+)
+def test_demo_progress_bar_only_on_a_terminal(terminal, flags, bar, monkeypatch, capsys):
+    """tqdm's bar with both losses on a terminal; nothing with --no-progress or in a log file."""
+    stderr = _Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    assert cli.main(["demo", "--steps", "20", "--no-plot", "--threads", "0", *flags]) == 0
+    shown = stderr.getvalue()
+    if bar:  # the last step's losses, as the report prints them, on the finished bar
+        native, _, manual = capsys.readouterr().out.split("last step:  native ")[1].split()[:3]
+        assert "training: 100%" in shown and "| 20/20 [" in shown
+        assert f"manualbp={float(manual):.4g}, native={float(native):.4g}]" in shown
+    else:
+        assert shown == ""
+
+
+@needs_sklearn
+def test_demo_ctrl_c_exits_130_without_a_traceback(monkeypatch, capsys):
+    """Ctrl-C in the middle of training: one line on stderr and the shell's status for SIGINT."""
+    real_step, steps = demo_cmd._Trainer.step, []
+
+    def step(self, x, y):
+        if len(steps) == 7:
+            raise KeyboardInterrupt
+        steps.append(1)
+        return real_step(self, x, y)
+
+    monkeypatch.setattr(demo_cmd._Trainer, "step", step)
+    try:
+        code = _demo_main("--steps", "50", "--no-plot")
+    except KeyboardInterrupt:
+        pytest.fail("the KeyboardInterrupt escaped manualbp demo")
+    captured = capsys.readouterr()
+    assert code == 130 and len(steps) == 7
+    assert captured.err == "manualbp demo: interrupted\n"
+    assert "loss curves" not in captured.out  # stopped: no report of a half-done run
 
 
 def test_check_reports_a_broken_op(monkeypatch, capsys):
@@ -441,8 +487,27 @@ def test_check_and_tests_share_one_testing_module():
         assert getattr(helpers, name) is getattr(testing, name)
     assert helpers.DEFAULT_TOLERANCES is testing.DEFAULT_TOLERANCES
     assert helpers.ACTIVATION_NAMES is testing.ACTIVATION_NAMES
-    for name in ("compare", "native_linear", "native_mse_loss", "ACTIVATION_CASES"):
-        assert getattr(check_cmd, name) is getattr(testing, name)
+    assert helpers.LINEAR_CASES is testing.LINEAR_CASES and helpers.MSE_CASES is testing.MSE_CASES
+    # check judges with testing's compare and oracle (the cases' native), on testing's cases.
+    assert check_cmd.testing is testing
+    assert check_cmd.cases_to_check(quick=False) == [*testing.LINEAR_CASES, *testing.MSE_CASES]
+
+
+def test_parity_and_gradcheck_tests_run_the_check_tables():
+    """Adding a case to manualbp.testing's tables adds it to these tests and to the check."""
+    from tests import test_linear_gradcheck, test_linear_parity, test_mse_gradcheck, test_mse_parity
+
+    for test, table in [
+        (test_linear_parity.test_matches_native_autograd, testing.LINEAR_CASES),
+        (test_linear_parity.test_every_dtype_within_the_checks_tolerance, testing.LINEAR_CASES),
+        (test_linear_parity.test_no_grad_forward_matches_native, testing.LINEAR_CASES),
+        (test_linear_gradcheck.test_gradcheck_and_gradgradcheck, testing.LINEAR_CASES),
+        (test_mse_parity.test_matches_native, testing.MSE_CASES),
+        (test_mse_parity.test_every_dtype_within_the_checks_tolerance, testing.MSE_CASES),
+        (test_mse_gradcheck.test_gradcheck_and_gradgradcheck, testing.MSE_CASES),
+    ]:
+        params = {m.args[0]: m.args[1] for m in test.pytestmark if m.name == "parametrize"}
+        assert params["case"] is table, test.__name__
 
 
 def test_activation_lists_follow_the_registry():
@@ -450,8 +515,11 @@ def test_activation_lists_follow_the_registry():
     cases = testing.ACTIVATION_CASES
     assert [(a, testing.DEFAULT_SLOPE) for a in testing.ACTIVATION_NAMES] == cases[: len(cases) - 1]
     assert cases[-1][0] == "leaky_relu" and cases[-1][1] < 0
-    checked = {(c.activation, c.negative_slope) for c in check_cmd.linear_cases(quick=False)}
-    assert checked == set(cases)
+    linear = [c for c in check_cmd.cases_to_check(quick=False) if c.op == "linear"]
+    assert {(c.activation, c.negative_slope) for c in linear} == set(cases)
+    assert {c.bias for c in linear} == {True, False}
+    mse = {(c.reduction, c.target) for c in testing.MSE_CASES}
+    assert mse == {(r, t) for r in testing.REDUCTIONS for t in testing.MSE_TARGETS}
 
 
 def test_oracle_is_native_pytorch_only(monkeypatch):

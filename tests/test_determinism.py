@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from manualbp.kernels._host import interpreting as interpreter_enabled
 from torch import nn
 
 import manualbp
-from manualbp.dispatch import interpreter_enabled
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 BACKENDS = ["reference", "triton"]

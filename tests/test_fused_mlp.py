@@ -19,7 +19,8 @@ from torch import nn
 from torch.autograd import forward_ad
 
 import manualbp
-from manualbp.autograd.fused_mlp import MAX_WIDTH, fused_mlp
+from manualbp.functional import fused_mlp
+from manualbp.ops.fused_mlp import MAX_WIDTH
 from tests.helpers import ACTIVATION_CASES, count_launches
 
 _KERNELS_RUN = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in (

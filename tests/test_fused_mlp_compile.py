@@ -14,12 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from functorch.compile import make_boxed_func
+from manualbp.kernels import library as ops
 from torch import nn
 from torch._dynamo.backends.common import aot_autograd
 from torch.testing import assert_close
 
 import manualbp
-from manualbp.backends import triton as ops
 from tests.test_fused_mlp import DEVICE, needs_kernels
 
 pytestmark = [needs_kernels, pytest.mark.slow]
@@ -98,12 +98,13 @@ def test_opcheck_mlp_ops(store):
     ws = [torch.randn(16, 3, device=DEVICE), torch.randn(2, 16, device=DEVICE)]
     bs = [torch.randn(16, device=DEVICE), None]
     acts = ("silu", "gelu")  # both derivatives read z: every saved tensor is kept
-    torch.library.opcheck(ops.mlp_forward_op, (x, ws, bs, *acts, [0.01, 0.01], store))
-    torch.library.opcheck(
-        ops.mlp_mse_forward_op, (x, t, ws, bs, *acts, [0.01, 0.01], "mean", torch.float32, store)
-    )
+    flags = [store, True, store]  # hidden saved, hidden z, the last layer's z
+    torch.library.opcheck(ops.mlp_forward_op, (x, ws, bs, *acts, [0.01, 0.01], flags))
+    mode = "y" if store else "value"
+    torch.library.opcheck(ops.mlp_mse_forward_op, (x, t, ws, bs, *acts, [0.01, 0.01], "mean",
+                                                   torch.float32, mode, [True, True]))  # fmt: skip
     if store:
-        y, *saved = ops.mlp_forward_op(x, ws, bs, *acts, [0.01, 0.01], True)
-        args = (torch.randn_like(y), x, ws, y, saved, *acts, [0.01, 0.01], [True, False],
-                [True, True], None, None, "mean")  # fmt: skip
+        y, *saved = ops.mlp_forward_op(x, ws, bs, *acts, [0.01, 0.01], flags)
+        args = (torch.randn_like(y), x, ws, saved[:-1], saved[-1], *acts, [0.01, 0.01],
+                [True, False], True, [True, True], None, None, "mean")  # fmt: skip
         torch.library.opcheck(ops.mlp_backward_op, args)

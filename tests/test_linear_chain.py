@@ -1,4 +1,4 @@
-"""Cross-layer activation-gradient fusion: ``manualbp.autograd.linear_chain``, held to native.
+"""Cross-layer activation-gradient fusion: ``manualbp.ops.linear_chain``, held to native.
 
 The oracle is the unfused native pair, ``F.linear`` followed by the activation's native module
 (``nn.GELU``, ...) twice, run in the same dtype, with float64 as the exact value: the fused
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import manualbp
-from manualbp.autograd.linear_chain import LinearChainFunctionEager, linear_chain
+from manualbp.ops.linear_chain import LinearChainFunction, linear_chain
 from tests.helpers import (
     ACTIVATION_CASES,
     ACTIVATION_NAMES,
@@ -87,7 +87,7 @@ def assert_as_accurate_as_native(x, params, a1, a2, s1=0.01, s2=0.01, backend="t
 @pytest.fixture
 def launches(monkeypatch) -> dict[str, int]:
     """Launch counts of the Linear backward's kernels during the test."""
-    from manualbp.kernels import linear_backward as lb
+    from manualbp.kernels import linear as lb
 
     return count_launches(monkeypatch, lb, ("act_grad_kernel", "chain_grad_kernel"))
 
@@ -185,12 +185,11 @@ def test_gradcheck_through_the_kernels():
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("a1, a2", [("gelu", "leaky_relu"), ("sigmoid", None)])
 def test_reference_backend_matches_the_unfused_pair(a1, a2):
-    """The Function on the reference backend (Backend.linear_chain_backward's plain-torch
-    math), applied directly: linear_chain itself runs the layers one by one there."""
-    spec = (a1, a2, 0.01, 0.01)
+    """The Function on the reference backend (the two layers' plain-torch math), applied
+    directly: linear_chain itself runs the layers one by one there."""
 
     def ours(x, w1, b1, w2, b2):
-        return LinearChainFunctionEager.apply(x, w1, b1, w2, b2, spec)[0]
+        return LinearChainFunction.apply(x, w1, b1, w2, b2, a1, 0.01, a2, 0.01)[0]
 
     params = _params(torch.float32)
     x = torch.randn(23, K_, device=DEVICE)

@@ -1,4 +1,5 @@
-"""The per-shape Linear choice (``manualbp.backends.linear_choice``) on the Triton backend.
+"""The per-shape Linear choice (``manualbp.kernels.linear``, decided by ``_tuning``) on the Triton
+backend.
 
 Each candidate is forced on its own and held to native autograd (``F.linear`` + the native
 activation) and to float64 gradcheck; the choosing machinery runs with an injected timer
@@ -15,11 +16,12 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from manualbp.kernels import _tuning
+from manualbp.kernels import linear as lc
 from torch.autograd import gradcheck
 
 import manualbp
 from manualbp import functional
-from manualbp.backends import linear_choice as lc
 from manualbp.testing import compare
 from tests.helpers import (
     ACTIVATION_NAMES,
@@ -42,11 +44,11 @@ LAYOUTS = ["contiguous", "transposed", "noncontig"]
 def _fresh_choice(monkeypatch):
     """The Triton backend, no decisions, no forcing, no timer, no cache file."""
     monkeypatch.delenv(lc.IMPL_ENV, raising=False)
-    monkeypatch.delenv(lc.CACHE_ENV, raising=False)
-    lc.clear()
-    with manualbp.use_backend("triton"), lc.force(None), lc.use_timer(None):
+    monkeypatch.delenv(_tuning.CACHE_ENV, raising=False)
+    _tuning.clear()
+    with manualbp.use_backend("triton"), lc.force(None), _tuning.use_timer(None):
         yield
-    lc.clear()
+    _tuning.clear()
 
 
 def _spy(monkeypatch) -> list[str]:
@@ -181,12 +183,12 @@ def test_auto_without_a_timer_runs_triton_and_decides_nothing(monkeypatch):
     ran = _spy(monkeypatch)
     _train_step(5)
     assert set(ran) == {"fwd:triton", "dx:triton", "dw:triton"}
-    assert lc.decisions() == {}
+    assert _tuning.decisions() == {}
 
 
 def test_chooses_once_per_bucket():
     timer = CountingTimer()
-    with lc.use_timer(timer):
+    with _tuning.use_timer(timer):
         _train_step(5)  # rows 5 and 7 share the bucket M=8; 9 is in M=16
         assert len(timer.calls) == 3 * len(lc.IMPLS)  # fwd, dx, dw: each candidate once
         _train_step(7)
@@ -194,7 +196,7 @@ def test_chooses_once_per_bucket():
         assert len(timer.calls) == 3 * len(lc.IMPLS)
         _train_step(9)
         assert len(timer.calls) == 6 * len(lc.IMPLS)
-    made = lc.decisions()
+    made = _tuning.decisions()
     assert len(made) == 6 and set(made.values()) == {"cublas"}
     assert {key.split("|")[0] for _, key in made} == {"fwd", "dx", "dw"}
     assert {key.split("|M=")[1].split("|")[0] for _, key in made} == {"8", "16"}
@@ -202,7 +204,7 @@ def test_chooses_once_per_bucket():
 
 def test_measuring_call_returns_the_chosen_candidates_result():
     torch.manual_seed(1)
-    with lc.use_timer(CountingTimer()):
+    with _tuning.use_timer(CountingTimer()):
         measured = _train_step(7)
     torch.manual_seed(1)
     with lc.force("cublas"):
@@ -213,9 +215,9 @@ def test_measuring_call_returns_the_chosen_candidates_result():
 
 def test_faster_candidate_wins_per_op(monkeypatch):
     ran = _spy(monkeypatch)
-    with lc.use_timer(CountingTimer(triton=0.5)):
+    with _tuning.use_timer(CountingTimer(triton=0.5)):
         _train_step(5)
-    assert set(lc.decisions().values()) == {"triton"}
+    assert set(_tuning.decisions().values()) == {"triton"}
     # Per op: each candidate timed (in IMPLS order), then the faster one run for the result.
     assert ran == [f"{op}:{impl}" for op in ("fwd", "dx", "dw") for impl in (*lc.IMPLS, "triton")]
 
@@ -227,26 +229,26 @@ def test_candidate_failing_while_timed_is_left_out():
         run()
         return 1.0
 
-    with lc.use_timer(timer), pytest.warns(UserWarning, match="out of resources"):
+    with _tuning.use_timer(timer), pytest.warns(UserWarning, match="out of resources"):
         _train_step(5, backward=False)
-    assert set(lc.decisions().values()) == {"cublas"}
+    assert set(_tuning.decisions().values()) == {"cublas"}
 
 
 def test_cache_file_round_trip(tmp_path, monkeypatch):
     path = tmp_path / "choice.json"
-    monkeypatch.setenv(lc.CACHE_ENV, str(path))
-    with lc.use_timer(CountingTimer()):
+    monkeypatch.setenv(_tuning.CACHE_ENV, str(path))
+    with _tuning.use_timer(CountingTimer()):
         _train_step(5)
     data = json.loads(path.read_text())
-    assert data["format"] == "manualbp.linear_choice" and data["schema"] == lc.SCHEMA
+    assert data["format"] == _tuning.FORMAT and data["schema"] == _tuning.SCHEMA
     assert data["device"] == (torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu")
     assert data["torch"] == torch.__version__ and set(data["choices"].values()) == {"cublas"}
-    assert {(data["device"], k): v for k, v in data["choices"].items()} == lc.decisions()
+    assert {(data["device"], k): v for k, v in data["choices"].items()} == _tuning.decisions()
     assert not [p for p in tmp_path.iterdir() if p.name != "choice.json"]  # no temp left
 
-    lc.clear()  # a new process, as far as the choice knows
+    _tuning.clear()  # a new process, as far as the choice knows
     timer = CountingTimer()
-    with lc.use_timer(timer):
+    with _tuning.use_timer(timer):
         _train_step(5)  # everything read back: nothing measured
         assert timer.calls == []
         _train_step(20)  # a new bucket: measured and added to the file
@@ -261,8 +263,8 @@ def _valid_file(**changes):
     import triton
 
     data = {
-        "format": "manualbp.linear_choice",
-        "schema": lc.SCHEMA,
+        "format": _tuning.FORMAT,
+        "schema": _tuning.SCHEMA,
         "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
         "torch": torch.__version__,
         "triton": triton.__version__,
@@ -276,7 +278,7 @@ def _valid_file(**changes):
     [
         "{not json",
         "[1, 2]",
-        _valid_file(schema=lc.SCHEMA + 1),
+        _valid_file(schema=_tuning.SCHEMA + 1),
         _valid_file(device="Another GPU"),
         _valid_file(torch="0.0.1"),
         _valid_file(choices={"fwd|float32-highest|gelu|x": "os.system"}),
@@ -288,20 +290,21 @@ def _valid_file(**changes):
 def test_corrupt_or_foreign_cache_is_ignored_with_a_warning(tmp_path, monkeypatch, text):
     path = tmp_path / "choice.json"
     path.write_text(text)
-    monkeypatch.setenv(lc.CACHE_ENV, str(path))
+    monkeypatch.setenv(_tuning.CACHE_ENV, str(path))
     timer = CountingTimer()
-    with lc.use_timer(timer), pytest.warns(UserWarning, match="ignoring"):
+    with _tuning.use_timer(timer), pytest.warns(UserWarning, match="ignoring"):
         _train_step(5, backward=False)
     assert timer.calls == list(lc.IMPLS)  # measured: nothing was taken from the file
-    assert json.loads(path.read_text())["choices"] == {k: v for (_, k), v in lc.decisions().items()}
+    made = {k: v for (_, k), v in _tuning.decisions().items()}
+    assert json.loads(path.read_text())["choices"] == made
 
 
 def test_valid_cache_entry_is_used(tmp_path, monkeypatch):
     path = tmp_path / "choice.json"
     path.write_text(_valid_file())
-    monkeypatch.setenv(lc.CACHE_ENV, str(path))
+    monkeypatch.setenv(_tuning.CACHE_ENV, str(path))
     ran = _spy(monkeypatch)
-    with lc.use_timer(CountingTimer()), torch.no_grad():
+    with _tuning.use_timer(CountingTimer()), torch.no_grad():
         x, w, b = torch.randn(6, 6), torch.randn(5, 6), torch.randn(5)
         functional.linear(x.to(DEVICE), w.to(DEVICE), b.to(DEVICE), "gelu")
     assert ran == ["fwd:triton"]  # the file's choice, though the timer favours cublas
@@ -315,7 +318,7 @@ def test_environment_variable_forces_a_candidate(monkeypatch, value):
     monkeypatch.setenv(lc.IMPL_ENV, value)
     ran = _spy(monkeypatch)
     timer = CountingTimer()
-    with lc.use_timer(timer):
+    with _tuning.use_timer(timer):
         _train_step(5)
     impl = value.lower()
     assert set(ran) == {f"fwd:{impl}", f"dx:{impl}", f"dw:{impl}"} and timer.calls == []
@@ -348,7 +351,7 @@ def test_cuda_auto_measures_once_and_matches_native():
     w = leaf(torch.randn(96, 64, device="cuda", dtype=torch.bfloat16))
     b = leaf(torch.randn(96, device="cuda", dtype=torch.bfloat16))
     _assert_matches_native(x, w, b, "gelu")
-    made = lc.decisions()
+    made = _tuning.decisions()
     assert {key.split("|")[0] for _, key in made} == {"fwd", "dx", "dw"}
     _assert_matches_native(clone_leaf(x), clone_leaf(w), clone_leaf(b), "gelu")
-    assert lc.decisions() == made
+    assert _tuning.decisions() == made

@@ -1,4 +1,7 @@
-"""manualbp's MSE against F.mse_loss and native autograd: values, gradients, warnings, dtypes."""
+"""manualbp's MSE against F.mse_loss and native autograd: values, gradients, warnings, dtypes.
+
+The cases (reduction, target layout) are ``manualbp check``'s: :data:`manualbp.testing.MSE_CASES`.
+"""
 
 from __future__ import annotations
 
@@ -10,17 +13,25 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from manualbp import functional
-from tests.helpers import clone_leaf, leaf
+from manualbp.testing import parity
+from tests.helpers import DEFAULT_TOLERANCES, MSE_CASES, REDUCTIONS, clone_leaf, leaf
+
+ROWS, COLS = 47, 31  # the input of the table's cases
 
 
-def _both(x, t, reduction, grad_out=None):
-    """(loss, x.grad, t.grad) from manualbp and from native autograd, on copies."""
+def _as_is(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _both(x, t, reduction, grad_out=None, seen_target=_as_is):
+    """(loss, x.grad, t.grad) from manualbp and from native autograd, on copies; the losses are
+    called with ``seen_target(t)`` (a view of the target, or the target itself)."""
     results = []
     for fn in (functional.mse_loss, F.mse_loss):
         xi, ti = clone_leaf(x), clone_leaf(t)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            loss = fn(xi, ti, reduction=reduction)
+            loss = fn(xi, seen_target(ti), reduction=reduction)
         g = torch.ones_like(loss) if grad_out is None else grad_out
         if loss.requires_grad:
             loss.backward(g)
@@ -28,14 +39,45 @@ def _both(x, t, reduction, grad_out=None):
     return results
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("target_grad", [False, True])
+@pytest.mark.parametrize("case", MSE_CASES, ids=lambda case: case.variant)
+def test_matches_native(case, target_grad):
+    x = leaf(torch.randn(ROWS, COLS))
+    t = torch.randn(case.target_shape(ROWS, COLS)).requires_grad_(target_grad)
+    grad_out = torch.randn(ROWS, COLS) if case.reduction == "none" else torch.randn(())
+    ours, native = _both(x, t, case.reduction, grad_out, lambda t: case.target_seen(t, ROWS, COLS))
+    for got, want in zip(ours, native):
+        assert_close(got, want, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", list(DEFAULT_TOLERANCES))
+@pytest.mark.parametrize("case", MSE_CASES, ids=lambda case: case.variant)
+def test_every_dtype_within_the_checks_tolerance(case, dtype):
+    """``manualbp check``'s judgement (manualbp.testing.parity) in every dtype: the loss and
+    both gradients against native, allowing native's own error as measured in float64."""
+    x = torch.randn(ROWS, COLS, dtype=dtype)
+    t = torch.randn(case.target_shape(ROWS, COLS), dtype=dtype)
+    grad_out = torch.randn((ROWS, COLS) if case.reduction == "none" else (), dtype=dtype)
+
+    def ours(x, t):
+        return functional.mse_loss(x, case.target_seen(t, ROWS, COLS), case.reduction)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the broadcast warning
+        results = parity(ours, case, [x, t], grad_out)
+    assert list(results) == ["forward", "d input", "d target"]
+    for name, result in results.items():
+        assert result.ok, f"{name}: {result.detail}"
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize(
     "x_shape,t_shape",
-    [((47, 31), (47, 31)), ((5, 47, 31), (47, 31)), ((47, 31), (47, 1)), ((0, 31), (0, 31)),
-     ((1, 31), (47, 31)), ((), ())],
-)  # fmt: skip
+    [((5, 47, 31), (47, 31)), ((0, 31), (0, 31)), ((1, 31), (47, 31)), ((), ())],
+)
 @pytest.mark.parametrize("target_grad", [False, True])
-def test_matches_native(reduction, x_shape, t_shape, target_grad):
+def test_other_shapes_match_native(reduction, x_shape, t_shape, target_grad):
+    """Shapes beside the table's: a batch dim, zero rows, the input broadcast, scalars."""
     x = leaf(torch.randn(x_shape))
     t = torch.randn(t_shape).requires_grad_(target_grad)
     shape = torch.broadcast_shapes(x_shape, t_shape)
@@ -45,7 +87,7 @@ def test_matches_native(reduction, x_shape, t_shape, target_grad):
         assert_close(got, want, equal_nan=True)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_non_contiguous_and_expanded_views(reduction):
     x = leaf(torch.randn(31, 94)[:, ::2].T)  # transposed and strided: (47, 31)
     t = torch.randn(1, 31).expand(47, 31)  # stride-0 rows

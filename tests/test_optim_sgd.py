@@ -15,7 +15,7 @@ import re
 import pytest
 import torch
 
-from manualbp.dispatch import use_backend
+from manualbp import use_backend
 from manualbp.optim.sgd import SGD
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -25,7 +25,7 @@ def test_the_wheel_installs_only_names_under_manualbp(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"manualbp"}, top
-    assert "manualbp/kernels/linear_forward.py" in names
+    assert "manualbp/kernels/linear.py" in names
     assert "manualbp/kernels/audit.py" in names
     assert not any(n.startswith(("triton_kernels/", "benchmarks/")) for n in names)
 
@@ -36,7 +36,7 @@ def test_a_checkout_that_was_not_installed_imports_the_kernels():
     code = (
         "import sys\n"
         "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
-        "import manualbp.kernels.linear_forward as lf\n"
+        "import manualbp.kernels.linear as lf\n"
         "import manualbp\n"
         "print(lf.__file__, manualbp.kernels.__name__)\n"
     )
@@ -46,5 +46,5 @@ def test_a_checkout_that_was_not_installed_imports_the_kernels():
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     path, name = proc.stdout.split()
-    assert Path(path) == ROOT / "triton_kernels" / "linear_forward.py"
+    assert Path(path) == ROOT / "triton_kernels" / "linear.py"
     assert name == "manualbp.kernels"

@@ -418,9 +418,9 @@ def results(request, tmp_path_factory):
     backend = request.param
     saved = os.environ.get("TRITON_INTERPRET")
     if backend == "triton":
-        from manualbp.dispatch import triton_available
+        from manualbp._mode import TRITON_INSTALLED
 
-        if not triton_available():
+        if not TRITON_INSTALLED:
             pytest.skip("triton is not installed")
         os.environ["TRITON_INTERPRET"] = "1"  # the workers' tensors are on the CPU
     try:

@@ -15,10 +15,10 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from manualbp.kernels import library
 from torch.testing import assert_close
 
 import manualbp
-from manualbp.backends import triton as triton_backend
 
 TIMEOUT = 120  # seconds a barrier waits (compiling under the interpreter is slow)
 _TRITON_OK = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -53,13 +53,14 @@ def _run_threads(*targets: Callable[[], None]) -> None:
 def launches(monkeypatch):
     """Thread ident -> number of Triton Linear forward launches made on that thread."""
     counts: collections.Counter[int] = collections.Counter()
-    real = triton_backend._launch_linear_forward
+    kernels = library.load("linear")
+    real = kernels.forward
 
     def counting(*args, **kwargs):
         counts[threading.get_ident()] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(triton_backend, "_launch_linear_forward", counting)
+    monkeypatch.setattr(kernels, "forward", counting)
     return counts
 
 
@@ -184,16 +185,15 @@ def test_backward_in_the_calling_thread_uses_its_block(monkeypatch):
     # On CPU autograd runs the backward on the thread that calls .backward().
     if torch.cuda.is_available():
         pytest.skip("CUDA backward runs on autograd's device thread (see the CUDA test)")
-    from manualbp.backends.triton import TritonBackend
-
+    kernels = library.load("linear")
     calls = []
-    real = TritonBackend.linear_backward
+    real = kernels.backward
 
     def counting(*args, **kwargs):
         calls.append(threading.get_ident())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(TritonBackend, "linear_backward", staticmethod(counting))
+    monkeypatch.setattr(kernels, "backward", counting)
     x, w = _inputs()
     w.requires_grad_(True)
     idents = {}
@@ -212,16 +212,15 @@ def test_backward_in_the_calling_thread_uses_its_block(monkeypatch):
 
 @pytest.mark.cuda
 def test_cuda_backward_uses_the_block_of_the_forward(monkeypatch):
-    from manualbp.backends.triton import TritonBackend
-
+    kernels = library.load("linear")
     calls = []
-    real = TritonBackend.linear_backward
+    real = kernels.backward
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(TritonBackend, "linear_backward", staticmethod(counting))
+    monkeypatch.setattr(kernels, "backward", counting)
     x, w = _inputs()
     w.requires_grad_(True)
     with manualbp.use_backend("reference"):  # CUDA would take Triton under "auto"

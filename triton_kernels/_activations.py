@@ -22,7 +22,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-NO_ACTIVATION = "none"
+# The registry's names (manualbp/activations.py: a test holds the two lists equal). Python code
+# spells "no activation" None; the kernels' ACTIVATION constexpr spells it "none" (constexpr()).
+NAMES = ("relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid", "leaky_relu")
 
 # 1/sqrt(2), 1/sqrt(2*pi), sqrt(2/pi) and the tanh-GELU cubic coefficient.
 SQRT1_2: tl.constexpr = tl.constexpr(0.7071067811865476)
@@ -31,9 +33,9 @@ SQRT_2_OVER_PI: tl.constexpr = tl.constexpr(0.7978845608028654)
 GELU_KAPPA: tl.constexpr = tl.constexpr(0.044715)
 
 
-def constexpr_name(activation: str | None) -> str:
+def constexpr(activation: str | None) -> str:
     """The ``ACTIVATION`` constexpr for a registry name (``None``: no activation)."""
-    return NO_ACTIVATION if activation is None else activation
+    return "none" if activation is None else activation
 
 
 @triton.jit

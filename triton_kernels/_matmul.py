@@ -6,22 +6,22 @@ in int64 so tensors past 2**31 elements are addressed correctly, and nothing ass
 alignment (Triton specialises on pointer/stride divisibility by itself when it holds).
 
 Accumulation is fp32 for fp16/bf16/fp32 inputs and fp64 for fp64 inputs. The GEMM of the
-fused Linear forward lives in ``linear_forward.py``; it reuses :func:`tile_offsets` and
+fused Linear forward lives in ``linear.py``; it reuses :func:`tile_offsets` and
 :func:`gemm_mainloop` from here.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
-# Re-exported: the launchers import these from here too. INTERPRETER is fixed when imported,
-# like the interpreter itself, so compiled GPU code never contains the workaround in cast_out.
-from ._runtime import INTERPRETER, interpreting
+from ._host import target
+from ._matmul_hopper import matmul_tma, tma_eligible
+from ._runtime import cast_out, dtype_class, input_precision_for, size_bucket, smem_limit
+from ._tuning import tuned_launch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,41 +92,6 @@ INTERPRETER_CONFIG: dict[str, int] = dict(
     BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=4, num_warps=4, num_stages=1
 )
 
-# Usable shared memory per block, bytes, by compute capability (A100: 163 KiB, H100/H200 and
-# B200: 227 KiB, consumer Ampere/Ada/Blackwell: 99 KiB). Unknown archs get the smallest.
-SMEM_LIMIT: dict[int, int] = {
-    80: 166912,
-    86: 101376,
-    87: 166912,
-    89: 101376,
-    90: 232448,
-    100: 232448,
-    120: 101376,
-}
-
-
-def smem_limit(arch: int) -> int:
-    """Usable shared memory per block on compute capability ``arch``."""
-    return SMEM_LIMIT.get(arch, 101376)
-
-
-def arch_of(device: torch.device) -> int:
-    """Compute capability as ``10 * major + minor`` (``0`` for CPU / interpreter)."""
-    if device.type != "cuda":
-        return 0
-    major, minor = torch.cuda.get_device_capability(device)
-    return 10 * major + minor
-
-
-def dtype_class(dtype: torch.dtype, input_precision: str) -> str:
-    """The config class of a GEMM on ``dtype`` inputs with ``tl.dot`` ``input_precision``:
-    ``"fp16"`` (fp16 and bf16), ``"tf32"``, ``"fp32"`` (IEEE) or ``"fp64"``."""
-    if dtype == torch.float64:
-        return "fp64"
-    if dtype == torch.float32:
-        return "tf32" if input_precision == "tf32" else "fp32"
-    return "fp16"
-
 
 def configs_for(
     arch: int, dtype: torch.dtype, input_precision: str, *, epilogue: bool = False
@@ -149,45 +114,9 @@ def smem_estimate(cfg: dict[str, int], elsize: int) -> int:
     return cfg["num_stages"] * tile
 
 
-def to_triton_configs(cfgs: list[dict[str, int]]) -> list[triton.Config]:
-    """``triton.Config`` objects for a list of config dicts."""
-    out = []
-    for c in cfgs:
-        kw = {k: v for k, v in c.items() if k not in ("num_warps", "num_stages")}
-        out.append(triton.Config(kw, num_warps=c["num_warps"], num_stages=c["num_stages"]))
-    return out
-
-
-def input_precision_for(dtype: torch.dtype) -> str:
-    """``tl.dot`` input precision: fp32 follows ``torch.get_float32_matmul_precision()``
-    (``"highest"``: IEEE, otherwise TF32); the CPU interpreter always computes IEEE, and gets
-    ``"upcast_ieee"`` for bf16 (its ``tl.dot`` has no bf16 path: the kernels upcast first)."""
-    if interpreting():
-        return "upcast_ieee" if dtype == torch.bfloat16 else "ieee"
-    fp32_fast = dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
-    return "tf32" if fp32_fast else "ieee"
-
-
-def use_fixed_config(device: torch.device) -> bool:
-    """Launch with :data:`INTERPRETER_CONFIG` instead of autotuning (interpreter / CPU)."""
-    return interpreting() or device.type != "cuda"
-
-
 # ---------------------------------------------------------------------------------------------
 # Device helpers
 # ---------------------------------------------------------------------------------------------
-@triton.jit
-def cast_out(x, dtype: tl.constexpr):
-    """``x.to(dtype)`` for a store. Under the CPU interpreter a bf16 target is rounded to
-    nearest-even here first: the interpreter's own fp32 -> bf16 conversion drops the carry when
-    rounding up a mantissa of all ones (up to 2x off). NaN handling is not needed there."""
-    if INTERPRETER and dtype == tl.bfloat16:
-        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
-
-
 @triton.jit
 def tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """int64 row/column offsets of this program's output tile, in grouped order.
@@ -274,12 +203,14 @@ def matmul_kernel(
     stride_cn,
     ACC_FP64: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """``C = A @ B`` for strided A (M, K), B (K, N), C (M, N); one program per C tile."""
+    """``C = A @ B`` (``C += A @ B`` when ``ACCUMULATE``: C fp32 or fp64 for narrower A, B) for
+    strided A (M, K), B (K, N), C (M, N); one program per C tile."""
     offs_m, offs_n = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = gemm_mainloop(
         a_ptr,
@@ -301,20 +232,15 @@ def matmul_kernel(
     )
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=c_mask, other=0.0).to(acc.dtype)
     tl.store(c_ptrs, cast_out(acc, c_ptr.dtype.element_ty), mask=c_mask)
-
-
-def size_bucket(*sizes: int) -> tuple[int, ...]:
-    """Sizes rounded up to powers of two: the autotuning key. Keying on exact sizes would
-    re-run the whole config search for every new token count (variable batches, the last
-    partial batch); shapes within a factor of two share their best config."""
-    return tuple(triton.next_power_of_2(max(s, 1)) for s in sizes)
 
 
 def operand_layout(a: torch.Tensor, b: torch.Tensor) -> str:
     """Which dimension of each GEMM operand is contiguous, from its strides: ``"A:K"`` (A
     (M, K) row-major, K-major) or ``"A:M"`` (column-major, e.g. dW's stride-swapped dZ^T),
-    ``"B:N"`` or ``"B:K"``, ``S`` for neither. Part of the autotuning key: the best tile and
+    ``"B:N"`` or ``"B:K"``, ``S`` for neither. Part of the tuning key: the best tile and
     pipeline depth differ between layouts, so dX = dZ W and dW = dZ^T X tune apart."""
 
     def major(t: torch.Tensor, inner: str, outer: str) -> str:
@@ -325,76 +251,58 @@ def operand_layout(a: torch.Tensor, b: torch.Tensor) -> str:
     return f"A:{major(a, 'K', 'M')},B:{major(b, 'N', 'K')}"
 
 
-def tuning_key(a: torch.Tensor, b: torch.Tensor) -> tuple:
-    """``(arch, dtype, input precision, size bucket, operand layout)``: the autotuner
-    :func:`matmul` uses for ``a @ b`` (one per key)."""
+def tuning_key(a: torch.Tensor, b: torch.Tensor, accumulate: bool = False) -> str:
+    """The bucket :func:`matmul` keeps its config for: dtype, ``tl.dot`` precision, accumulate,
+    size bucket and :func:`operand_layout` (so dX = dZ W and dW = dZ^T X tune apart)."""
     M, K = a.shape
-    precision = input_precision_for(a.dtype)
+    precision = input_precision_for(a.dtype, a.device)
     bucket = size_bucket(M, b.shape[1], K)
-    return arch_of(a.device), a.dtype, precision, bucket, operand_layout(a, b)
+    return f"{a.dtype}|{precision}|{int(accumulate)}|{bucket}|{operand_layout(a, b)}"
 
 
-@functools.cache
-def _tuned_matmul(
-    arch: int, dtype: torch.dtype, input_precision: str, bucket: tuple[int, ...], layout: str = ""
-) -> Any:
-    # One autotuner per size bucket (see size_bucket) and operand layout (operand_layout),
-    # tuned on the first shape it sees.
-    # Every C element is written exactly once per launch: no reset_to_zero needed.
-    return triton.autotune(
-        configs=to_triton_configs(configs_for(arch, dtype, input_precision)),
-        key=["ACC_FP64", "INPUT_PRECISION"],
-    )(matmul_kernel)
+def grid_of(M: int, N: int, cfg: dict[str, int]) -> tuple[int]:
+    """The 1-D grid covering an (M, N) output in the config's tiles."""
+    return (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
 
 
-def grid_for(M: int, N: int):
-    """1-D grid covering the (M, N) output in BLOCK_M x BLOCK_N tiles."""
-    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+def gemm_configs(
+    device: torch.device, dtype: torch.dtype, precision: str, *, epilogue: bool = False
+) -> list[dict[str, int]]:
+    """The configs a launch on ``device`` chooses among: the shipped list for its GPU (the
+    interpreter: :data:`INTERPRETER_CONFIG` alone)."""
+    gpu = target(device)
+    if gpu is None:
+        return [INTERPRETER_CONFIG]
+    return configs_for(gpu[0], dtype, precision, epilogue=epilogue)
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def matmul(
+    a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None, accumulate: bool = False
+) -> torch.Tensor:
     """``a @ b`` for 2-D ``a`` (M, K) and ``b`` (K, N) of one dtype, any strides.
 
-    Returns a new contiguous (M, N) tensor of ``a.dtype`` (fp32/fp64 accumulation). An empty
-    inner dimension gives zeros; an empty output launches nothing. On sm_90+ the persistent
-    TMA kernel of :mod:`triton_kernels._matmul_hopper` runs instead when
-    :func:`~triton_kernels._matmul_hopper.tma_eligible` allows it (fp16/bf16/TF32, 16-byte
-    aligned row-major or transposed operands).
+    Returns ``out`` (any strides and float dtype; ``accumulate``: ``out += a @ b``, summed in the
+    accumulator, e.g. an fp32 ``out`` for bf16 operands) or a new contiguous (M, N) tensor of
+    ``a.dtype`` (fp32/fp64 accumulation). An empty inner dimension gives zeros; an empty output
+    launches nothing. On sm_90+ the persistent TMA kernel of :mod:`._matmul_hopper` runs when
+    :func:`~._matmul_hopper.tma_eligible` allows it.
     """
     M, K = a.shape
     N = b.shape[1]
-    if K == 0:
-        return torch.zeros((M, N), dtype=a.dtype, device=a.device)
-    c = torch.empty((M, N), dtype=a.dtype, device=a.device)
-    if M == 0 or N == 0:
+    c = out if out is not None else torch.empty((M, N), dtype=a.dtype, device=a.device)
+    if M == 0 or N == 0 or (K == 0 and accumulate):
         return c
-    # sm_90+ and TMA-readable operands: the persistent TMA kernel. Imported here: it imports
-    # this module.
-    from ._matmul_hopper import matmul_tma, tma_eligible
-
+    if K == 0:
+        return c.zero_()
     if tma_eligible((a, b), (c,)):
-        return matmul_tma(a, b, out=c)
-    args = (
-        a,
-        b,
-        c,
-        M,
-        N,
-        K,
-        a.stride(0),
-        a.stride(1),
-        b.stride(0),
-        b.stride(1),
-        c.stride(0),
-        c.stride(1),
-    )
-    acc_fp64 = a.dtype == torch.float64
-    precision = input_precision_for(a.dtype)
-    if use_fixed_config(a.device):
-        matmul_kernel[grid_for(M, N)](
-            *args, ACC_FP64=acc_fp64, INPUT_PRECISION=precision, **INTERPRETER_CONFIG
-        )
-    else:
-        tuned = _tuned_matmul(*tuning_key(a, b))
-        tuned[grid_for(M, N)](*args, ACC_FP64=acc_fp64, INPUT_PRECISION=precision)
+        return matmul_tma(a, b, out=c, accumulate=accumulate)
+    precision = input_precision_for(a.dtype, a.device)
+    meta = dict(ACC_FP64=a.dtype == torch.float64, INPUT_PRECISION=precision, ACCUMULATE=accumulate)
+    args = (a, b, c, M, N, K, *a.stride(), *b.stride(), *c.stride())
+
+    def make(cfg: dict[str, Any]) -> tuple[tuple[int], tuple, dict[str, Any]]:
+        return grid_of(M, N, cfg), args, {**meta, **cfg}
+
+    cfgs = gemm_configs(a.device, a.dtype, precision)
+    tuned_launch(matmul_kernel, tuning_key(a, b, accumulate), cfgs, make, a.device)
     return c

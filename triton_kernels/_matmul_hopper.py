@@ -23,10 +23,13 @@
 TMA reads 2-D row-major boxes: a descriptor needs a 16-byte aligned base, 16-byte aligned row
 stride and a unit last stride. An operand stored transposed (a column-major view) is read
 through a descriptor on its transpose and transposed back in registers (``A_T`` / ``B_T``): so
-``x @ W^T`` (forward), ``dZ @ W`` (dX) and ``dZ^T @ X`` (dW) all run without copies.
+``x @ W^T`` (forward), ``dZ @ W`` (dX) and ``dZ^T @ X`` (dW) all run without copies (in TF32
+only the forward: an MN-major fp32 operand takes a trip through registers per K step).
 :func:`tma_eligible` decides; everything else (sm_80, the CPU interpreter, fp64, IEEE fp32,
-misaligned views) stays on the pointer kernels. Accumulation is fp32: fp16 / bf16 inputs, and
-fp32 inputs with TF32 ``tl.dot`` (torch's float32 matmul precision "high" / "medium").
+misaligned or overlapping views) stays on the pointer kernels. Accumulation is fp32: fp16 /
+bf16 inputs, and fp32 inputs with TF32 ``tl.dot`` (float32 matmul precision "high"/"medium").
+The config is chosen per size bucket by :func:`~triton_kernels._tuning.tuned_launch`; each
+config's launch builds its own descriptors (their boxes are the config's block shapes).
 
 Under the CPU interpreter the launchers here run too (tests call them directly, with
 :data:`INTERPRETER_CONFIG`): the interpreter executes tensor descriptors, so the math of this
@@ -35,7 +38,6 @@ kernel is tested on the CPU; what only the GPU shows (TMA, wgmma, spills) is in 
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -43,16 +45,10 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._activations import apply_activation, constexpr_name, slope_as
-from ._matmul import (
-    arch_of,
-    cast_out,
-    dtype_class,
-    input_precision_for,
-    size_bucket,
-    smem_limit,
-)
-from ._runtime import interpreting
+from ._activations import apply_activation, constexpr, slope_as
+from ._host import target
+from ._runtime import cast_out, dtype_class, input_precision_for, size_bucket, smem_limit
+from ._tuning import tuned_launch
 
 __all__ = [
     "HOPPER_CONFIGS",
@@ -135,15 +131,16 @@ def hopper_configs_for(
 # ---------------------------------------------------------------------------------------------
 def tma_layout(t: torch.Tensor) -> bool | None:
     """How a TMA descriptor reads the 2-D tensor ``t``: ``False`` row-major (unit column
-    stride), ``True`` through its transpose (unit row stride), ``None`` neither (misaligned
-    base or row stride, no unit stride, or empty)."""
+    stride), ``True`` through its transpose (unit row stride), ``None`` neither: a misaligned
+    base or outer stride, no unit stride, an outer stride that overlaps rows (stride 0 of an
+    expanded tensor included), or an empty tensor."""
     if t.dim() != 2 or t.numel() == 0 or t.data_ptr() % 16:
         return None
     es = t.element_size()
     rows, cols = t.stride()
-    if cols == 1 and (rows * es) % 16 == 0:
+    if cols == 1 and rows >= max(t.shape[1], 1) and (rows * es) % 16 == 0:
         return False
-    if rows == 1 and (cols * es) % 16 == 0:
+    if rows == 1 and cols >= max(t.shape[0], 1) and (cols * es) % 16 == 0:
         return True
     return None
 
@@ -151,51 +148,42 @@ def tma_layout(t: torch.Tensor) -> bool | None:
 def tma_supported(
     arch: int,
     input_precision: str,
-    operands: tuple[torch.Tensor, ...],
+    operands: tuple[torch.Tensor, torch.Tensor],
     outputs: tuple[torch.Tensor, ...],
     *,
     epilogue: bool = False,
 ) -> bool:
     """The device-independent half of :func:`tma_eligible`: compute capability ``arch`` 9.0+,
-    fp16/bf16 inputs or fp32 ones under TF32 ``input_precision``, every operand TMA-readable and
-    every output row-major (:func:`tma_layout`), and a shipped config of the class
-    (``epilogue``: with an activation) that fits ``arch``'s shared memory."""
-    dtype = operands[0].dtype
-    if arch < 90 or dtype not in TMA_DTYPES:
+    fp16/bf16 inputs or fp32 ones under TF32 ``input_precision``, both operands TMA-readable
+    and every output row-major (:func:`tma_layout`), and a shipped config of the class
+    (``epilogue``: with an activation) that fits ``arch``'s shared memory. TF32 also needs
+    both operands K-major (A row-major, B read through its transpose): an MN-major fp32
+    operand reaches wgmma only through registers, a shared-memory round trip per K step."""
+    a, b = operands
+    if arch < 90 or a.dtype not in TMA_DTYPES:
         return False
-    if any(tma_layout(t) is None for t in operands):
+    a_t, b_t = tma_layout(a), tma_layout(b)
+    if a_t is None or b_t is None or any(tma_layout(t) is not False for t in outputs):
         return False
-    if any(tma_layout(t) is not False for t in outputs):
+    if input_precision == "tf32" and (a_t or not b_t):
         return False
-    return bool(hopper_configs_for(arch, dtype, input_precision, epilogue=epilogue))
+    return bool(hopper_configs_for(arch, a.dtype, input_precision, epilogue=epilogue))
 
 
 def tma_eligible(
-    operands: tuple[torch.Tensor, ...],
+    operands: tuple[torch.Tensor, torch.Tensor],
     outputs: tuple[torch.Tensor, ...],
     *,
     epilogue: bool = False,
 ) -> bool:
-    """Whether the Hopper path runs a GEMM on ``operands`` into ``outputs``: CUDA tensors, not
-    the interpreter, and :func:`tma_supported` for the device and the ``tl.dot`` precision
-    :func:`~triton_kernels._matmul.input_precision_for` picks."""
-    first = operands[0]
-    if interpreting() or first.device.type != "cuda":
+    """Whether the Hopper path runs a GEMM on ``operands`` (A, B) into ``outputs``: GPU code
+    (not the interpreter) and :func:`tma_supported` for the device and ``tl.dot`` precision."""
+    device = operands[0].device
+    gpu = target(device)
+    if gpu is None:
         return False
-    precision = input_precision_for(first.dtype)
-    return tma_supported(arch_of(first.device), precision, operands, outputs, epilogue=epilogue)
-
-
-@functools.cache
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def num_sms(device: torch.device) -> int:
-    """Programs of the persistent grid: the device's SM count (a few under the interpreter)."""
-    if device.type != "cuda":
-        return INTERPRETER_NUM_SMS
-    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    precision = input_precision_for(operands[0].dtype, device)
+    return tma_supported(gpu[0], precision, operands, outputs, epilogue=epilogue)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,9 +223,13 @@ def _store_half(
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
     STORE_PREACT: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
     HALF_N: tl.constexpr,
 ):
-    """Epilogue of one (BLOCK_M, BLOCK_N / 2) half: bias, pre-activation store, activation."""
+    """Epilogue of one (BLOCK_M, BLOCK_N / 2) half: bias, pre-activation store, activation (or,
+    ``ACCUMULATE``, the sum with C's current tile: C += A @ B, C fp32 for 16-bit A and B)."""
+    if ACCUMULATE:
+        acc += c_desc.load([off_m, off_n]).to(tl.float32)
     if HAS_BIAS:
         offs_n = off_n + tl.arange(0, HALF_N)
         bias = tl.load(bias_ptr + offs_n * stride_bias, mask=offs_n < N, other=0.0)
@@ -268,6 +260,7 @@ def matmul_tma_kernel(
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
     STORE_PREACT: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
     A_T: tl.constexpr,
     B_T: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -314,64 +307,18 @@ def matmul_tma_kernel(
         acc = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
         acc0, acc1 = tl.split(acc)
         for_half = (c_desc, z_desc, bias_ptr, stride_bias, negative_slope, N, HAS_BIAS)
-        _store_half(acc0, off_m, off_n, *for_half, ACTIVATION, STORE_PREACT, BLOCK_N // 2)
-        _store_half(
-            acc1, off_m, off_n + BLOCK_N // 2, *for_half, ACTIVATION, STORE_PREACT, BLOCK_N // 2
-        )
+        epilogue = (ACTIVATION, STORE_PREACT, ACCUMULATE, BLOCK_N // 2)
+        _store_half(acc0, off_m, off_n, *for_half, *epilogue)
+        _store_half(acc1, off_m, off_n + BLOCK_N // 2, *for_half, *epilogue)
 
 
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
-def _block_shapes(meta: dict[str, Any]) -> dict[str, list[int]]:
-    """The TMA box of each descriptor for a config ``meta`` (BLOCK_*, A_T, B_T)."""
-    bm, bn, bk = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
-    return dict(
-        a_desc=[bk, bm] if meta["A_T"] else [bm, bk],
-        b_desc=[bn, bk] if meta["B_T"] else [bk, bn],
-        c_desc=[bm, bn // 2],
-        z_desc=[bm, bn // 2],
-    )
-
-
-def _set_block_shapes(nargs: dict[str, Any]) -> None:
-    """Autotuner pre-hook: give the host descriptors the boxes of the config being run."""
-    for name, shape in _block_shapes(nargs).items():
-        nargs[name].block_shape = shape
-
-
-def _triton_configs(cfgs: list[dict[str, int]]) -> list[triton.Config]:
-    out = []
-    for c in cfgs:
-        kw = {k: v for k, v in c.items() if k not in ("num_warps", "num_stages")}
-        out.append(
-            triton.Config(
-                kw,
-                num_warps=c["num_warps"],
-                num_stages=c["num_stages"],
-                pre_hook=_set_block_shapes,
-            )
-        )
-    return out
-
-
-@functools.cache
-def _tuned(
-    arch: int, dtype: torch.dtype, input_precision: str, epilogue: bool, bucket: tuple[int, ...]
-) -> Any:
-    # One autotuner per power-of-two size bucket (see _matmul.size_bucket); the layouts and
-    # the epilogue are in the key. Every output element is written once per launch.
-    cfgs = hopper_configs_for(arch, dtype, input_precision, epilogue=epilogue)
-    return triton.autotune(
-        configs=_triton_configs(cfgs),
-        key=["HAS_BIAS", "ACTIVATION", "STORE_PREACT", "A_T", "B_T", "INPUT_PRECISION"],
-    )(matmul_tma_kernel)
-
-
-def _descriptor(t: torch.Tensor, transposed: bool) -> TensorDescriptor:
-    """A descriptor on ``t`` (or on ``t.T`` when ``transposed``); the box is set at launch."""
+def _descriptor(t: torch.Tensor, transposed: bool, block: list[int]) -> TensorDescriptor:
+    """A descriptor on ``t`` (on ``t.T`` when ``transposed``) reading ``block`` boxes."""
     base = t.t() if transposed else t
-    return TensorDescriptor(base, list(base.shape), list(base.stride()), [16, 16])
+    return TensorDescriptor(base, list(base.shape), list(base.stride()), block)
 
 
 def _launch(
@@ -382,70 +329,62 @@ def _launch(
     bias: torch.Tensor | None,
     activation: str | None,
     negative_slope: float,
+    accumulate: bool = False,
 ) -> None:
-    """``c = act(a @ b + bias)`` (``z = a @ b + bias`` too, if given); every shape non-empty."""
+    """``c = act(a @ b + bias)`` (``z = a @ b + bias`` too, if given; ``c += a @ b`` when
+    ``accumulate``), every shape non-empty, with the config kept for its bucket (every config's
+    launch builds its own descriptors: nothing of a call is left on a shared object)."""
     M, K = a.shape
     N = b.shape[1]
     a_t, b_t = tma_layout(a), tma_layout(b)
-    rows_out = all(tma_layout(t) is False for t in (c, z) if t is not None)
-    if a_t is None or b_t is None or not rows_out:
+    outputs = [t for t in (c, z) if t is not None]
+    if a_t is None or b_t is None or any(tma_layout(t) is not False for t in outputs):
         raise ValueError("operands not TMA-readable or outputs not row-major: see tma_eligible")
-    precision = input_precision_for(a.dtype)
-    meta = dict(
-        HAS_BIAS=bias is not None,
-        ACTIVATION=constexpr_name(activation),
-        STORE_PREACT=z is not None,
-        A_T=a_t,
-        B_T=b_t,
-        INPUT_PRECISION=precision,
-        NUM_SMS=num_sms(a.device),
-    )
-    descs = dict(
-        a_desc=_descriptor(a, a_t),
-        b_desc=_descriptor(b, b_t),
-        c_desc=_descriptor(c, False),
-    )
-    descs["z_desc"] = _descriptor(z, False) if z is not None else descs["c_desc"]
-    args = (
-        descs["a_desc"],
-        descs["b_desc"],
-        descs["c_desc"],
-        descs["z_desc"],
-        bias if bias is not None else c,  # dummy pointer, never read when HAS_BIAS is False
-        float(negative_slope),
-        M,
-        N,
-        K,
-        bias.stride(0) if bias is not None else 0,
-    )
+    gpu = target(a.device)
+    precision = input_precision_for(a.dtype, a.device)
+    sms = INTERPRETER_NUM_SMS if gpu is None else gpu[1]
+    meta = dict(HAS_BIAS=bias is not None, ACTIVATION=constexpr(activation),
+                STORE_PREACT=z is not None, ACCUMULATE=accumulate, A_T=a_t, B_T=b_t,
+                INPUT_PRECISION=precision, NUM_SMS=sms)  # fmt: skip
 
-    def grid(cfg: dict[str, Any]) -> tuple[int]:
-        tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
-        return (min(cfg["NUM_SMS"], tiles),)
+    def make(cfg: dict[str, Any]) -> tuple[tuple[int], tuple, dict[str, Any]]:
+        bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+        c_desc = _descriptor(c, False, [bm, bn // 2])
+        args = (
+            _descriptor(a, a_t, [bk, bm] if a_t else [bm, bk]),
+            _descriptor(b, b_t, [bn, bk] if b_t else [bk, bn]),
+            c_desc, c_desc if z is None else _descriptor(z, False, [bm, bn // 2]),
+            c if bias is None else bias,  # dummy pointer, never read without HAS_BIAS
+            float(negative_slope), M, N, K, 0 if bias is None else bias.stride(0),
+        )  # fmt: skip
+        tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+        return (min(sms, tiles),), args, {**meta, **cfg}
 
-    if interpreting() or a.device.type != "cuda":
-        cfg = INTERPRETER_CONFIG
-        _set_block_shapes({**descs, **meta, **cfg})
-        matmul_tma_kernel[grid](*args, **meta, **cfg)
-        return
-    epilogue = activation is not None
-    tuned = _tuned(arch_of(a.device), a.dtype, precision, epilogue, size_bucket(M, N, K))
-    tuned[grid](*args, **meta)
+    if gpu is None:
+        cfgs = [INTERPRETER_CONFIG]
+    else:
+        cfgs = hopper_configs_for(gpu[0], a.dtype, precision, epilogue=activation is not None)
+    flags = "".join(str(int(v)) for k, v in meta.items() if isinstance(v, bool))
+    key = f"{a.dtype}|{precision}|{meta['ACTIVATION']}|{flags}|{size_bucket(M, N, K)}"
+    tuned_launch(matmul_tma_kernel, key, cfgs, make, a.device)
 
 
-def matmul_tma(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def matmul_tma(
+    a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, accumulate: bool = False
+) -> torch.Tensor:
     """``a @ b`` on the Hopper path for 2-D ``a`` (M, K), ``b`` (K, N) of one dtype, each
-    TMA-readable (:func:`tma_layout`; check :func:`tma_eligible` first on a GPU). Returns
-    ``out`` or a new contiguous (M, N) tensor; K == 0 gives zeros, an empty output launches
+    TMA-readable (:func:`tma_layout`; check :func:`tma_eligible` first on a GPU), into ``out``
+    (row-major, any float dtype) or a new contiguous (M, N) tensor; ``accumulate``: ``out +=
+    a @ b``. K == 0 gives zeros (``out`` unchanged when accumulating); an empty output launches
     nothing."""
     M, K = a.shape
     N = b.shape[1]
     c = out if out is not None else torch.empty((M, N), dtype=a.dtype, device=a.device)
-    if M == 0 or N == 0:
+    if M == 0 or N == 0 or (K == 0 and accumulate):
         return c
     if K == 0:
         return c.zero_()
-    _launch(a, b, c, None, None, None, 0.0)
+    _launch(a, b, c, None, None, None, 0.0, accumulate)
     return c
 
 

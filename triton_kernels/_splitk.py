@@ -33,25 +33,13 @@ for dW (``A = dZ^T``, an M-major stride-swapped view, no copy).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from ._matmul import (
-    INTERPRETER_CONFIG,
-    arch_of,
-    cast_out,
-    dtype_class,
-    gemm_mainloop,
-    input_precision_for,
-    matmul,
-    smem_estimate,
-    smem_limit,
-    tile_offsets,
-)
-from ._runtime import acc_dtype, interpreting
+from ._host import acc_dtype, launch, target
+from ._matmul import INTERPRETER_CONFIG, gemm_mainloop, matmul, smem_estimate, tile_offsets
+from ._runtime import cast_out, dtype_class, input_precision_for, smem_limit
 
 __all__ = [
     "SPLITK_CONFIGS",
@@ -182,21 +170,10 @@ def splitk_reduce_kernel(
 # ---------------------------------------------------------------------------------------------
 # Host side
 # ---------------------------------------------------------------------------------------------
-def _on_gpu(device: torch.device) -> bool:
-    return device.type == "cuda" and not interpreting()
-
-
-@functools.cache
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def sm_count(device: torch.device) -> int:
     """The device's SM count (:data:`INTERPRETER_SM_COUNT` under the interpreter / on CPU)."""
-    if not _on_gpu(device):
-        return INTERPRETER_SM_COUNT
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _cuda_sm_count(index)
+    gpu = target(device)
+    return INTERPRETER_SM_COUNT if gpu is None else gpu[1]
 
 
 def splitk_config_for(arch: int, dtype: torch.dtype, precision: str) -> dict[str, int]:
@@ -211,9 +188,8 @@ def splitk_config_for(arch: int, dtype: torch.dtype, precision: str) -> dict[str
 
 def splitk_config(device: torch.device, dtype: torch.dtype, precision: str) -> dict[str, int]:
     """The partial kernel's config on ``device`` (``INTERPRETER_CONFIG`` on CPU)."""
-    if not _on_gpu(device):
-        return INTERPRETER_CONFIG
-    return splitk_config_for(arch_of(device), dtype, precision)
+    gpu = target(device)
+    return INTERPRETER_CONFIG if gpu is None else splitk_config_for(gpu[0], dtype, precision)
 
 
 class SplitPlan(tuple):
@@ -261,7 +237,7 @@ def _plan(a: torch.Tensor, b: torch.Tensor, cfg: dict[str, int], requested: int 
     M, K = a.shape
     N = b.shape[1]
     tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
-    where = "cuda" if _on_gpu(a.device) else "interpreter"
+    where = "interpreter" if target(a.device) is None else "cuda"
     return plan_splits(
         tiles,
         K,
@@ -285,7 +261,7 @@ def splitk_matmul(a: torch.Tensor, b: torch.Tensor, *, splits: int | None = None
     N = b.shape[1]
     if M == 0 or N == 0 or K == 0:
         return matmul(a, b)
-    precision = input_precision_for(a.dtype)
+    precision = input_precision_for(a.dtype, a.device)
     cfg = splitk_config(a.device, a.dtype, precision)
     plan = _plan(a, b, cfg, splits)
     if plan.splits == 1:
@@ -293,15 +269,14 @@ def splitk_matmul(a: torch.Tensor, b: torch.Tensor, *, splits: int | None = None
     acc_fp64 = a.dtype == torch.float64
     ws = torch.empty((plan.splits, M, N), dtype=acc_dtype(a.dtype), device=a.device)
     tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
-    splitk_partial_kernel[(tiles, plan.splits)](
-        a, b, ws, M, N, K, plan.chunk,
+    launch(
+        splitk_partial_kernel, (tiles, plan.splits), a, b, ws, M, N, K, plan.chunk,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         ACC_FP64=acc_fp64, INPUT_PRECISION=precision, **cfg,
     )  # fmt: skip
     c = torch.empty((M, N), dtype=a.dtype, device=a.device)
-    rcfg = REDUCE_CONFIGS["cuda" if _on_gpu(a.device) else "interpreter"]
+    rcfg = REDUCE_CONFIGS["interpreter" if target(a.device) is None else "cuda"]
     grid = (triton.cdiv(M, rcfg["BLOCK_M"]), triton.cdiv(N, rcfg["BLOCK_N"]))
-    splitk_reduce_kernel[grid](
-        ws, c, plan.splits, M, N, c.stride(0), c.stride(1), ACC_FP64=acc_fp64, **rcfg
-    )
+    launch(splitk_reduce_kernel, grid, ws, c, plan.splits, M, N, c.stride(0), c.stride(1),
+           ACC_FP64=acc_fp64, **rcfg)  # fmt: skip
     return c

@@ -29,9 +29,9 @@ Launches (``M`` rows, ``L`` layers):
 
 With the MSE loss folded in (:func:`mlp_mse_forward`), step 1's last-layer epilogue also
 reads the target and writes each row tile's ``sum (y - t)^2`` to a partials buffer (and, for
-a backward, ``dZ_{L-1}`` of an upstream gradient of 1 in fp32/fp64, or y in fp16/bf16, instead
-of the output), and :func:`mlp_loss_reduce_kernel` sums the partials in a fixed order: forward
-2 launches. Step 2 then starts from those (``G_MODE``), scaled by the loss's upstream gradient.
+a backward, y), and :func:`mlp_loss_reduce_kernel` sums the partials in a fixed order: forward
+2 launches. Step 2 then forms its first ``dY = g * norm (y - t)`` from y, the target and the
+loss's upstream gradient g (``G_MODE="mse"``), rounded once, as natively.
 
 No atomics anywhere: the gradients are bitwise reproducible. ``S`` depends on ``M`` and ``L``
 only (:func:`wgrad_splits`). Rounding follows native ``nn.Linear`` + activation modules: z, y,
@@ -44,9 +44,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._activations import activation_grad, apply_activation, constexpr_name, slope_as
-from ._matmul import cast_out, input_precision_for
-from ._runtime import interpreting
+from ._activations import activation_grad, apply_activation, constexpr, slope_as
+from ._host import acc_dtype, gpu_code, launch
+from ._host import target as gpu_target
+from ._runtime import cast_out, dtype_class, input_precision_for
 
 __all__ = [
     "CONFIGS",
@@ -133,43 +134,27 @@ def supports(dims: tuple[int, ...], dtype: torch.dtype, device: torch.device) ->
     64; fp64 and wider IEEE fp32 run layer by layer). The interpreter takes every float dtype."""
     if not (2 <= len(dims) <= MAX_LAYERS + 1 and min(dims) >= 1 and max(dims) <= MAX_WIDTH):
         return False
-    if device.type != "cuda" or interpreting():
+    gpu = gpu_target(device)
+    if gpu is None:
         return dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-    dclass = _dtype_class(dtype, input_precision_for(dtype))
-    return padded_width(dims) in CONFIGS.get((90, dclass), {})
+    return padded_width(dims) in shipped_widths(gpu[0], dtype, input_precision_for(dtype, device))
 
 
-def _dtype_class(dtype: torch.dtype, precision: str) -> str:
-    if dtype == torch.float64:
-        return "fp64"
-    if dtype == torch.float32:
-        return "tf32" if precision == "tf32" else "fp32"
-    return "fp16"
-
-
-def launch_config(
-    device: torch.device,
-    dtype: torch.dtype,
-    width: int,
-    precision: str,
-    arch: int = 90,
-    *,
-    cuda: bool | None = None,
-) -> dict[str, int]:
-    """The block shapes for a launch on ``device`` (the interpreter's, off CUDA); ``cuda``
-    forces the CUDA configs (the audit)."""
-    if cuda is None:
-        cuda = device.type == "cuda" and not interpreting()
-    if not cuda:
+def launch_config(device: torch.device, dtype: torch.dtype, width: int) -> dict[str, int]:
+    """The block shapes for a launch of ``width`` on ``device`` (the interpreter's, off a GPU)."""
+    gpu = gpu_target(device)
+    if gpu is None:
         return INTERPRETER_CONFIG[width]
-    family = 90 if arch >= 90 else 80
-    return CONFIGS[(family, _dtype_class(dtype, precision))][width]
+    return _table(gpu[0], dtype, input_precision_for(dtype, device))[width]
+
+
+def _table(arch: int, dtype: torch.dtype, precision: str) -> dict[int, dict[str, int]]:
+    return CONFIGS.get((90 if arch >= 90 else 80, dtype_class(dtype, precision)), {})
 
 
 def shipped_widths(arch: int, dtype: torch.dtype, precision: str) -> list[int]:
     """The WIDTHs :data:`CONFIGS` has for ``arch`` / ``dtype`` / ``tl.dot`` precision."""
-    family = 90 if arch >= 90 else 80
-    return sorted(CONFIGS.get((family, _dtype_class(dtype, precision)), {}))
+    return sorted(_table(arch, dtype, precision))
 
 
 def wgrad_splits(M: int, num_layers: int, block_r: int, *, cuda: bool) -> tuple[int, int]:
@@ -309,16 +294,15 @@ def _forward_layer(
 def _loss_layer(
     h, w_ptr, b_ptr, y_ptr, zo_ptr, t_ptr, row0, rows_left, offs_r, slope, norm,
     K: tl.constexpr, N: tl.constexpr, HAS_B: tl.constexpr,
-    ACT: tl.constexpr, LOSS: tl.constexpr, OUT_PREACT: tl.constexpr, STORE_ZO: tl.constexpr,
+    ACT: tl.constexpr, LOSS: tl.constexpr, STORE_ZO: tl.constexpr,
     ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, NC: tl.constexpr,
     CH: tl.constexpr,
 ):  # fmt: skip
     """The last layer with the MSE loss folded into its epilogue: ``y = act(h W^T + b)``,
     ``D = y - t``; returns this row tile's ``sum D^2`` and stores, by ``LOSS``, nothing
-    (``"value"``), ``y`` (and its z when ``STORE_ZO``; ``"y"``), or
-    ``dZ = act'(norm * D)``, the last layer's gradient for an upstream gradient of 1
-    (``"dz"``), in ``y_ptr``. The target is contiguous (int32 tile offsets, as for the
-    layers' own buffers: a strided target's int64 addressing spills on sm_80 TF32 at 128)."""
+    (``"value"``) or ``y`` (and its z when ``STORE_ZO``; ``"y"``). The target is contiguous
+    (int32 tile offsets, as for the layers' own buffers: a strided target's int64 addressing
+    spills on sm_80 TF32 at 128)."""
     rowsq = tl.zeros((offs_r.shape[0],), ACC_DTYPE)
     for j in tl.static_range(CH):
         if j * NC < N:
@@ -332,12 +316,7 @@ def _loss_layer(
             if ACT != "none":
                 d = tl.where((offs_n < N)[None, :], d, 0.0)
             rowsq += tl.sum(d * d, axis=1)
-            if LOSS == "dz":
-                dz = d * norm
-                if ACT != "none":
-                    dz = activation_grad(dz, (z if OUT_PREACT else hj).to(ACC_DTYPE), slope, ACT)
-                _store_tile(y_ptr, dz, row0, rows_left, offs_r, offs_n, N)
-            elif LOSS == "y":
+            if LOSS == "y":
                 _store_tile(y_ptr, hj, row0, rows_left, offs_r, offs_n, N)
                 if STORE_ZO:
                     _store_tile(zo_ptr, z, row0, rows_left, offs_r, offs_n, N)
@@ -360,7 +339,7 @@ def mlp_forward_kernel(
     HAS_BIAS: tl.constexpr,
     NUM_LAYERS: tl.constexpr, HIDDEN_ACT: tl.constexpr, OUT_ACT: tl.constexpr,
     HIDDEN_PREACT: tl.constexpr, STORE: tl.constexpr, STORE_OUT_PREACT: tl.constexpr,
-    LOSS: tl.constexpr, LOSS_MEAN: tl.constexpr, OUT_PREACT: tl.constexpr,
+    LOSS: tl.constexpr, LOSS_MEAN: tl.constexpr,
     ACC_FP64: tl.constexpr, INPUT_PRECISION: tl.constexpr, WIDTH: tl.constexpr,
     NC: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
@@ -395,7 +374,7 @@ def mlp_forward_kernel(
         norm = _loss_norm(numel, LOSS_MEAN, acc_dtype)
         part = _loss_layer(h, ws[last], bs[last], y_ptr, zo_ptr, t_ptr, row0, M - row0, offs_r,
                            o_slope, norm, DIMS[last], DIMS[NUM_LAYERS], HAS_BIAS[last], OUT_ACT,
-                           LOSS, OUT_PREACT, STORE_OUT_PREACT, acc_dtype, INPUT_PRECISION, NC,
+                           LOSS, STORE_OUT_PREACT, acc_dtype, INPUT_PRECISION, NC,
                            WIDTH // NC)  # fmt: skip
         tl.store(lp_ptr + tl.program_id(0), part)
 
@@ -461,12 +440,11 @@ def _backward_layer(
 
 @triton.jit
 def _loss_grad_chunks(
-    g_ptr, t_ptr, gs_ptr, norm, row0, offs_r, M, N: tl.constexpr, G_MODE: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, NC: tl.constexpr, CH: tl.constexpr,
+    g_ptr, t_ptr, gs_ptr, norm, row0, offs_r, M, N: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    NC: tl.constexpr, CH: tl.constexpr,
 ):  # fmt: skip
-    """The row tile's ``dY`` of a folded loss with upstream gradient ``g = *gs_ptr``:
-    ``g * v`` for a stored ``v = dZ_{L-1}`` of ``g = 1`` (``"scaled"``), or
-    ``norm * (y - t) * g`` from the stored prediction ``y`` (``"mse"``), formed in the
+    """The row tile's ``dY = norm * (y - t) * g`` of a folded loss from the stored prediction
+    ``y`` (``g_ptr``), the target and the upstream gradient ``g = *gs_ptr``, formed in the
     accumulator dtype and rounded once, as native autograd rounds ``dY``. ``g_ptr`` and
     ``t_ptr`` are contiguous (M, N)."""
     gs = tl.load(gs_ptr).to(ACC_DTYPE)
@@ -474,8 +452,7 @@ def _loss_grad_chunks(
     for c in tl.static_range(CH):
         offs_c = c * NC + tl.arange(0, NC)
         v = _load_tile(g_ptr, row0, M - row0, offs_r, offs_c, N).to(ACC_DTYPE)
-        if G_MODE == "mse":
-            v = norm * (v - _load_tile(t_ptr, row0, M - row0, offs_r, offs_c, N).to(ACC_DTYPE))
+        v = norm * (v - _load_tile(t_ptr, row0, M - row0, offs_r, offs_c, N).to(ACC_DTYPE))
         out = out + (cast_out(v * gs, g_ptr.dtype.element_ty),)  # noqa: RUF005
     return out
 
@@ -494,10 +471,8 @@ def mlp_backward_kernel(
     when ``NEED_DX``, ``dX`` (M, k_0). ``so_ptr``: the last layer's saved tensor (y or z).
 
     ``G_MODE``: where ``dY`` comes from: ``"grad"``, the strided (M, n_{L-1}) ``g_ptr``; or a
-    folded loss (:func:`_loss_grad_chunks`, ``gs_ptr`` the loss's upstream gradient, a
-    scalar): ``"scaled"`` (``g_ptr`` holds ``dZ_{L-1}`` for ``g = 1``; ``OUT_ACT`` must be
-    ``"none"``) or ``"mse"`` (``g_ptr`` holds y, ``t_ptr`` the target, both contiguous;
-    ``numel`` their size)."""
+    folded loss, ``"mse"`` (:func:`_loss_grad_chunks`: ``g_ptr`` holds y, ``t_ptr`` the target,
+    both contiguous, ``numel`` their size; ``gs_ptr`` the loss's upstream gradient)."""
     acc_dtype: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
     h_slope = slope_as(hidden_slope, acc_dtype)
     o_slope = slope_as(out_slope, acc_dtype)
@@ -509,7 +484,7 @@ def mlp_backward_kernel(
         g = _load_chunks(g_ptr, row0 + offs_r, M, stride_gm, stride_gn, DIMS[L], NC, CH)
     else:
         g = _loss_grad_chunks(g_ptr, t_ptr, gs_ptr, _loss_norm(numel, LOSS_MEAN, acc_dtype),
-                              row0, offs_r, M, DIMS[L], G_MODE, acc_dtype, NC, CH)  # fmt: skip
+                              row0, offs_r, M, DIMS[L], acc_dtype, NC, CH)  # fmt: skip
     g = _backward_layer(g, ws[L - 1], so_ptr, dzs[L - 1], row0, M - row0, offs_r, o_slope,
                         DIMS[L - 1], DIMS[L], OUT_ACT, L > 1 or NEED_DX, acc_dtype,
                         INPUT_PRECISION, NC, CH)  # fmt: skip
@@ -648,14 +623,11 @@ def _dims(weights: list[torch.Tensor]) -> tuple[int, ...]:
     return (weights[0].shape[1], *(w.shape[0] for w in weights))
 
 
-def _segments(
-    total_rows: int, widths: list[int], like: torch.Tensor, separate: bool = False
-) -> list[torch.Tensor]:
+def _segments(total_rows: int, widths: list[int], like: torch.Tensor) -> list[torch.Tensor]:
     """Contiguous (rows, w) tensors, one per width, carved from one allocation; each starts
     128-byte aligned (so Triton's alignment specialisation does not depend on the row count).
-    ``separate``: one allocation each (a custom op may not return views of one buffer)."""
-    if separate:
-        return [like.new_empty((total_rows, w)) for w in widths]
+    For the backward's internal dZ buffers: the saved tensors, which leave the launcher (as
+    outputs of an autograd Function or a custom op), are allocated one each."""
     sizes = [triton.cdiv(total_rows * w, _ALIGN) * _ALIGN for w in widths]
     flat = like.new_empty(max(sum(sizes), 1))
     out, start = [], 0
@@ -665,27 +637,16 @@ def _segments(
     return out
 
 
-def _common(x: torch.Tensor, dims: tuple[int, ...], hidden_act, out_act, arch: int):
-    precision = input_precision_for(x.dtype)
+def _common(x: torch.Tensor, dims: tuple[int, ...], hidden_act, out_act):
+    precision = input_precision_for(x.dtype, x.device)
     width = padded_width(dims)
-    cfg = launch_config(x.device, x.dtype, width, precision, arch)
+    cfg = launch_config(x.device, x.dtype, width)
     meta = dict(
-        DIMS=dims, NUM_LAYERS=len(dims) - 1, HIDDEN_ACT=constexpr_name(hidden_act),
-        OUT_ACT=constexpr_name(out_act), ACC_FP64=x.dtype == torch.float64,
+        DIMS=dims, NUM_LAYERS=len(dims) - 1, HIDDEN_ACT=constexpr(hidden_act),
+        OUT_ACT=constexpr(out_act), ACC_FP64=x.dtype == torch.float64,
         INPUT_PRECISION=precision, WIDTH=width, NC=min(cfg["CHUNK"], width),
     )  # fmt: skip
     return cfg, meta
-
-
-def _arch(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 0
-    major, minor = torch.cuda.get_device_capability(device)
-    return 10 * major + minor
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _launch_forward(x, y, zo, saved, weights, biases, slopes, cfg, meta, *, target=None,
@@ -693,8 +654,9 @@ def _launch_forward(x, y, zo, saved, weights, biases, slopes, cfg, meta, *, targ
     """One :func:`mlp_forward_kernel` launch (``flags``: its store / loss constexprs)."""
     M, L = x.shape[0], len(weights)
     t = x if target is None else target
-    mlp_forward_kernel[(triton.cdiv(M, cfg["BLOCK_M"]),)](
-        x, y, y if zo is None else zo, tuple(weights),
+    launch(
+        mlp_forward_kernel, (triton.cdiv(M, cfg["BLOCK_M"]),), x, y, y if zo is None else zo,
+        tuple(weights),
         tuple(w if b is None else b for w, b in zip(weights, biases, strict=True)),
         tuple(saved) if saved else (y,) * max(L - 1, 1), t, y if partials is None else partials,
         float(slopes[0]), float(slopes[1]), M, x.stride(0), x.stride(1), M * meta["DIMS"][-1],
@@ -713,7 +675,6 @@ def mlp_forward(
     *,
     store: tuple[bool, bool, bool],
     out: torch.Tensor | None = None,
-    separate: bool = False,
 ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     """The MLP forward in one launch.
 
@@ -725,7 +686,6 @@ def mlp_forward(
         store: ``(hidden, hidden_preact, out_preact)``: write the hidden layers' saved tensors
             (their z when ``hidden_preact``, else their y), and the last layer's z.
         out: a contiguous (M, n_{L-1}) tensor to write the output into.
-        separate: allocate each saved tensor on its own (else: views of one buffer).
 
     Returns:
         ``(y, saved)``: ``saved`` has one entry per layer: the hidden layers' (M, n_l) tensors
@@ -733,22 +693,21 @@ def mlp_forward(
     """
     M = x.shape[0]
     dims = _dims(weights)
-    L = len(weights)
     y = out if out is not None else x.new_empty((M, dims[-1]))
     store_hidden, hidden_preact, out_preact = store
-    saved = _segments(M, list(dims[1:-1]), x, separate) if store_hidden and L > 1 else []
+    saved = [x.new_empty((M, w)) for w in dims[1:-1]] if store_hidden else []
     zo = x.new_empty((M, dims[-1])) if out_preact else None
     result = [*saved, zo] if store_hidden else []
     if M == 0:
         return y, result
-    cfg, meta = _common(x, dims, hidden_act, out_act, _arch(x.device))
+    cfg, meta = _common(x, dims, hidden_act, out_act)
     _launch_forward(x, y, zo, saved, weights, biases, slopes, cfg, meta,
                     HIDDEN_PREACT=hidden_preact, STORE_OUT_PREACT=out_preact, LOSS="none",
-                    LOSS_MEAN=False, OUT_PREACT=False)  # fmt: skip
+                    LOSS_MEAN=False)  # fmt: skip
     return y, result
 
 
-LOSS_MODES = ("value", "dz", "y")
+LOSS_MODES = ("value", "y")
 
 
 def mlp_mse_forward(
@@ -765,7 +724,6 @@ def mlp_mse_forward(
     mode: str,
     hidden_preact: bool,
     out_preact: bool,
-    separate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor | None]]:
     """``mse(mlp(x), target)`` (``reduction`` ``"mean"`` or ``"sum"``) in two launches: the
     forward with the loss folded into the last layer's epilogue (each row tile's sum of
@@ -775,17 +733,14 @@ def mlp_mse_forward(
         x, weights, biases, activations, slopes: as in :func:`mlp_forward`.
         target: (M, n_{L-1}), any float dtype (read in the accumulator dtype); made contiguous
             if it is not. loss_dtype: the loss's dtype.
-        mode: what else is written: ``"value"`` nothing (no backward follows); ``"dz"`` the
-            hidden layers' saved tensors and ``dZ_{L-1}`` for an upstream gradient of 1
-            (the output activation's derivative applied: y itself is never written);
-            ``"y"`` the saved tensors, y, and the last layer's z when ``out_preact`` (a
+        mode: what else is written: ``"value"`` nothing (no backward follows); ``"y"`` the
+            hidden layers' saved tensors, y, and the last layer's z when ``out_preact`` (a
             backward then forms ``dY`` once the upstream gradient is known).
         hidden_preact / out_preact: the activations' derivatives read z (else y).
 
     Returns:
-        ``(loss, head, saved)``: the 0-dim loss; ``head`` the (M, n_{L-1}) ``dZ_{L-1}``
-        (``"dz"``) or y (``"y"``), ``None`` for ``"value"``; ``saved`` as
-        :func:`mlp_forward` returns it with ``store`` (empty for ``"value"``).
+        ``(loss, y, saved)``: the 0-dim loss; y (M, n_{L-1}) (``None`` for ``"value"``);
+        ``saved`` as :func:`mlp_forward` returns it with ``store`` (empty for ``"value"``).
     """
     if mode not in LOSS_MODES or reduction not in ("mean", "sum"):
         raise ValueError(f"mlp_mse_forward: mode {mode!r}, reduction {reduction!r}")
@@ -793,23 +748,23 @@ def mlp_mse_forward(
     dims = _dims(weights)
     grad = mode != "value"
     head = x.new_empty((M, dims[-1])) if grad else None
-    saved = _segments(M, list(dims[1:-1]), x, separate) if grad and len(weights) > 1 else []
+    saved = [x.new_empty((M, w)) for w in dims[1:-1]] if grad else []
     zo = x.new_empty((M, dims[-1])) if mode == "y" and out_preact else None
     result = [*saved, zo] if grad else []
     loss = torch.empty((), dtype=loss_dtype, device=x.device)
     if M == 0:  # the mean of no elements is NaN, as natively
         return loss.fill_(float("nan") if reduction == "mean" else 0.0), head, result
-    cfg, meta = _common(x, dims, hidden_act, out_act, _arch(x.device))
+    cfg, meta = _common(x, dims, hidden_act, out_act)
     tiles = triton.cdiv(M, cfg["BLOCK_M"])
     target = target.contiguous()
-    partials = torch.empty(tiles, dtype=_acc_dtype(x.dtype), device=x.device)
+    partials = torch.empty(tiles, dtype=acc_dtype(x.dtype), device=x.device)
     _launch_forward(x, x if head is None else head, zo, saved, weights, biases, slopes, cfg,
                     meta, target=target, partials=partials, HIDDEN_PREACT=hidden_preact,
-                    STORE_OUT_PREACT=zo is not None, LOSS=mode, LOSS_MEAN=reduction == "mean",
-                    OUT_PREACT=out_preact)  # fmt: skip
-    cuda = x.device.type == "cuda" and not interpreting()
-    mlp_loss_reduce_kernel[(1,)](
-        partials, loss, tiles, M * dims[-1], MEAN=reduction == "mean",
+                    STORE_OUT_PREACT=zo is not None, LOSS=mode,
+                    LOSS_MEAN=reduction == "mean")  # fmt: skip
+    cuda = gpu_code(x.device)
+    launch(
+        mlp_loss_reduce_kernel, (1,), partials, loss, tiles, M * dims[-1], MEAN=reduction == "mean",
         BLOCK=REDUCE_BLOCK["cuda" if cuda else "interpreter"], num_warps=4,
     )  # fmt: skip
     return loss, head, result
@@ -840,10 +795,8 @@ def mlp_backward(
             (M, n_{L-1}) (y or z, whatever ``out_act`` derives from; ``None`` without).
         has_bias: per layer. need_dx / need_params: which gradients to compute.
         loss: for the gradients of :func:`mlp_mse_forward`: ``(grad_loss, target,
-            reduction)``, the loss's 0-dim upstream gradient, and ``grad_y`` is that forward's
-            (contiguous) ``head``: ``dZ_{L-1}`` for an upstream gradient of 1 when ``target``
-            is ``None`` (``"dz"``: ``out_act`` and ``out_saved`` are then ignored), else y
-            (``"y"``; ``target`` is made contiguous if it is not).
+            reduction)``, the loss's 0-dim upstream gradient; ``grad_y`` is then that
+            forward's (contiguous) y (``target`` is made contiguous if it is not).
 
     Returns:
         ``(dx (M, k_0), [dW_l], [db_l or None])``, fresh tensors of ``grad_y.dtype``; ``None``
@@ -865,14 +818,13 @@ def mlp_backward(
         return dx, dws, dbs if need_params else None
     g_mode, scale, target = "grad", grad_y, grad_y
     if loss is not None:
-        scale, target = loss[0], grad_y if loss[1] is None else loss[1].contiguous()
-        g_mode = "scaled" if loss[1] is None else "mse"
-        out_act = None if g_mode == "scaled" else out_act
-    cfg, meta = _common(grad_y, dims, hidden_act, out_act, _arch(grad_y.device))
+        g_mode, scale, target = "mse", loss[0], loss[1].contiguous()
+    cfg, meta = _common(grad_y, dims, hidden_act, out_act)
     dzs = _segments(M, list(dims[1:]), grad_y)
     ss = tuple(saved) if L > 1 else (grad_y,)
-    mlp_backward_kernel[(triton.cdiv(M, cfg["BLOCK_M"]),)](
-        grad_y, grad_y if out_saved is None else out_saved, grad_y if dx is None else dx,
+    launch(
+        mlp_backward_kernel, (triton.cdiv(M, cfg["BLOCK_M"]),), grad_y,
+        grad_y if out_saved is None else out_saved, grad_y if dx is None else dx,
         tuple(weights), ss, tuple(dzs), scale, target, float(slopes[0]), float(slopes[1]), M,
         grad_y.stride(0), grad_y.stride(1), M * dims[-1],
         NEED_DX=need_dx, G_MODE=g_mode, LOSS_MEAN=loss is not None and loss[2] == "mean",
@@ -886,15 +838,15 @@ def mlp_backward(
 def _weight_grads(x, ss, dzs, dws, dbs, hidden_slope, has_bias, hidden_preact, cfg, meta):
     """Launch the weight-gradient step (and the reduction when there is more than one chunk)."""
     M, L, width = x.shape[0], meta["NUM_LAYERS"], meta["WIDTH"]
-    cuda = x.device.type == "cuda" and not interpreting()
+    cuda = gpu_code(x.device)
     S, chunk = wgrad_splits(M, L, cfg["BLOCK_R"], cuda=cuda)
     direct = S == 1
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    part = x.new_empty((1,) if direct else (L, S, width * (width + 1)), dtype=acc)
+    part = x.new_empty((1,) if direct else (L, S, width * (width + 1)), dtype=acc_dtype(x.dtype))
     db_args = tuple(dw if db is None else db for dw, db in zip(dws, dbs, strict=True))
     nc = min(cfg["WGRAD_CHUNK"], width)
-    mlp_wgrad_kernel[(S, L, (width // nc) ** 2)](
-        x, ss, tuple(dzs), tuple(dws), db_args, part, float(hidden_slope), M, x.stride(0),
+    launch(
+        mlp_wgrad_kernel, (S, L, (width // nc) ** 2), x, ss, tuple(dzs), tuple(dws), db_args,
+        part, float(hidden_slope), M, x.stride(0),
         x.stride(1), chunk, S, DIMS=meta["DIMS"], HAS_BIAS=has_bias, NUM_LAYERS=L,
         HIDDEN_ACT=meta["HIDDEN_ACT"], HIDDEN_PREACT=hidden_preact, DIRECT=direct,
         ACC_FP64=meta["ACC_FP64"], INPUT_PRECISION=meta["INPUT_PRECISION"], WIDTH=width,
@@ -902,7 +854,8 @@ def _weight_grads(x, ss, dzs, dws, dbs, hidden_slope, has_bias, hidden_preact, c
     )  # fmt: skip
     if not direct:
         block = REDUCE_BLOCK["cuda" if cuda else "interpreter"]
-        mlp_wgrad_reduce_kernel[(triton.cdiv(width * (width + 1), block), L)](
-            part, tuple(dws), db_args, S, DIMS=meta["DIMS"], HAS_BIAS=has_bias, NUM_LAYERS=L,
+        launch(
+            mlp_wgrad_reduce_kernel, (triton.cdiv(width * (width + 1), block), L), part,
+            tuple(dws), db_args, S, DIMS=meta["DIMS"], HAS_BIAS=has_bias, NUM_LAYERS=L,
             ACC_FP64=meta["ACC_FP64"], WIDTH=width, BLOCK=block, num_warps=4,
         )  # fmt: skip

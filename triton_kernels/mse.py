@@ -41,7 +41,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._runtime import FLOAT_DTYPES, acc_dtype, interpreting, load, on_device, store, tl_acc_dtype
+from ._host import FLOAT_DTYPES, acc_dtype, gpu_code, interpreting, launch, on_device
+from ._runtime import load, store, tl_acc_dtype
 
 __all__ = ["CONFIGS", "MAX_DIMS", "launch_config", "mse_backward", "mse_forward", "mse_grad_scale_"]
 
@@ -72,8 +73,8 @@ CONFIGS: dict[str, dict[str, dict[str, int]]] = {
 
 def launch_config(kind: str, ndim: int = 1, *, cuda: bool | None = None) -> dict[str, int]:
     """The launch config of ``kind`` (``"fwd"`` or ``"elementwise"``) for a layout of ``ndim``
-    merged dims: the CUDA one or the interpreter's (``cuda=None``: whichever this process runs).
-    ``"fwd"`` resolves to ``"fwd_strided"`` for 3 or more dims."""
+    merged dims: the CUDA one or the interpreter's (``cuda=None``: whichever this process
+    runs). ``"fwd"`` resolves to ``"fwd_strided"`` for 3 or more dims."""
     if kind == "fwd" and ndim >= 3:
         kind = "fwd_strided"
     if cuda is None:
@@ -390,7 +391,7 @@ def mse_forward(
     out = torch.empty(input.shape if not reduce else (), dtype=dtype, device=device)
 
     (x, t), ndim, contiguous, sizes, (xs, ts) = _layout(input, target)
-    cfg = launch_config("fwd", ndim)
+    cfg = launch_config("fwd", ndim, cuda=gpu_code(device))
     grid = triton.cdiv(n, cfg["BLOCK"])
     if reduce:
         partials = torch.empty(grid, dtype=acc_dtype(dtype), device=device)
@@ -398,8 +399,9 @@ def mse_forward(
     else:  # unused by the kernel
         partials = counter = out
     with on_device(device):
-        _mse_fwd_kernel[(grid,)](
-            x, t, out, grad if grad is not None else out, partials, counter, n,
+        launch(
+            _mse_fwd_kernel, (grid,), x, t, out, grad if grad is not None else out, partials,
+            counter, n,
             sizes[1], sizes[2], sizes[3], *xs, *ts,
             NDIM=ndim, CONTIG=contiguous, REDUCE=reduce, MEAN=reduction == "mean",
             COMPUTE_GRAD=want_grad, ACC=tl_acc_dtype(dtype), BLOCK=cfg["BLOCK"],
@@ -439,10 +441,11 @@ def mse_backward(grad_output: Tensor, input: Tensor, target: Tensor, reduction: 
         go, gs = grad_output, [0, 0, 0, 0]
     else:
         (go, x, t), ndim, contiguous, sizes, (gs, xs, ts) = _layout(grad_output, input, target)
-    cfg = launch_config("elementwise")
+    cfg = launch_config("elementwise", cuda=gpu_code(input.device))
     with on_device(input.device):
-        _mse_bwd_kernel[(triton.cdiv(n, cfg["BLOCK"]),)](
-            go, x, t, out, n, sizes[1], sizes[2], sizes[3], *gs, *xs, *ts,
+        launch(
+            _mse_bwd_kernel, (triton.cdiv(n, cfg["BLOCK"]),), go, x, t, out, n,
+            sizes[1], sizes[2], sizes[3], *gs, *xs, *ts,
             NDIM=ndim, CONTIG=contiguous, GO_SCALAR=scalar, MEAN=reduction == "mean",
             ACC=tl_acc_dtype(input.dtype), BLOCK=cfg["BLOCK"], num_warps=cfg["num_warps"],
         )  # fmt: skip
@@ -496,10 +499,11 @@ def mse_grad_scale_(grad: Tensor, grad_output: Tensor) -> Tensor:
     contiguous = ndim == 1 and strides[0] == 1
     sizes = [1] * (MAX_DIMS - ndim) + sizes
     strides = [0] * (MAX_DIMS - ndim) + strides
-    cfg = launch_config("elementwise")
+    cfg = launch_config("elementwise", cuda=gpu_code(grad.device))
     with on_device(grad.device):
-        _grad_scale_kernel[(triton.cdiv(n, cfg["BLOCK"]),)](
-            grad, grad_output, n, sizes[1], sizes[2], sizes[3], *strides,
+        launch(
+            _grad_scale_kernel, (triton.cdiv(n, cfg["BLOCK"]),), grad, grad_output, n,
+            sizes[1], sizes[2], sizes[3], *strides,
             NDIM=ndim, CONTIG=contiguous, ACC=tl_acc_dtype(grad.dtype), BLOCK=cfg["BLOCK"],
             num_warps=cfg["num_warps"],
         )  # fmt: skip

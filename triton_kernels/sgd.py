@@ -37,7 +37,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._runtime import FLOAT_DTYPES, interpreting, load, on_device, store, tl_acc_dtype
+from ._host import FLOAT_DTYPES, gpu_code, interpreting, launch, on_device
+from ._runtime import load, store, tl_acc_dtype
 
 __all__ = ["CONFIGS", "launch_config", "sgd_step_", "supports"]
 
@@ -271,7 +272,7 @@ def sgd_step_(
         bufs = [0] * len(params)
         init = [0] * len(params)
 
-    cfg = launch_config()
+    cfg = launch_config(cuda=gpu_code(device))
     block = cfg["BLOCK"]
     rows, n_blocks = _block_map(params, grads, bufs, init, block)
     if n_blocks == 0:
@@ -295,8 +296,8 @@ def sgd_step_(
                                                                    device))  # fmt: skip
 
     with on_device(device):
-        _sgd_kernel[(n_blocks,)](
-            params[0], rows, hp, lr_dev if lr_dev is not None else hp,
+        launch(
+            _sgd_kernel, (n_blocks,), params[0], rows, hp, lr_dev if lr_dev is not None else hp,
             HAS_WD=weight_decay != 0, HAS_MOMENTUM=use_momentum, NESTEROV=bool(nesterov),
             MAXIMIZE=bool(maximize), LR_TENSOR=lr_tensor, ALIGNED=aligned,
             COMPUTE=tl_acc_dtype(dtype), BLOCK=block, num_warps=cfg["num_warps"],

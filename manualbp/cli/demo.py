@@ -11,13 +11,15 @@ as a mismatch.
 
 The datasets ship inside scikit-learn (no download): ``digits`` (8x8 images of handwritten
 digits, 10 classes, trained as regression onto one-hot targets with MSE; reports accuracy) and
-``diabetes`` (10 features, one continuous target; reports R²).
+``diabetes`` (10 features, one continuous target; reports R²). Progress is a tqdm bar on stderr,
+shown only when stderr is a terminal.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import importlib.util
 import math
 import os
@@ -26,12 +28,13 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 import manualbp
+from manualbp._mode import kernels_for
 from manualbp.activations import ACTIVATIONS, get_activation
 from manualbp.cli._args import (
     DEVICE_HELP,
@@ -43,7 +46,7 @@ from manualbp.cli._args import (
     positive_float,
     positive_int,
 )
-from manualbp.dispatch import interpreter_enabled, resolve
+from manualbp.kernels._host import interpreting
 from manualbp.optim import SGD
 
 __all__ = [
@@ -63,17 +66,11 @@ __all__ = [
 ]
 
 # Per-dataset defaults for the options left unset on the command line. Chosen so that the bare
-# command trains to a sensible result in a few seconds on a 2-core laptop CPU.
+# command trains to a sensible result in a few seconds on a 2-core laptop CPU; diabetes is small
+# (332 training rows): fewer steps and a narrower net before it overfits.
 DATASETS: dict[str, dict[str, Any]] = {
-    "digits": {
-        "task": "classification",
-        "metric": "accuracy",
-        "steps": 1000,
-        "lr": 0.5,
-        "hidden": 128,
-    },
-    # Small data (332 training rows): fewer steps and a narrower net before it overfits.
-    "diabetes": {"task": "regression", "metric": "R²", "steps": 200, "lr": 0.005, "hidden": 64},
+    "digits": dict(task="classification", metric="accuracy", steps=1000, lr=0.5, hidden=128),
+    "diabetes": dict(task="regression", metric="R²", steps=200, lr=0.005, hidden=64),
 }
 QUICK_STEPS = 60
 
@@ -117,21 +114,14 @@ class DemoConfig:
     hidden: int | None = None
     activation: str = "relu"
     seed: int = 0
-    device: str = "cpu"
+    device: str | torch.device = "cpu"
     test_fraction: float = 0.25
-    progress: bool = True
+    progress: bool = True  # the tqdm bar on stderr, when that is a terminal
 
     def resolved(self) -> DemoConfig:
         """A copy with the dataset defaults filled in."""
-        defaults = DATASETS[self.dataset]
-        out = copy.copy(self)
-        if out.steps is None:
-            out.steps = defaults["steps"]
-        if out.lr is None:
-            out.lr = defaults["lr"]
-        if out.hidden is None:
-            out.hidden = defaults["hidden"]
-        return out
+        unset = [name for name in ("steps", "lr", "hidden") if getattr(self, name) is None]
+        return dataclasses.replace(self, **{k: DATASETS[self.dataset][k] for k in unset})
 
 
 @dataclass
@@ -185,12 +175,7 @@ class DemoResult:
 
     @property
     def agree(self) -> bool:
-        return self.curves.verdict == "agree"
-
-    @property
-    def diverged(self) -> bool:
-        """Both runs' losses became NaN/Inf, alike: the training blew up, not manualbp."""
-        return self.curves.verdict == "diverged"
+        return self.curves.agree
 
     @property
     def native_losses(self) -> Tensor:
@@ -204,25 +189,29 @@ class DemoResult:
 # --------------------------------------------------------------------------------------------
 # Data, models, training
 # --------------------------------------------------------------------------------------------
+def _import_extra(module: str) -> Any:
+    """``module`` from the ``demo`` extra; ``RuntimeError`` saying how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise RuntimeError(
+            f"manualbp demo needs {e.name}, which is not installed; install the demo extras: "
+            "pip install 'manualbp[demo]'"
+        ) from e
+
+
 def load_dataset(name: str, seed: int, test_fraction: float) -> dict[str, Tensor]:
     """``x_train, y_train, x_test, y_test`` (float32 tensors) and ``labels_test`` (digits).
 
     Features are standardised with the training split's statistics. Digits targets are
     one-hot rows; the diabetes target is standardised (R² is unchanged by that affine map).
     """
-    try:
-        from sklearn import datasets
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise RuntimeError(
-            "manualbp demo loads its datasets from scikit-learn, which is not installed; "
-            "install the demo extras: pip install 'manualbp[demo]'"
-        ) from e
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+    datasets = _import_extra("sklearn.datasets")
     load = datasets.load_digits if name == "digits" else datasets.load_diabetes
     x_np, y_np = load(return_X_y=True)
-    x = torch.as_tensor(x_np, dtype=torch.float64)
-    y = torch.as_tensor(y_np)
+    x, y = torch.as_tensor(x_np, dtype=torch.float64), torch.as_tensor(y_np)
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     n_test = max(1, round(test_fraction * len(x)))
     test, train = perm[:n_test], perm[n_test:]
@@ -280,7 +269,6 @@ class _Trainer:
 
 def _trainers(cfg: DemoConfig, n_in: int, n_out: int, dev: torch.device) -> tuple[_Trainer, ...]:
     """``(native, manualbp)``: the same initial weights; manualbp's by ``convert`` of a copy."""
-    assert cfg.hidden is not None and cfg.lr is not None
     torch.manual_seed(cfg.seed)
     native = build_native_model(n_in, cfg.hidden, n_out, cfg.activation).to(dev)
     manual = manualbp.convert(copy.deepcopy(native))
@@ -305,22 +293,24 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def _train(
-    cfg: DemoConfig, data: dict[str, Tensor], native: _Trainer, manual: _Trainer, bar: _Progress
-) -> None:
-    """``cfg.steps`` steps of both, on the same mini-batches."""
-    assert cfg.steps is not None
+def _train(cfg: DemoConfig, data: dict[str, Tensor], native: _Trainer, manual: _Trainer) -> None:
+    """``cfg.steps`` steps of both, on the same mini-batches, under a tqdm bar on stderr with
+    both losses; the bar is off without ``cfg.progress`` and when stderr is not a terminal
+    (its redraws would clutter a log file)."""
+    tqdm = _import_extra("tqdm").tqdm
     n_train = len(data["x_train"])
     batches = _batches(n_train, min(cfg.batch_size, n_train), cfg.seed)
-    native.model.train()
-    manual.model.train()
-    try:
-        for _, idx in zip(range(cfg.steps), batches, strict=False):
+    off = None if cfg.progress else True  # None: tqdm's own test, stderr is not a terminal
+    with tqdm(total=cfg.steps, desc="training", unit="step", disable=off) as bar:
+        for step, idx in zip(range(1, cfg.steps + 1), batches, strict=False):
             idx = idx.to(data["x_train"].device)
             x, y = data["x_train"][idx], data["y_train"][idx]
-            bar.update(native.step(x, y), manual.step(x, y))
-    finally:
-        bar.close()
+            losses = native.step(x, y), manual.step(x, y)
+            bar.update()
+            if step % 10 == 0 or step == cfg.steps:
+                bar.set_postfix(
+                    native=f"{losses[0]:.4g}", manualbp=f"{losses[1]:.4g}", refresh=False
+                )
 
 
 @torch.no_grad()
@@ -373,100 +363,41 @@ def compare_curves(manual: Tensor, native: Tensor, tol: float = CURVE_TOL) -> Cu
 # --------------------------------------------------------------------------------------------
 # Running and reporting
 # --------------------------------------------------------------------------------------------
-class _Progress:
-    """tqdm on a terminal when installed, else a plain line per 10% on ``stream``."""
-
-    def __init__(self, total: int, enabled: bool, stream: TextIO) -> None:
-        self.total, self.enabled, self.stream, self.done = total, enabled, stream, 0
-        self._bar = None
-        if enabled and stream.isatty():  # tqdm's redraws would clutter a log file
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:
-                tqdm = None
-            if tqdm is not None:
-                self._bar = tqdm(total=total, desc="training", unit="step", file=stream)
-
-    def update(self, native_loss: float, manual_loss: float) -> None:
-        self.done += 1
-        if not self.enabled:
-            return
-        if self._bar is not None:
-            self._bar.update(1)
-            if self.done % 10 == 0 or self.done == self.total:
-                self._bar.set_postfix(
-                    native=f"{native_loss:.4g}", manualbp=f"{manual_loss:.4g}", refresh=False
-                )
-            return
-        tenth = max(self.total // 10, 1)
-        if self.done % tenth == 0 or self.done == self.total:
-            pct = 100 * self.done // self.total
-            print(
-                f"  step {self.done:>{len(str(self.total))}}/{self.total} ({pct:3d}%)  "
-                f"loss native {native_loss:.5g}  manualbp {manual_loss:.5g}",
-                file=self.stream,
-                flush=True,
-            )
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-
-
 def describe_backend(dev: torch.device) -> tuple[str, str]:
     """``(backend, sentence)`` for what manualbp runs on ``dev`` under the current setting.
 
-    Raises what :func:`manualbp.dispatch.resolve` raises when the setting cannot run there.
+    Raises what the backend setting raises when it cannot run there.
     """
-    backend = resolve(torch.empty(0, device=dev))
+    backend = "triton" if kernels_for(torch.empty(0, device=dev)) else "reference"
     if backend == "triton":
-        how = (
-            "Triton kernels under Triton's CPU interpreter (TRITON_INTERPRET=1; slow)"
-            if dev.type != "cuda" and interpreter_enabled()
-            else "Triton kernels"
-        )
+        how = "Triton kernels"
+        if dev.type != "cuda" and interpreting():
+            how += " under Triton's CPU interpreter (TRITON_INTERPRET=1; slow)"
     else:
         how = "reference path (plain torch ops"
         how += ")" if dev.type == "cuda" else "; the Triton kernels run on a CUDA GPU)"
     return backend, f"device {dev}, manualbp backend '{backend}': {how}"
 
 
-def run_demo(
-    config: DemoConfig,
-    *,
-    out: Callable[[str], None] = print,
-    progress_stream: TextIO | None = None,
-) -> DemoResult:
+def run_demo(config: DemoConfig, *, out: Callable[[str], None] = print) -> DemoResult:
     """Train the native and the manualbp model side by side; report and return the results.
 
-    ``out`` receives the report lines; the progress bar goes to ``progress_stream``
-    (default ``sys.stderr``) when ``config.progress``.
+    ``out`` receives the report lines; the progress bar goes to stderr (see :func:`_train`).
     """
     cfg = config.resolved()
-    assert cfg.steps is not None
-    info = DATASETS[cfg.dataset]
     dev = torch.device(cfg.device)
     backend, sentence = describe_backend(dev)
     data = {k: v.to(dev) for k, v in load_dataset(cfg.dataset, cfg.seed, cfg.test_fraction).items()}
-    n_in, n_out = data["x_train"].shape[1], data["y_train"].shape[1]
-    native, manual = _trainers(cfg, n_in, n_out, dev)
+    native, manual = _trainers(cfg, data["x_train"].shape[1], data["y_train"].shape[1], dev)
     _introduce(cfg, data, sentence, manual.model, out)
-
-    bar = _Progress(cfg.steps, cfg.progress, progress_stream or sys.stderr)
-    _train(cfg, data, native, manual, bar)
-    native.stats.metric = _evaluate(native.model, data, info["task"])
-    manual.stats.metric = _evaluate(manual.model, data, info["task"])
-    result = DemoResult(
-        config=cfg,
-        backend=backend,
-        metric_name=info["metric"],
-        native=native.stats,
-        manual=manual.stats,
-        curves=compare_curves(
-            torch.tensor(manual.stats.losses, dtype=torch.float64),
-            torch.tensor(native.stats.losses, dtype=torch.float64),
-        ),
+    _train(cfg, data, native, manual)
+    for side in (native, manual):
+        side.stats.metric = _evaluate(side.model, data, DATASETS[cfg.dataset]["task"])
+    curves = compare_curves(
+        *(torch.tensor(s.stats.losses, dtype=torch.float64) for s in (manual, native))
     )
+    metric_name = DATASETS[cfg.dataset]["metric"]
+    result = DemoResult(cfg, backend, metric_name, native.stats, manual.stats, curves)
     _report(result, out)
     return result
 
@@ -490,15 +421,14 @@ def _introduce(
         f"SGD lr={cfg.lr:g} momentum={cfg.momentum:g}, batch {min(cfg.batch_size, n_train)}, "
         f"{cfg.steps} steps, seed {cfg.seed}"
     )
-    out(f"  manualbp model: {_layers(manual)}")
+    layers = [m for m in manual.modules() if isinstance(m, nn.Linear)]
+    out("  manualbp model: " + ", ".join(map(_layer, layers)))
 
 
-def _layers(model: nn.Module) -> str:
-    return ", ".join(
-        f"{type(m).__module__.split('.')[0]}.Linear({m.in_features}, {m.out_features}"
-        + (f", activation={m.activation!r})" if getattr(m, "activation", None) else ")")
-        for m in model.modules()
-        if isinstance(m, nn.Linear)
+def _layer(m: nn.Linear) -> str:
+    act = getattr(m, "activation", None)
+    return f"{type(m).__module__.split('.')[0]}.Linear({m.in_features}, {m.out_features}" + (
+        f", activation={act!r})" if act else ")"
     )
 
 
@@ -551,10 +481,6 @@ def _curves_sentence(c: CurveComparison) -> str:
 # --------------------------------------------------------------------------------------------
 # The plot
 # --------------------------------------------------------------------------------------------
-def _finite_or_nan(values: list[float]) -> list[float]:
-    return [v if math.isfinite(v) else math.nan for v in values]
-
-
 def save_plot(result: DemoResult, path: str) -> None:
     """Write both loss curves (and their difference) to ``path``; the image type follows its
     extension (:data:`PLOT_EXTENSIONS`). Non-finite losses (a diverged run) leave gaps.
@@ -568,43 +494,44 @@ def save_plot(result: DemoResult, path: str) -> None:
     fig = Figure(figsize=(8, 6), layout="constrained")
     FigureCanvasAgg(fig)
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
-    _plot_losses(top, result)
-    _plot_difference(bottom, result)
-    fig.savefig(path, dpi=100)
-
-
-def _plot_losses(ax: Any, result: DemoResult) -> None:
-    steps = range(1, len(result.native.losses) + 1)
-    native, manual = _finite_or_nan(result.native.losses), _finite_or_nan(result.manual.losses)
-    label = "native autograd (nn.Linear, nn.MSELoss, torch.optim.SGD)"
-    ax.plot(steps, native, label=label, lw=2.5, alpha=0.6)
-    ax.plot(steps, manual, "--", label="manualbp (Linear, MSELoss, optim.SGD)", lw=1.2)
+    cfg, name, n_steps = result.config, result.metric_name, len(result.native.losses)
+    native, manual = (
+        [v if math.isfinite(v) else math.nan for v in s.losses]
+        for s in (result.native, result.manual)
+    )
+    top.plot(
+        range(1, n_steps + 1),
+        native,
+        label="native autograd (nn.Linear, nn.MSELoss, torch.optim.SGD)",
+        lw=2.5,
+        alpha=0.6,
+    )
+    top.plot(
+        range(1, n_steps + 1), manual, "--", label="manualbp (Linear, MSELoss, optim.SGD)", lw=1.2
+    )
     if any(v > 0 for v in native + manual):  # NaN > 0 is False
-        ax.set_yscale("log")
-    ax.set_xlim(1, max(len(steps), 2))  # all of the run, even where the losses are NaN
-    ax.set_ylabel("training loss (MSE)")
-    cfg, name = result.config, result.metric_name
-    ax.set_title(
+        top.set_yscale("log")
+    top.set_xlim(1, max(n_steps, 2))  # all of the run, even where the losses are NaN
+    top.set_ylabel("training loss (MSE)")
+    top.set_title(
         f"{cfg.dataset}: held-out {name} native {_format_metric(name, result.native.metric)}, "
         f"manualbp {_format_metric(name, result.manual.metric)} "
         f"(backend {result.backend}, {cfg.device})"
     )
-    ax.legend()
-
-
-def _plot_difference(ax: Any, result: DemoResult) -> None:
-    curves = result.curves
-    diff = (result.manual_losses - result.native_losses).abs()[: curves.steps_compared]
-    ax.plot(range(1, len(diff) + 1), diff.tolist(), color="C2", lw=1)
-    ax.set_ylabel("|Δ loss|")
-    ax.set_xlabel("step")
+    top.legend()
+    compared = result.curves.steps_compared
+    diff = (result.manual_losses - result.native_losses).abs()[:compared]
+    bottom.plot(range(1, compared + 1), diff.tolist(), color="C2", lw=1)
+    bottom.set_ylabel("|Δ loss|")
+    bottom.set_xlabel("step")
     if bool((diff > 0).any()):
-        ax.set_yscale("log")
-    if curves.steps_compared < len(result.native.losses):
-        ax.axvline(curves.steps_compared + 1, color="C3", lw=1, ls=":")
-        ax.set_title(f"NaN/Inf loss from step {curves.steps_compared + 1}", fontsize="small")
+        bottom.set_yscale("log")
+    if compared < n_steps:
+        bottom.axvline(compared + 1, color="C3", lw=1, ls=":")
+        bottom.set_title(f"NaN/Inf loss from step {compared + 1}", fontsize="small")
     elif not bool((diff > 0).any()):
-        ax.set_title("the two curves are bit-identical at every step", fontsize="small")
+        bottom.set_title("the two curves are bit-identical at every step", fontsize="small")
+    fig.savefig(path, dpi=100)
 
 
 # --------------------------------------------------------------------------------------------
@@ -633,66 +560,46 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "Exits 1 if the curves differ by more than floating-point rounding explains: "
             "|Δloss| <= 1e-3 x the curve's largest loss at every step. Exits 3 if the loss "
             "became NaN/Inf in both runs alike (the learning rate is too large; not a "
-            "manualbp-vs-native mismatch).",
+            "manualbp-vs-native mismatch). Exits 130 on Ctrl-C.",
             f"Dataset defaults: {defaults}.",
         ),
     )
-    _add_training_arguments(parser)
-    _add_run_arguments(parser)
+    _add_arguments(parser.add_argument)
     parser.set_defaults(handler=command, subparser=parser)
     return parser
 
 
-def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
-    """The data, the model and the optimizer."""
-    parser.add_argument(
+def _add_arguments(arg: Callable[..., Any]) -> None:
+    """The demo's flags; those named after a :class:`DemoConfig` field set that field."""
+    arg(
         "--dataset",
         choices=sorted(DATASETS),
         default="digits",
         help="scikit-learn dataset to train on (default: %(default)s)",
     )
-    parser.add_argument(
+    arg(
         "--steps",
         type=positive_int,
-        default=None,
         help=f"training steps (default: per dataset; {QUICK_STEPS} with --quick)",
     )
-    parser.add_argument(
-        "--batch-size", type=positive_int, default=64, help="mini-batch size (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--lr", type=positive_float, default=None, help="learning rate (default: per dataset)"
-    )
-    parser.add_argument(
-        "--momentum",
-        type=nonnegative_float,
-        default=0.9,
-        help="SGD momentum (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--hidden",
-        type=positive_int,
-        default=None,
-        help="width of the two hidden layers (default: per dataset)",
-    )
-    parser.add_argument(
+    arg("--batch-size", type=positive_int, default=64, help="mini-batch size (default: 64)")
+    arg("--lr", type=positive_float, help="learning rate (default: per dataset)")
+    arg("--momentum", type=nonnegative_float, default=0.9, help="SGD momentum (default: 0.9)")
+    arg("--hidden", type=positive_int, help="width of the two hidden layers (default: per dataset)")
+    arg(
         "--activation",
         default="relu",
         choices=list(ACTIVATIONS),
         help="hidden activation, fused into manualbp.Linear by convert (default: %(default)s)",
     )
-    parser.add_argument(
+    arg(
         "--seed",
         type=int,
         default=0,
         help="seed of the initial weights, the split and the batch order (default: %(default)s)",
     )
-
-
-def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """Where and how long it runs, and what it writes."""
-    parser.add_argument("--device", type=device, default="auto", help=DEVICE_HELP)
-    parser.add_argument(
+    arg("--device", type=device, default="auto", help=DEVICE_HELP)
+    arg(
         "--threads",
         type=nonnegative_int,
         default=1,
@@ -700,20 +607,22 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "is as fast for this small MLP and keeps the timing steady when other processes share "
         "the cores",
     )
-    parser.add_argument(
-        "--quick", action="store_true", help=f"{QUICK_STEPS} steps (unless --steps): for CI"
-    )
-    parser.add_argument(
+    arg("--quick", action="store_true", help=f"{QUICK_STEPS} steps (unless --steps): for CI")
+    arg(
         "--plot",
-        default=None,
         metavar="PATH",
         help="where to write the plot of both loss curves: a file ending in "
         f"{', '.join(PLOT_EXTENSIONS)}, or an existing directory (the plot is then "
         f"DIR/{DEFAULT_PLOT}); checked before training; needs matplotlib (default: "
         f"{DEFAULT_PLOT} in the current directory)",
     )
-    parser.add_argument("--no-plot", action="store_true", help="write no plot")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    arg("--no-plot", action="store_true", help="write no plot")
+    arg(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no progress bar (there is none either when stderr is not a terminal)",
+    )
 
 
 def plot_path(text: str) -> str:
@@ -767,22 +676,6 @@ def _chosen_plot(parser: argparse.ArgumentParser, args: argparse.Namespace) -> s
         parser.error(f"argument --plot: {e}")
 
 
-def _config(args: argparse.Namespace) -> DemoConfig:
-    steps = args.steps if args.steps is not None else (QUICK_STEPS if args.quick else None)
-    return DemoConfig(
-        dataset=args.dataset,
-        steps=steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        momentum=args.momentum,
-        hidden=args.hidden,
-        activation=args.activation,
-        seed=args.seed,
-        device=str(args.device),
-        progress=not args.no_progress,
-    )
-
-
 def _write_plot(result: DemoResult, path: str) -> int:
     try:
         save_plot(result, path)
@@ -795,30 +688,30 @@ def _write_plot(result: DemoResult, path: str) -> int:
 
 def _verdict(result: DemoResult) -> int:
     """Say on stderr what went wrong, if anything; the exit status (0, 1 or 3)."""
-    if result.agree:
-        return 0
-    if result.diverged:
-        c, lr = result.curves, result.config.lr
+    c = result.curves
+    if c.verdict == "diverged":
         print(
             f"manualbp demo: DIVERGED: the loss became NaN/Inf in both runs alike (native "
             f"autograd {_step(c.native_diverged_at)}, manualbp {_step(c.manual_diverged_at)}; "
             "the curves agree before that). That is not a manualbp-vs-native mismatch: the "
-            f"training itself blew up; try a smaller --lr (now {lr:g}) or --momentum.",
+            f"training itself blew up; try a smaller --lr (now {result.config.lr:g}) or "
+            "--momentum.",
             file=sys.stderr,
         )
         return 3
-    print(
-        "manualbp demo: FAILED: the manualbp and native loss curves differ by more than "
-        "floating-point rounding explains",
-        file=sys.stderr,
-    )
-    return 1
+    if not c.agree:
+        print(
+            "manualbp demo: FAILED: the manualbp and native loss curves differ by more than "
+            "floating-point rounding explains",
+            file=sys.stderr,
+        )
+    return 0 if c.agree else 1
 
 
 def command(args: argparse.Namespace) -> int:
     """``manualbp demo``: exit status 0 if the curves agree, 1 if not, 2 for bad arguments,
-    3 if both runs diverged alike. Every argument, the plot path included, is checked before
-    training."""
+    3 if both runs diverged alike, 130 on Ctrl-C (one line on stderr, no traceback). Every
+    argument, the plot path included, is checked before training."""
     parser: argparse.ArgumentParser = args.subparser
     plot = _chosen_plot(parser, args)
     try:
@@ -827,12 +720,20 @@ def command(args: argparse.Namespace) -> int:
         parser.error(str(e))
     if args.device.type == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
+    given = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig) if f.name in args
+    }
+    if args.quick and args.steps is None:
+        given["steps"] = QUICK_STEPS
     start = time.perf_counter()
     try:
-        result = run_demo(_config(args))
+        result = run_demo(DemoConfig(**given))
+        plot_status = 0 if plot is None else _write_plot(result, plot)
     except RuntimeError as e:
         print(f"manualbp demo: error: {e}", file=sys.stderr)
         return 1
-    plot_status = 0 if plot is None else _write_plot(result, plot)
+    except KeyboardInterrupt:  # 130 = 128 + SIGINT, as a shell reports a process it stopped
+        print("manualbp demo: interrupted", file=sys.stderr)
+        return 130
     print(f"  total time {time.perf_counter() - start:.1f} s")
     return _verdict(result) or plot_status

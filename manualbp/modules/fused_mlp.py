@@ -8,8 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from manualbp.activations import activation_of_module, get_activation
-from manualbp.autograd.fused_mlp import MAX_WIDTH, fused_mlp
-from manualbp.autograd.fused_mlp_mse import fused_mlp_mse_loss
+from manualbp.ops.fused_mlp import MAX_WIDTH, fused_mlp, fused_mlp_mse_loss
 
 __all__ = ["FusedMLP"]
 
@@ -23,7 +22,7 @@ class FusedMLP(nn.Module):
     that carries each tile of rows through every layer in registers, and the backward two or
     three (the activation-gradient chain, then the weight gradients by a deterministic
     reduction); elsewhere the same hand-derived math runs in plain torch ops
-    (:func:`manualbp.autograd.fused_mlp.fused_mlp`). Every width must be at most 128 for the
+    (:func:`manualbp.functional.fused_mlp`). Every width must be at most 128 for the
     kernels (``hidden_features`` must be; wider inputs or outputs run layer by layer).
 
     The layers are ordinary modules in ``self.layers``, an ``nn.Sequential`` of ``nn.Linear``
@@ -87,7 +86,7 @@ class FusedMLP(nn.Module):
 
     def mse_loss(self, input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
         """``nn.MSELoss(reduction=reduction)(self(input), target)`` with the loss folded into the
-        last layer (:func:`~manualbp.autograd.fused_mlp_mse.fused_mlp_mse_loss`): for
+        last layer (:func:`manualbp.functional.fused_mlp_mse_loss`): for
         ``"mean"`` / ``"sum"`` the prediction is never stored; on the Triton backend the
         forward is two launches and the backward the fused MLP's."""
         linears = self.linears()

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from manualbp import functional
 from manualbp.errors import not_scriptable
-from manualbp.functional import REDUCTIONS
+from manualbp.ops._checks import REDUCTIONS
 
 
 class LinearMSELoss(nn.Module):

@@ -24,8 +24,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from manualbp.backends import Backend
-from manualbp.dispatch import backend_for
+from manualbp import _mode
+from manualbp.kernels import library
 
 __all__ = ["SGD"]
 
@@ -36,10 +36,11 @@ class SGD(torch.optim.SGD):
     Same constructor, defaults, validation, ``param_groups`` and ``state_dict`` layout (state key
     ``"momentum_buffer"``) as :class:`torch.optim.SGD`; a state dict saved by either loads into
     the other. Only :meth:`step` differs: for each param group, the params with a dense gradient
-    are split by (device, dtype) and each split is updated by the backend that
-    :func:`manualbp.dispatch.backend_for` picks: Triton runs one multi-tensor kernel launch
-    per split (``triton_kernels/sgd.py``), the reference backend plain torch ops. Splits the
-    kernel cannot take (non-contiguous params, grads or buffers) use the reference ops.
+    are split by (device, dtype) and each split is updated on the backend the setting picks
+    (``manualbp.use_backend``): Triton runs one multi-tensor kernel launch per split
+    (``triton_kernels/sgd.py``), the reference backend plain torch ops (:func:`reference_step`).
+    Splits the kernel cannot take (non-contiguous params, grads or buffers) use the reference
+    ops.
 
     Update, per parameter :math:`w` with gradient :math:`g = \partial L / \partial w`:
 
@@ -186,7 +187,7 @@ class SGD(torch.optim.SGD):
             sparse.append(p)
         # Resolve every split's backend now: resolving can raise (e.g. 'triton' on CPU tensors
         # without the interpreter), and that must happen before the first write too.
-        splits = [(backend_for(ps[0]), ps) for ps in dense.values()]
+        splits = [(_mode.kernels_for(ps[0]), ps) for ps in dense.values()]
         return _GroupPlan(splits, sparse)
 
     def _apply(self, group: dict[str, Any], plan: _GroupPlan) -> None:
@@ -197,10 +198,10 @@ class SGD(torch.optim.SGD):
             dampening=group["dampening"], nesterov=group["nesterov"],
             maximize=group["maximize"],
         )  # fmt: skip
-        for backend, params in plan.splits:
+        for kernels, params in plan.splits:
             grads = [p.grad for p in params]
             bufs: list[Tensor | None] = [self._buffer(p) for p in params] if use_momentum else []
-            backend.sgd_step(params, grads, bufs, **hyper)
+            (kernel_step if kernels else reference_step)(params, grads, bufs, **hyper)
             if use_momentum:
                 for p, buf in zip(params, bufs, strict=True):
                     self.state[p]["momentum_buffer"] = buf
@@ -213,10 +214,10 @@ class SGD(torch.optim.SGD):
 
 
 class _GroupPlan(NamedTuple):
-    """One group's step: ``(backend, params)`` per (device, dtype) split of the params with a
-    dense gradient, and the params with a sparse gradient."""
+    """One group's step: ``(on the kernels?, params)`` per (device, dtype) split of the params
+    with a dense gradient, and the params with a sparse gradient."""
 
-    splits: list[tuple[Backend, list[Tensor]]]
+    splits: list[tuple[bool, list[Tensor]]]
     sparse: list[Tensor]
 
 
@@ -260,3 +261,103 @@ def _sparse_sgd(
                 buf.mul_(momentum).add_(d_p, alpha=1 - dampening)
             d_p = d_p.add(buf, alpha=momentum) if nesterov else buf
         p.add_(d_p, alpha=-lr)
+
+
+def reference_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    *,
+    lr: float | Tensor,
+    weight_decay: float | Tensor,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+) -> None:
+    """The SGD update in plain torch ops, one param at a time (module docstring); ``None``
+    momentum buffers are replaced in the list by new ones.
+
+    A tensor ``lr`` is used as a tensor (``addcmul_``), so no host sync is forced.
+    """
+    lr_t = lr.detach().reshape(()) if isinstance(lr, Tensor) else None
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        d_p = -g if maximize else g
+        if weight_decay != 0:
+            d_p = d_p.add(p, alpha=weight_decay)
+        if momentum != 0:
+            buf = momentum_buffers[i]
+            if buf is None:
+                buf = torch.clone(d_p).detach()
+                momentum_buffers[i] = buf
+            else:
+                buf.mul_(momentum).add_(d_p, alpha=1 - dampening)
+            d_p = d_p.add(buf, alpha=momentum) if nesterov else buf
+        if lr_t is not None:
+            # A 0-dim CPU tensor combines with tensors on any device; others must move.
+            same = lr_t.device == p.device or lr_t.device.type == "cpu"
+            p.addcmul_(d_p, lr_t if same else lr_t.to(p.device), value=-1)
+        else:
+            p.add_(d_p, alpha=-lr)
+
+
+def kernel_step(params: list[Tensor], grads: list[Tensor], momentum_buffers: list, **hyper) -> None:
+    """The SGD update by the multi-tensor kernel (``triton_kernels/sgd.py``): one launch for the
+    split; on DTensors the same step on each rank's local shards; the reference ops for what the
+    kernel does not take and inside CUDA-graph capture (its table of addresses is uploaded from
+    the host and cached, which a capture cannot make safe)."""
+    if library.any_dtensor(*params):
+        _sharded_step(params, grads, momentum_buffers, **hyper)
+        return
+    sgd = library.load("sgd")
+    capturing = params[0].is_cuda and torch.cuda.is_current_stream_capturing()
+    if capturing or not sgd.supports(params, grads, momentum_buffers):
+        reference_step(params, grads, momentum_buffers, **hyper)
+        return
+    sgd.sgd_step_(params, grads, momentum_buffers, **hyper)
+
+
+def _sharded_step(params, grads, momentum_buffers, **hyper) -> None:
+    """:func:`kernel_step` on the local shards of DTensor ``params``.
+
+    The update is elementwise, so updating each rank's shard of a param with the same shard
+    of its gradient and momentum buffer is the sharded update (a replicated param: the same
+    update on every rank, as natively). A gradient or buffer placed otherwise than its param
+    (a partial gradient) is redistributed to the param's placements first. New momentum
+    buffers are wrapped as DTensors placed like their params, as native SGD keeps them.
+    """
+    local_params, local_grads, local_bufs = [], [], []
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        buf = momentum_buffers[i] if i < len(momentum_buffers) else None
+        if library.any_dtensor(p):
+            if not library.any_dtensor(g) or (buf is not None and not library.any_dtensor(buf)):
+                raise TypeError(
+                    "manualbp.optim.SGD: a DTensor parameter needs a DTensor gradient and "
+                    f"momentum buffer, got {type(g).__name__} and {type(buf).__name__}"
+                )
+            g = _placed_like(g, p)
+            if buf is not None:
+                buf = momentum_buffers[i] = _placed_like(buf, p)  # SGD keeps the list's
+                buf = buf.to_local()
+            p, g = p.to_local(), g.to_local()
+        local_params.append(p)
+        local_grads.append(g)
+        local_bufs.append(buf)
+    if not momentum_buffers:
+        local_bufs = []
+    kernel_step(local_params, local_grads, local_bufs, **hyper)
+    for i, p in enumerate(params):
+        if i < len(momentum_buffers) and momentum_buffers[i] is None and local_bufs[i] is not None:
+            buf = local_bufs[i]
+            if library.any_dtensor(p):
+                buf = type(p).from_local(
+                    buf, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                    stride=p.stride(),
+                )  # fmt: skip
+            momentum_buffers[i] = buf
+
+
+def _placed_like(t: Any, param: Any) -> Any:
+    if t.device_mesh == param.device_mesh and t.placements == param.placements:
+        return t
+    return t.redistribute(param.device_mesh, param.placements)

@@ -230,20 +230,18 @@ def _native_loss_grads(x, ws, bs, t, g, hidden, out, slopes, dtype, reduction):
 
 def _run_loss(x, t, ws, bs, g, hidden, out, slopes, reduction, loss_dtype):
     """(loss, dx, dWs, dbs) of the launchers, with the mode the dtype calls for."""
-    mode = "y" if x.dtype in (torch.float16, torch.bfloat16) else "dz"
+    mode = "y"
     pre = (_kind(hidden, slopes[0]) == "preact", _kind(out, slopes[1]) == "preact")
     loss, head, saved = fm.mlp_mse_forward(
         x, t, ws, bs, hidden, out, slopes, reduction=reduction, loss_dtype=loss_dtype,
         mode=mode, hidden_preact=pre[0], out_preact=pre[1],
     )  # fmt: skip
-    out_saved = None
-    if mode == "y":
-        out_saved = {"preact": saved[-1], "output": head, "none": None}[_kind(out, slopes[1])]
+    out_saved = {"preact": saved[-1], "output": head, "none": None}[_kind(out, slopes[1])]
     grad = torch.tensor(g, dtype=loss_dtype, device=DEVICE)
     dx, dws, dbs = fm.mlp_backward(
         head, x, ws, saved[:-1], out_saved, hidden, out, slopes,
         has_bias=tuple(b is not None for b in bs), hidden_preact=pre[0], need_dx=True,
-        need_params=True, loss=(grad, t if mode == "y" else None, reduction),
+        need_params=True, loss=(grad, t, reduction),
     )  # fmt: skip
     return [loss, dx, *dws, *(d for d in dbs if d is not None)]
 
@@ -312,7 +310,7 @@ def test_folded_loss_zero_rows_launch_nothing(launches):
     for reduction, want in (("mean", float("nan")), ("sum", 0.0)):
         loss, head, saved = fm.mlp_mse_forward(
             x, t, ws, bs, "relu", None, (0.01, 0.01), reduction=reduction,
-            loss_dtype=torch.float32, mode="dz", hidden_preact=False, out_preact=False,
+            loss_dtype=torch.float32, mode="y", hidden_preact=False, out_preact=False,
         )  # fmt: skip
         torch.testing.assert_close(loss, torch.tensor(want, device=DEVICE), equal_nan=True)
         assert head.shape == (0, 2) and saved[0].shape == (0, 16)

@@ -34,8 +34,8 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from manualbp.kernels.linear_backward import linear_backward
-from manualbp.kernels.linear_forward import linear_forward
+from manualbp.kernels.linear import backward as linear_backward
+from manualbp.kernels.linear import forward as linear_forward
 from torch import Tensor
 
 from manualbp.activations import ACTIVATIONS as REGISTRY

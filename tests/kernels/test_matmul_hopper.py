@@ -32,10 +32,12 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from manualbp.kernels import _matmul
 from manualbp.kernels import _matmul_hopper as hopper
-from manualbp.kernels import linear_forward as forward_mod
-from manualbp.kernels._matmul import matmul, smem_limit
-from manualbp.kernels.linear_forward import linear_forward
+from manualbp.kernels import linear as forward_mod
+from manualbp.kernels._matmul import matmul
+from manualbp.kernels._runtime import smem_limit
+from manualbp.kernels.linear import forward as linear_forward
 from torch import Tensor
 
 from manualbp.testing import compare
@@ -201,7 +203,7 @@ def test_matmul_and_linear_forward_dispatch(monkeypatch):
         calls.append(epilogue)
         return True
 
-    monkeypatch.setattr(hopper, "tma_eligible", eligible)
+    monkeypatch.setattr(_matmul, "tma_eligible", eligible)
     monkeypatch.setattr(forward_mod, "tma_eligible", eligible)
     dtype = torch.bfloat16
     x, w, dz = _rand(M_, K_, dtype=dtype), _rand(N_, K_, dtype=dtype), _rand(M_, N_, dtype=dtype)
@@ -260,8 +262,29 @@ def test_tma_layout():
     ],
 )
 def test_tma_supported_by_arch_and_dtype(arch, dtype, precision, want):
-    a, b, c = _aligned(64, 32, dtype), _aligned(32, 48, dtype), _aligned(64, 48, dtype)
+    # A (M, K) row-major, B (K, N) read through its transpose: both K-major, as x W^T is.
+    a, b, c = _aligned(64, 32, dtype), _aligned(48, 32, dtype).t(), _aligned(64, 48, dtype)
     assert hopper.tma_supported(arch, precision, (a, b), (c,)) is want
+
+
+def test_tf32_needs_k_major_operands():
+    # An MN-major fp32 operand would reach wgmma through registers, a shared-memory round
+    # trip per K step: dX's B (W row-major) and dW's A (dZ^T) stay on the pointer kernel.
+    f32 = torch.float32
+    a, c = _aligned(64, 32, f32), _aligned(64, 48, f32)
+    k_major_b, mn_major_b = _aligned(48, 32, f32).t(), _aligned(32, 48, f32)
+    assert hopper.tma_supported(90, "tf32", (a, k_major_b), (c,))
+    assert not hopper.tma_supported(90, "tf32", (a, mn_major_b), (c,))
+    assert not hopper.tma_supported(90, "tf32", (_aligned(32, 64, f32).t(), k_major_b), (c,))
+    assert hopper.tma_supported(90, "ieee", (_aligned(32, 64).t(), _aligned(32, 48)), (c.half(),))
+
+
+def test_stride_zero_operands_are_not_tma_readable():
+    row = _aligned(1, 32).expand(64, 32)  # an expanded row: stride (0, 1)
+    assert row.stride() == (0, 1) and hopper.tma_layout(row) is None
+    col = _aligned(64, 1).expand(64, 32).t()  # a transposed expanded column: stride (1, 0)
+    assert hopper.tma_layout(col) is None
+    assert not hopper.tma_supported(90, "ieee", (row, _aligned(32, 48)), (_aligned(64, 48),))
 
 
 def test_tma_supported_by_layout():

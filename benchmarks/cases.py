@@ -159,11 +159,14 @@ class Case:
 TOLERANCE = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
-def _gen(device: torch.device, seed: int) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed)
+def _gen(device: torch.device, seed: int) -> torch.Generator | None:
+    """A generator seeded with ``seed``; none on the ``meta`` device (no values: the plan)."""
+    return None if device.type == "meta" else torch.Generator(device=device).manual_seed(seed)
 
 
-def _randn(shape: tuple[int, ...], g: torch.Generator, device: torch.device, dtype: torch.dtype):
+def _randn(
+    shape: tuple[int, ...], g: torch.Generator | None, device: torch.device, dtype: torch.dtype
+):
     return torch.randn(shape, generator=g, device=device, dtype=dtype)
 
 
@@ -276,10 +279,12 @@ def _gemms_manualbp(weight: Tensor) -> tuple[Prepare, Run]:
     """Mode ``gemms``, manualbp: the same three GEMMs on the kernels the Triton candidate of
     manualbp.Linear launches: the forward kernel with no bias and no activation (on sm_90 the
     persistent TMA kernel where the operands allow it), the GEMM for dX and dW's deterministic
-    split-K GEMM (which runs the plain GEMM when the output has tiles enough)."""
-    if weight.device.type != "cuda":
+    split-K GEMM (which runs the plain GEMM when the output has tiles enough). Also on
+    ``meta`` weights: what the plan records."""
+    if weight.device.type not in ("cuda", "meta"):
         raise UnavailableError("manualbp's GEMM kernels run on CUDA only")
     try:
+        from manualbp.kernels._host import on_device
         from manualbp.kernels._matmul import matmul
         from manualbp.kernels._splitk import splitk_matmul
         from manualbp.kernels.linear import FORWARDS
@@ -289,7 +294,7 @@ def _gemms_manualbp(weight: Tensor) -> tuple[Prepare, Run]:
 
     def run(s: dict[str, Any]) -> None:
         x, g = s["x"].detach(), s["gy"]
-        with torch.cuda.device(x.device):
+        with on_device(x.device):
             FORWARDS["triton"](x, w, None, None, 0.0, torch.empty_like(g), None)
             matmul(g, w)
             splitk_matmul(g.t(), x)

@@ -4,8 +4,8 @@ Providers are measured one after another (only that provider's model exists at a
 check its forward result against ``native`` on input set 0, measure peak memory with that one
 input set, then make the other input sets and time every mode rotating among them; last, what
 the provider decided while it ran (:attr:`Bound.details`: the ``manualbp`` Linear's per-shape
-choice, made in its first, untimed calls) goes into its record. On CUDA the Triton GEMM configs
-a manualbp provider will autotune over are first compiled in parallel
+choice, made in its first, untimed calls) goes into its record. On CUDA every Triton kernel a
+manualbp provider's first calls will launch is first compiled, all at once
 (:mod:`benchmarks.precompile`). Interleaved cases (:attr:`Case.interleaved`) bind all their
 providers first and time them side by side instead.
 
@@ -29,9 +29,16 @@ from typing import Any
 import torch
 
 from benchmarks.bounds import best_time_s
-from benchmarks.cases import COMPILE_PROVIDERS, NATIVE, Bound, Case, UnavailableError
+from benchmarks.cases import (
+    COMPILE_PROVIDERS,
+    NATIVE,
+    TRITON_PROVIDERS,
+    Bound,
+    Case,
+    UnavailableError,
+)
 from benchmarks.ceilings import DTYPE_NAMES
-from benchmarks.precompile import TRITON_PROVIDERS, precompile_provider
+from benchmarks.precompile import precompile_provider
 from benchmarks.suites import Pass
 from benchmarks.timing import Timing, bench, bench_interleaved, peak_memory
 

@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--no-precompile",
         action="store_true",
-        help="do not compile a case's Triton GEMM configs in parallel before measuring it",
+        help="do not compile a manualbp provider's Triton kernels all at once before measuring it",
     )
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--list", action="store_true", help="list the selected passes and exit")
@@ -250,7 +250,7 @@ def _new_doc(ctx: Context, args: argparse.Namespace, passes: list[Pass]) -> dict
 
 
 def _estimates(ctx: Context, passes: list[Pass]) -> list[float | None]:
-    """The plan's estimate of each pass (CUDA only: the plan models the H200 runs)."""
+    """The plan's estimate of each pass (CUDA only: the plan models the H100 / H200 runs)."""
     if ctx.device.type != "cuda":
         return [None] * len(passes)
     try:

@@ -131,8 +131,9 @@ def schedule(cases: list[Case]) -> list[Pass]:
 
 def build_cases(device: torch.device, quick: bool) -> list[Case]:
     """Every case of the suite for ``device``, in definition order (:func:`schedule` orders
-    them by priority). ``quick`` keeps a small subset (bf16 on CUDA, fp32 on CPU)."""
-    if device.type == "cuda":
+    them by priority). ``quick`` keeps a small subset (bf16 on CUDA, fp32 on CPU). ``meta``
+    builds the CUDA suite on meta tensors (shapes and dtypes, no storage: the plan's)."""
+    if device.type in ("cuda", "meta"):
         return _cuda_quick(device) if quick else _cuda_full(device)
     from benchmarks.host_cases import host_cases
 

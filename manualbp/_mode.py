@@ -47,6 +47,7 @@ __all__ = [
     "forward_ad_on",
     "get_backend",
     "in_place_ok",
+    "setup",
     "kernels_for",
     "plain_eager",
     "records",
@@ -132,22 +133,34 @@ def in_place_ok(*tensors: Tensor) -> bool:
     return compiling() or not any(_legacy_batched(t) for t in tensors)
 
 
-def internal_outputs(ctx: Any, *outputs: Tensor | None) -> None:
-    """Set up ``ctx`` for a Function whose extra ``outputs`` are what its backward reads (a
-    pre-activation, a hidden layer's saved tensor): differentiable, so that a double backward
-    differentiates through them as native autograd does through what it saves, and their
-    gradients come as ``None`` when unused; while torch.compile traces (which has no double
-    backward) marked non-differentiable, so that AOTAutograd gives them no gradient either."""
-    if compiling():
-        ctx.mark_non_differentiable(*(t for t in outputs if t is not None))
-    ctx.set_materialize_grads(False)
-
-
 def internal_grads(*grads: Tensor | None) -> tuple:
-    """The gradients a backward gets for its :func:`internal_outputs`: as given, except while
-    torch.compile traces, where those outputs are non-differentiable (Dynamo's speculation of
-    the backward hands it placeholders for them all the same): ``None``."""
-    return (None,) * len(grads) if compiling() else grads
+    """The gradients a backward takes for its internal outputs (:func:`setup`): as handed,
+    except while torch.compile traces: none."""
+    if all(g is None for g in grads) or not compiling():
+        return grads
+    return (None,) * len(grads)
+
+
+def setup(ctx: Any, *internal: Tensor | None) -> bool:
+    """What every Function's ``setup_context`` records of the mode, in one call: the backend
+    setting of the forward's thread (``ctx.choice``: a backward may run on another thread, as
+    CUDA's autograd threads), and its ``internal`` outputs (what its backward reads: a
+    pre-activation, a hidden layer's saved tensor): differentiable, so that a double backward
+    differentiates through them as native autograd does through what it saves (their gradients
+    come as ``None`` when unused), except while torch.compile traces (which has no double
+    backward): non-differentiable, and the backward then ignores what it is handed for them
+    (Dynamo's speculation hands it placeholders: :func:`internal_grads`). Returns whether a
+    ``jvp`` may run (forward AD, torch.func): only then may a Function keep tensors for it (its
+    output among them would make a reference cycle otherwise)."""
+    choice = _thread_choice.name
+    ctx.choice = _process_choice if choice is None else choice
+    for t in internal:
+        if t is not None:  # (no comprehension: a call each, and small layers feel calls)
+            if compiling():
+                ctx.mark_non_differentiable(*(t for t in internal if t is not None))
+            ctx.set_materialize_grads(False)  # their gradients: None, not zeros
+            break
+    return fwAD._current_level >= 0 or transforms_active()
 
 
 class Applier:
@@ -158,6 +171,9 @@ class Applier:
     def __init__(self, fn: type[Function]) -> None:
         self.fn = fn
         self.eager = super(Function, fn).apply  # autograd's C++ apply, bound to ``fn``
+        # The engine calls the backward node's ``apply``, which by default looks up backward
+        # (and checks that no vjp is defined too) on every call: call it directly.
+        fn._backward_cls.apply = fn.backward  # type: ignore[attr-defined]
         namespace = {"jvp": staticmethod(Function.jvp), "__module__": fn.__module__}
         self.traced = type(fn.__name__, (fn,), namespace)  # same name: grad_fn reads the same
 
@@ -333,7 +349,14 @@ def backward_kernels(*tensors: Tensor | None, choice: str) -> bool:
     """Whether a backward runs the kernels: not while autograd records it (double backward:
     the differentiable reference ops) or under torch.func transforms (batched tensors), and
     only where its forward's ``choice`` puts ``tensors`` on them."""
-    return not (grad_enabled() or transforms_active()) and kernels_for(*tensors, choice=choice)
+    if grad_enabled() or transforms_active() or choice == "reference":
+        return False
+    if choice == "auto":  # kernels_for's rule, inline: every backward asks
+        for t in tensors:
+            if t is not None and not t.is_cuda:
+                return False
+        return TRITON_INSTALLED
+    return kernels_for(*tensors, choice=choice)
 
 
 def kernels_for(*tensors: Tensor | None, choice: str | None = None) -> bool:
@@ -342,7 +365,9 @@ def kernels_for(*tensors: Tensor | None, choice: str | None = None) -> bool:
     kernels for CUDA tensors (when triton is installed); ``"triton"``: the kernels, which need
     CUDA tensors or Triton's CPU interpreter (a ``RuntimeError`` says why not)."""
     if choice is None:
-        choice = _thread_choice.name or get_backend()
+        choice = _thread_choice.name or _process_choice
+        if choice.__class__ is ValueError:  # an invalid MANUALBP_BACKEND, read at import
+            raise choice  # type: ignore[misc]
     if choice == "reference":
         return False
     if choice == "auto":

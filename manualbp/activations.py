@@ -189,8 +189,9 @@ def get_activation(name: str | None) -> Activation | None:
 def activation_of_module(module: nn.Module) -> tuple[Activation, float] | None:
     """``(activation, negative_slope)`` when ``module`` is a native activation module of the
     registry (exactly its type: a subclass may compute something else), else ``None``."""
+    cls = type(module)
     for act in ACTIVATIONS.values():
-        if act.matches(module):
+        if act.module is cls and act.matches(module):
             slope = float(getattr(module, act.slope_attr)) if act.slope_attr else 0.01
             return act, slope
     return None

@@ -1,11 +1,12 @@
 """The benchmark plan (``python -m benchmarks --plan``), run order, bounds and precompile wiring.
 
-All on the CPU: the plan models the H200 runs of ``benchmarks/gpu_run.sh`` without a GPU.
+All on the CPU: the plan records, on meta tensors, what the kernels would launch on the H100 /
+H200 runs of ``benchmarks/gpu_run.sh``.
 """
 
 from __future__ import annotations
 
-import importlib
+import json
 import os
 import re
 import subprocess
@@ -14,7 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from manualbp.kernels import _host, _tuning
+from manualbp.kernels._host import Decision, Launch
 
+import manualbp
 from benchmarks import plan
 from benchmarks.bounds import (
     best_time_s,
@@ -32,6 +36,7 @@ from benchmarks.cases import (
     MANUALBP_CUBLAS,
     MANUALBP_TRITON,
     NATIVE,
+    TRITON_PROVIDERS,
 )
 from benchmarks.suites import (
     GPU_BOUND_SHAPES,
@@ -54,7 +59,7 @@ def _passes():
 def test_priority0_fits_gpu_run_window():
     """Every priority-0 pass, with all its Triton compiles, autotuning and torch.compile
     warm-ups (estimated serially), ends before the runner stops starting passes."""
-    totals = plan.priority_totals(plan.estimate(_passes()))
+    totals = plan.priority_totals(_estimates())
     assert plan.PRIORITY0_CAP_S == 160
     assert totals[0] <= plan.PRIORITY0_CAP_S, totals
     # The window: gpu_run.sh's 6 minutes less its test phase and reserves.
@@ -142,13 +147,79 @@ def test_linear_candidates_forced_later():
     assert deferred == first
 
 
+def _estimates() -> list[plan.PassEstimate]:
+    return plan.estimate(_passes(), measured={})
+
+
 def _est(name: str, providers: tuple[str, ...] | None = None) -> plan.PassEstimate:
-    return next(e for e in plan.estimate(_passes())
+    return next(e for e in _estimates()
                 if e.name == name and (providers is None or e.providers == providers))  # fmt: skip
 
 
-def _case(name: str):
-    return next(p.case for p in _passes() if p.case.name == name)
+def _launches(name: str, provider: str = MANUALBP) -> list[Launch]:
+    return [e for e in plan.recorded(name, provider) if isinstance(e, Launch)]
+
+
+def _decisions(name: str, provider: str = MANUALBP) -> list[str]:
+    return [e.key for e in plan.recorded(name, provider) if isinstance(e, Decision)]
+
+
+def test_plan_records_what_manualbp_linear_launches():
+    """The first case's meta twin records what a bare manualbp.Linear of its shapes launches
+    and decides for a forward and backward (its modes add nothing new)."""
+    x = torch.empty(8192, 4096, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    lin = manualbp.Linear(4096, 4096, activation="gelu", device="meta", dtype=torch.bfloat16)
+    with manualbp.use_backend("triton"), _host.simulate(90, 132), _host.record() as entries:
+        lin(x).backward(torch.empty(8192, 4096, device="meta", dtype=torch.bfloat16))
+    name = "linear/gelu/bf16/M8192_K4096_N4096"
+    direct = {plan.compile_key(e) for e in entries if isinstance(e, Launch)}
+    assert direct == {plan.compile_key(e) for e in _launches(name)}
+    assert {e.key for e in entries if isinstance(e, Decision)} == set(_decisions(name))
+
+
+def test_compile_key_specialises_as_triton_does():
+    """Two arguments of the suite's launches specialise alike for the plan exactly when they
+    do for Triton (its own specialisation function, where this triton exposes it)."""
+    specialise = pytest.importorskip("triton._C.libtriton").__dict__.get("native_specialize_impl")
+    if specialise is None:
+        pytest.skip("this triton has no native_specialize_impl")
+    from triton.backends.compiler import BaseBackend
+
+    pairs = set()
+    for e in _estimates():
+        for provider in set(e.providers) & set(TRITON_PROVIDERS):
+            for launch in _launches(e.name, provider):
+                for arg in launch.args:
+                    ours = plan._spec(arg, bucket=False)
+                    pairs.add((repr(ours), repr(specialise(BaseBackend, arg, False, True, True))))
+    ours, theirs = {a for a, _ in pairs}, {b for _, b in pairs}
+    assert len(pairs) == len(ours) == len(theirs), sorted(pairs)
+
+
+def test_tuning_key_partitions_as_the_launchers_keys(monkeypatch):
+    """The plan's stand-in for the tuning key groups the suite's tuned launches exactly as the
+    keys the launchers pass ``tuned_launch`` do (those spied on here)."""
+    estimates = _estimates()  # imports every launcher module first
+    real: dict[int, tuple[str, str]] = {}
+    tuned_launch = _tuning.tuned_launch
+
+    def spy(kernel, key, configs, make, device, **kwargs):
+        start = len(_host._recorders[-1])
+        chosen = tuned_launch(kernel, key, configs, make, device, **kwargs)
+        real.update({id(e): (kernel.__name__, key) for e in _host._recorders[-1][start:]})
+        return chosen
+
+    for module in [m for n, m in sys.modules.items() if n.startswith("manualbp.kernels.")]:
+        if module is not _tuning and getattr(module, "tuned_launch", None) is tuned_launch:
+            monkeypatch.setattr(module, "tuned_launch", spy)
+    pairs, entries = set(), []  # entries: keeps the recorded launches (and their ids) alive
+    for e in estimates:
+        for provider in set(e.providers) & set(TRITON_PROVIDERS):
+            with _host.simulate(90, 132), manualbp.use_backend("triton"):
+                entries.append(plan.record_modes(plan._meta_suite()[e.name], provider))
+            pairs |= {(real[id(lz)], plan.tuning_key(lz)) for lz in entries[-1]
+                      if isinstance(lz, Launch) and len(lz.candidates) > 1}  # fmt: skip
+    assert len({r for r, _ in pairs}) == len({k for _, k in pairs}) == len(pairs) > 10
 
 
 def test_plan_counts_hopper_configs_for_bf16():
@@ -162,32 +233,34 @@ def test_plan_counts_hopper_configs_for_bf16():
     n_epi = len(hopper_configs_for(90, bf16, "ieee", epilogue=True))
     n_plain = len(hopper_configs_for(90, bf16, "ieee", epilogue=False))
     assert n_epi and n_plain
-    first = plan.estimate(_passes())[0]  # Linear+GELU bf16 M8192 K4096 N4096
+    first = _estimates()[0]  # Linear+GELU bf16 M8192 K4096 N4096
     assert first.name == "linear/gelu/bf16/M8192_K4096_N4096"
     assert first.triton_compiles == n_epi + 2 * n_plain + 3
+    assert first.compiled == {"matmul_tma_kernel": n_epi + 2 * n_plain, "act_grad_kernel": 1,
+                              "bias_grad_kernel": 1, "linear_epilogue_kernel": 1}  # fmt: skip
     assert first.triton_s == pytest.approx(
         (n_epi + 2 * n_plain) * plan.TRITON_COMPILE_S + 3 * plan.ELEMENTWISE_COMPILE_S
     )
-    assert first.autotune_configs == n_epi + 2 * n_plain
+    assert first.tuned_configs == n_epi + 2 * n_plain
     assert first.choices == 3 and 0 < first.choice_s < 1
     assert first.torch_compiles == 1
-    launches = plan.triton_launches(_case(first.name), MANUALBP)
-    tma = [(lz.n_configs, lz.variant[-2:]) for lz in launches if lz.kernel == plan.K_TMA]
     # forward: x row-major, W read through its transpose; dX: both row-major; dW: dZ^T.
-    assert tma == [(n_epi, (False, True)), (n_plain, (False, False)), (n_plain, (True, False))]
-    assert not {plan.K_FWD, plan.K_MATMUL} & {lz.kernel for lz in launches}
+    tma = {(len(lz.candidates), lz.kwargs["A_T"], lz.kwargs["B_T"])
+           for lz in _launches(first.name) if lz.name == "matmul_tma_kernel"}  # fmt: skip
+    assert tma == {(n_epi, False, True), (n_plain, False, False), (n_plain, True, False)}
     # IEEE fp32 stays on the pointer kernels.
-    fp32 = plan.triton_launches(_case("linear/gelu/fp32/M8192_K4096_N4096"), MANUALBP)
-    assert plan.K_TMA not in {lz.kernel for lz in fp32}
-    assert {plan.K_FWD, plan.K_MATMUL} <= {lz.kernel for lz in fp32}
-    # The same shape class later compiles nothing new: only its autotuning runs again.
+    fp32 = {lz.name for lz in _launches("linear/gelu/fp32/M8192_K4096_N4096")}
+    assert "matmul_tma_kernel" not in fp32
+    assert {"linear_forward_kernel", "matmul_kernel"} <= fp32
+    # The same shape class later compiles nothing new: only its tuning runs again.
     gelu_1024 = _est("linear/gelu/bf16/M8192_K1024_N4096", (NATIVE, COMPILE, MANUALBP))
-    assert gelu_1024.triton_compiles == 0 and gelu_1024.autotune_configs > 0
+    assert gelu_1024.triton_compiles == 0 and gelu_1024.tuned_configs > 0
 
 
 def test_plan_counts_split_k_exactly_when_plan_splits():
-    """dW's split-K (partial kernel + fixed-order reduction) is counted for a Linear case
-    exactly when _splitk.plan_splits cuts its reduction over the 132 SMs of an H200."""
+    """dW's split-K (partial kernel + fixed-order reduction) is recorded for a Linear case
+    exactly when _splitk.plan_splits cuts its reduction over the 132 SMs of an H100 / H200,
+    into that many slices."""
     from manualbp.kernels._splitk import CHUNK_ALIGN, MIN_CHUNK, plan_splits, splitk_config_for
 
     seen = set()
@@ -195,71 +268,85 @@ def test_plan_counts_split_k_exactly_when_plan_splits():
         if case.group != "linear":
             continue
         M, K, N = case.params["M"], case.params["K"], case.params["N"]
-        precision = "tf32" if plan._precision(case.dtype) == "tf32" else "ieee"
+        precision = "tf32" if torch.get_float32_matmul_precision() != "highest" else "ieee"
         cfg = splitk_config_for(90, case.dtype, precision)
         tiles = -(-N // cfg["BLOCK_M"]) * -(-K // cfg["BLOCK_N"])
         splits = plan_splits(tiles, M, 132, min_chunk=MIN_CHUNK["cuda"],
                              align=CHUNK_ALIGN["cuda"]).splits  # fmt: skip
-        assert plan.dw_splits(M, K, N, case.dtype) == splits
-        kernels = [lz.kernel for lz in plan.triton_launches(case, MANUALBP)]
-        n = kernels.count(plan.K_SPLITK)
-        assert n == (0 if splits == 1 else 1 + ("gemms" in case.modes)), case.name
-        assert kernels.count(plan.K_SPLITK_REDUCE) == n
+        launches = _launches(case.name)
+        partials = [lz for lz in launches if lz.name == "splitk_partial_kernel"]
+        assert {lz.grid[1] for lz in partials} == ({splits} if splits > 1 else set()), case.name
+        assert bool(partials) == any(lz.name == "splitk_reduce_kernel" for lz in launches)
         seen.add(splits > 1)
     assert seen == {True, False}
-    # The narrow layer: 8 x 8 output tiles for 132 SMs.
-    assert plan.dw_splits(65536, 1024, 1024, torch.bfloat16) > 1
-    assert plan.dw_splits(8192, 4096, 4096, torch.bfloat16) == 1
 
 
 def test_plan_counts_candidates_per_provider():
     """manualbp (auto) compiles both candidates and times each bucket once; a forced
     candidate compiles only its own kernels and times nothing."""
-    case = _case("linear/gelu/bf16/M8192_K4096_N16384")
-    auto = plan.provider_work(case, MANUALBP)
-    triton = plan.provider_work(case, MANUALBP_TRITON)
-    cublas = plan.provider_work(case, MANUALBP_CUBLAS)
-    assert [c.key.split("|")[0] for c in auto.choices] == ["fwd", "dx", "dw"]
-    assert all(c.seconds > 0 for c in auto.choices)
-    assert not triton.choices and not cublas.choices
-    gemm_kernels = {plan.K_TMA, plan.K_FWD, plan.K_MATMUL, plan.K_SPLITK}
-    assert not gemm_kernels & {lz.kernel for lz in cublas.launches}
-    assert plan.K_EPILOGUE in {lz.kernel for lz in cublas.launches}  # bias is in addmm
-    assert plan.K_EPILOGUE not in {lz.kernel for lz in triton.launches}
-    assert {lz.kernel for lz in auto.launches} >= {lz.kernel for lz in triton.launches} | {
-        lz.kernel for lz in cublas.launches
-    }
+    name = "linear/gelu/bf16/M8192_K4096_N16384"
+    auto, triton, cublas = ({lz.name for lz in _launches(name, p)}
+                            for p in (MANUALBP, MANUALBP_TRITON, MANUALBP_CUBLAS))  # fmt: skip
+    assert [k.split("|")[0] for k in dict.fromkeys(_decisions(name))] == ["fwd", "dx", "dw"]
+    assert not _decisions(name, MANUALBP_TRITON) and not _decisions(name, MANUALBP_CUBLAS)
+    assert not {"matmul_tma_kernel", "matmul_kernel", "splitk_partial_kernel"} & cublas
+    assert "linear_epilogue_kernel" in cublas - triton  # the bias is in addmm, not GELU
+    assert auto >= triton | cublas
     # Plain bf16 Linear: addmm's output is y, no elementwise pass.
-    plain = plan.provider_work(_case("linear/none/bf16/M8192_K4096_N4096"), MANUALBP_CUBLAS)
-    assert plan.K_EPILOGUE not in {lz.kernel for lz in plain.launches}
-    # The forced passes compile and time nothing new.
-    for e in plan.estimate(_passes()):
+    assert "linear_epilogue_kernel" not in {
+        lz.name for lz in _launches("linear/none/bf16/M8192_K4096_N4096", MANUALBP_CUBLAS)
+    }
+    # The forced passes compile, tune and time nothing new.
+    for e in _estimates():
         if set(e.providers) <= set(LINEAR_CANDIDATES):
-            assert (e.triton_compiles, e.autotune_configs, e.choices) == (0, 0, 0), e.name
+            assert (e.triton_compiles, e.tuned_configs, e.choices) == (0, 0, 0), e.name
 
 
 def test_plan_counts_chain_kernel_in_mlp_step():
     """The MLP step through convert: manualbp.Sequential runs the 4 layers as 2 Linear -> GELU
-    -> Linear pairs, each backward with one chain GEMM (act' and db in its epilogue)."""
-    from manualbp.kernels.linear_backward import chain_configs
+    -> Linear pairs, each backward with one chain GEMM (act' and db in its epilogue), chosen
+    against cuBLAS and tuned over chain_configs: compiled once, tuned per size bucket."""
+    from manualbp.kernels.linear import chain_configs
 
-    case = _case("mlp_step/bf16/M8192_1024-4096-4096-4096-1024")
-    assert plan.chain_pairs(4) == [(0, 1), (2, 3)] and plan.chain_pairs(3) == [(0, 1), (2,)]
-    chains = [lz for lz in plan.triton_launches(case, MANUALBP) if lz.kernel == plan.K_CHAIN]
-    assert len(chains) == 2
-    assert all(lz.n_configs == len(chain_configs(90, torch.bfloat16, "ieee")) for lz in chains)
-    assert chains[0].variant == chains[1].variant  # compiled once, tuned per size bucket
-    assert chains[0].tune_key != chains[1].tune_key
-    step = _est(case.name, (NATIVE, MANUALBP))
-    assert step.triton_compiles >= len(chain_configs(90, torch.bfloat16, "ieee"))
+    name = "mlp_step/bf16/M8192_1024-4096-4096-4096-1024"
+    assert len({k for k in _decisions(name) if k.startswith("chain|")}) == 2
+    chains = [lz for lz in _launches(name) if lz.name == "chain_grad_kernel"]
+    n_configs = len(chain_configs(90, torch.bfloat16, "ieee"))
+    assert {len(lz.candidates) for lz in chains} == {n_configs}
+    assert len({plan.compile_key(lz) for lz in chains}) == n_configs
+    assert len({plan.tuning_key(lz) for lz in chains}) == 2
+    assert _est(name, (NATIVE, MANUALBP)).compiled["chain_grad_kernel"] == n_configs
 
 
-def test_plan_kernels_exist():
-    """The launch model names kernels that exist (kept in step with triton_kernels/)."""
-    for ref in plan.KERNELS:
-        module, attr = ref.split(":")
-        mod = importlib.import_module(f"manualbp.kernels.{module}")
-        assert hasattr(mod, attr), ref
+def test_every_provider_records_and_the_tables_name_launched_kernels():
+    """Every manualbp provider of the suite binds and runs on meta tensors under the recorder,
+    and the compile-time tables name kernels it launches (kept in step with the kernels)."""
+    assert not [e.problems for e in _estimates() if e.problems]
+    launched = set()
+    for e in _estimates():
+        for provider in set(e.providers) & set(TRITON_PROVIDERS):
+            assert _launches(e.name, provider), (e.name, provider)
+            launched |= {lz.name for lz in _launches(e.name, provider)}
+    assert launched >= plan.ELEMENTWISE_KERNELS | plan.FUSED_MLP_KERNELS
+
+
+def test_plan_uses_measured_compile_times(tmp_path):
+    """A GPU run's measured compile seconds replace the constants for the kernels it has; a
+    file of another format, or none, leaves the constants."""
+    path = tmp_path / "compile_times.json"
+    doc = {"format": "manualbp.compile-times", "schema": 1, "device": "NVIDIA H100",
+           "triton": "3.6.0", "seconds": {"matmul_tma_kernel": 1.0}}  # fmt: skip
+    path.write_text(json.dumps(doc))
+    measured = plan.load_compile_times(path)
+    assert measured == {"matmul_tma_kernel": 1.0}
+    first = plan.estimate(_passes()[:1], measured=measured)[0]
+    assert first.triton_s == pytest.approx(
+        first.compiled["matmul_tma_kernel"] * 1.0 + 3 * plan.ELEMENTWISE_COMPILE_S
+    )
+    assert "measured for matmul_tma_kernel" in plan.format_plan([first], measured)
+    path.write_text(json.dumps({**doc, "format": "other"}))
+    assert plan.load_compile_times(path) == {}
+    assert plan.load_compile_times(tmp_path / "missing.json") == {}
 
 
 @pytest.mark.slow
@@ -274,6 +361,7 @@ def test_plan_cli():
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "TRITON_COMPILE_S=2.5" in proc.stdout and "choose_s" in proc.stdout
+    assert "RECORD FAILED" not in proc.stdout
     m = re.search(r"priority-0 total ([\d.]+) s; cap (\d+) s", proc.stdout)
     assert m and float(m.group(1)) <= float(m.group(2)), proc.stdout[-1500:]
     assert "linear/gelu/bf16/M8192_K4096_N16384" in proc.stdout
@@ -293,39 +381,28 @@ def test_bound_is_roofline_max():
     assert best_time_s(1e9, 1e9, None, 1000.0) is None
 
 
-def test_precompile_warms_up_instead_of_tuning():
-    """Under the patch an autotuned launch submits every config's warm-up with triton's
-    AsyncCompileMode active (only then), launches nothing, and the patch is undone after."""
-    import triton
-    import triton.language as tl
+def test_precompile_warms_up_each_specialisation_once():
+    """The precompile step warms up one launch per specialisation of the provider's record
+    (the plan's compile count), each with triton's AsyncCompileMode active (only then)."""
+    triton = pytest.importorskip("triton")
     from triton.runtime import _async_compile
-    from triton.runtime.autotuner import Autotuner
 
-    from benchmarks.precompile import _warm_up_instead_of_tuning
+    from benchmarks.precompile import compile_all, unique_launches
 
-    @triton.jit
-    def kernel(x_ptr, BLOCK: tl.constexpr):
-        tl.store(x_ptr + tl.arange(0, BLOCK), 0.0)
-
-    configs = [triton.Config({"BLOCK": b}) for b in (16, 32, 64)]
-    tuned = triton.autotune(configs=configs, key=[])(kernel)
+    name = "linear/gelu/bf16/M8192_K4096_N4096"
+    launches = unique_launches(plan.recorded(name, MANUALBP))
+    assert len(launches) == _estimates()[0].triton_compiles
     seen = []
 
-    def fake_warmup(*args, **kwargs):
-        seen.append((_async_compile.active_mode.get(), args, kwargs))
-        return [object()] * len(configs)
+    class Kernel:
+        def warmup(self, *args, grid, **kwargs):
+            seen.append((_async_compile.active_mode.get(), grid, args, kwargs))
 
-    tuned.warmup = fake_warmup
-    original = Autotuner.run
-    mode, counter = object(), [0]
-    with _warm_up_instead_of_tuning(mode, counter):
-        assert tuned[(1,)]("x", 7) is None
-        assert _async_compile.active_mode.get() is None
-    assert Autotuner.run is original
-    assert counter == [3]
-    (active, args, kwargs), = seen  # fmt: skip
-    assert active is mode and args == ("x", 7)
-    assert kwargs == {"grid": (1,)}
+    fakes = [Launch(Kernel(), lz.grid, lz.args, lz.kwargs) for lz in launches]
+    compile_all(fakes, workers=2)
+    assert _async_compile.active_mode.get() is None
+    assert [(g, a, k) for _, g, a, k in seen] == [(f.grid, f.args, f.kwargs) for f in fakes]
+    assert all(isinstance(mode, triton.AsyncCompileMode) for mode, *_ in seen)
 
 
 def test_precompile_skips_without_cuda():
@@ -424,10 +501,12 @@ def test_fused_mlp_sweep_covers_widths_batches_dtypes():
 def test_plan_counts_fused_mlp_compiles():
     """Training compiles the forward, backward chain, weight-gradient and reduction kernels
     once per (dtype, width), inference one forward more; max-autotune is estimated as such."""
-    est = {(e.name, e.providers): e for e in plan.estimate(_passes())}
+    est = {(e.name, e.providers): e for e in _estimates()}
     step = est[("fused_mlp_step/bf16/w64x4_M2^18", (NATIVE, MANUALBP))]
     assert step.triton_compiles == 4  # bf16 MSE and SGD were compiled by the MLP step before
-    seconds = 3 * plan.FUSED_MLP_COMPILE_S[64] + plan.FUSED_MLP_REDUCE_COMPILE_S
+    assert set(step.compiled) == {"mlp_forward_kernel", "mlp_backward_kernel",
+                                  "mlp_wgrad_kernel", "mlp_wgrad_reduce_kernel"}  # fmt: skip
+    seconds = 3 * plan.FUSED_MLP_COMPILE_S[64] + plan.ELEMENTWISE_COMPILE_S
     assert step.triton_s == pytest.approx(seconds)
     compiled = est[("fused_mlp_step/bf16/w64x4_M2^18", (COMPILE,))]
     assert compiled.torch_compiles == 2  # model + loss, and optimizer.step

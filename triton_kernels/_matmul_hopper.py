@@ -54,7 +54,7 @@ __all__ = [
     "HOPPER_CONFIGS",
     "INTERPRETER_CONFIG",
     "hopper_configs_for",
-    "linear_forward_tma",
+    "launch_gemm",
     "matmul_tma",
     "matmul_tma_kernel",
     "tma_eligible",
@@ -321,7 +321,7 @@ def _descriptor(t: torch.Tensor, transposed: bool, block: list[int]) -> TensorDe
     return TensorDescriptor(base, list(base.shape), list(base.stride()), block)
 
 
-def _launch(
+def launch_gemm(
     a: torch.Tensor,
     b: torch.Tensor,
     c: torch.Tensor,
@@ -332,8 +332,10 @@ def _launch(
     accumulate: bool = False,
 ) -> None:
     """``c = act(a @ b + bias)`` (``z = a @ b + bias`` too, if given; ``c += a @ b`` when
-    ``accumulate``), every shape non-empty, with the config kept for its bucket (every config's
-    launch builds its own descriptors: nothing of a call is left on a shared object)."""
+    ``accumulate``) on the Hopper path, every shape non-empty, operands TMA-readable and outputs
+    row-major (:func:`tma_eligible`), with the config kept for its bucket (each config's launch
+    builds its own descriptors: nothing of a call is left on a shared object). The Linear
+    forward is ``launch_gemm(x, weight.t(), y, z, bias, activation, slope)``."""
     M, K = a.shape
     N = b.shape[1]
     a_t, b_t = tma_layout(a), tma_layout(b)
@@ -384,20 +386,5 @@ def matmul_tma(
         return c
     if K == 0:
         return c.zero_()
-    _launch(a, b, c, None, None, None, 0.0, accumulate)
+    launch_gemm(a, b, c, None, None, None, 0.0, accumulate)
     return c
-
-
-def linear_forward_tma(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    activation: str | None,
-    negative_slope: float,
-    y: torch.Tensor,
-    z: torch.Tensor | None,
-) -> None:
-    """``y = act(x @ weight.T + bias)``, ``z = x @ weight.T + bias`` if ``z`` is given, into
-    the row-major (M, N) outputs ``y`` / ``z``, on the Hopper path. Shapes are non-empty (K
-    included); operands TMA-readable (see :func:`tma_eligible`)."""
-    _launch(x, weight.t(), y, z, bias, activation, negative_slope)

@@ -133,14 +133,20 @@ def device_name(device: torch.device) -> str:
     return device.type
 
 
+def capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream (never on a CPU build)."""
+    try:
+        return torch.cuda.is_current_stream_capturing()
+    except RuntimeError:  # a CPU-only build of torch
+        return False
+
+
 def _can_time(device: torch.device) -> bool:
-    if _host.recording():
+    if _host.recording() or capturing():
         return False
     if _timer is not None:
         return True
-    if not _host.gpu_code(device) or device.type != "cuda":
-        return False
-    return not torch.cuda.is_current_stream_capturing()
+    return device.type == "cuda" and _host.gpu_code(device)
 
 
 def choose(
@@ -151,9 +157,11 @@ def choose(
     *,
     default: str,
     margins: Mapping[str, float] | None = None,
+    timing: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> str:
     """The candidate (one of ``names``) to run for bucket ``key`` on ``device`` (module
-    docstring); ``run_of(name)`` is a call that runs that candidate on this call's tensors."""
+    docstring); ``run_of(name)`` is a call that runs that candidate on this call's tensors;
+    ``timing()``: a context entered around the timing runs, once per key (under the lock)."""
     dev = device_name(device)
     found = _decisions.get((dev, key))
     if found is not None and found in names:
@@ -171,7 +179,8 @@ def choose(
         if found is None or found not in names:
             found = _from_file(dev, key)
         if found not in names:
-            found = _measure(names, run_of, _timer or cuda_event_timer, margins or {})
+            with timing() if timing is not None else contextlib.nullcontext():
+                found = _measure(names, run_of, _timer or cuda_event_timer, margins or {})
         found = agree(f"{dev}|{key}", found)
         _decisions[(dev, key)] = found
         path = os.environ.get(CACHE_ENV)
@@ -351,17 +360,27 @@ def tuned_launch(
             grid, args, kwargs = make(by_label[name])
             return lambda: kernel[grid](*args, **kwargs)
 
-        name = f"cfg|{kernel.__name__}|{key}"
-        undecided = (device_name(device), name) not in _decisions and _can_time(device)
-        saved = [t.clone() for t in restore] if undecided else []
-        if undecided:
+        @contextlib.contextmanager
+        def timing() -> Iterator[None]:
+            saved = [t.clone() for t in restore]
             precompile(kernel, [make(c) for c in configs])
-        picked = choose(name, device, tuple(by_label), run_of, default=label(chosen))
-        for t, copy in zip(restore, saved, strict=False):
-            t.copy_(copy)
+            try:
+                yield
+            finally:
+                for t, copy in zip(restore, saved, strict=True):
+                    t.copy_(copy)
+
+        name = f"cfg|{kernel.__name__}|{key}"
+        picked = choose(name, device, tuple(by_label), run_of, default=label(chosen),
+                        timing=timing)  # fmt: skip
         chosen = by_label[picked]
     grid, args, kwargs = make(chosen)
-    _host.launch(kernel, grid, *args, **kwargs)
+    # _host.launch, inline: one frame fewer between an op's entry point and its kernel.
+    if (_host._recorders or _host._observers) and not _host.keep(
+        _host.Launch(kernel, grid, args, kwargs)
+    ):
+        return chosen
+    kernel[grid](*args, **kwargs)
     return chosen
 
 

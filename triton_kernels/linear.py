@@ -59,7 +59,7 @@ from ._matmul import (
     operand_layout,
     tile_offsets,
 )
-from ._matmul_hopper import linear_forward_tma, tma_eligible
+from ._matmul_hopper import launch_gemm, tma_eligible
 from ._runtime import cast_out, dtype_class, input_precision_for, size_bucket
 from ._splitk import splitk_matmul
 from ._tuning import tuned_launch
@@ -481,7 +481,7 @@ def _forward_triton(x, weight, bias, activation, slope, y, z) -> None:
     N = weight.shape[0]
     outputs = (y,) if z is None else (y, z)
     if K > 0 and tma_eligible((x, weight.t()), outputs, epilogue=activation is not None):
-        linear_forward_tma(x, weight, bias, activation, slope, y, z)
+        launch_gemm(x, weight.t(), y, z, bias, activation, slope)
         return
     # With K == 0 the K loop runs zero times and the epilogue sees a zero accumulator.
     precision = input_precision_for(x.dtype, x.device)

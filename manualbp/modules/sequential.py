@@ -27,15 +27,18 @@ from manualbp.ops.linear_chain import linear_chain
 
 __all__ = ["Sequential", "has_hooks", "runs_as_written"]
 
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-_GLOBAL_HOOK_DICTS = tuple(f"_global{name}" for name in _HOOK_DICTS)
+def _global_hooks() -> bool:
+    m = _module
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks
+                or m._global_backward_hooks or m._global_backward_pre_hooks)  # fmt: skip
 
 
 def has_hooks(module: nn.Module) -> bool:
     """Whether a hook would observe ``module``'s call (its own hooks or global module hooks)."""
-    if any(getattr(module, name, None) for name in _HOOK_DICTS):
+    own = module.__dict__
+    if own.get("_forward_hooks") or own.get("_forward_pre_hooks"):
         return True
-    return any(getattr(_module, name, None) for name in _GLOBAL_HOOK_DICTS)
+    return bool(own.get("_backward_hooks") or own.get("_backward_pre_hooks")) or _global_hooks()
 
 
 def runs_as_written(module: nn.Module) -> bool:

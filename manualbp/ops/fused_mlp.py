@@ -170,11 +170,9 @@ class FusedMLPFunction(Function):
         out_reads_y = ctx.acts[1] is not None and not ctx.acts[1].reads_preact
         tensors = (input, y if out_reads_y else None, *params[0::2], *saved)
         ctx.save_for_backward(*tensors)
-        if _mode.forward_ad_on() or _mode.transforms_active():
+        if _mode.setup(ctx, *saved):
             ctx.save_for_forward(*tensors)
         ctx.has_bias = tuple(b is not None for b in params[1::2])
-        ctx.choice = _mode.get_backend()  # backward may run on autograd's device thread
-        _mode.internal_outputs(ctx, *saved)
 
     @staticmethod
     def jvp(ctx: Any, input_t, _h, _o, _hs, _os, *params_t) -> tuple:
@@ -285,8 +283,7 @@ class FusedMLPMSELossFunction(Function):
         ctx.acts = bind(hidden, hidden_slope), bind(out, out_slope)
         ctx.reduction = reduction
         ctx.has_bias = tuple(b is not None for b in params[1::2])
-        ctx.choice = _mode.get_backend()  # backward may run on another thread
-        _mode.internal_outputs(ctx, y, *saved)
+        _mode.setup(ctx, y, *saved)
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor | None, grad_y: Tensor | None, *grad_saved) -> tuple:

@@ -75,32 +75,11 @@ def reference_backward(
     dZ = dY * act'(Z)    (read off ``saved``, Y or Z, whichever ``act`` derives from)
     dX = dZ W,   dW = dZ^T X,   db = sum_rows dZ
     """
-    grad_z = act_grad(grad_y, saved, act)
+    grad_z = grad_y if act is None else act_grad(grad_y, saved, act)
     dx = torch.mm(grad_z, weight) if needs_grad[0] else None
     dw = torch.mm(grad_z.t(), x) if needs_grad[1] else None
     db = grad_z.sum(0) if needs_grad[2] else None
     return dx, dw, db
-
-
-def linear_forward(
-    x: Tensor, weight: Tensor, bias: Tensor | None, act: Act | None, *, store: bool
-) -> tuple[Tensor, Tensor | None]:
-    """``(y, z)`` (``z`` when ``store``) on the path the call takes; fresh tensors, never views
-    (a view would make in-place ops on the output an error)."""
-    kernels = not _mode.transforms_active() and _mode.kernels_for(x, weight, bias)
-    if not kernels:
-        return reference_forward(x, weight, bias, act, store_preact=store)
-    name, slope = (None, 0.0) if act is None else (act.name, act.slope)
-    if library.routed(x, weight, bias):  # DTensor operands: the custom op's strategies
-        if act is not None and (library.shards(weight, 1) or library.shards(x, -1)):
-            # Row-parallel: the activation needs the whole sum: reduce first, then apply it.
-            z, _ = library.linear_forward(x, weight, bias, None, slope, store_preact=False)
-            z = library.reduce_partial(z)
-            return act.forward(z), (z if store else None)
-        return library.linear_forward(x, weight, bias, name, slope, store_preact=store)
-    if _mode.compiling():
-        return library.linear_forward(x, weight, bias, name, slope, store_preact=store)
-    return library.load("linear").forward(x, weight, bias, name, slope, store_preact=store)
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,7 +88,7 @@ def linear_forward(
 class LinearFunction(Function):
     """Fused linear layer ``Y = act(X W^T + b)`` as a ``torch.autograd.Function``.
 
-    ``LinearFunction.apply(input, weight, bias, activation, negative_slope)`` returns
+    ``LinearFunction.apply(input, weight, bias, activation, negative_slope, None)`` returns
     ``(output, preact)``: ``preact`` is the pre-activation ``Z = X W^T + b`` when the
     activation's derivative reads it (GELU, SiLU, leaky ReLU with a negative slope), else
     ``None``; it is differentiable (a double backward differentiates act'(Z) through it, as
@@ -130,28 +109,40 @@ class LinearFunction(Function):
         bias: Tensor | None,
         activation: str | None,
         negative_slope: float,
+        store_preact: bool | None,
     ) -> tuple[Tensor, Tensor | None]:
-        act = bind(activation, negative_slope)
-        return linear_forward(input, weight, bias, act, store=act is not None and act.reads_preact)
+        """``(y, z)`` on the path the call takes: fresh tensors, never views (a view would make
+        in-place ops on the output an error). ``store_preact``: keep z or not (``None``: where
+        the activation's derivative reads it, as a backward needs)."""
+        act = None if activation is None else bind(activation, negative_slope)
+        store = act is not None and act.reads_preact if store_preact is None else store_preact
+        if _mode.transforms_active() or not _mode.kernels_for(input, weight, bias):
+            return reference_forward(input, weight, bias, act, store_preact=store)
+        name, slope = (None, 0.0) if act is None else (act.name, act.slope)
+        if library.routed(input, weight, bias):  # DTensor operands: the custom op's strategies
+            if act is not None and (library.shards(weight, 1) or library.shards(input, -1)):
+                # Row-parallel: the activation needs the whole sum: reduce, then apply it.
+                z, _ = library.linear_forward(input, weight, bias, None, 0.0, store_preact=False)
+                z = library.reduce_partial(z)
+                return act.forward(z), (z if store else None)
+        elif not _mode.compiling():
+            kernels = library.load("linear")
+            return kernels.forward(input, weight, bias, name, slope, store_preact=store)
+        return library.linear_forward(input, weight, bias, name, slope, store_preact=store)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        input, weight, _, activation, negative_slope = inputs
+        input, weight, _, activation, negative_slope, _ = inputs
         y, z = output
-        ctx.act = act = bind(activation, negative_slope)
+        ctx.act = act = None if activation is None else bind(activation, negative_slope)
         saved = None if act is None else (z if act.reads_preact else y)
         needs_x, needs_w = ctx.needs_input_grad[:2]
         ctx.save_for_backward(input if needs_w else None, weight if needs_x else None, saved)
-        if _mode.forward_ad_on() or _mode.transforms_active():
-            # For jvp (kept only where it can run: the output in it would otherwise make a
-            # reference cycle, output -> its grad_fn -> this ctx -> output).
+        if _mode.setup(ctx, z):
             ctx.save_for_forward(input, weight, saved)
-        # Backward may run on another thread (CUDA's autograd thread): keep this one's choice.
-        ctx.choice = _mode.get_backend()
-        _mode.internal_outputs(ctx, z)
 
     @staticmethod
-    def jvp(ctx: Any, input_t, weight_t, bias_t, _activation_t, _slope_t) -> tuple:
+    def jvp(ctx: Any, input_t, weight_t, bias_t, *_: None) -> tuple:
         """Forward mode, the chain rule with tangents flowing forward:
 
         Ż = Ẋ W^T + X Ẇ^T + ḃ,    Ẏ = act'(Z) ⊙ Ż
@@ -179,18 +170,22 @@ class LinearFunction(Function):
         act'(Z)) adds to dZ. Recorded itself (``create_graph=True``), it runs in
         differentiable torch ops. Full derivation: docs/derivations.md.
         """
-        (grad_preact,) = _mode.internal_grads(grad_preact)
+        if grad_preact is not None:
+            (grad_preact,) = _mode.internal_grads(grad_preact)
         if grad_output is None and grad_preact is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         x, weight, saved = ctx.saved_tensors
         act, needs = ctx.act, ctx.needs_input_grad[:3]
         lead = (grad_output if grad_output is not None else grad_preact).shape[:-1]
         if grad_preact is not None:  # dZ = dY * act'(Z) + dL/dZ, then no activation left
             grad_z = grad_preact if grad_output is None else act.grad(grad_output, saved)
             grad_output, act = (grad_z if grad_output is None else grad_z + grad_preact), None
-        grad_y = as_rows(grad_output)
-        x = None if x is None else as_rows(x)
-        saved = None if saved is None or act is None else as_rows(saved)
+        if grad_output.dim() == 2:  # as_rows of each, inline: the common case
+            grad_y = grad_output
+        else:
+            grad_y = as_rows(grad_output)
+            x = None if x is None else as_rows(x)
+            saved = None if saved is None or act is None else as_rows(saved)
         if not _mode.backward_kernels(grad_y, x, weight, choice=ctx.choice):
             dx, dw, db = reference_backward(grad_y, x, weight, saved, act, needs)
         else:
@@ -200,7 +195,7 @@ class LinearFunction(Function):
             dx, dw, db = backward(grad_y, x, weight, saved, name, slope, needs_grad=needs)
         if dx is not None and len(lead) != 1:
             dx = dx.view(*lead, weight.shape[1])
-        return dx, dw, db, None, None
+        return dx, dw, db, None, None, None
 
 
 LINEAR = _mode.Applier(LinearFunction)
@@ -260,7 +255,7 @@ def linear(
         unwrap = _mode.unwrap_dead
         return LINEAR.eager(
             unwrap(input), unwrap(weight), None if bias is None else unwrap(bias), activation,
-            negative_slope,
+            negative_slope, None,
         )[0]  # fmt: skip
     return _linear_checked(input, weight, bias, activation, negative_slope)
 
@@ -303,5 +298,5 @@ def linear_unchecked(
     if bias is not None and bias.shape != (out_features,):
         bias = bias.reshape(-1).expand(out_features)  # its gradient sums back to its shape
     if route == "nograd":  # nothing records: the forward alone, keeping nothing
-        return linear_forward(input, weight, bias, bind(activation, slope), store=False)[0]
-    return LINEAR(input, weight, bias, activation, slope)[0]
+        return LinearFunction.forward(input, weight, bias, activation, slope, False)[0]
+    return LINEAR(input, weight, bias, activation, slope, None)[0]

@@ -22,7 +22,7 @@ from torch.autograd import Function
 from manualbp import _mode
 from manualbp.activations import Act, bind
 from manualbp.kernels import library
-from manualbp.ops.linear import as_rows, linear, linear_forward, reference_backward
+from manualbp.ops.linear import LinearFunction, as_rows, linear, reference_backward
 
 __all__ = ["LinearChainFunction", "linear_chain"]
 
@@ -43,9 +43,8 @@ class LinearChainFunction(Function):
 
     @staticmethod
     def forward(input, w1, b1, w2, b2, act1, slope1, act2, slope2) -> tuple:
-        a1, a2 = bind(act1, slope1), bind(act2, slope2)
-        h, z1 = linear_forward(input, w1, b1, a1, store=_store(a1))
-        y, z2 = linear_forward(h, w2, b2, a2, store=_store(a2))
+        h, z1 = LinearFunction.forward(input, w1, b1, act1, slope1, None)
+        y, z2 = LinearFunction.forward(h, w2, b2, act2, slope2, None)
         return y, h, z1, z2
 
     @staticmethod
@@ -61,8 +60,7 @@ class LinearChainFunction(Function):
         ctx.save_for_backward(input if need_w1 else None, w1 if need_x else None,
                               z1 if _store(a1) else None, h if need_w2 or a1 is not None else None,
                               w2 if lower else None, s2)  # fmt: skip
-        ctx.choice = _mode.get_backend()  # backward may run on autograd's device thread
-        _mode.internal_outputs(ctx, h, z1, z2)
+        _mode.setup(ctx, h, z1, z2)
 
     @staticmethod
     def backward(ctx: Any, grad_y, grad_h=None, grad_z1=None, grad_z2=None) -> tuple:

@@ -158,16 +158,15 @@ class LinearMSELossFunction(Function):
         input, weight, bias, target, reduction, loss_dtype, chunk_rows = inputs
         _, dx, dw, db = output
         ctx.mark_non_differentiable(*(t for t in (dx, dw, db) if t is not None))
-        ctx.set_materialize_grads(False)
+        ctx.set_materialize_grads(False)  # no zeros made for them in backward: they are x-sized
         ctx.save_for_backward(input, weight, bias, target, dx, dw, db)
-        if _mode.forward_ad_on() or _mode.transforms_active():
+        if _mode.setup(ctx):
             ctx.save_for_forward(input, weight, bias, target)
         # What the gradients carry (see grad_scale), and whether they are still unscaled:
         # backward scales them in place, once; a second backward (retain_graph) recomputes.
         norm = norm_of(reduction, input.shape[0] * weight.shape[0])
         precomputed = any(t is not None for t in (dx, dw, db))
         ctx.head = [reduction, loss_dtype, chunk_rows, grad_scale(input.dtype, norm), precomputed]
-        ctx.choice = _mode.get_backend()
 
     @staticmethod
     def jvp(ctx: Any, input_t, weight_t, bias_t, target_t, *_: None) -> tuple:

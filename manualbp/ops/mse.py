@@ -87,7 +87,7 @@ def reference_backward(grad_output: Tensor, input: Tensor, target: Tensor, reduc
     and dL/dy = -dL/dx in every case.
     """
     n = input.numel()
-    norm = norm_of(reduction, n)
+    norm = 2.0 / max(n, 1) if reduction == "mean" else 2.0  # norm_of, inline
     plain = type(input) is Tensor and type(target) is Tensor and type(grad_output) is Tensor
     if not plain and library.any_dtensor(input, target, grad_output):
         return norm * (input - target) * grad_output
@@ -109,7 +109,7 @@ def reference_backward(grad_output: Tensor, input: Tensor, target: Tensor, reduc
 def _forward(x: Tensor, t: Tensor, reduction: str, compute_grad: bool) -> tuple:
     """``(loss, grad)`` of same-shape operands on the path the call takes; ``grad`` (for an
     upstream gradient of 1) where the kernels make it in the same pass, else ``None``."""
-    if _mode.transforms_active() or not _mode.kernels_for(x, t):
+    if not _mode.kernels_for(x, t) or _mode.transforms_active():
         return reference_forward(x, t, reduction), None
     if reduction == "mean" and library.sharded(x, t):
         # The sum of squares over all shards, over the global count; the gradient is left to
@@ -143,8 +143,13 @@ class MSELossFunction(Function):
 
     @staticmethod
     def forward(input: Tensor, target: Tensor, reduction: str) -> tuple[Tensor, Tensor | None]:
-        wants_grad = input.requires_grad or target.requires_grad
-        return _forward(*broadcast_promoted(input, target), reduction, wants_grad)
+        if input.shape == target.shape and input.dtype == target.dtype:
+            x, t = input, target  # broadcast_promoted's common case, inline
+        else:
+            x, t = broadcast_promoted(input, target)
+        if not _mode.kernels_for(x, t):  # the reference path, inline: small losses feel a call
+            return reference_forward(x, t, reduction), None
+        return _forward(x, t, reduction, input.requires_grad or target.requires_grad)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -152,16 +157,16 @@ class MSELossFunction(Function):
         grad = output[1]
         if grad is not None:
             ctx.mark_non_differentiable(grad)
-        ctx.set_materialize_grads(False)  # backward gets None, not zeros, for ``grad``
+            ctx.set_materialize_grads(False)  # backward gets None, not zeros, for ``grad``
         # Backward reads input and target (the gradient's formula; a second backward or a
         # double backward), and the gradient the forward pass made, if any.
         ctx.save_for_backward(input, target, grad)
-        if _mode.forward_ad_on() or _mode.transforms_active():
+        if _mode.setup(ctx):
             ctx.save_for_forward(input, target)
-        # reduction, nothing broadcast or promoted, the forward thread's backend choice, and
-        # whether the precomputed gradient is still unscaled (it is scaled in place, once).
+        # reduction, nothing broadcast or promoted, and whether the precomputed gradient is
+        # still unscaled (it is scaled in place, once).
         same = input.shape == target.shape and input.dtype == target.dtype
-        ctx.spec = [reduction, same, _mode.get_backend(), grad is not None]
+        ctx.spec = [reduction, same, grad is not None]
 
     @staticmethod
     def jvp(ctx: Any, input_t: Tensor | None, target_t: Tensor | None, _reduction_t: None):
@@ -197,7 +202,7 @@ class MSELossFunction(Function):
         if grad_output is None:
             return None, None, None
         input, target, precomputed = ctx.saved_tensors
-        reduction, same, choice, unscaled = ctx.spec
+        reduction, same, unscaled = ctx.spec
         if unscaled and _mode.in_place_ok(grad_output):
             # 2D/N (or 2D) from the forward pass, times g.
             if _mode.compiling() or library.routed(precomputed, grad_output):
@@ -205,11 +210,11 @@ class MSELossFunction(Function):
             else:
                 # In place (the kernel bumps no version counter), so used once: a second
                 # backward (retain_graph) recomputes.
-                ctx.spec[3] = False
+                ctx.spec[2] = False
                 grad = library.load("mse").mse_grad_scale_(precomputed, grad_output)
         else:
             x, t = (input, target) if same else broadcast_promoted(input, target)
-            if not _mode.backward_kernels(grad_output, x, t, choice=choice):
+            if not _mode.backward_kernels(grad_output, x, t, choice=ctx.choice):
                 grad = reference_backward(grad_output, x, t, reduction)
             elif reduction == "mean" and library.sharded(x, t):
                 grad = library.mse_backward(grad_output / max(x.numel(), 1), x, t, "sum")

@@ -27,6 +27,7 @@ from manualbp.ops.linear_chain import linear_chain
 
 __all__ = ["Sequential", "has_hooks", "runs_as_written"]
 
+
 def _global_hooks() -> bool:
     m = _module
     return bool(m._global_forward_hooks or m._global_forward_pre_hooks

@@ -29,9 +29,10 @@ rules:
 * **The cases to cover**, one table per op, which ``manualbp check`` runs row by row and the
   parity and gradcheck tests cross with their shapes and layouts: :data:`LINEAR_CASES` (every
   activation case, with and without bias) and :data:`MSE_CASES` (every reduction, with every
-  target layout of :data:`MSE_TARGETS`). A case added here is checked by both. Each case
-  knows its oracle (``native``) and the sums bounding its rounding (``abs_sums``), and
-  :func:`parity` holds an op to them: what ``manualbp check`` reports, and the tests assert.
+  target layout of :data:`MSE_TARGETS`), gathered in :data:`CASES`. A case added here is
+  checked by both. Each case knows manualbp's op (``ours``), its oracle (``native``), its
+  inputs and the sums bounding its rounding (``abs_sums``), and :func:`parity` holds an op to
+  them: what ``manualbp check`` reports, and the tests assert.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ from manualbp.activations import ACTIVATIONS, get_activation
 __all__ = [
     "ACTIVATION_CASES",
     "ACTIVATION_NAMES",
+    "CASES",
+    "Case",
     "DEFAULT_SLOPE",
     "DEFAULT_TOLERANCES",
     "LINEAR_CASES",
@@ -124,6 +127,39 @@ class LinearCase:
         """The oracle of this case: :func:`native_linear` with its activation and slope."""
         return native_linear(x, weight, bias, self.activation, self.negative_slope)
 
+    def ours(self) -> Callable[..., Tensor]:
+        """manualbp's op of this case, as a function of the case's tensors."""
+        from manualbp.ops.linear import linear
+
+        act, slope = self.activation, self.negative_slope
+        return lambda x, w, b=None: linear(x, w, b, act, negative_slope=slope)
+
+    def inputs(self, draw: Callable[..., Tensor], small: bool) -> tuple[list, tuple[int, ...]]:
+        """The case's tensors (``None``: no bias) drawn by ``draw(*shape)``, and its output's
+        shape. A 3-D input: the leading dims flatten into one batch (dW, db sum over both)."""
+        lead, k, n = ((2, 3), 4, 5) if small else ((3, 9), 13, 11)
+        return [draw(*lead, k), draw(n, k), draw(n) if self.bias else None], (*lead, n)
+
+    @property
+    def quick(self) -> bool:
+        """In ``manualbp check --quick``: every non-default slope (with bias), and a few
+        activations (with bias; no activation also without)."""
+        if self.negative_slope != DEFAULT_SLOPE:
+            return self.bias
+        return self.activation in (None, "relu", "gelu") and (self.bias or self.activation is None)
+
+    @property
+    def quick_gradgradcheck(self) -> bool:
+        """gradgradcheck in ``--quick`` too: no activation and GELU, with bias."""
+        return self.activation in (None, "gelu") and self.bias
+
+    def skip(self, dtype: torch.dtype, interpreted: bool) -> str | None:
+        """Why the case cannot be checked in ``dtype`` (``interpreted``: the kernels under
+        Triton's CPU interpreter), if it cannot."""
+        if interpreted and dtype == torch.bfloat16:
+            return "Triton's CPU interpreter cannot run bf16 tl.dot; checked on CUDA only"
+        return None
+
     def abs_sums(
         self, x: Tensor, weight: Tensor, bias: Tensor | None, grad_out: Tensor
     ) -> list[Tensor]:
@@ -169,6 +205,32 @@ class MSECase:
         """The oracle of this case: :func:`native_mse_loss` of a ``(rows, cols)`` input."""
         return native_mse_loss(input, self.target_seen(target, *input.shape), self.reduction)
 
+    def ours(self) -> Callable[..., Tensor]:
+        """manualbp's op of this case, as a function of the case's tensors."""
+        from manualbp.ops.mse import mse_loss
+
+        return lambda x, t: mse_loss(x, self.target_seen(t, *x.shape), self.reduction)
+
+    def inputs(self, draw: Callable[..., Tensor], small: bool) -> tuple[list, tuple[int, ...]]:
+        """The case's tensors drawn by ``draw(*shape)``, and its output's shape."""
+        rows, cols = (3, 4) if small else (17, 23)
+        inputs = [draw(rows, cols), draw(*self.target_shape(rows, cols))]
+        return inputs, (rows, cols) if self.reduction == "none" else ()
+
+    @property
+    def quick(self) -> bool:
+        """In ``manualbp check --quick``: same-shape targets."""
+        return self.target == "same"
+
+    @property
+    def quick_gradgradcheck(self) -> bool:
+        """gradgradcheck in ``--quick`` too: the mean."""
+        return self.reduction == "mean"
+
+    def skip(self, dtype: torch.dtype, interpreted: bool) -> str | None:
+        """Why the case cannot be checked in ``dtype``, if it cannot: never."""
+        return None
+
     def abs_sums(self, input: Tensor, target: Tensor, grad_out: Tensor) -> list[Tensor | None]:
         """The sums over absolute values bounding the rounding of the loss, ``d input`` and
         ``d target`` (float64; ``None`` where nothing is summed): the loss's squares, and the
@@ -188,6 +250,12 @@ LINEAR_CASES: tuple[LinearCase, ...] = tuple(
 
 #: The cases of ``functional.mse_loss``: every reduction with every target layout.
 MSE_CASES: tuple[MSECase, ...] = tuple(MSECase(r, t) for r in REDUCTIONS for t in MSE_TARGETS)
+
+#: Every op's cases, table after table: what ``manualbp check`` runs. A case is anything with
+#: ``op``, ``variant``, ``grad_names``, ``native``, ``abs_sums``, ``ours``, ``inputs``,
+#: ``quick``, ``quick_gradgradcheck`` and ``skip``, as the two classes above.
+Case = LinearCase | MSECase
+CASES: tuple[Case, ...] = (*LINEAR_CASES, *MSE_CASES)
 
 # --------------------------------------------------------------------------------------------
 # Tolerances

@@ -490,7 +490,8 @@ def test_check_and_tests_share_one_testing_module():
     assert helpers.LINEAR_CASES is testing.LINEAR_CASES and helpers.MSE_CASES is testing.MSE_CASES
     # check judges with testing's compare and oracle (the cases' native), on testing's cases.
     assert check_cmd.testing is testing
-    assert check_cmd.cases_to_check(quick=False) == [*testing.LINEAR_CASES, *testing.MSE_CASES]
+    assert check_cmd.cases_to_check(quick=False) == list(testing.CASES)
+    assert testing.CASES == (*testing.LINEAR_CASES, *testing.MSE_CASES)
 
 
 def test_parity_and_gradcheck_tests_run_the_check_tables():

@@ -2,8 +2,8 @@
 
 On one device, for functional.linear (every activation in manualbp.ACTIVATIONS and None, with
 and without bias; leaky_relu also with a negative slope) and functional.mse_loss (mean, sum,
-none; same-shape, row- and column-broadcast and expanded targets) -- the case tables
-LINEAR_CASES and MSE_CASES of manualbp.testing, which the test suite runs too -- in every dtype
+none; same-shape, row- and column-broadcast and expanded targets) -- the case table CASES of
+manualbp.testing, which the test suite runs too -- in every dtype
 the device supports and under every available backend (reference; triton on CUDA or under
 TRITON_INTERPRET=1): the forward and every gradient against native autograd, and
 torch.autograd.gradcheck / gradgradcheck in float64.
@@ -31,9 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import manualbp
-from manualbp import functional, testing
+from manualbp import testing
 from manualbp.cli._args import DEVICE_HELP, Formatter, device, paragraphs
-from manualbp.testing import LinearCase, MSECase
 
 __all__ = [
     "CheckResult",
@@ -49,9 +48,8 @@ __all__ = [
 
 DTYPE_NAMES = {dtype: str(dtype).removeprefix("torch.") for dtype in testing.DEFAULT_TOLERANCES}
 BACKEND_NAMES = ("reference", "triton")
-QUICK_ACTIVATIONS = (None, "relu", "gelu")  # --quick: these, and every non-default slope
 
-Case = LinearCase | MSECase
+Case = testing.Case
 Outcome = tuple[bool | None, float | None, str]  # (passed, max error, why not); None: skipped
 
 
@@ -109,63 +107,20 @@ def supported_dtypes(device: torch.device) -> list[torch.dtype]:
 
 
 def cases_to_check(quick: bool) -> list[Case]:
-    """The shared tables' cases; ``quick``: with bias, a representative few activations and
-    every non-default slope (plus ``None`` without bias), and same-shape MSE targets only."""
-    if not quick:
-        return [*testing.LINEAR_CASES, *testing.MSE_CASES]
-
-    def quick_linear(c: LinearCase) -> bool:
-        if c.negative_slope != testing.DEFAULT_SLOPE:
-            return c.bias
-        return c.activation in QUICK_ACTIVATIONS and (c.bias or c.activation is None)
-
-    linear = [c for c in testing.LINEAR_CASES if quick_linear(c)]
-    return [*linear, *(c for c in testing.MSE_CASES if c.target == "same")]
+    """The shared table's cases (:data:`manualbp.testing.CASES`); ``quick``: those marked so."""
+    return [c for c in testing.CASES if c.quick or not quick]
 
 
 def _double_checks(case: Case, quick: bool) -> tuple[str, ...]:
-    """Which of gradcheck/gradgradcheck run for ``case`` (in float64); ``quick``: gradgradcheck
-    for Linear without activation or with GELU (with bias) and for the mean MSE only."""
-    if isinstance(case, LinearCase):
-        both = case.activation in (None, "gelu") and case.bias
-    else:
-        both = case.reduction == "mean"
-    return ("gradcheck", "gradgradcheck") if both or not quick else ("gradcheck",)
-
-
-def _skip_reason(case: Case, dtype: torch.dtype, backend: str, dev: torch.device) -> str | None:
-    """Why ``case`` in ``dtype`` cannot be checked on ``backend`` here, if it cannot."""
-    interpreted = backend == "triton" and dev.type == "cpu"
-    if interpreted and case.op == "linear" and dtype == torch.bfloat16:
-        return "Triton's CPU interpreter cannot run bf16 tl.dot; checked on CUDA only"
-    return None
+    """Which of gradcheck/gradgradcheck run for ``case`` (in float64)."""
+    both = case.quick_gradgradcheck or not quick
+    return ("gradcheck", "gradgradcheck") if both else ("gradcheck",)
 
 
 # --- The checks ------------------------------------------------------------------------------
-def _ours(case: Case) -> Callable[..., Tensor]:
-    """manualbp's op of ``case`` as a function of the case's tensors (gradcheck's too)."""
-    if isinstance(case, LinearCase):
-        act, slope = case.activation, case.negative_slope
-        return lambda x, w, b=None: functional.linear(x, w, b, act, negative_slope=slope)
-    return lambda x, t: functional.mse_loss(x, case.target_seen(t, *x.shape), case.reduction)
-
-
-def _inputs(
-    case: Case, draw: Callable[..., Tensor], small: bool
-) -> tuple[list[Tensor | None], tuple[int, ...]]:
-    """The tensors of ``case`` (``None``: no bias), and the shape of its output."""
-    if isinstance(case, LinearCase):
-        # A 3-D input: the leading dims are flattened into one batch (so dW, db sum over both).
-        lead, k, n = ((2, 3), 4, 5) if small else ((3, 9), 13, 11)
-        return [draw(*lead, k), draw(n, k), draw(n) if case.bias else None], (*lead, n)
-    rows, cols = (3, 4) if small else (17, 23)
-    inputs = [draw(rows, cols), draw(*case.target_shape(rows, cols))]
-    return inputs, (rows, cols) if case.reduction == "none" else ()
-
-
 def _parity(case: Case, inputs: list[Tensor | None], grad_out: Tensor) -> dict[str, Outcome]:
     """The forward, and every gradient in one row: :func:`manualbp.testing.parity`."""
-    (_, forward), *grads = testing.parity(_ours(case), case, inputs, grad_out).items()
+    (_, forward), *grads = testing.parity(case.ours(), case, inputs, grad_out).items()
     error = max((c.max_error for _, c in grads), default=0.0)
     why = "; ".join(f"{name}: {c.detail}" for name, c in grads if not c.ok)
     return {
@@ -190,17 +145,17 @@ def _check_case(
         return torch.randn(shape, generator=gen, dtype=torch.float64).to(device, dtype)
 
     try:
-        inputs, out_shape = _inputs(case, draw, small=False)
+        inputs, out_shape = case.inputs(draw, small=False)
         checks = _parity(case, inputs, draw(*out_shape))
     except Exception as e:  # the op crashed: report it, keep checking
         checks = dict.fromkeys(("forward", "backward"), (False, None, _first_line(e)))
     if dtype != torch.float64:
         return checks
-    leaves = [t.requires_grad_(True) for t in _inputs(case, draw, small=True)[0] if t is not None]
+    leaves = [t.requires_grad_(True) for t in case.inputs(draw, small=True)[0] if t is not None]
     for name in _double_checks(case, quick):
         check = getattr(torch.autograd, name)
         try:  # fast_mode (--quick): a random projection of the Jacobian, far fewer evaluations
-            ok = bool(check(_ours(case), leaves, fast_mode=quick))
+            ok = bool(check(case.ours(), leaves, fast_mode=quick))
             checks[name] = (ok, None, "" if ok else "returned False")
         except Exception as e:  # GradcheckError or a crash of the op: a failure either way
             checks[name] = (False, None, _first_line(e))
@@ -223,7 +178,7 @@ def run_checks(
     with warnings.catch_warnings():  # one block, so that other warnings still show once each
         warnings.filterwarnings("ignore", "Using a target size", UserWarning)  # MSE broadcasts
         for backend, case, dtype in itertools.product(backends, cases_to_check(quick), dtypes):
-            skip = _skip_reason(case, dtype, backend, device)
+            skip = case.skip(dtype, interpreted=backend == "triton" and device.type == "cpu")
             if skip is not None:
                 checks: dict[str, Outcome] = {"all": (None, None, skip)}
             else:

@@ -194,8 +194,8 @@ class Sequential(nn.Sequential):
                 return Step("mlp_loss", i, end, tuple(folded))
             if len(layers) >= 2:
                 return Step("mlp", i, end, tuple(layers))
-        second = _layer_at(modules, nxt) if nxt < len(modules) else None
-        if kernels and second is not None and second[0].linear.in_features == w.shape[0]:
+        second = _layer_at(modules, nxt) if kernels and nxt < len(modules) else None
+        if second is not None and second[0].linear.in_features == w.shape[0]:
             return Step("chain", i, second[1], (layer, second[0]))
         if layer.activation is not None and layer.linear.activation is None:
             return Step("pair", i, nxt, (layer,))

@@ -3,13 +3,14 @@
 Launchers take tensors and return tensors; nothing here records autograd.
 
 Memory traffic. The kernels are bandwidth bound, so the common layout (every operand contiguous
-after coalescing, see below) takes a path built for 16-byte vector accesses: programs whose block
-lies wholly inside the ``N`` elements load and store without a mask, at offsets that Triton knows
-to be contiguous and block aligned, so with 16-byte aligned pointers (Triton specialises pointer
+after coalescing, see below) takes a path built for 16-byte vector accesses: blocks that lie
+wholly inside the ``N`` elements load and store without a mask, at offsets that Triton knows to
+be contiguous and block aligned, so with 16-byte aligned pointers (Triton specialises pointer
 arguments on that) every access is a 128-bit ``ld/st.global.v4`` (``v2.b64`` for fp64); only the
 last, partial block is masked. The fused forward reads ``input`` and ``target`` once and writes
-the gradient once: 12 bytes per fp32 element, nothing else per element. An unaligned view (say at
-storage offset 1) compiles to a variant with scalar accesses and stays correct.
+the gradient once: 12 bytes per fp32 element, nothing else per element (the partials below are
+at most :data:`CONFIGS`' ``PARTIALS`` values per launch). An unaligned view (say at storage
+offset 1) compiles to a variant with scalar accesses and stays correct.
 
 Layout handling. ``input`` and ``target`` arrive with the same shape but arbitrary strides (the
 caller broadcasts with ``expand`` views, so stride-0 dimensions are common). Instead of
@@ -22,64 +23,129 @@ dotting them with each operand's strides, in int64, with every access masked. On
 :data:`MAX_DIMS` non-mergeable dimensions remain (rare: e.g. a 5-d permuted view) do the launchers
 fall back to ``.contiguous()`` copies.
 
-Reductions are deterministic and take one launch. Every program sums its block (a fixed tree, in
-fp32, or fp64 for fp64 inputs) into ``partials[pid]`` and then takes a ticket from an int32
-counter (``atomic_add``, acquire-release; the counter only orders programs, no float is added
-atomically). The program that draws the last ticket sums ``partials`` in a fixed order (``RBLOCK``
-lanes, each adding every ``RBLOCK``-th partial in index order, then a fixed tree over the lanes),
-divides by ``N`` for ``"mean"``, stores the loss in the input dtype and resets the counter to 0 for
-the next launch. The order depends only on ``N`` and the block sizes, so two runs are bitwise
-equal. The counter is one int32 per (device, stream), zeroed once and left at 0 by every launch;
-under CUDA-graph capture each call takes a fresh zeroed counter (a memset node in the graph), so
-graphs never share one with eager work.
+Persistent grids. The forward and the in-place scale run a fixed, small grid whose programs
+stride over the work (program ``p`` of ``P`` takes units ``p, p + P, p + 2P, ...``): a few
+programs per SM for the forward (``PROGRAMS_PER_SM`` of its config), at most one per SM for the
+scale. ``P`` depends only on the amount of work and the device's SM count (:func:`programs`;
+the interpreter stands in for a GPU of :data:`INTERPRETER_SMS` SMs), never on timing.
+
+Reductions are deterministic, take one launch, and do not depend on ``P``. The ``B = cdiv(N,
+BLOCK)`` blocks are cut into at most ``PARTIALS`` *segments* of ``cdiv(B, PARTIALS)`` consecutive
+blocks; the cut depends only on ``N`` and the config. A program sums each of its segments in a
+fixed order (per lane of a ``BLOCK``-wide fp32 accumulator, fp64 for fp64 inputs, block after
+block, then a fixed tree over the lanes) into ``partials[segment]``, then takes a ticket from an
+int32 counter (``atomic_add``, acquire-release; the counter only orders programs, no float is
+added atomically). The program that draws the last ticket loads the ``<= PARTIALS`` partials at
+once (one masked vector load, no loop) and sums them with a fixed tree, divides by ``N`` for
+``"mean"``, stores the loss in the input dtype and resets the counter to 0 for the next launch.
+Which program sums which segment changes nothing: two runs, and two grids of any size, give
+bitwise equal losses. The counter is one int32 per (device, stream), zeroed once and left at 0 by
+every launch; under CUDA-graph capture each call takes a fresh zeroed counter (a memset node in
+the graph), so graphs never share one with eager work.
+
+The scale by the upstream gradient (:func:`mse_grad_scale_`) reads that gradient on the device:
+autograd hands it over as a device tensor (``loss.backward()`` makes ``ones_like(loss)`` there),
+so the host could only learn its value with a sync, and under CUDA-graph capture the value may
+change between replays. Every program loads it first and, when it is exactly 1, returns at once:
+the launch of at most one program per SM then costs one scalar load each and writes nothing.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._host import FLOAT_DTYPES, acc_dtype, gpu_code, interpreting, launch, on_device
+from ._host import FLOAT_DTYPES, acc_dtype, gpu_code, interpreting, launch, on_device, target
 from ._runtime import load, store, tl_acc_dtype
 
-__all__ = ["CONFIGS", "MAX_DIMS", "launch_config", "mse_backward", "mse_forward", "mse_grad_scale_"]
+__all__ = [
+    "CONFIGS",
+    "INTERPRETER_SMS",
+    "MAX_DIMS",
+    "ForwardPlan",
+    "forward_plan",
+    "launch_config",
+    "mse_backward",
+    "mse_forward",
+    "mse_grad_scale_",
+    "programs",
+    "scale_programs",
+]
 
 #: Most dimensions (after coalescing) that the kernels index with strides.
 MAX_DIMS = 4
 
+#: The SM count the CPU interpreter stands in for: the persistent grids get a few programs
+#: with unequal shares of the work.
+INTERPRETER_SMS = 3
+
 _REDUCTIONS = ("none", "mean", "sum")
 
-# Fixed launch configurations, as data (the audit compiles the "cuda" ones). "fwd": the forward
-# kernel for layouts of 1 or 2 merged dims; "fwd_strided": for 3 or 4 (the per-element div/mod
-# index math of four strides per operand spilled at 4096 x 8 warps); RBLOCK: lanes of the last
-# program's sum over the partials. "elementwise": backward and in-place scale. The interpreter
-# gets small blocks so that small test tensors still cover several programs, full and partial
-# blocks, and several RBLOCK chunks of partials; tests may patch these.
+# Fixed launch configurations, as data (the audit compiles the "cuda" ones).
+# * "fwd": the forward kernel for contiguous layouts (one merged dim), "fwd_fp64" the same for
+#   fp64 (a block of 16 KB per operand, as fp32's: 4096 fp64 took 167 registers), "fwd_strided"
+#   for 2 to 4 merged dims (the per-element div/mod index math: 4096 x 8 warps took 168-200
+#   registers for 2 dims and spilled for 4). PARTIALS: the most segments (and partial sums) a
+#   reduction is cut into, and the lanes of the last program's single load over them.
+#   PROGRAMS_PER_SM: the persistent grid's programs per SM, all resident at once:
+#   PROGRAMS_PER_SM * num_warps * 32 threads * 128 registers = 64K registers (every variant
+#   compiles to at most 128 registers on sm_80 and sm_90).
+# * "elementwise": the recomputing backward (one block per program).
+# * "scale": the in-place scale of the forward's gradient, at most one program per SM: a wide
+#   block keeps 32 KB of fp32 loads in flight per SM.
+# The interpreter gets small blocks so that small test tensors still cover several programs,
+# multi-block segments, full and partial blocks; tests may patch these.
 CONFIGS: dict[str, dict[str, dict[str, int]]] = {
     "cuda": {
-        "fwd": dict(BLOCK=4096, RBLOCK=1024, num_warps=8),
-        "fwd_strided": dict(BLOCK=1024, RBLOCK=1024, num_warps=4),
+        "fwd": dict(BLOCK=4096, PARTIALS=2048, PROGRAMS_PER_SM=2, num_warps=8),
+        "fwd_fp64": dict(BLOCK=2048, PARTIALS=2048, PROGRAMS_PER_SM=2, num_warps=8),
+        "fwd_strided": dict(BLOCK=1024, PARTIALS=2048, PROGRAMS_PER_SM=4, num_warps=4),
         "elementwise": dict(BLOCK=2048, num_warps=8),
+        "scale": dict(BLOCK=8192, num_warps=16),
     },
     "interpreter": {
-        "fwd": dict(BLOCK=64, RBLOCK=16, num_warps=1),
-        "fwd_strided": dict(BLOCK=64, RBLOCK=16, num_warps=1),
+        "fwd": dict(BLOCK=64, PARTIALS=8, PROGRAMS_PER_SM=1, num_warps=1),
+        "fwd_fp64": dict(BLOCK=64, PARTIALS=8, PROGRAMS_PER_SM=1, num_warps=1),
+        "fwd_strided": dict(BLOCK=64, PARTIALS=8, PROGRAMS_PER_SM=1, num_warps=1),
         "elementwise": dict(BLOCK=64, num_warps=1),
+        "scale": dict(BLOCK=64, num_warps=1),
     },
 }
 
 
-def launch_config(kind: str, ndim: int = 1, *, cuda: bool | None = None) -> dict[str, int]:
-    """The launch config of ``kind`` (``"fwd"`` or ``"elementwise"``) for a layout of ``ndim``
-    merged dims: the CUDA one or the interpreter's (``cuda=None``: whichever this process
-    runs). ``"fwd"`` resolves to ``"fwd_strided"`` for 3 or more dims."""
-    if kind == "fwd" and ndim >= 3:
+def launch_config(
+    kind: str, ndim: int = 1, *, cuda: bool | None = None, dtype: torch.dtype | None = None
+) -> dict[str, int]:
+    """The launch config of ``kind`` (``"fwd"``, ``"elementwise"`` or ``"scale"``) for a layout
+    of ``ndim`` merged dims of ``dtype``: the CUDA one or the interpreter's (``cuda=None``:
+    whichever this process runs). ``"fwd"`` resolves to ``"fwd_strided"`` for 2 or more dims,
+    else to ``"fwd_fp64"`` for fp64."""
+    if kind == "fwd" and ndim >= 2:
         kind = "fwd_strided"
+    elif kind == "fwd" and dtype == torch.float64:
+        kind = "fwd_fp64"
     if cuda is None:
         cuda = not interpreting()
     return CONFIGS["cuda" if cuda else "interpreter"][kind]
+
+
+def programs(units: int, per_sm: int, device: torch.device) -> int:
+    """The persistent grid for ``units`` of work on ``device``: ``per_sm`` programs per SM of
+    the GPU the launch compiles for (:data:`INTERPRETER_SMS` under the interpreter), never more
+    than there are units, at least 1."""
+    facts = target(device)
+    sms = facts[1] if facts is not None else INTERPRETER_SMS
+    return max(1, min(units, per_sm * sms))
+
+
+def scale_programs(n: int, device: torch.device) -> int:
+    """The grid of :func:`mse_grad_scale_` on ``n`` elements: at most one program per SM."""
+    block = launch_config("scale", cuda=gpu_code(device))["BLOCK"]
+    return programs(triton.cdiv(n, block), 1, device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,9 +179,9 @@ def _strided_offsets(idx, S1, S2, S3, st0, st1, st2, st3, NDIM: tl.constexpr):
 
 
 @triton.jit
-def _block_indices(BLOCK: tl.constexpr):
-    """This program's first linear index (int64) and its ``BLOCK`` contiguous indices."""
-    start = tl.program_id(0).to(tl.int64) * BLOCK
+def _block_indices(block, BLOCK: tl.constexpr):
+    """Block ``block``'s first linear index (int64) and its ``BLOCK`` contiguous indices."""
+    start = tl.cast(block, tl.int64) * BLOCK
     idx = tl.max_contiguous(tl.multiple_of(start + tl.arange(0, BLOCK), BLOCK), BLOCK)
     return start, idx
 
@@ -126,79 +192,120 @@ def _fwd_block(
     MASKED: tl.constexpr, REDUCE: tl.constexpr, MEAN: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
     ACC: tl.constexpr,
 ):  # fmt: skip
-    """One block of ``(x - t)**2``: stored at ``out[idx]`` (``REDUCE=False``) or summed (the
-    returned partial), with the gradient ``2 (x - t) [/ N]`` stored at ``grad[idx]``."""
+    """One block of ``(x - t)**2``: stored at ``out[idx]`` (``REDUCE=False``) or returned for
+    the caller to sum (0 where masked), with the gradient ``2 (x - t) [/ N]`` stored at
+    ``grad[idx]``."""
     mask = idx < N
     x = load(x_ptr, x_off, mask, ACC, MASKED)
     t = load(t_ptr, t_off, mask, ACC, MASKED)
     d = x - t
-    sq = d * d
+    squares = d * d
     if REDUCE:
         if COMPUTE_GRAD:
             scale = 2.0 / N.to(ACC) if MEAN else 2.0
             store(grad_ptr, idx, d * scale, mask, MASKED)
-        part = tl.sum(sq, axis=0)
     else:
-        store(out_ptr, idx, sq, mask, MASKED)
-        part = tl.zeros((), ACC)
-    return part
+        store(out_ptr, idx, squares, mask, MASKED)
+    return squares
 
 
 @triton.jit
-def _finish_sum(part, part_ptr, count_ptr, out_ptr, N, MEAN: tl.constexpr, ACC: tl.constexpr,
-                RBLOCK: tl.constexpr):  # fmt: skip
-    """Store this program's partial; the program drawing the last ticket sums all partials in a
-    fixed order into ``out`` (``/ N`` when ``MEAN``) and resets the counter."""
-    pid = tl.program_id(0)
-    n_prog = tl.num_programs(0)
-    tl.store(part_ptr + pid, part)
-    tl.debug_barrier()  # the partial's store precedes the (release) ticket in this CTA
+def _fwd_full_block(
+    x_ptr, t_ptr, out_ptr, grad_ptr, block, N, S1, S2, S3, xs0, xs1, xs2, xs3, ts0, ts1, ts2, ts3,
+    NDIM: tl.constexpr, CONTIG: tl.constexpr, REDUCE: tl.constexpr, MEAN: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """:func:`_fwd_block` on block ``block``: unmasked on the contiguous path (where the caller
+    passes full blocks only), masked and strided otherwise."""
+    _, idx = _block_indices(block, BLOCK)
+    if CONTIG:
+        squares = _fwd_block(x_ptr, t_ptr, out_ptr, grad_ptr, idx, idx, idx, N,
+                             False, REDUCE, MEAN, COMPUTE_GRAD, ACC)  # fmt: skip
+    else:
+        x_off = _strided_offsets(idx, S1, S2, S3, xs0, xs1, xs2, xs3, NDIM)
+        t_off = _strided_offsets(idx, S1, S2, S3, ts0, ts1, ts2, ts3, NDIM)
+        squares = _fwd_block(x_ptr, t_ptr, out_ptr, grad_ptr, idx, x_off, t_off, N,
+                             True, REDUCE, MEAN, COMPUTE_GRAD, ACC)  # fmt: skip
+    return squares
+
+
+@triton.jit
+def _fwd_last_block(
+    x_ptr, t_ptr, out_ptr, grad_ptr, block, N, REDUCE: tl.constexpr, MEAN: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """The contiguous path's masked last block ``block``; returns its sum. In chunks of a
+    quarter block: per-element masks of a whole block (16 per thread and operand) made ptxas
+    spill for fp16."""
+    start = tl.cast(block, tl.int64) * BLOCK
+    total = tl.zeros((), ACC)
+    for s in range(0, BLOCK, BLOCK // 4):
+        sub = start + s + tl.arange(0, BLOCK // 4)
+        squares = _fwd_block(x_ptr, t_ptr, out_ptr, grad_ptr, sub, sub, sub, N,
+                             True, REDUCE, MEAN, COMPUTE_GRAD, ACC)  # fmt: skip
+        total += tl.sum(squares, axis=0)
+    return total
+
+
+@triton.jit
+def _sum_partials(part_ptr, count_ptr, out_ptr, N, n_segments, MEAN: tl.constexpr,
+                  ACC: tl.constexpr, PARTIALS: tl.constexpr):  # fmt: skip
+    """Take a ticket once this program's partials are stored; the program drawing the last
+    ticket sums all ``n_segments`` partials with one fixed tree into ``out`` (``/ N`` when
+    ``MEAN``) and resets the counter."""
+    tl.debug_barrier()  # the partials' stores precede the (release) ticket in this CTA
     ticket = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
-    if ticket == n_prog - 1:
-        acc = tl.zeros((RBLOCK,), ACC)
-        for s in range(0, n_prog, RBLOCK):
-            i = s + tl.arange(0, RBLOCK)
-            # .cg: read at L2, where the other programs' partials are, never a stale L1 line.
-            acc += tl.load(part_ptr + i, mask=i < n_prog, other=0.0, cache_modifier=".cg")
-        total = tl.sum(acc, axis=0)
+    if ticket == tl.num_programs(0) - 1:
+        i = tl.arange(0, PARTIALS)
+        # .cg: read at L2, where the other programs' partials are, never a stale L1 line.
+        partials = tl.load(part_ptr + i, mask=i < n_segments, other=0.0, cache_modifier=".cg")
+        total = tl.sum(partials, axis=0)
         if MEAN:
             total = total / N.to(ACC)
         tl.store(out_ptr, total.to(out_ptr.dtype.element_ty))
         tl.store(count_ptr, 0)
 
 
-@triton.jit(do_not_specialize=["N"])
+@triton.jit(do_not_specialize=["N", "segment_blocks", "n_segments"])
 def _mse_fwd_kernel(
-    x_ptr, t_ptr, out_ptr, grad_ptr, part_ptr, count_ptr, N,
+    x_ptr, t_ptr, out_ptr, grad_ptr, part_ptr, count_ptr, N, segment_blocks, n_segments,
     S1, S2, S3,
     xs0, xs1, xs2, xs3,
     ts0, ts1, ts2, ts3,
     NDIM: tl.constexpr, CONTIG: tl.constexpr, REDUCE: tl.constexpr, MEAN: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, PARTIALS: tl.constexpr,
 ):  # fmt: skip
-    """One block of ``(x - t)**2``: stored elementwise (``REDUCE=False``) or summed, with the
-    gradient ``2 (x - t) [/ N]`` written contiguously alongside; with ``REDUCE`` the last
-    program to finish also writes the loss (see the module docstring)."""
-    start, idx = _block_indices(BLOCK)
-    if CONTIG:
-        if start + BLOCK <= N:
-            part = _fwd_block(x_ptr, t_ptr, out_ptr, grad_ptr, idx, idx, idx, N,
-                              False, REDUCE, MEAN, COMPUTE_GRAD, ACC)  # fmt: skip
-        else:
-            # The last, partial block, in chunks of a quarter block: per-element masks of a
-            # whole block (16 per thread and operand) made ptxas spill for fp16.
-            part = tl.zeros((), ACC)
-            for s in range(0, BLOCK, BLOCK // 4):
-                sub = start + s + tl.arange(0, BLOCK // 4)
-                part += _fwd_block(x_ptr, t_ptr, out_ptr, grad_ptr, sub, sub, sub, N,
-                                   True, REDUCE, MEAN, COMPUTE_GRAD, ACC)  # fmt: skip
-    else:
-        x_off = _strided_offsets(idx, S1, S2, S3, xs0, xs1, xs2, xs3, NDIM)
-        t_off = _strided_offsets(idx, S1, S2, S3, ts0, ts1, ts2, ts3, NDIM)
-        part = _fwd_block(x_ptr, t_ptr, out_ptr, grad_ptr, idx, x_off, t_off, N,
-                          True, REDUCE, MEAN, COMPUTE_GRAD, ACC)  # fmt: skip
+    """``(x - t)**2``: summed over segments ``pid, pid + P, ...`` (``segment_blocks`` blocks
+    each) into ``partials``, with the gradient ``2 (x - t) [/ N]`` written contiguously
+    alongside, the last program to finish writing the loss (see the module docstring); or,
+    with ``REDUCE=False``, stored elementwise over blocks ``pid, pid + P, ...``."""
+    pid, n_programs = tl.program_id(0), tl.num_programs(0)
+    # The contiguous path's loops take the full blocks; the masked last block (if any) is
+    # handled after them, by the last segment's program (or the last program).
+    loop_blocks = N // BLOCK if CONTIG else tl.cdiv(N, BLOCK)
+    has_last_block = CONTIG and loop_blocks * BLOCK < N
     if REDUCE:
-        _finish_sum(part, part_ptr, count_ptr, out_ptr, N, MEAN, ACC, RBLOCK)
+        for segment in range(pid, n_segments, n_programs):
+            first = segment * segment_blocks
+            acc = tl.zeros((BLOCK,), ACC)  # per lane, block after block
+            for block in range(first, tl.minimum(first + segment_blocks, loop_blocks)):
+                acc += _fwd_full_block(x_ptr, t_ptr, out_ptr, grad_ptr, block, N, S1, S2, S3,
+                                       xs0, xs1, xs2, xs3, ts0, ts1, ts2, ts3, NDIM, CONTIG,
+                                       REDUCE, MEAN, COMPUTE_GRAD, ACC, BLOCK)  # fmt: skip
+            partial = tl.sum(acc, axis=0)
+            if has_last_block and segment == n_segments - 1:
+                partial += _fwd_last_block(x_ptr, t_ptr, out_ptr, grad_ptr, loop_blocks, N,
+                                           REDUCE, MEAN, COMPUTE_GRAD, ACC, BLOCK)  # fmt: skip
+            tl.store(part_ptr + segment, partial)
+        _sum_partials(part_ptr, count_ptr, out_ptr, N, n_segments, MEAN, ACC, PARTIALS)
+    else:
+        for block in range(pid, loop_blocks, n_programs):
+            _fwd_full_block(x_ptr, t_ptr, out_ptr, grad_ptr, block, N, S1, S2, S3,
+                            xs0, xs1, xs2, xs3, ts0, ts1, ts2, ts3, NDIM, CONTIG, REDUCE,
+                            MEAN, COMPUTE_GRAD, ACC, BLOCK)  # fmt: skip
+        if has_last_block and pid == n_programs - 1:
+            _fwd_last_block(x_ptr, t_ptr, out_ptr, grad_ptr, loop_blocks, N, REDUCE,
+                            MEAN, COMPUTE_GRAD, ACC, BLOCK)  # fmt: skip
 
 
 @triton.jit
@@ -224,7 +331,7 @@ def _mse_bwd_kernel(
     ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """``out = (2 [/ N]) * (x - t) * go``, ``out`` contiguous, ``go`` a scalar or strided."""
-    start, idx = _block_indices(BLOCK)
+    start, idx = _block_indices(tl.program_id(0), BLOCK)
     go_scalar = tl.load(go_ptr).to(ACC) if GO_SCALAR else tl.zeros((), ACC)
     if CONTIG:
         if start + BLOCK <= N:
@@ -247,23 +354,24 @@ def _grad_scale_kernel(
     g_ptr, go_ptr, N, S1, S2, S3, gs0, gs1, gs2, gs3,
     NDIM: tl.constexpr, CONTIG: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """``g *= go`` in place, ``go`` a 1-element tensor read on the device; every program returns
-    right after reading ``go`` when it is exactly 1."""
+    """``g *= go`` in place over blocks ``pid, pid + P, ...``, ``go`` a 1-element tensor read on
+    the device; every program returns right after reading ``go`` when it is exactly 1."""
     go = tl.load(go_ptr).to(ACC)
     if go != 1.0:
-        start, idx = _block_indices(BLOCK)
-        mask = idx < N
-        if CONTIG:
-            if start + BLOCK <= N:
-                g = load(g_ptr, idx, mask, ACC, False)
-                store(g_ptr, idx, g * go, mask, False)
+        for block in range(tl.program_id(0), tl.cdiv(N, BLOCK), tl.num_programs(0)):
+            start, idx = _block_indices(block, BLOCK)
+            mask = idx < N
+            if CONTIG:
+                if start + BLOCK <= N:
+                    g = load(g_ptr, idx, mask, ACC, False)
+                    store(g_ptr, idx, g * go, mask, False)
+                else:
+                    g = load(g_ptr, idx, mask, ACC, True)
+                    store(g_ptr, idx, g * go, mask, True)
             else:
-                g = load(g_ptr, idx, mask, ACC, True)
-                store(g_ptr, idx, g * go, mask, True)
-        else:
-            off = _strided_offsets(idx, S1, S2, S3, gs0, gs1, gs2, gs3, NDIM)
-            g = load(g_ptr, off, mask, ACC, True)
-            store(g_ptr, off, g * go, mask, True)
+                off = _strided_offsets(idx, S1, S2, S3, gs0, gs1, gs2, gs3, NDIM)
+                g = load(g_ptr, off, mask, ACC, True)
+                store(g_ptr, off, g * go, mask, True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,6 +442,36 @@ def _check_pair(input: Tensor, target: Tensor, reduction: str) -> None:
         raise ValueError(f"input on {input.device} but target on {target.device}")
 
 
+@dataclass(frozen=True)
+class ForwardPlan:
+    """How :func:`mse_forward` cuts its ``n`` elements (module docstring): blocks of ``block``
+    elements; for a reduction, ``segments`` segments of ``segment_blocks`` blocks (the last
+    ones may be short), one partial each; ``programs`` programs (the grid); ``config`` the
+    launch config."""
+
+    config: dict[str, int]
+    block: int
+    segment_blocks: int
+    segments: int
+    programs: int
+
+
+def forward_plan(
+    n: int, ndim: int, dtype: torch.dtype, device: torch.device, *, reduce: bool = True
+) -> ForwardPlan:
+    """The forward's cut of ``n >= 1`` elements of ``dtype`` in a layout of ``ndim`` merged dims
+    on ``device``: the segments depend only on ``n`` and the config, the grid also on the
+    device's SMs. Without ``reduce`` the programs stride over single blocks (``segments``:
+    the blocks)."""
+    cfg = launch_config("fwd", ndim, cuda=gpu_code(device), dtype=dtype)
+    block = cfg["BLOCK"]
+    n_blocks = triton.cdiv(n, block)
+    segment_blocks = triton.cdiv(n_blocks, cfg["PARTIALS"]) if reduce else 1
+    segments = triton.cdiv(n_blocks, segment_blocks)
+    grid = programs(segments, cfg["PROGRAMS_PER_SM"], device)
+    return ForwardPlan(cfg, block, segment_blocks, segments, grid)
+
+
 _counters: dict[tuple, Tensor] = {}
 
 
@@ -366,16 +504,18 @@ def mse_forward(
     floating dtype; each is read once. Returns ``(loss, grad)``:
 
     * ``loss``: for ``"mean"``/``"sum"`` a 0-dim tensor in the input dtype, accumulated in fp32
-      (fp64 for fp64) by the deterministic one-launch reduction of the module docstring; for
-      ``"none"`` the contiguous elementwise ``(input - target)**2``.
+      (fp64 for fp64) by the deterministic one-launch reduction of the module docstring (its
+      cut: :func:`forward_plan`); for ``"none"`` the contiguous elementwise
+      ``(input - target)**2``.
     * ``grad``: only when ``compute_grad`` and ``reduction != "none"`` (else ``None``):
       ``d loss / d input`` for an upstream gradient of 1, i.e. ``2 (input - target) / N`` for
       ``"mean"`` and ``2 (input - target)`` for ``"sum"``, a new contiguous tensor of the input's
       shape and dtype, written by the same kernel. Scale it by the real upstream gradient with
       :func:`mse_grad_scale_`.
 
-    One kernel launch whatever the reduction. With ``N == 0`` elements there is none:
-    ``"mean"`` gives nan (as ``F.mse_loss``), ``"sum"`` gives 0, ``"none"`` an empty tensor.
+    One kernel launch of a persistent grid whatever the reduction. With ``N == 0`` elements
+    there is none: ``"mean"`` gives nan (as ``F.mse_loss``), ``"sum"`` gives 0, ``"none"`` an
+    empty tensor.
     """
     _check_pair(input, target, reduction)
     reduce = reduction != "none"
@@ -391,21 +531,20 @@ def mse_forward(
     out = torch.empty(input.shape if not reduce else (), dtype=dtype, device=device)
 
     (x, t), ndim, contiguous, sizes, (xs, ts) = _layout(input, target)
-    cfg = launch_config("fwd", ndim, cuda=gpu_code(device))
-    grid = triton.cdiv(n, cfg["BLOCK"])
+    plan = forward_plan(n, ndim, dtype, device, reduce=reduce)
     if reduce:
-        partials = torch.empty(grid, dtype=acc_dtype(dtype), device=device)
+        partials = torch.empty(plan.segments, dtype=acc_dtype(dtype), device=device)
         counter = _ticket_counter(device)
     else:  # unused by the kernel
         partials = counter = out
     with on_device(device):
         launch(
-            _mse_fwd_kernel, (grid,), x, t, out, grad if grad is not None else out, partials,
-            counter, n,
+            _mse_fwd_kernel, (plan.programs,), x, t, out, grad if grad is not None else out,
+            partials, counter, n, plan.segment_blocks, plan.segments,
             sizes[1], sizes[2], sizes[3], *xs, *ts,
             NDIM=ndim, CONTIG=contiguous, REDUCE=reduce, MEAN=reduction == "mean",
-            COMPUTE_GRAD=want_grad, ACC=tl_acc_dtype(dtype), BLOCK=cfg["BLOCK"],
-            RBLOCK=cfg["RBLOCK"], num_warps=cfg["num_warps"],
+            COMPUTE_GRAD=want_grad, ACC=tl_acc_dtype(dtype), BLOCK=plan.block,
+            PARTIALS=plan.config["PARTIALS"], num_warps=plan.config["num_warps"],
         )  # fmt: skip
     return out, grad
 
@@ -467,8 +606,9 @@ def mse_grad_scale_(grad: Tensor, grad_output: Tensor) -> Tensor:
     * Each element becomes ``(grad * grad_output)`` computed in fp32 (fp64 for an fp64
       ``grad``; ``grad_output`` is first converted to that dtype), rounded once to ``grad``'s
       dtype. When ``grad_output`` is exactly 1 every program returns after reading it and
-      ``grad`` is left bitwise unchanged.
-    * One kernel launch (none when ``grad`` is empty). Not recorded by autograd, and Triton's
+      ``grad`` is left bitwise unchanged (module docstring: why the device decides).
+    * One kernel launch of at most one program per SM (:func:`scale_programs`; none when
+      ``grad`` is empty). Not recorded by autograd, and Triton's
       write does not bump ``grad``'s version counter: the caller must own ``grad`` (e.g. scale
       a saved gradient at most once).
     """
@@ -499,10 +639,10 @@ def mse_grad_scale_(grad: Tensor, grad_output: Tensor) -> Tensor:
     contiguous = ndim == 1 and strides[0] == 1
     sizes = [1] * (MAX_DIMS - ndim) + sizes
     strides = [0] * (MAX_DIMS - ndim) + strides
-    cfg = launch_config("elementwise", cuda=gpu_code(grad.device))
+    cfg = launch_config("scale", cuda=gpu_code(grad.device))
     with on_device(grad.device):
         launch(
-            _grad_scale_kernel, (triton.cdiv(n, cfg["BLOCK"]),), grad, grad_output, n,
+            _grad_scale_kernel, (scale_programs(n, grad.device),), grad, grad_output, n,
             sizes[1], sizes[2], sizes[3], *strides,
             NDIM=ndim, CONTIG=contiguous, ACC=tl_acc_dtype(grad.dtype), BLOCK=cfg["BLOCK"],
             num_warps=cfg["num_warps"],

@@ -22,9 +22,19 @@ The block map depends only on addresses, sizes, dtype and the ``init`` flags, so
 (keyed by exactly those values: a hit is always correct); a miss moves O(tensors) integers to the
 device and expands them there (no host sync), and after the first steps no host-to-device copy
 is needed at all. Hyper-parameters travel in a small fp64 device tensor (Triton passes Python
-floats as fp32, which would round an fp64 model's learning rate); a tensor ``lr`` is read on the
-device, so no ``.item()`` host sync happens. Arithmetic is fp32 for fp16/bf16/fp32 params and
-fp64 for fp64.
+floats as fp32, which would round an fp64 model's learning rate), cached alike; a tensor ``lr``
+is read on the device, so no ``.item()`` host sync happens. Arithmetic is fp32 for fp16/bf16/fp32
+params and fp64 for fp64.
+
+Streams. A cached tensor is made by work queued on the stream current at the miss (the copy from
+pinned memory, the expansion), and when the LRU evicts it its memory goes back to the caching
+allocator, which hands it out again to later work on *that* stream without waiting for work on
+any other. Both are safe exactly when the tensor is only ever read on the stream that made it. So
+the caches are keyed by the current stream as well (:func:`_stream_key`): a step on another
+stream makes its own block map and hyper-parameters there, once, and never reads another
+stream's. No ``record_stream``, event or ``wait_stream`` is needed: every read of a cached tensor
+is queued after its making, and before any reuse of its memory, on one stream. The cost is one
+miss per stream and parameter set.
 """
 
 from __future__ import annotations
@@ -131,8 +141,17 @@ def _sgd_kernel(
                    True, HAS_WD, HAS_MOMENTUM, NESTEROV, MAXIMIZE, COMPUTE, BLOCK)  # fmt: skip
 
 
+# Keyed by (device, stream, ...): see "Streams" in the module docstring.
 _meta_cache: OrderedDict[tuple, Tensor] = OrderedDict()
 _hp_cache: OrderedDict[tuple, Tensor] = OrderedDict()
+
+
+def _stream_key(device: torch.device) -> int:
+    """The stream a launch on ``device`` is queued on, as a cache key: the current CUDA stream's
+    handle (0 for the legacy default stream), 0 off CUDA (no streams)."""
+    if device.type == "cuda":
+        return torch.cuda.current_stream(device).cuda_stream
+    return 0
 
 
 def _to_device(values: list[int] | list[float], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -155,15 +174,17 @@ def _cached(cache: OrderedDict[tuple, Tensor], key: tuple, make: Callable[[], Te
 
 
 def _block_map(
-    params: list[Tensor], grads: list[Tensor], bufs: list[int], init: list[int], block: int
-) -> tuple[Tensor, int]:
-    """The block map (see module docstring), ``(n_blocks, 4)`` int64 on the params' device, and
-    the block count."""
+    params: list[Tensor], grads: list[Tensor], bufs: list[int], init: list[int], block: int,
+    stream: int,
+) -> tuple[Tensor, int]:  # fmt: skip
+    """The block map (see module docstring), ``(n_blocks, 4)`` int64 on the params' device, made
+    on (and cached for) the current stream, whose :func:`_stream_key` is ``stream``, and the
+    block count."""
     device, dtype = params[0].device, params[0].dtype
     p_addr = [p.data_ptr() for p in params]
     g_addr = [g.data_ptr() for g in grads]
     numels = [p.numel() for p in params]
-    key = (device, dtype, block, tuple(p_addr), tuple(g_addr), tuple(bufs), tuple(numels),
+    key = (device, stream, dtype, block, tuple(p_addr), tuple(g_addr), tuple(bufs), tuple(numels),
            tuple(init))  # fmt: skip
     counts = [triton.cdiv(n, block) for n in numels]
     n_blocks = sum(counts)
@@ -274,7 +295,8 @@ def sgd_step_(
 
     cfg = launch_config(cuda=gpu_code(device))
     block = cfg["BLOCK"]
-    rows, n_blocks = _block_map(params, grads, bufs, init, block)
+    stream = _stream_key(device)
+    rows, n_blocks = _block_map(params, grads, bufs, init, block, stream)
     if n_blocks == 0:
         return
     # Blocks start at multiples of BLOCK elements: 16-byte aligned whenever the bases are.
@@ -292,8 +314,8 @@ def sgd_step_(
     else:
         lr_dev, lr_value = None, float(lr)
     hp_vals = (lr_value, float(weight_decay), float(momentum), 1.0 - float(dampening))
-    hp = _cached(_hp_cache, (device, hp_vals), lambda: _to_device(list(hp_vals), torch.float64,
-                                                                   device))  # fmt: skip
+    hp = _cached(_hp_cache, (device, stream, hp_vals),
+                 lambda: _to_device(list(hp_vals), torch.float64, device))  # fmt: skip
 
     with on_device(device):
         launch(

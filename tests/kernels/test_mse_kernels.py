@@ -25,7 +25,7 @@ if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_av
         allow_module_level=True,
     )
 
-from manualbp.kernels import mse
+from manualbp.kernels import _host, mse
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -118,16 +118,15 @@ LAYOUTS = [
 _ID = dict(ids=lambda f: f.__name__.strip("_"))
 
 
-def _sum_depth(n: int) -> int:
-    """Most roundings on the way from one squared term to the reduced loss: a tree over a
-    block, the last program's per-lane sequential sum over the partials, a tree over its lanes
-    (for the larger of the layouts' configs)."""
+def _sum_depth(n: int, dtype: torch.dtype) -> int:
+    """Most roundings on the way from one squared term to the reduced loss: the per-lane
+    sequential sum over a segment's blocks, a tree over the block's lanes, the masked block's
+    sum added, a tree over the partials (for the larger of the layouts' plans)."""
     depth = 0
     for ndim in (1, 4):
-        cfg = mse.launch_config("fwd", ndim)
-        lanes = math.ceil(math.ceil(n / cfg["BLOCK"]) / cfg["RBLOCK"])
-        depth = max(depth, math.ceil(math.log2(cfg["BLOCK"])) + lanes
-                    + math.ceil(math.log2(cfg["RBLOCK"])))  # fmt: skip
+        plan = mse.forward_plan(n, ndim, dtype, torch.device(DEVICE))
+        depth = max(depth, plan.segment_blocks + math.ceil(math.log2(plan.block)) + 1
+                    + math.ceil(math.log2(plan.config["PARTIALS"])))  # fmt: skip
     return depth
 
 
@@ -144,7 +143,7 @@ def _check_loss(got: Tensor, x: Tensor, t: Tensor, reduction: str) -> None:
         assert got.is_contiguous()
     eps = torch.finfo(x.dtype).eps
     # (x - t)**2 in the accumulation dtype: 3 roundings per term, then the sum's; "mean" one more.
-    acc_err = (3 + _sum_depth(max(x.numel(), 1)) + 1) * _acc_eps(x.dtype) * want.abs()
+    acc_err = (3 + _sum_depth(max(x.numel(), 1), x.dtype) + 1) * _acc_eps(x.dtype) * want.abs()
     allowed = eps * want.abs() + acc_err + torch.finfo(x.dtype).tiny
     err = (got.double() - want).abs()
     assert bool((err <= allowed).all()), f"max err {err.max().item()}, allowed {allowed.max()}"
@@ -220,13 +219,113 @@ def test_forward_is_deterministic(layout, reduction):
 
 
 def test_forward_many_partials():
-    """17408 elements: 272 partials with the interpreter's blocks, summed by the last program
-    in 17 chunks; a constant summand makes a long sequential fp32 sum drift."""
+    """17408 elements: 272 of the interpreter's blocks, cut into 8 segments of 34 blocks (a
+    per-lane sequential sum of 34 terms, then trees); a constant summand makes a long
+    sequential fp32 sum drift."""
     x = torch.full((17408,), 1.1, dtype=torch.float32, device=DEVICE)
     t = torch.zeros_like(x)
     for reduction in ("mean", "sum"):
         loss, _ = mse.mse_forward(x, t, reduction, compute_grad=False)
         _check_loss(loss, x, t, reduction)
+
+
+# --------------------------------------------------------------------------------------------
+# The persistent grids: bounded, and the loss independent of how the work is split
+# --------------------------------------------------------------------------------------------
+
+
+def _fwd_launch(launches: list) -> _host.Launch:
+    (fwd,) = [entry for entry in launches if entry.name == "_mse_fwd_kernel"]
+    return fwd
+
+
+# (layout name, shape, builder): contiguous sizes around the interpreter's block of 64 and its
+# 8 partials (a partial block, whole blocks, one-block and multi-block segments), and strided
+# layouts of 2 and 4 merged dims.
+_SPLIT_CASES = {
+    "n1": lambda dtype: (_rand((1,), dtype), _rand((1,), dtype)),
+    "n63": lambda dtype: (_rand((63,), dtype), _rand((63,), dtype)),
+    "n65": lambda dtype: (_rand((65,), dtype), _rand((65,), dtype)),
+    "n512": lambda dtype: (_rand((512,), dtype), _rand((512,), dtype)),  # 8 blocks, 8 segments
+    "n1537": lambda dtype: (_rand((1537,), dtype), _rand((1537,), dtype)),  # 25 blocks: 4 a seg
+    "transposed": lambda dtype: (_rand((67, 61), dtype).t(), _rand((61, 67), dtype)),
+    "row_broadcast": _row_broadcast,
+    "permuted_4d": lambda dtype: (
+        _rand((3, 5, 7, 11), dtype).permute(3, 1, 0, 2),
+        _rand((11, 5, 3, 7), dtype),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(_SPLIT_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_forward_is_independent_of_the_grid(monkeypatch, case, dtype):
+    """Loss and gradient are bitwise equal whatever the number of programs the grid-stride
+    loops share the segments among (the SM count the interpreter stands in for: 1 to 64), the
+    grid never has more programs than PROGRAMS_PER_SM per SM nor more partials than PARTIALS,
+    and the values match float64 math and ``F.mse_loss``."""
+    x, t = _SPLIT_CASES[case](dtype)
+    seen: dict[str, tuple[Tensor, Tensor | None]] = {}
+    for sms in (1, 2, 3, 5, 64):
+        monkeypatch.setattr(mse, "INTERPRETER_SMS", sms)
+        for reduction in REDUCTIONS:
+            with _host.observe() as launches:
+                loss, grad = mse.mse_forward(x, t, reduction, compute_grad=True)
+            fwd = _fwd_launch(launches)
+            cfg = mse.launch_config("fwd", fwd.kwargs["NDIM"], dtype=dtype)
+            block = cfg["BLOCK"]
+            units = math.ceil(x.numel() / block)
+            if reduction != "none":
+                partials = fwd.args[4]
+                assert partials.numel() <= cfg["PARTIALS"]
+                units = partials.numel()
+            assert fwd.grid == (min(units, sms * cfg["PROGRAMS_PER_SM"]),)
+            if reduction not in seen:
+                _check_loss(loss, x, t, reduction)
+                # Both within their accumulation error of the float64 value; torch rounds
+                # (x - t) and its square to the dtype (bf16 on the CPU), the kernel once.
+                depth = _sum_depth(x.numel(), dtype)
+                rtol = 3 * torch.finfo(dtype).eps + 2 * depth * _acc_eps(dtype)
+                want = F.mse_loss(x, t, reduction=reduction).double()
+                torch.testing.assert_close(loss.double(), want, rtol=rtol,
+                                           atol=torch.finfo(dtype).tiny)  # fmt: skip
+                if grad is not None:
+                    _check_elementwise(grad, _want_grad(x, t, reduction), dtype)
+                seen[reduction] = (loss, grad)
+                continue
+            want_loss, want_grad = seen[reduction]
+            assert torch.equal(loss, want_loss), (sms, reduction)
+            assert (grad is None and want_grad is None) or torch.equal(grad, want_grad)
+    assert _counters_are_zero()
+
+
+@pytest.mark.parametrize(
+    "n, dtype, segment_blocks, segments",
+    [(1 << 26, torch.float32, 8, 2048), (1 << 26, torch.float16, 8, 2048),
+     (1 << 26, torch.float64, 16, 2048), (1 << 20, torch.float32, 1, 256),
+     (3 * 4096 + 5, torch.float32, 1, 4)],
+)  # fmt: skip
+def test_forward_plan_on_a_132_sm_gpu(n, dtype, segment_blocks, segments):
+    """What the launcher would launch on sm_90 with 132 SMs (recorded, nothing run, ``meta``
+    tensors): 2 programs per SM at most, at most 2048 partials; the kernel's only per-element
+    traffic is input and target read and the gradient written (12 bytes per fp32 element), the
+    partials add at most 2048 accumulator values."""
+    x = torch.empty(n, dtype=dtype, device="meta")
+    with _host.simulate(90, 132), _host.record() as launches:
+        loss, grad = mse.mse_forward(x, x, "mean", compute_grad=True)
+    (fwd,) = launches
+    x_arg, t_arg, out, grad_arg, partials, counter = fwd.args[:6]
+    assert fwd.grid == (min(segments, 2 * 132),)
+    assert fwd.args[7:9] == (segment_blocks, segments)  # segment_blocks, n_segments
+    assert partials.numel() == segments and partials.dtype == _host.acc_dtype(dtype)
+    assert x_arg is x and t_arg is x and grad_arg is grad and out is loss
+    assert counter.numel() == 1 and counter.dtype == torch.int32
+    element_bytes = 3 * n * x.element_size()  # input, target read; the gradient written
+    # The partials written once and read once, the loss written, the counter's ticket and reset.
+    other_bytes = 2 * partials.numel() * partials.element_size() + loss.element_size() + 8
+    assert other_bytes <= 2 * 2048 * 8 + 8 + 8
+    if n == 1 << 26 and dtype == torch.float32:
+        assert element_bytes == 12 * n and other_bytes < 1e-4 * element_bytes
 
 
 class _Counting:
@@ -370,6 +469,36 @@ def test_grad_scale_grad_output_dtype_and_shape(grad_dtype, go_dtype, go_shape):
     assert bool((err <= torch.finfo(grad_dtype).eps * want.abs()).all())
 
 
+def test_grad_scale_grid_on_a_132_sm_gpu():
+    """At most one program per SM (fewer for a small gradient), whatever ``grad_output``."""
+    for n, want in ((1 << 26, 132), (5 * 8192 + 1, 6), (1, 1)):
+        grad = torch.empty(n, device="meta")
+        with _host.simulate(90, 132), _host.record() as launches:
+            mse.mse_grad_scale_(grad, torch.ones((), device="meta"))
+        (scale,) = launches
+        assert scale.grid == (want,)
+
+
+@pytest.mark.parametrize("view", list(_SCALE_VIEWS))
+def test_grad_scale_is_independent_of_the_grid(monkeypatch, view):
+    """The in-place scale over 1 to 7 programs (the interpreter's stand-in SM count) gives the
+    same bits, and the grid never has more programs than SMs."""
+    base = _rand((47, 31), torch.float32)
+    results = []
+    for sms in (1, 2, 7):
+        monkeypatch.setattr(mse, "INTERPRETER_SMS", sms)
+        grad = _SCALE_VIEWS[view](base.clone())
+        with _host.observe() as launches:
+            mse.mse_grad_scale_(grad, torch.tensor(-2.5, device=DEVICE))
+        (scale,) = launches
+        n_blocks = math.ceil(grad.numel() / mse.launch_config("scale")["BLOCK"])
+        assert scale.grid == (min(sms, n_blocks),)
+        results.append(grad)
+    want = _SCALE_VIEWS[view](base) * -2.5  # one fp32 multiplication, rounded once, as the kernel
+    for got in results:
+        assert torch.equal(got, want)
+
+
 def test_grad_scale_empty_and_errors():
     empty = torch.empty(0, 3, device=DEVICE)
     assert mse.mse_grad_scale_(empty, torch.tensor(2.0, device=DEVICE)) is empty
@@ -459,5 +588,28 @@ def test_cuda_graph_capture():
     for _ in range(3):
         graph.replay()
         torch.cuda.synchronize()
+        assert torch.equal(loss, want) and torch.equal(grad, want_grad)
+    assert _counters_are_zero()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["contiguous", "broadcast"])
+def test_cuda_loss_is_independent_of_the_grid(monkeypatch, layout):
+    """The real configs over grids for 1 to 1000 SMs: the same bits (the segments depend on
+    ``N`` alone)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    x = _rand((4099, 1031), torch.float32)
+    if layout == "broadcast":
+        t = _rand((1031,), torch.float32).expand(4099, 1031)
+    else:
+        t = _rand((4099, 1031), torch.float32)
+    want, want_grad = mse.mse_forward(x, t, "mean", compute_grad=True)
+    arch = mse.target(x.device)[0]
+    for sms in (1, 7, 133, 1000):
+        monkeypatch.setattr(mse, "target", lambda device, sms=sms: (arch, sms))
+        with _host.observe() as launches:
+            loss, grad = mse.mse_forward(x, t, "mean", compute_grad=True)
+        assert _fwd_launch(launches).grid[0] <= sms * 4
         assert torch.equal(loss, want) and torch.equal(grad, want_grad)
     assert _counters_are_zero()

@@ -23,7 +23,7 @@ if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_av
         allow_module_level=True,
     )
 
-from manualbp.kernels import sgd
+from manualbp.kernels import _host, sgd
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(47, 31), (1,), (0,), (130,), (128,), (3, 5)]  # 128: two whole interpreter blocks
@@ -160,7 +160,9 @@ def test_block_map_rows():
     grads = [torch.zeros_like(p) for p in params]
     bufs = [torch.zeros_like(p) for p in params]
     init = [0, 1]
-    rows, n_blocks = sgd._block_map(params, grads, [b.data_ptr() for b in bufs], init, block)
+    stream = sgd._stream_key(params[0].device)
+    addrs = [b.data_ptr() for b in bufs]
+    rows, n_blocks = sgd._block_map(params, grads, addrs, init, block, stream)
     assert n_blocks == 4 and rows.shape == (4, 4) and rows.dtype == torch.int64
     want = []
     for p, g, b, i in zip(params, grads, bufs, init):
@@ -169,7 +171,7 @@ def test_block_map_rows():
             left = p.numel() - start
             want.append([p.data_ptr() + off, g.data_ptr() + off, b.data_ptr() + off, 2 * left + i])
     assert rows.cpu().tolist() == want
-    again, _ = sgd._block_map(params, grads, [b.data_ptr() for b in bufs], init, block)
+    again, _ = sgd._block_map(params, grads, addrs, init, block, stream)
     assert again is rows  # cached
 
 
@@ -258,6 +260,54 @@ def test_rejects_mixed_or_strided_or_sparse():
         sgd.sgd_step_([a], [a], [], **{**hp, "momentum": 0.9})
 
 
+def _step_on(stream_key: list[int], stream: int, params, grads, **hp) -> tuple[Tensor, Tensor]:
+    """One step with the cache's stream key reading ``stream``; the launch's block map and
+    hyper-parameter tensors."""
+    stream_key[0] = stream
+    with _host.observe() as launches:
+        sgd.sgd_step_(params, grads, [], **hp)
+    (step,) = launches
+    return step.args[1], step.args[2]
+
+
+def test_cached_tensors_are_per_stream(monkeypatch):
+    """A step on another stream makes its own block map and hyper-parameters (equal values, new
+    tensors) and never reads the first stream's; each stream hits its own entries again."""
+    stream_key = [0]
+    monkeypatch.setattr(sgd, "_stream_key", lambda device: stream_key[0])
+    hp = dict(lr=0.1, weight_decay=0.0, momentum=0.0, dampening=0.0, nesterov=False,
+              maximize=False)  # fmt: skip
+    params = [_randn(s, torch.float32) for s in SHAPES]
+    grads = [_randn(s, torch.float32) for s in SHAPES]
+    rows_1, hp_1 = _step_on(stream_key, 1, params, grads, **hp)
+    rows_2, hp_2 = _step_on(stream_key, 2, params, grads, **hp)
+    assert rows_2 is not rows_1 and hp_2 is not hp_1
+    assert torch.equal(rows_2, rows_1) and torch.equal(hp_2, hp_1)
+    assert _step_on(stream_key, 1, params, grads, **hp) == (rows_1, hp_1)
+    assert _step_on(stream_key, 2, params, grads, **hp) == (rows_2, hp_2)
+
+
+def test_evicted_entries_were_read_on_their_stream_only(monkeypatch):
+    """With a 2-entry LRU and steps over 3 streams and 2 parameter sets (entries hit, evicted
+    and remade all along), every cached tensor a launch reads was made for that launch's
+    stream: freeing it on eviction is then ordered after all its reads."""
+    stream_key = [0]
+    monkeypatch.setattr(sgd, "_stream_key", lambda device: stream_key[0])
+    monkeypatch.setattr(sgd, "_CACHE_SIZE", 2)
+    hp = dict(lr=0.1, weight_decay=0.01, momentum=0.0, dampening=0.0, nesterov=False,
+              maximize=False)  # fmt: skip
+    sets = [[_randn(s, torch.float32) for s in SHAPES], [_randn((130,), torch.float32)]]
+    grads = [[torch.ones_like(p) for p in ps] for ps in sets]
+    read_on: dict[int, int] = {}  # id of a cached tensor -> the stream it was read on
+    keep = []  # the tensors stay alive, so that no id is reused
+    for step in range(24):
+        stream, which = (1, 1, 2, 2, 3, 1)[step % 6], (step // 4) % 2
+        for cached in _step_on(stream_key, stream, sets[which], grads[which], **hp):
+            keep.append(cached)
+            assert read_on.setdefault(id(cached), stream) == stream, (step, stream)
+    assert 4 < len(read_on) < len(keep)  # entries were hit, and remade after evictions
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 def test_cuda_real_sizes(dtype):
@@ -269,3 +319,38 @@ def test_cuda_real_sizes(dtype):
     params, want, bufs, want_bufs = _run(dtype, shapes=shapes, steps=3, **hp)
     _assert_close(params, want, dtype, 3)
     _assert_close(bufs, want_bufs, dtype, 3)
+
+
+@pytest.mark.cuda
+def test_cuda_steps_on_two_streams_match_torch(monkeypatch):
+    """Steps alternating between two side streams (a 1-entry cache: every switch evicts the
+    other stream's block map and hyper-parameters, and fresh allocations on the stream may take
+    their memory at once) against ``torch.optim.SGD`` on the default stream."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    monkeypatch.setattr(sgd, "_CACHE_SIZE", 1)
+    shapes = [(1000, 37), (4096,), (3, 3, 3), (1,)]
+    hp = dict(lr=0.01, momentum=0.9, dampening=0.0, weight_decay=1e-4, nesterov=True,
+              maximize=False)  # fmt: skip
+    params = [_randn(s, torch.float32) for s in shapes]
+    twins = [torch.nn.Parameter(p.clone()) for p in params]
+    reference = torch.optim.SGD(twins, **hp)
+    bufs: list[Tensor | None] = [None] * len(params)
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for step in range(8):
+        grads = [_randn(s, torch.float32) for s in shapes]
+        stream = streams[step % 2]
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            sgd.sgd_step_(params, grads, bufs, **hp)
+            # Memory freed by the eviction above is handed out here, on this stream.
+            torch.full((1 << 16,), float("nan"), device=DEVICE)
+        for g in grads:
+            g.record_stream(stream)
+        torch.cuda.current_stream().wait_stream(stream)
+        for twin, g in zip(twins, grads):
+            twin.grad = g.clone()
+        reference.step()
+    torch.cuda.synchronize()
+    for p, twin in zip(params, twins):
+        torch.testing.assert_close(p, twin.detach())

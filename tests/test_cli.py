@@ -249,12 +249,12 @@ def test_demo_ctrl_c_exits_130_without_a_traceback(monkeypatch, capsys):
 
 def test_check_reports_a_broken_op(monkeypatch, capsys):
     """The check must be able to fail: perturb manualbp's linear by more than rounding."""
-    real = check_cmd.functional.linear
+    real = manualbp.functional.linear
 
     def broken(*args, **kwargs):
         return real(*args, **kwargs) * (1 + 1e-3)
 
-    monkeypatch.setattr(check_cmd.functional, "linear", broken)
+    monkeypatch.setattr(manualbp.functional, "linear", broken)
     code = cli.main(["check", "--quick", "--backend", "reference", "--dtype", "float32"])
     captured = capsys.readouterr()
     assert code == 1
@@ -491,21 +491,21 @@ def test_check_and_tests_share_one_testing_module():
     # check judges with testing's compare and oracle (the cases' native), on testing's cases.
     assert check_cmd.testing is testing
     assert check_cmd.cases_to_check(quick=False) == list(testing.CASES)
-    assert testing.CASES == (*testing.LINEAR_CASES, *testing.MSE_CASES)
+    assert (*testing.LINEAR_CASES, *testing.MSE_CASES) == testing.CASES
 
 
 def test_parity_and_gradcheck_tests_run_the_check_tables():
     """Adding a case to manualbp.testing's tables adds it to these tests and to the check."""
-    from tests import test_linear_gradcheck, test_linear_parity, test_mse_gradcheck, test_mse_parity
+    from tests import test_linear_gradcheck, test_linear_parity, test_mse
 
     for test, table in [
         (test_linear_parity.test_matches_native_autograd, testing.LINEAR_CASES),
         (test_linear_parity.test_every_dtype_within_the_checks_tolerance, testing.LINEAR_CASES),
         (test_linear_parity.test_no_grad_forward_matches_native, testing.LINEAR_CASES),
         (test_linear_gradcheck.test_gradcheck_and_gradgradcheck, testing.LINEAR_CASES),
-        (test_mse_parity.test_matches_native, testing.MSE_CASES),
-        (test_mse_parity.test_every_dtype_within_the_checks_tolerance, testing.MSE_CASES),
-        (test_mse_gradcheck.test_gradcheck_and_gradgradcheck, testing.MSE_CASES),
+        (test_mse.test_matches_native, testing.MSE_CASES),
+        (test_mse.test_every_dtype_within_the_checks_tolerance, testing.MSE_CASES),
+        (test_mse.test_gradcheck_and_gradgradcheck, testing.MSE_CASES),
     ]:
         params = {m.args[0]: m.args[1] for m in test.pytestmark if m.name == "parametrize"}
         assert params["case"] is table, test.__name__
@@ -525,11 +525,16 @@ def test_activation_lists_follow_the_registry():
 
 def test_oracle_is_native_pytorch_only(monkeypatch):
     tree = ast.parse(inspect.getsource(testing))
-    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported = {n.module for n in tree.body if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names}
     assert {m for m in imported if m.split(".")[0] in ("manualbp", "tests")} == {
         "manualbp.activations"
     }
+    # manualbp's ops are imported only where a case names the op under test (``ours``).
+    for fn in ast.walk(tree):
+        if isinstance(fn, ast.FunctionDef) and fn.name != "ours":
+            inner = [n for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom))]
+            assert not inner, fn.name
 
     # manualbp's own ops broken: the oracle does not notice.
     def broken(*args, **kwargs):

@@ -1,35 +1,220 @@
-"""The MSE launchers of ``triton_kernels.mse`` against float64 torch math / ``F.mse_loss``.
+"""manualbp's MSE, held to native and to float64 math: the op against F.mse_loss and native
+autograd (values, gradients, warnings, dtypes), gradcheck and gradgradcheck in float64, and the
+Triton launchers of ``triton_kernels.mse`` against float64 torch math.
 
-Runs the kernels under Triton's CPU interpreter (``TRITON_INTERPRET=1``, which
-``tests/conftest.py`` sets when there is no GPU) or on CUDA. Sizes are small and odd so that
-the last block is partial; the interpreter's block sizes are small (see ``mse.CONFIGS``), so
-these sizes still span several programs (full blocks on the unmasked path, a masked tail) and
-several chunks of partials in the last program's sum. Layouts cover contiguous, unaligned
-(a view at storage offset 1), strided, transposed, broadcast (stride 0) and > MAX_DIMS views.
+The op's cases (reduction, target layout) are ``manualbp check``'s:
+:data:`manualbp.testing.MSE_CASES`. The kernels run under Triton's CPU interpreter
+(``TRITON_INTERPRET=1``, which ``tests/conftest.py`` sets when there is no GPU) or on CUDA. Their
+sizes are small and odd so that the last block is partial; the interpreter's block sizes are
+small (see ``mse.CONFIGS``), so these sizes still span several programs (full blocks on the
+unmasked path, a masked tail) and several partials. Layouts cover contiguous, unaligned (a view
+at storage offset 1), strided, transposed, broadcast (stride 0) and > MAX_DIMS views.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-
-if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_available():
-    pytest.skip(
-        "Triton kernels need CUDA or the CPU interpreter (TRITON_INTERPRET=1 before importing "
-        "triton)",
-        allow_module_level=True,
-    )
-
 from manualbp.kernels import _host, mse
+from torch import Tensor
+from torch.autograd import gradcheck, gradgradcheck
+from torch.testing import assert_close
 
+from manualbp import functional
+from manualbp.testing import parity
+from tests.helpers import DEFAULT_TOLERANCES, MSE_CASES, REDUCTIONS, clone_leaf, leaf
+
+needs_kernels = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_available(),
+    reason="Triton kernels need CUDA or the CPU interpreter (TRITON_INTERPRET=1 before "
+    "importing triton)",
+)
+
+
+ROWS, COLS = 47, 31  # the input of the table's cases
+
+
+def _as_is(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _both(x, t, reduction, grad_out=None, seen_target=_as_is):
+    """(loss, x.grad, t.grad) from manualbp and from native autograd, on copies; the losses are
+    called with ``seen_target(t)`` (a view of the target, or the target itself)."""
+    results = []
+    for fn in (functional.mse_loss, F.mse_loss):
+        xi, ti = clone_leaf(x), clone_leaf(t)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            loss = fn(xi, seen_target(ti), reduction=reduction)
+        g = torch.ones_like(loss) if grad_out is None else grad_out
+        if loss.requires_grad:
+            loss.backward(g)
+        results.append((loss, xi.grad, ti.grad))
+    return results
+
+
+@pytest.mark.parametrize("target_grad", [False, True])
+@pytest.mark.parametrize("case", MSE_CASES, ids=lambda case: case.variant)
+def test_matches_native(case, target_grad):
+    x = leaf(torch.randn(ROWS, COLS))
+    t = torch.randn(case.target_shape(ROWS, COLS)).requires_grad_(target_grad)
+    grad_out = torch.randn(ROWS, COLS) if case.reduction == "none" else torch.randn(())
+    ours, native = _both(x, t, case.reduction, grad_out, lambda t: case.target_seen(t, ROWS, COLS))
+    for got, want in zip(ours, native):
+        assert_close(got, want, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", list(DEFAULT_TOLERANCES))
+@pytest.mark.parametrize("case", MSE_CASES, ids=lambda case: case.variant)
+def test_every_dtype_within_the_checks_tolerance(case, dtype):
+    """``manualbp check``'s judgement (manualbp.testing.parity) in every dtype: the loss and
+    both gradients against native, allowing native's own error as measured in float64."""
+    x = torch.randn(ROWS, COLS, dtype=dtype)
+    t = torch.randn(case.target_shape(ROWS, COLS), dtype=dtype)
+    grad_out = torch.randn((ROWS, COLS) if case.reduction == "none" else (), dtype=dtype)
+
+    def ours(x, t):
+        return functional.mse_loss(x, case.target_seen(t, ROWS, COLS), case.reduction)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the broadcast warning
+        results = parity(ours, case, [x, t], grad_out)
+    assert list(results) == ["forward", "d input", "d target"]
+    for name, result in results.items():
+        assert result.ok, f"{name}: {result.detail}"
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize(
+    "x_shape,t_shape",
+    [((5, 47, 31), (47, 31)), ((0, 31), (0, 31)), ((1, 31), (47, 31)), ((), ())],
+)
+@pytest.mark.parametrize("target_grad", [False, True])
+def test_other_shapes_match_native(reduction, x_shape, t_shape, target_grad):
+    """Shapes beside the table's: a batch dim, zero rows, the input broadcast, scalars."""
+    x = leaf(torch.randn(x_shape))
+    t = torch.randn(t_shape).requires_grad_(target_grad)
+    shape = torch.broadcast_shapes(x_shape, t_shape)
+    grad_out = torch.randn(shape) if reduction == "none" else torch.randn(())
+    ours, native = _both(x, t, reduction, grad_out)
+    for got, want in zip(ours, native):
+        assert_close(got, want, equal_nan=True)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_non_contiguous_and_expanded_views(reduction):
+    x = leaf(torch.randn(31, 94)[:, ::2].T)  # transposed and strided: (47, 31)
+    t = torch.randn(1, 31).expand(47, 31)  # stride-0 rows
+    ours, native = _both(x, t, reduction)
+    for got, want in zip(ours, native):
+        assert_close(got, want)
+
+
+def test_same_warning_as_native():
+    x, t = torch.randn(4, 3), torch.randn(4, 1)
+    with pytest.warns(UserWarning) as ours:
+        functional.mse_loss(x, t)
+    with pytest.warns(UserWarning) as native:
+        F.mse_loss(x, t)
+    assert str(ours[0].message) == str(native[0].message)
+    assert ours[0].filename == __file__  # points at the caller, as native's does
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        functional.mse_loss(x, x)  # same size: no warning
+
+
+@pytest.mark.parametrize(
+    "dx,dt",
+    [(torch.float32, torch.float64), (torch.float16, torch.float32), (torch.int64, torch.float32)],
+)
+def test_dtype_promotion(dx, dt):
+    # Native semantics: the loss is computed in the inputs' promoted dtype, and each input's
+    # gradient comes back in that input's own dtype. The reference promotes before calling
+    # F.mse_loss, which is what a mixed-dtype call means: native mixed-dtype backward itself
+    # raises on some supported torch releases (2.11: "Found dtype Double but expected Float").
+    common = torch.promote_types(dx, dt)
+    x = (torch.randn(6, 5) * 3).to(dx)
+    t = torch.randn(6, 5).to(dt)
+    ours = functional.mse_loss(x, t)
+    assert ours.dtype == common
+    assert_close(ours, F.mse_loss(x.to(common), t.to(common)))
+    # Every floating-point input requires grad.
+    mine = [leaf(v) if v.is_floating_point() else v for v in (x, t)]
+    ref = [leaf(v) if v.is_floating_point() else v for v in (x, t)]
+    functional.mse_loss(*mine).backward()
+    F.mse_loss(*(v.to(common) for v in ref)).backward()
+    for got, want, dtype in zip(mine, ref, (dx, dt)):
+        if dtype.is_floating_point:
+            assert got.grad.dtype == dtype
+            assert_close(got.grad, want.grad)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_double_backward_matches_native(reduction):
+    x, t = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    grads = []
+    for fn in (functional.mse_loss, F.mse_loss):
+        xi, ti = leaf(x), leaf(t)
+        (gx,) = torch.autograd.grad(fn(xi, ti, reduction=reduction), xi, create_graph=True)
+        (gx * gx).sum().backward()
+        grads.append((xi.grad, ti.grad))
+    for got, want in zip(*grads):
+        assert_close(got, want)
+
+
+# --------------------------------------------------------------------------------------------
+# gradcheck and gradgradcheck (float64)
+# --------------------------------------------------------------------------------------------
+SMALL_ROWS, SMALL_COLS = 4, 3  # the input of the gradcheck cases
+
+
+@pytest.mark.parametrize("target_grad", [False, True], ids=["target_fixed", "target_grad"])
+@pytest.mark.parametrize("case", MSE_CASES, ids=lambda case: case.variant)
+def test_gradcheck_and_gradgradcheck(case, target_grad):
+    # The targets: same shape, a row (cols,) and a column (rows, 1) broadcast, and a (1, cols)
+    # leaf that the loss sees expanded (a stride-0 view).
+    x = torch.randn(SMALL_ROWS, SMALL_COLS, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(case.target_shape(SMALL_ROWS, SMALL_COLS), dtype=torch.float64)
+    t.requires_grad_(target_grad)
+    inputs = (x, t) if target_grad else (x,)
+
+    def f(x, t=t):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the broadcast warning
+            return functional.mse_loss(
+                x, case.target_seen(t, SMALL_ROWS, SMALL_COLS), case.reduction
+            )
+
+    assert gradcheck(f, inputs)
+    assert gradgradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gradcheck_input_broadcast_against_target(reduction):
+    # The input, not the target, is the smaller operand: its gradient sums over the batch.
+    x = torch.randn(1, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+
+    def f(x, t):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return functional.mse_loss(x, t, reduction)
+
+    assert gradcheck(f, (x, t))
+    assert gradgradcheck(f, (x, t))
+
+
+# --------------------------------------------------------------------------------------------
+# The kernels against float64 math
+# --------------------------------------------------------------------------------------------
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
-REDUCTIONS = ["mean", "sum", "none"]
 
 
 def _acc_eps(dtype: torch.dtype) -> float:
@@ -175,6 +360,7 @@ def _counters_are_zero() -> bool:
 @pytest.mark.parametrize("layout", LAYOUTS, **_ID)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
+@needs_kernels
 def test_forward(layout, dtype, reduction):
     x, t = layout(dtype)
     loss, grad = mse.mse_forward(x, t, reduction, compute_grad=True)
@@ -187,6 +373,7 @@ def test_forward(layout, dtype, reduction):
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
+@needs_kernels
 def test_forward_without_grad(reduction):
     x, t = _row_broadcast(torch.float32)
     loss, grad = mse.mse_forward(x, t, reduction, compute_grad=False)
@@ -195,6 +382,7 @@ def test_forward_without_grad(reduction):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@needs_kernels
 def test_forward_empty(dtype):
     x = _rand((0, 31), dtype)
     t = _rand((31,), dtype).expand(0, 31)
@@ -209,6 +397,7 @@ def test_forward_empty(dtype):
 
 @pytest.mark.parametrize("layout", [_contiguous, _unaligned, _row_broadcast, _long_1d], **_ID)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
+@needs_kernels
 def test_forward_is_deterministic(layout, reduction):
     x, t = layout(torch.float32)
     a, ga = mse.mse_forward(x, t, reduction, compute_grad=True)
@@ -218,6 +407,7 @@ def test_forward_is_deterministic(layout, reduction):
     assert _counters_are_zero()
 
 
+@needs_kernels
 def test_forward_many_partials():
     """17408 elements: 272 of the interpreter's blocks, cut into 8 segments of 34 blocks (a
     per-lane sequential sum of 34 terms, then trees); a constant summand makes a long
@@ -259,6 +449,7 @@ _SPLIT_CASES = {
 
 @pytest.mark.parametrize("case", list(_SPLIT_CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@needs_kernels
 def test_forward_is_independent_of_the_grid(monkeypatch, case, dtype):
     """Loss and gradient are bitwise equal whatever the number of programs the grid-stride
     loops share the segments among (the SM count the interpreter stands in for: 1 to 64), the
@@ -305,6 +496,7 @@ def test_forward_is_independent_of_the_grid(monkeypatch, case, dtype):
      (1 << 26, torch.float64, 16, 2048), (1 << 20, torch.float32, 1, 256),
      (3 * 4096 + 5, torch.float32, 1, 4)],
 )  # fmt: skip
+@needs_kernels
 def test_forward_plan_on_a_132_sm_gpu(n, dtype, segment_blocks, segments):
     """What the launcher would launch on sm_90 with 132 SMs (recorded, nothing run, ``meta``
     tensors): 2 programs per SM at most, at most 2048 partials; the kernel's only per-element
@@ -339,6 +531,7 @@ class _Counting:
         return self.kernel[grid]
 
 
+@needs_kernels
 def test_one_launch_each(monkeypatch):
     launches: list = []
     for name in ("_mse_fwd_kernel", "_mse_bwd_kernel", "_grad_scale_kernel"):
@@ -366,6 +559,7 @@ def test_one_launch_each(monkeypatch):
 @pytest.mark.parametrize("layout", LAYOUTS, **_ID)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
+@needs_kernels
 def test_backward(layout, dtype, reduction):
     x, t = layout(dtype)
     if reduction == "none":
@@ -378,6 +572,7 @@ def test_backward(layout, dtype, reduction):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@needs_kernels
 def test_backward_contiguous_grad_output(dtype):
     """``"none"`` with every operand contiguous: the vector path, grad_output included."""
     x, t = _long_1d(dtype)
@@ -386,6 +581,7 @@ def test_backward_contiguous_grad_output(dtype):
     _check_elementwise(got, _want_grad(x, t, "none") * go.double(), dtype)
 
 
+@needs_kernels
 def test_backward_broadcast_grad_output():
     x, t = _transposed(torch.float32)
     go = _rand((31,), torch.float32).expand(47, 31)
@@ -393,6 +589,7 @@ def test_backward_broadcast_grad_output():
     _check_elementwise(got, _want_grad(x, t, "none") * go.double(), torch.float32)
 
 
+@needs_kernels
 def test_backward_empty():
     x = _rand((0, 3), torch.float32)
     assert mse.mse_backward(torch.tensor(1.0, device=DEVICE), x, x, "mean").shape == (0, 3)
@@ -402,6 +599,7 @@ def test_backward_empty():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("g", [1.0, 0.37])
+@needs_kernels
 def test_forward_grad_then_scale(layout, dtype, reduction, g):
     """The Triton backend's backward for a scalar loss: the forward's gradient for g = 1,
     scaled in place by the real g, against float64 autograd through ``F.mse_loss``."""
@@ -430,6 +628,7 @@ _SCALE_VIEWS = {
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("view", list(_SCALE_VIEWS))
 @pytest.mark.parametrize("g", [1.0, -2.5])
+@needs_kernels
 def test_grad_scale_(dtype, view, g):
     base = _rand((47, 31), dtype)
     grad = _SCALE_VIEWS[view](base)
@@ -457,6 +656,7 @@ def test_grad_scale_(dtype, view, g):
     [(torch.float16, torch.float32, (1, 1)), (torch.float32, torch.float64, (1,)),
      (torch.float64, torch.float32, ()), (torch.bfloat16, torch.bfloat16, (1, 1, 1))],
 )  # fmt: skip
+@needs_kernels
 def test_grad_scale_grad_output_dtype_and_shape(grad_dtype, go_dtype, go_shape):
     """grad_output is converted to the accumulation dtype, then one rounding to grad's."""
     grad = _rand((1000,), grad_dtype)
@@ -469,6 +669,7 @@ def test_grad_scale_grad_output_dtype_and_shape(grad_dtype, go_dtype, go_shape):
     assert bool((err <= torch.finfo(grad_dtype).eps * want.abs()).all())
 
 
+@needs_kernels
 def test_grad_scale_grid_on_a_132_sm_gpu():
     """At most one program per SM (fewer for a small gradient), whatever ``grad_output``."""
     for n, want in ((1 << 26, 132), (5 * 8192 + 1, 6), (1, 1)):
@@ -480,6 +681,7 @@ def test_grad_scale_grid_on_a_132_sm_gpu():
 
 
 @pytest.mark.parametrize("view", list(_SCALE_VIEWS))
+@needs_kernels
 def test_grad_scale_is_independent_of_the_grid(monkeypatch, view):
     """The in-place scale over 1 to 7 programs (the interpreter's stand-in SM count) gives the
     same bits, and the grid never has more programs than SMs."""
@@ -499,6 +701,7 @@ def test_grad_scale_is_independent_of_the_grid(monkeypatch, view):
         assert torch.equal(got, want)
 
 
+@needs_kernels
 def test_grad_scale_empty_and_errors():
     empty = torch.empty(0, 3, device=DEVICE)
     assert mse.mse_grad_scale_(empty, torch.tensor(2.0, device=DEVICE)) is empty
@@ -515,6 +718,7 @@ def test_grad_scale_empty_and_errors():
                             torch.tensor(2, device=DEVICE))  # fmt: skip
 
 
+@needs_kernels
 def test_errors():
     x = _rand((3, 4), torch.float32)
     with pytest.raises(ValueError, match="same shape"):
@@ -536,6 +740,7 @@ def test_errors():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("layout", ["contiguous", "unaligned", "broadcast"])
+@needs_kernels
 def test_cuda_real_sizes(dtype, reduction, layout):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
@@ -560,6 +765,7 @@ def test_cuda_real_sizes(dtype, reduction, layout):
 
 
 @pytest.mark.cuda
+@needs_kernels
 def test_cuda_large_n_precision():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
@@ -571,6 +777,7 @@ def test_cuda_large_n_precision():
 
 
 @pytest.mark.cuda
+@needs_kernels
 def test_cuda_graph_capture():
     """Under capture each call takes a fresh counter; replays give the eager result."""
     if not torch.cuda.is_available():
@@ -594,6 +801,7 @@ def test_cuda_graph_capture():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("layout", ["contiguous", "broadcast"])
+@needs_kernels
 def test_cuda_loss_is_independent_of_the_grid(monkeypatch, layout):
     """The real configs over grids for 1 to 1000 SMs: the same bits (the segments depend on
     ``N`` alone)."""

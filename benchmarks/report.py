@@ -173,6 +173,8 @@ def format_targets(doc: dict[str, Any]) -> str:
     lines = ["targets:"]
     for t in doc.get("targets", []):
         lines.append(f"  [{t['verdict']}] {t['target']}: {t['detail']}")
+        if t.get("ceiling"):
+            lines.append(f"      ceiling: {t['ceiling']}")
     return "\n".join(lines)
 
 
@@ -193,11 +195,13 @@ def _markdown(doc: dict[str, Any]) -> str:
         "",
         "## Targets",
         "",
-        "| target | verdict | detail |",
-        "|---|---|---|",
+        "| target | verdict | detail | ceiling |",
+        "|---|---|---|---|",
     ]
     for t in doc.get("targets", []):
-        out.append(f"| {t['target']} | **{t['verdict']}** | {t['detail']} |")
+        out.append(
+            f"| {t['target']} | **{t['verdict']}** | {t['detail']} | {t.get('ceiling', '')} |"
+        )
     ratios = format_ratios(doc)
     if ratios:
         out += ["", "## Host overhead and reference path", "", "```", ratios, "```"]

@@ -1,38 +1,13 @@
 """The best achievable time of a case (its *bound*), from its FLOP and byte counts.
 
-A roofline lower bound: no implementation can do the case's FLOPs faster than the measured
-matmul rate, nor move its bytes faster than the measured copy bandwidth, so
-
-    best time = max(FLOPs / matmul ceiling, bytes / copy bandwidth)
-
-and ``pct_of_bound = 100 * best time / measured time`` (100% = at the bound). The ceilings are
-the ones the run measures at start-up (:mod:`benchmarks.ceilings`): ``torch.matmul`` of two
-8192x8192 matrices in the case's dtype and a 1 GiB device-to-device copy. The bound is the
-larger of the two terms, not their sum: compute and memory traffic overlap in a good kernel.
-
-The byte counts are the least traffic of the dataflow itself: every operand read once and every
-result written once (what a perfectly fused, perfectly cached implementation of that dataflow
-moves); intermediate results that the autograd dataflow must keep (the pre-activation Z of a
-GELU layer, saved for the backward pass) count once written and once read.
-
-The fused narrow MLP (:func:`mlp_step_min_bytes`, :func:`mlp_flops`) is counted the same way,
-for the whole step of ``M`` rows through layers of dims ``k_0 -> n_0 -> ... -> n_{L-1}``
-(``P`` parameters: every ``W_l`` and ``b_l``):
-
-* FLOPs: ``2*M*k_l*n_l`` per GEMM; training runs 3 GEMMs a layer (forward, dX, dW) less the
-  first layer's dX (the input, a coordinate encoding, needs no gradient):
-  ``6*M*sum(k_l*n_l) - 2*M*k_0*n_0``; inference 1: ``2*M*sum(k_l*n_l)``. Activations, loss and
-  optimizer are not counted (elementwise, a few FLOPs a value).
-* bytes of a training step (forward, MSE loss, backward, SGD): read the input X and the target
-  T once; per hidden layer the one tensor the registry saves for backward (its output y or its
-  pre-activation z, ``Activation.saved_for``; a layer without activation saves its y for the
-  next layer's dW), written once and read once; the prediction written once and read once (by
-  the loss and its gradient; an output activation that derives from z adds z, written and read
-  once); the parameters read by the forward (W, b) and the backward (W), the gradients written
-  once, and SGD's own traffic (read p and its gradient, write p; with momentum read and write
-  the buffer too). Nothing else: dZ, dY and H_{l-1} of the weight gradients stay on chip in a
-  perfectly fused step (a real one writes dZ and reads the saved tensors again).
-* bytes of inference (``torch.inference_mode``): read X and the parameters, write the output.
+A roofline lower bound at the ceilings the run measures (:mod:`benchmarks.ceilings`):
+``best time = max(FLOPs / matmul ceiling, bytes / copy bandwidth)`` (the larger term, not the
+sum: compute and memory traffic overlap in a good kernel), ``pct_of_bound = 100 * best time /
+measured time``. The bytes are the least traffic of the dataflow itself: every operand read
+once, every result written once, and what autograd must keep for the backward pass (a GELU
+layer's pre-activation Z, a fused-MLP layer's saved tensor: ``Activation.saved_for``) written
+and read once. In a perfectly fused MLP step dZ, dY and H_{l-1} of the weight gradients stay on
+chip. FLOPs: ``2*M*k*n`` per GEMM; activations, loss and optimizer are not counted.
 """
 
 from __future__ import annotations
@@ -45,8 +20,6 @@ __all__ = [
     "mlp_flops",
     "mlp_infer_min_bytes",
     "mlp_step_min_bytes",
-    "PREACT_ACTIVATIONS",
-    "OUTPUT_ACTIVATIONS",
 ]
 
 # What the backward pass of ``act(x W^T + b)`` reads to form act': the pre-activation Z (its
@@ -101,10 +74,10 @@ def mlp_step_min_bytes(
     momentum: bool = False,
     out_preact: bool = False,
 ) -> float:
-    """Least bytes of one training step (forward, MSE, backward, SGD) of the fused MLP (see the
-    module docstring): X and T read; each hidden layer's saved tensor and the prediction (and
-    the output layer's z when ``out_preact``) written and read once; parameters read by forward
-    and backward, gradients written, SGD's read/write of the parameters (and momentum)."""
+    """Least bytes of one training step (forward, MSE, backward, SGD) of an MLP of ``dims``:
+    X and T read; each hidden layer's saved tensor and the prediction (and the output layer's z
+    when ``out_preact``) written and read once; parameters read by forward (W, b) and backward
+    (W), gradients written, SGD's read/write of the parameters (and momentum buffers)."""
     hidden = sum(dims[1:-1])
     n_out = dims[-1]
     rows = dims[0] + n_out + 2 * hidden + 2 * n_out + (2 * n_out if out_preact else 0)

@@ -1,34 +1,11 @@
 """The benchmark cases: what is measured, on which providers, and how much work it is.
 
-A :class:`Case` knows how to make its input sets (``make_set(i)``, seeded by ``i``), how to
-bind each provider (``bind(provider)`` returns a :class:`Bound` holding, per mode, an untimed
-``prepare(set)`` and the timed ``run(prepared)``), and the work each mode must do: FLOPs for
-the GEMM cases (``2*M*N*K`` per GEMM; a Linear forward is 1 GEMM, its backward 2: dX and dW),
-bytes that must move for the memory-bound ones (stated in ``work_note``).
-
-Providers:
-
-* ``native``: eager PyTorch autograd (``nn.Linear`` + ``nn.ReLU``/``nn.GELU``, ``F.mse_loss``,
-  ``nn.MSELoss``, ``torch.optim.SGD`` with its default implementation, foreach on CUDA);
-* ``compile``: ``torch.compile`` (default mode) of the native model;
-* ``manualbp``: ``manualbp.Linear`` / ``manualbp.functional.mse_loss`` /
-  ``manualbp.LinearMSELoss`` / ``manualbp.optim.SGD`` / ``manualbp.FusedMLP``, on the same
-  weights;
-* ``native_fused`` (SGD only): ``torch.optim.SGD(fused=True)``;
-* ``manualbp_unfused`` (LinearMSELoss only): ``manualbp.Linear`` + ``manualbp.MSELoss``;
-* ``compile_max_autotune`` (fused MLP step only): ``torch.compile(mode="max-autotune")``;
-* ``manualbp_convert`` (fused MLP step only): ``manualbp.convert`` of the native model, whose
-  ``Sequential`` runs the Linear/ReLU chain as one fused MLP at call time;
-* ``manualbp_triton`` / ``manualbp_cublas`` (Linear cases built with ``candidates=True``):
-  ``manualbp.Linear`` with one candidate of the Triton backend's per-shape Linear choice forced
-  (``manualbp.kernels.linear.force``) around every call, backward included: the fused
-  Triton kernels, or cuBLAS plus the Triton elementwise passes. ``manualbp`` itself runs the
-  choice (``auto``: the faster of the two, measured at the first call of each shape bucket).
-  They apply where manualbp runs its Triton backend (on the CPU's reference path there is
-  nothing to force: skipped, with the reason).
-
-The suites (which cases, in which order) are in :mod:`benchmarks.suites`; the host-overhead and
-reference-path cases of the CPU run in :mod:`benchmarks.host_cases`.
+A :class:`Case` makes its input sets (``make_set(i)``, seeded by ``i``), binds each provider
+(``bind(provider)`` returns a :class:`Bound`: per mode an untimed ``prepare(set)`` and the timed
+``run(prepared)``) and states each mode's work: FLOPs for the GEMM cases (``2*M*N*K`` per GEMM;
+a Linear forward is 1 GEMM, its backward 2), bytes that must move for the memory-bound ones
+(``work_note``). The providers are described in benchmarks/README.md; the suites are in
+:mod:`benchmarks.suites`, the CPU run's host-overhead cases in :mod:`benchmarks.host_cases`.
 """
 
 from __future__ import annotations
@@ -59,8 +36,6 @@ __all__ = [
     "NATIVE",
     "COMPILE",
     "MANUALBP",
-    "NATIVE_FUSED",
-    "MANUALBP_UNFUSED",
     "COMPILE_MAX_AUTOTUNE",
     "MANUALBP_CONVERT",
     "MANUALBP_TRITON",
@@ -157,6 +132,7 @@ class Case:
 
 
 TOLERANCE = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+ACT_MODULES = {"relu": nn.ReLU, "gelu": nn.GELU}
 
 
 def _gen(device: torch.device, seed: int) -> torch.Generator | None:
@@ -170,16 +146,36 @@ def _randn(
     return torch.randn(shape, generator=g, device=device, dtype=dtype)
 
 
-def _act_module(act: str | None) -> nn.Module | None:
-    return {None: None, "relu": nn.ReLU(), "gelu": nn.GELU()}[act]
+def _input_set(
+    device: torch.device, seed: int, dtype: torch.dtype, *, grad: bool, **shapes: tuple[int, ...]
+) -> dict[str, Any]:
+    """One random tensor per keyword (``x``, then ``gy`` or ``t``), drawn in that order; with
+    ``grad``, ``x`` requires grad and is listed in ``leaves`` (its gradient is cleared)."""
+    g = _gen(device, seed)
+    s: dict[str, Any] = {k: _randn(shape, g, device, dtype) for k, shape in shapes.items()}
+    if grad:
+        s["leaves"] = [s["x"].requires_grad_()]
+    return s
 
 
-def _manualbp() -> Any:
+def _pick(provider: str, makers: dict[str, Callable[[], Any]]) -> Any:
+    """``makers[provider]()``; UnavailableError for a provider the case does not have."""
+    if provider not in makers:
+        raise UnavailableError(f"provider {provider!r} does not apply to this case")
+    return makers[provider]()
+
+
+def _manualbp(name: str | None = None) -> Any:
+    """``manualbp`` (or its attribute ``name``), UnavailableError where it does not exist."""
     try:
         import manualbp
     except Exception as e:
         raise UnavailableError(f"import manualbp failed: {type(e).__name__}: {e}") from e
-    return manualbp
+    if name is None:
+        return manualbp
+    if getattr(manualbp, name, None) is None:
+        raise UnavailableError(f"not available: manualbp.{name} does not exist yet")
+    return getattr(manualbp, name)
 
 
 def _compile(obj: Any, mode: str | None = None) -> Any:
@@ -189,46 +185,43 @@ def _compile(obj: Any, mode: str | None = None) -> Any:
     return torch.compile(obj, dynamic=False, mode=mode)
 
 
-def _clear_grads(*tensors: Tensor) -> None:
-    for t in tensors:
-        t.grad = None
-
-
 def _autograd_modes(
     forward: Callable[[Any], Tensor], leaves: list[Tensor], *, loss: bool
 ) -> dict[str, tuple[Prepare, Run]]:
     """fwd / bwd / fwd+bwd of ``forward(set)``; the backward seeds ``set["gy"]`` unless
     ``loss`` (a scalar). Gradients are set to ``None`` before each call (untimed)."""
 
-    def grad_of(s: Any) -> Tensor | None:
-        return None if loss else s["gy"]
-
-    def prep_fwd(s: Any) -> Any:
+    def clear(s: Any) -> Any:
+        for t in (*leaves, *s["leaves"]):
+            t.grad = None
         return s
 
     def run_fwd(s: Any) -> None:
         forward(s)
 
     def prep_bwd(s: Any) -> Any:
-        _clear_grads(*leaves, *s["leaves"])
-        return forward(s), grad_of(s)
+        return forward(clear(s)), None if loss else s["gy"]
 
     def run_bwd(args: Any) -> None:
         out, gy = args
         out.backward(gy)
 
-    def prep_fwdbwd(s: Any) -> Any:
-        _clear_grads(*leaves, *s["leaves"])
-        return s
-
     def run_fwdbwd(s: Any) -> None:
-        forward(s).backward(grad_of(s))
+        forward(s).backward(None if loss else s["gy"])
 
     return {
-        "fwd+bwd": (prep_fwdbwd, run_fwdbwd),
-        "fwd": (prep_fwd, run_fwd),
+        "fwd+bwd": (clear, run_fwdbwd),
+        "fwd": (lambda s: s, run_fwd),
         "bwd": (prep_bwd, run_bwd),
     }
+
+
+def _autograd_bound(
+    forward: Callable[[Any], Tensor], leaves: list[Tensor], label: str, *, loss: bool
+) -> Bound:
+    """Mode fwd+bwd of ``forward(set)`` (:func:`_autograd_modes`), checked on its result."""
+    modes = _autograd_modes(forward, leaves, loss=loss)
+    return Bound({"fwd+bwd": modes["fwd+bwd"]}, label, lambda s: forward(s).detach())
 
 
 def _copy_linear_(dst_weight: Tensor, dst_bias: Tensor | None, src: nn.Linear) -> None:
@@ -238,27 +231,39 @@ def _copy_linear_(dst_weight: Tensor, dst_bias: Tensor | None, src: nn.Linear) -
             dst_bias.copy_(src.bias)
 
 
-# ---------------------------------------------------------------------------------------------
-# Linear (+ bias, activation)
-# ---------------------------------------------------------------------------------------------
-
-
-def _linear_native_model(
-    K: int, N: int, act: str | None, device: torch.device, dtype: torch.dtype
+def _sequential(
+    dims: tuple[int, ...], act: str | None, device, dtype, *, act_last: bool = False
 ) -> nn.Sequential:
+    """``Linear, act, Linear, act, ..., Linear`` (``act_last``: an activation after the last
+    Linear too), seeded."""
     torch.manual_seed(0)
-    layers: list[nn.Module] = [nn.Linear(K, N, device=device, dtype=dtype)]
-    act_mod = _act_module(act)
-    if act_mod is not None:
-        layers.append(act_mod)
+    layers: list[nn.Module] = []
+    for j, (d_in, d_out) in enumerate(itertools.pairwise(dims)):
+        layers.append(nn.Linear(d_in, d_out, device=device, dtype=dtype))
+        if act is not None and (act_last or j < len(dims) - 2):
+            layers.append(ACT_MODULES[act]())
     return nn.Sequential(*layers)
 
 
-def _linear_set(i: int, M: int, K: int, N: int, device, dtype) -> dict[str, Any]:
-    """Input set ``i``: x (M, K) requiring grad and the upstream gradient gy (M, N)."""
-    g = _gen(device, 1000 + i)
-    x = _randn((M, K), g, device, dtype).requires_grad_()
-    return {"x": x, "gy": _randn((M, N), g, device, dtype), "leaves": [x]}
+class _ModelLoss(nn.Module):
+    """``scale * loss(model(x), target)`` as one module: the unfused Linear + MSE head, or the
+    part of a training step that autograd records (and ``torch.compile`` compiles as one
+    forward/backward graph)."""
+
+    def __init__(self, model: nn.Module, loss: nn.Module, scale: float = 1.0) -> None:
+        super().__init__()
+        self.model = model
+        self.loss = loss
+        self.scale = scale
+
+    def forward(self, x: Tensor, target: Tensor) -> Tensor:
+        loss = self.loss(self.model(x), target)
+        return loss if self.scale == 1.0 else loss * self.scale
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear (+ bias, activation)
+# ---------------------------------------------------------------------------------------------
 
 
 def _gemms_native(weight: Tensor) -> tuple[Prepare, Run]:
@@ -277,10 +282,8 @@ def _gemms_native(weight: Tensor) -> tuple[Prepare, Run]:
 
 def _gemms_manualbp(weight: Tensor) -> tuple[Prepare, Run]:
     """Mode ``gemms``, manualbp: the same three GEMMs on the kernels the Triton candidate of
-    manualbp.Linear launches: the forward kernel with no bias and no activation (on sm_90 the
-    persistent TMA kernel where the operands allow it), the GEMM for dX and dW's deterministic
-    split-K GEMM (which runs the plain GEMM when the output has tiles enough). Also on
-    ``meta`` weights: what the plan records."""
+    manualbp.Linear launches (forward kernel without bias or activation, the GEMM for dX, dW's
+    deterministic split-K GEMM). Also on ``meta`` weights: what the plan records."""
     if weight.device.type not in ("cuda", "meta"):
         raise UnavailableError("manualbp's GEMM kernels run on CUDA only")
     try:
@@ -319,25 +322,22 @@ def _linear_choice() -> Any:
     return linear
 
 
-def _forced(impl: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` with the Linear candidate ``impl`` forced for the call (process-wide, so also on
-    autograd's device threads while ``fn`` runs a backward)."""
+def _force_bound(bound: Bound, impl: str) -> Bound:
+    """``bound`` with every call (each mode's prepare and run, the output check) under the
+    Linear choice's ``force(impl)`` (process-wide, so also on autograd's device threads):
+    untimed prepares too, so that no call of it reaches the choice."""
     force = _linear_choice().force
 
-    def call(*args: Any) -> Any:
-        with force(impl):
-            return fn(*args)
+    def forced(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            with force(impl):
+                return fn(*args)
 
-    return call
+        return call
 
-
-def _force_bound(bound: Bound, impl: str) -> Bound:
-    """``bound`` with every call (each mode's prepare and run, the output check) under
-    ``force(impl)``: untimed prepares too, so that no call of it reaches the choice."""
-    bound.modes = {m: (_forced(impl, prep), _forced(impl, run)) for m, (prep, run) in
-                   bound.modes.items()}  # fmt: skip
+    bound.modes = {m: (forced(prep), forced(run)) for m, (prep, run) in bound.modes.items()}
     if bound.output is not None:
-        bound.output = _forced(impl, bound.output)
+        bound.output = forced(bound.output)
     return bound
 
 
@@ -388,9 +388,8 @@ def linear_case(
 
     def bind(provider: str) -> Bound:
         model, fn, label, gemm_mode = _bind_linear(provider, K, N, act, device, dtype)
-        params = list(model.parameters())
         forward = lambda s: fn(s["x"])
-        modes = _autograd_modes(forward, params, loss=False)
+        modes = _autograd_modes(forward, list(model.parameters()), loss=False)
         out = Bound(modes, label, lambda s: forward(s).detach())
         if gemms and gemm_mode is not None:
             try:
@@ -403,7 +402,6 @@ def linear_case(
             out.details = lambda: {"linear_choice": _choices_of(M, K, N, act, dtype)}
         return out
 
-    el = torch.empty((), dtype=dtype).element_size()
     gemm = 2.0 * M * N * K
     work = {"fwd": gemm, "bwd": 2 * gemm, "fwd+bwd": 3 * gemm}
     if gemms:
@@ -419,9 +417,9 @@ def linear_case(
         work_note="2*M*N*K FLOPs per GEMM; fwd = 1 GEMM, bwd = 2 (dX, dW), fwd+bwd = 3; "
         "gemms = the 3 GEMMs alone",
         dtype=dtype,
-        make_set=lambda i: _linear_set(i, M, K, N, device, dtype),
+        make_set=lambda i: _input_set(device, 1000 + i, dtype, grad=True, x=(M, K), gy=(M, N)),
         bind=bind,
-        set_bytes=(M * K + M * N) * el,
+        set_bytes=(M * K + M * N) * dtype.itemsize,
         plot_key=f"linear_{aname}_{dname}",
         plot_x=float(2 * M * N * K),
         plot_x_label=f"K{K}xN{N}",
@@ -429,7 +427,7 @@ def linear_case(
         tol=TOLERANCE[dtype],
         priority=priority,
         provider_priority=dict(provider_priority or {}),
-        min_bytes=linear_min_bytes(M, K, N, act, el, gemms=gemms),
+        min_bytes=linear_min_bytes(M, K, N, act, dtype.itemsize, gemms=gemms),
     )
 
 
@@ -438,19 +436,17 @@ def _bind_linear(
 ) -> tuple[nn.Module, Callable[[Tensor], Tensor], str, Callable[[], Any] | None]:
     """``(model, fn, label, gemm_mode)`` of one provider of a Linear case; ``gemm_mode()``
     makes its ``gemms`` mode (``None``: not offered)."""
-    act_label = {None: "", "relu": " + nn.ReLU", "gelu": " + nn.GELU"}[act]
-    if provider in (NATIVE, COMPILE):
-        model = _linear_native_model(K, N, act, device, dtype)
-        if provider == COMPILE:
-            return model, _compile(model), f"nn.Linear{act_label}, torch.compile", None
-        weight = model[0].weight
-        return model, model, f"nn.Linear{act_label}, eager", lambda: _gemms_native(weight)
+    native = _sequential((K, N), act, device, dtype, act_last=True)
+    act_label = "" if act is None else f" + nn.{ACT_MODULES[act].__name__}"
+    if provider == COMPILE:
+        return native, _compile(native), f"nn.Linear{act_label}, torch.compile", None
+    if provider == NATIVE:
+        weight = native[0].weight
+        return native, native, f"nn.Linear{act_label}, eager", lambda: _gemms_native(weight)
     if provider not in (MANUALBP, *LINEAR_CANDIDATES):
         raise UnavailableError(f"provider {provider!r} does not apply to this case")
-    mbp = _manualbp()
-    ref = _linear_native_model(K, N, act, device, dtype)[0]
-    model = mbp.Linear(K, N, activation=act, device=device, dtype=dtype)
-    _copy_linear_(model.weight, model.bias, ref)
+    model = _manualbp().Linear(K, N, activation=act, device=device, dtype=dtype)
+    _copy_linear_(model.weight, model.bias, native[0])
     label = f"manualbp.Linear(activation={act!r})"
     if provider == MANUALBP:
         if device.type == "cuda":
@@ -499,29 +495,17 @@ def mse_case(
     """``mse_loss(x, t)`` (mean) forward + backward on ``2**log2n`` elements."""
     n = 1 << log2n
     dname = DTYPE_NAMES[dtype]
-    el = torch.empty((), dtype=dtype).element_size()
-
-    def make_set(i: int) -> dict[str, Any]:
-        g = _gen(device, 2000 + i)
-        x = _randn((n,), g, device, dtype).requires_grad_()
-        return {"x": x, "t": _randn((n,), g, device, dtype), "leaves": [x]}
 
     def bind(provider: str) -> Bound:
-        if provider == NATIVE:
-            fn, label = _mse_native, "F.mse_loss, eager"
-        elif provider == COMPILE:
-            fn, label = _compile(_mse_native), "F.mse_loss, torch.compile"
-        elif provider == MANUALBP:
-            fn, label = _manualbp().functional.mse_loss, "manualbp.functional.mse_loss"
-        else:
-            raise UnavailableError(f"provider {provider!r} does not apply to this case")
-        forward = lambda s: fn(s["x"], s["t"])
-        modes = _autograd_modes(forward, [], loss=True)
-        return Bound(
-            modes={"fwd+bwd": modes["fwd+bwd"]},
-            label=label,
-            output=lambda s: forward(s).detach(),
+        fn, label = _pick(
+            provider,
+            {
+                NATIVE: lambda: (_mse_native, "F.mse_loss, eager"),
+                COMPILE: lambda: (_compile(_mse_native), "F.mse_loss, torch.compile"),
+                MANUALBP: lambda: (_manualbp().functional.mse_loss, "manualbp.functional.mse_loss"),
+            },
         )
+        return _autograd_bound(lambda s: fn(s["x"], s["t"]), [], label, loss=True)
 
     return Case(
         name=f"mse/{dname}/n2^{log2n}",
@@ -530,12 +514,12 @@ def mse_case(
         modes=["fwd+bwd"],
         providers=[NATIVE, COMPILE, MANUALBP],
         metric="gbps",
-        work={"fwd+bwd": 3.0 * n * el},
+        work={"fwd+bwd": 3.0 * n * dtype.itemsize},
         work_note="bytes that must move: read input and target, write grad_input = 3*n*elsize",
         dtype=dtype,
-        make_set=make_set,
+        make_set=lambda i: _input_set(device, 2000 + i, dtype, grad=True, x=(n,), t=(n,)),
         bind=bind,
-        set_bytes=3 * n * el,
+        set_bytes=3 * n * dtype.itemsize,
         plot_key=f"mse_{dname}",
         plot_x=float(n),
         plot_x_label=f"2^{log2n}",
@@ -549,13 +533,6 @@ def mse_case(
 # ---------------------------------------------------------------------------------------------
 # SGD step
 # ---------------------------------------------------------------------------------------------
-
-
-def _mlp_param_shapes(dims: tuple[int, ...]) -> list[tuple[int, ...]]:
-    shapes: list[tuple[int, ...]] = []
-    for d_in, d_out in itertools.pairwise(dims):
-        shapes += [(d_out, d_in), (d_out,)]
-    return shapes
 
 
 def _sgd_maker(
@@ -618,8 +595,7 @@ def sgd_case(
 ) -> Case:
     """One ``optimizer.step()`` over the parameters (with random gradients) of an MLP."""
     dname = DTYPE_NAMES[dtype]
-    el = torch.empty((), dtype=dtype).element_size()
-    shapes = _mlp_param_shapes(dims)
+    shapes = [s for k, n in itertools.pairwise(dims) for s in ((n, k), (n,))]  # W (n, k), b (n,)
     numel = sum(math.prod(s) for s in shapes)
     lr = 1e-3
 
@@ -643,7 +619,7 @@ def sgd_case(
         modes=["step"],
         providers=[NATIVE, NATIVE_FUSED, MANUALBP],
         metric="gbps",
-        work={"step": float(k * numel * el)},
+        work={"step": float(k * numel * dtype.itemsize)},
         work_note=(
             "bytes that must move per step: read param and grad, write param"
             + (", read and write the momentum buffer" if momentum else "")
@@ -652,7 +628,7 @@ def sgd_case(
         dtype=dtype,
         make_set=make_set,
         bind=bind,
-        set_bytes=(3 if momentum else 2) * numel * el,
+        set_bytes=(3 if momentum else 2) * numel * dtype.itemsize,
         plot_key=f"sgd_{dname}",
         plot_x=float(momentum),
         plot_x_label=f"momentum={momentum:g}",
@@ -667,32 +643,19 @@ def sgd_case(
 # ---------------------------------------------------------------------------------------------
 
 
-class _LinearMSE(nn.Module):
-    """The unfused pair ``nn.MSELoss()(nn.Linear(x), target)``."""
-
-    def __init__(self, linear: nn.Module, loss: nn.Module) -> None:
-        super().__init__()
-        self.linear = linear
-        self.loss = loss
-
-    def forward(self, x: Tensor, target: Tensor) -> Tensor:
-        return self.loss(self.linear(x), target)
-
-
 def _bind_linear_mse(
     provider: str, native_linear: Callable[[], nn.Linear], K: int, N: int, dtype, device
 ) -> tuple[nn.Module, Callable[..., Tensor], str]:
     """``(head, fn, label)`` of one provider of a LinearMSELoss case."""
     if provider in (NATIVE, COMPILE):
-        head = _LinearMSE(native_linear(), nn.MSELoss())
+        head = _ModelLoss(native_linear(), nn.MSELoss())
         if provider == COMPILE:
             return head, _compile(head), "nn.Linear + nn.MSELoss, torch.compile"
         return head, head, "nn.Linear + nn.MSELoss, eager"
     if provider == MANUALBP:
-        cls = getattr(_manualbp(), "LinearMSELoss", None)
-        if cls is None:
-            raise UnavailableError("not available: manualbp.LinearMSELoss does not exist yet")
-        head = cls(K, N, bias=True, reduction="mean", device=device, dtype=dtype)
+        head = _manualbp("LinearMSELoss")(
+            K, N, bias=True, reduction="mean", device=device, dtype=dtype
+        )
         weight, bias = getattr(head, "weight", None), getattr(head, "bias", None)
         if isinstance(weight, Tensor) and tuple(weight.shape) == (N, K):
             _copy_linear_(weight, bias if isinstance(bias, Tensor) else None, native_linear())
@@ -701,7 +664,7 @@ def _bind_linear_mse(
         mbp = _manualbp()
         lin = mbp.Linear(K, N, device=device, dtype=dtype)
         _copy_linear_(lin.weight, lin.bias, native_linear())
-        head = _LinearMSE(lin, mbp.MSELoss())
+        head = _ModelLoss(lin, mbp.MSELoss())
         return head, head, "manualbp.Linear + manualbp.MSELoss"
     raise UnavailableError(f"provider {provider!r} does not apply to this case")
 
@@ -718,26 +681,13 @@ def linear_mse_case(
 ) -> Case:
     """``loss = head(x, target)`` forward + backward: the fused head against the unfused pair."""
     dname = DTYPE_NAMES[dtype]
-    el = torch.empty((), dtype=dtype).element_size()
-
-    def make_set(i: int) -> dict[str, Any]:
-        g = _gen(device, 4000 + i)
-        x = _randn((M, K), g, device, dtype).requires_grad_()
-        return {"x": x, "t": _randn((M, N), g, device, dtype), "leaves": [x]}
-
-    def native_linear() -> nn.Linear:
-        torch.manual_seed(0)
-        return nn.Linear(K, N, device=device, dtype=dtype)
 
     def bind(provider: str) -> Bound:
+        native_linear = lambda: _sequential((K, N), None, device, dtype)[0]
         head, fn, label = _bind_linear_mse(provider, native_linear, K, N, dtype, device)
         forward = lambda s: fn(s["x"], s["t"])
-        modes = _autograd_modes(forward, list(head.parameters()), loss=True)
-        return Bound(
-            modes={"fwd+bwd": modes["fwd+bwd"]}, label=label, output=lambda s: forward(s).detach()
-        )
+        return _autograd_bound(forward, list(head.parameters()), label, loss=True)
 
-    gemm = 2.0 * M * N * K
     return Case(
         name=f"linear_mse/{dname}/M{M}_K{K}_N{N}",
         group="linear_mse",
@@ -745,12 +695,12 @@ def linear_mse_case(
         modes=["fwd+bwd"],
         providers=[NATIVE, COMPILE, MANUALBP, MANUALBP_UNFUSED],
         metric="tflops",
-        work={"fwd+bwd": 3 * gemm},
+        work={"fwd+bwd": 3 * 2.0 * M * N * K},
         work_note="3 GEMMs of 2*M*N*K FLOPs (forward, dX, dW); the loss itself is not counted",
         dtype=dtype,
-        make_set=make_set,
+        make_set=lambda i: _input_set(device, 4000 + i, dtype, grad=True, x=(M, K), t=(M, N)),
         bind=bind,
-        set_bytes=(M * K + M * N) * el,
+        set_bytes=(M * K + M * N) * dtype.itemsize,
         plot_key=f"linear_mse_{dname}",
         plot_x=float(2 * M * N * K),
         plot_x_label=f"K{K}xN{N}",
@@ -766,20 +716,6 @@ def linear_mse_case(
 # ---------------------------------------------------------------------------------------------
 
 MLP_LR, MLP_MOMENTUM = 1e-3, 0.9
-
-
-def _mlp_native_model(
-    dims: tuple[int, ...], device, dtype, act: str | None = "gelu"
-) -> nn.Sequential:
-    """``Linear, act, Linear, act, ..., Linear`` (no activation after the last), seeded."""
-    torch.manual_seed(0)
-    layers: list[nn.Module] = []
-    for j, (d_in, d_out) in enumerate(itertools.pairwise(dims)):
-        layers.append(nn.Linear(d_in, d_out, device=device, dtype=dtype))
-        act_mod = _act_module(act) if j < len(dims) - 2 else None
-        if act_mod is not None:
-            layers.append(act_mod)
-    return nn.Sequential(*layers)
 
 
 def _bind_mlp(provider: str, model: nn.Sequential) -> tuple[Any, nn.Module, Any, str]:
@@ -818,17 +754,11 @@ def mlp_step_case(
 ) -> Case:
     """zero_grad, forward of a 4-layer GELU MLP, MSE loss, backward, SGD (momentum 0.9) step."""
     dname = DTYPE_NAMES[dtype]
-    el = torch.empty((), dtype=dtype).element_size()
-
-    def make_set(i: int) -> dict[str, Any]:
-        g = _gen(device, 5000 + i)
-        return {
-            "x": _randn((M, dims[0]), g, device, dtype),
-            "t": _randn((M, dims[-1]), g, device, dtype),
-        }
+    params = {"M": M, "dims": list(dims), "activation": "gelu", "dtype": dname}
+    params["optimizer"] = f"SGD(lr={MLP_LR}, momentum={MLP_MOMENTUM})"
 
     def bind(provider: str) -> Bound:
-        fn, loss_fn, opt, label = _bind_mlp(provider, _mlp_native_model(dims, device, dtype))
+        fn, loss_fn, opt, label = _bind_mlp(provider, _sequential(dims, "gelu", device, dtype))
 
         def step(s: dict[str, Any]) -> None:
             opt.zero_grad(set_to_none=True)
@@ -838,28 +768,22 @@ def mlp_step_case(
         output = lambda s: loss_fn(fn(s["x"]), s["t"]).detach()
         return Bound(modes={"step": (lambda s: s, step)}, label=label, output=output)
 
-    pairs = list(itertools.pairwise(dims))
-    flops = sum(6.0 * M * a * b for a, b in pairs) - 2.0 * M * pairs[0][0] * pairs[0][1]
     return Case(
         name=f"mlp_step/{dname}/M{M}_{'-'.join(map(str, dims))}",
         group="mlp_step",
-        params={
-            "M": M,
-            "dims": list(dims),
-            "activation": "gelu",
-            "dtype": dname,
-            "optimizer": f"SGD(lr={MLP_LR}, momentum={MLP_MOMENTUM})",
-        },
+        params=params,
         modes=["step"],
         providers=[NATIVE, COMPILE, MANUALBP],
         metric="tflops",
-        work={"step": flops},
+        work={"step": mlp_flops(M, dims, train=True)},
         work_note="GEMM FLOPs: 3 GEMMs of 2*M*in*out per layer, minus the first layer's dX "
         "(the input needs no grad); activations, loss and optimizer not counted",
         dtype=dtype,
-        make_set=make_set,
+        make_set=lambda i: _input_set(
+            device, 5000 + i, dtype, grad=False, x=(M, dims[0]), t=(M, dims[-1])
+        ),
         bind=bind,
-        set_bytes=M * (dims[0] + dims[-1]) * el,
+        set_bytes=M * (dims[0] + dims[-1]) * dtype.itemsize,
         plot_key=f"mlp_step_{dname}",
         plot_x=float(M),
         plot_x_label=f"M{M}",
@@ -891,21 +815,6 @@ def narrow_dims(width: int) -> tuple[int, ...]:
     return (NARROW_IN, *[width] * NARROW_HIDDEN, NARROW_OUT)
 
 
-class _ModelLoss(nn.Module):
-    """``scale * loss(model(x), target)``: the part of a training step that autograd records
-    (and ``torch.compile`` compiles as one forward/backward graph)."""
-
-    def __init__(self, model: nn.Module, loss: nn.Module, scale: float) -> None:
-        super().__init__()
-        self.model = model
-        self.loss = loss
-        self.scale = scale
-
-    def forward(self, x: Tensor, target: Tensor) -> Tensor:
-        loss = self.loss(self.model(x), target)
-        return loss if self.scale == 1.0 else loss * self.scale
-
-
 def _compiled_optimizer_step(opt: torch.optim.Optimizer) -> Callable[[], None]:
     """``opt.step`` under ``torch.compile`` (default mode), as PyTorch's "compiling the
     optimizer" recipe does: one graph of the whole foreach update."""
@@ -920,10 +829,9 @@ def _bind_narrow_step(
     provider: str, native: nn.Sequential, scale: float, lr: float
 ) -> tuple[Callable[[Tensor, Tensor], Tensor], torch.optim.Optimizer, Callable[[], Any], str]:
     """``(loss_fn(x, t), optimizer, opt_step(), label)`` of one provider of the step."""
-    sgd = lambda ps: torch.optim.SGD(ps, lr=lr, momentum=MLP_MOMENTUM)
     if provider in (NATIVE, COMPILE, COMPILE_MAX_AUTOTUNE):
         head = _ModelLoss(native, nn.MSELoss(), scale)
-        opt = sgd(native.parameters())
+        opt = torch.optim.SGD(native.parameters(), lr=lr, momentum=MLP_MOMENTUM)
         base = "nn.Sequential(nn.Linear, nn.ReLU, ...) + nn.MSELoss + torch.optim.SGD"
         if provider == NATIVE:
             return head, opt, opt.step, base + " (default: foreach on CUDA), eager"
@@ -931,20 +839,16 @@ def _bind_narrow_step(
         label = f"torch.compile(model + loss{'' if mode is None else f', mode={mode!r}'})"
         label += " + torch.compile(optimizer.step) (default mode)"
         return _compile(head, mode), opt, _compiled_optimizer_step(opt), label
-    if provider not in (MANUALBP, MANUALBP_CONVERT):
-        raise UnavailableError(f"provider {provider!r} does not apply to this case")
-    mbp = _manualbp()
     if provider == MANUALBP:
-        cls = getattr(mbp, "FusedMLP", None)
-        if cls is None:
-            raise UnavailableError("not available: manualbp.FusedMLP does not exist yet")
-        model: nn.Module = cls.from_sequential(native)
-        head = _ModelLoss(model, mbp.MSELoss(), scale)
+        model: nn.Module = _manualbp("FusedMLP").from_sequential(native)
+        head = _ModelLoss(model, _manualbp().MSELoss(), scale)
         label = "manualbp.FusedMLP.from_sequential(model) + manualbp.MSELoss"
-    else:
-        head = mbp.convert(_ModelLoss(copy.deepcopy(native), nn.MSELoss(), scale))
+    elif provider == MANUALBP_CONVERT:
+        head = _manualbp().convert(_ModelLoss(copy.deepcopy(native), nn.MSELoss(), scale))
         model = head.model
         label = "manualbp.convert(model + nn.MSELoss)"
+    else:
+        raise UnavailableError(f"provider {provider!r} does not apply to this case")
     from manualbp.optim import SGD
 
     opt = SGD(model.parameters(), lr=lr, momentum=MLP_MOMENTUM)
@@ -980,25 +884,65 @@ def _narrow_step_bound(provider: str, native: nn.Sequential, scale: float, lr: f
     return Bound(modes={"step": (lambda s: s, step)}, label=label, output=output)
 
 
+def _narrow_infer_bound(provider: str, native: nn.Sequential) -> Bound:
+    """Mode ``infer``: the forward under ``torch.inference_mode`` (no graph, nothing saved)."""
+    sequential = "nn.Sequential(nn.Linear, nn.ReLU, ...)"
+    fn, label = _pick(
+        provider,
+        {
+            NATIVE: lambda: (native, f"{sequential}, eager"),
+            COMPILE: lambda: (_compile(native), f"torch.compile({sequential})"),
+            MANUALBP: lambda: (
+                _manualbp("FusedMLP").from_sequential(native),
+                "manualbp.FusedMLP.from_sequential(model)",
+            ),
+        },
+    )
+
+    def forward(s: dict[str, Any]) -> Tensor:
+        with torch.inference_mode():
+            return fn(s["x"])
+
+    return Bound(modes={"infer": (lambda s: s, forward)}, label=label, output=forward)
+
+
 def _log2(M: int) -> int | None:
     """``log2(M)`` for a power of two, else ``None``."""
     return M.bit_length() - 1 if M > 0 and M & (M - 1) == 0 else None
 
 
-def _narrow_params(M: int, width: int, dtype: torch.dtype) -> dict[str, Any]:
-    return {
+def _narrow_case(
+    kind: str, M: int, width: int, dtype: torch.dtype, device: torch.device, **fields: Any
+) -> Case:
+    """What the fused MLP's ``step`` and ``infer`` cases on ``M`` rows share; ``fields``: the
+    rest of the :class:`Case`, its ``params`` added to the shared ones. Input sets: x and, for
+    the step, t (seeds 6000 + i; inference: x alone, 7000 + i)."""
+    dims = narrow_dims(width)
+    dname = DTYPE_NAMES[dtype]
+    size = f"M{M}" if _log2(M) is None else f"M2^{_log2(M)}"
+    shapes = {"x": (M, dims[0]), "t": (M, dims[-1])} if kind == "step" else {"x": (M, dims[0])}
+    seed = 6000 if kind == "step" else 7000
+    params = {
         "M": M, "log2_M": _log2(M), "width": width,
-        "num_hidden_layers": NARROW_HIDDEN, "dims": list(narrow_dims(width)),
-        "activation": NARROW_ACT, "dtype": DTYPE_NAMES[dtype],
+        "num_hidden_layers": NARROW_HIDDEN, "dims": list(dims),
+        "activation": NARROW_ACT, "dtype": dname,
     }  # fmt: skip
-
-
-def _narrow_name(kind: str, M: int, width: int, dtype: torch.dtype) -> str:
-    return f"fused_mlp_{kind}/{DTYPE_NAMES[dtype]}/w{width}x{NARROW_HIDDEN}_{_size(M)}"
-
-
-def _size(M: int) -> str:
-    return f"M{M}" if _log2(M) is None else f"M2^{_log2(M)}"
+    return Case(
+        name=f"fused_mlp_{kind}/{dname}/w{width}x{NARROW_HIDDEN}_{size}",
+        group=f"fused_mlp_{kind}",
+        params=params | fields.pop("params", {}),
+        modes=[kind],
+        metric="tflops",
+        dtype=dtype,
+        make_set=lambda i: _input_set(device, seed + i, dtype, grad=False, **shapes),
+        set_bytes=M * (dims[0] + dims[-1]) * dtype.itemsize,
+        plot_key=f"fused_mlp_{kind}_{dname}_w{width}",
+        plot_x=float(M),
+        plot_x_label=size,
+        memory_mode=kind,
+        samples=M,
+        **fields,
+    )
 
 
 def fused_mlp_step_case(
@@ -1015,69 +959,33 @@ def fused_mlp_step_case(
     rows: zero_grad, forward, MSE loss (scaled for fp16, :data:`LOSS_SCALE`), backward, SGD
     (momentum 0.9). The input needs no gradient (an encoding's output)."""
     dims = narrow_dims(width)
-    dname = DTYPE_NAMES[dtype]
-    el = torch.empty((), dtype=dtype).element_size()
     scale = LOSS_SCALE.get(dtype, 1.0)
-    lr = MLP_LR / scale
-
-    def make_set(i: int) -> dict[str, Any]:
-        g = _gen(device, 6000 + i)
-        return {"x": _randn((M, dims[0]), g, device, dtype),
-                "t": _randn((M, dims[-1]), g, device, dtype)}  # fmt: skip
+    optimizer = f"SGD(lr={MLP_LR}/loss_scale, momentum={MLP_MOMENTUM})"
 
     def bind(provider: str) -> Bound:
-        native = _mlp_native_model(dims, device, dtype, NARROW_ACT)
-        return _narrow_step_bound(provider, native, scale, lr)
+        native = _sequential(dims, NARROW_ACT, device, dtype)
+        return _narrow_step_bound(provider, native, scale, MLP_LR / scale)
 
-    params = _narrow_params(M, width, dtype)
-    params.update(optimizer=f"SGD(lr={MLP_LR}/loss_scale, momentum={MLP_MOMENTUM})",
-                  loss="MSE (mean)", loss_scale=scale)  # fmt: skip
-    return Case(
-        name=_narrow_name("step", M, width, dtype),
-        group="fused_mlp_step",
-        params=params,
-        modes=["step"],
+    return _narrow_case(
+        "step",
+        M,
+        width,
+        dtype,
+        device,
+        params={"optimizer": optimizer, "loss": "MSE (mean)", "loss_scale": scale},
         providers=providers or [NATIVE, MANUALBP, COMPILE, MANUALBP_CONVERT, COMPILE_MAX_AUTOTUNE],
-        metric="tflops",
         work={"step": mlp_flops(M, dims, train=True)},
         work_note="GEMM FLOPs: 6*M*sum(k*n) over the layers less the first layer's dX (the "
         "input needs no grad); samples/s = M / time; bound: benchmarks/bounds.py "
         "(mlp_step_min_bytes)",
-        dtype=dtype,
-        make_set=make_set,
         bind=bind,
-        set_bytes=M * (dims[0] + dims[-1]) * el,
-        plot_key=f"fused_mlp_step_{dname}_w{width}",
-        plot_x=float(M),
-        plot_x_label=_size(M),
-        memory_mode="step",
         tol=TOLERANCE[dtype] * 2,
         priority=priority,
         provider_priority=dict(provider_priority or {}),
-        min_bytes={"step": mlp_step_min_bytes(M, dims, el, momentum=bool(MLP_MOMENTUM))},
-        samples=M,
+        min_bytes={
+            "step": mlp_step_min_bytes(M, dims, dtype.itemsize, momentum=bool(MLP_MOMENTUM))
+        },
     )
-
-
-def _narrow_infer_bound(provider: str, native: nn.Sequential) -> Bound:
-    """Mode ``infer``: the forward under ``torch.inference_mode`` (no graph, nothing saved)."""
-    if provider == NATIVE:
-        fn, label = native, "nn.Sequential(nn.Linear, nn.ReLU, ...), eager"
-    elif provider == COMPILE:
-        fn, label = _compile(native), "torch.compile(nn.Sequential(nn.Linear, nn.ReLU, ...))"
-    elif provider == MANUALBP:
-        cls = getattr(_manualbp(), "FusedMLP", None)
-        if cls is None:
-            raise UnavailableError("not available: manualbp.FusedMLP does not exist yet")
-        fn, label = cls.from_sequential(native), "manualbp.FusedMLP.from_sequential(model)"
-    else:
-        raise UnavailableError(f"provider {provider!r} does not apply to this case")
-
-    def forward(s: dict[str, Any]) -> Tensor:
-        with torch.inference_mode():
-            return fn(s["x"])
-
-    return Bound(modes={"infer": (lambda s: s, forward)}, label=label, output=forward)
 
 
 def fused_mlp_infer_case(
@@ -1091,37 +999,19 @@ def fused_mlp_infer_case(
 ) -> Case:
     """The coordinate network's forward on ``M`` rows under ``torch.inference_mode``."""
     dims = narrow_dims(width)
-    dname = DTYPE_NAMES[dtype]
-    el = torch.empty((), dtype=dtype).element_size()
-
-    def make_set(i: int) -> dict[str, Any]:
-        return {"x": _randn((M, dims[0]), _gen(device, 7000 + i), device, dtype)}
-
-    def bind(provider: str) -> Bound:
-        return _narrow_infer_bound(provider, _mlp_native_model(dims, device, dtype, NARROW_ACT))
-
-    params = _narrow_params(M, width, dtype)
-    return Case(
-        name=_narrow_name("infer", M, width, dtype),
-        group="fused_mlp_infer",
-        params=params,
-        modes=["infer"],
+    return _narrow_case(
+        "infer",
+        M,
+        width,
+        dtype,
+        device,
         providers=[NATIVE, MANUALBP, COMPILE],
-        metric="tflops",
         work={"infer": mlp_flops(M, dims, train=False)},
         work_note="GEMM FLOPs: 2*M*sum(k*n) over the layers; samples/s = M / time; bound: "
         "benchmarks/bounds.py (mlp_infer_min_bytes)",
-        dtype=dtype,
-        make_set=make_set,
-        bind=bind,
-        set_bytes=M * (dims[0] + dims[-1]) * el,
-        plot_key=f"fused_mlp_infer_{dname}_w{width}",
-        plot_x=float(M),
-        plot_x_label=_size(M),
-        memory_mode="infer",
+        bind=lambda p: _narrow_infer_bound(p, _sequential(dims, NARROW_ACT, device, dtype)),
         tol=TOLERANCE[dtype],
         priority=priority,
         provider_priority=dict(provider_priority or {}),
-        min_bytes={"infer": mlp_infer_min_bytes(M, dims, el)},
-        samples=M,
+        min_bytes={"infer": mlp_infer_min_bytes(M, dims, dtype.itemsize)},
     )

@@ -1,12 +1,7 @@
-"""The device's measured ceilings: matmul rate per dtype and copy bandwidth.
-
-Measured at start-up, in the run that uses them:
-
-* **matmul**: ``torch.matmul`` of two square ``n x n`` matrices (``n`` = 8192 on CUDA, 1024
-  on CPU) in the dtype, ``2 n^3`` FLOPs per call, median time; TFLOP/s.
-* **bandwidth**: a device-to-device ``copy_`` of a 1 GiB buffer (64 MiB on CPU) into another;
-  each byte is read once and written once, so ``2 x bytes`` move per call; GB/s (1e9 B/s).
-"""
+"""The device's ceilings, measured at start-up in the run that uses them: the rate of
+``torch.matmul`` of two ``n x n`` matrices per dtype (``n`` = 8192 on CUDA, 1024 on CPU; TFLOP/s)
+and the bandwidth of a device-to-device ``copy_`` of 1 GiB (64 MiB on CPU; GB/s of the bytes
+read plus written)."""
 
 from __future__ import annotations
 
@@ -28,22 +23,11 @@ DTYPE_NAMES: dict[torch.dtype, str] = {
 
 def _matmul_tflops(n: int, dtype: torch.dtype, device: torch.device, rep_ms: float) -> dict:
     g = torch.Generator(device=device).manual_seed(0)
-    sets = [
-        (
-            torch.randn(n, n, device=device, dtype=dtype, generator=g),
-            torch.randn(n, n, device=device, dtype=dtype, generator=g),
-        )
-        for _ in range(2)
-    ]
+    randn = lambda: torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    sets = [(randn(), randn()) for _ in range(2)]
     out = torch.empty(n, n, device=device, dtype=dtype)
-    t = bench(
-        lambda ab: torch.matmul(ab[0], ab[1], out=out),
-        lambda s: s,
-        sets,
-        device,
-        rep_ms=rep_ms,
-        min_reps=5,
-    )
+    matmul = lambda ab: torch.matmul(ab[0], ab[1], out=out)
+    t = bench(matmul, lambda s: s, sets, device, rep_ms=rep_ms, min_reps=5)
     return {
         "tflops": 2 * n**3 / (t.median_ms * 1e-3) / 1e12,
         "shape": [n, n, n],

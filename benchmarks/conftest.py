@@ -1,9 +1,5 @@
 """pytest-benchmark set-up for ``pytest benchmarks/`` (never part of the default test run,
-whose ``testpaths`` is ``tests/``).
-
-Options: ``--bench-full`` runs the full suite instead of the quick subset; ``--bench-device``
-picks ``cuda`` or ``cpu`` (default: cuda when available); ``--bench-rounds`` sets the rounds.
-"""
+whose ``testpaths`` is ``tests/``): one test per (case, mode, provider); options below."""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import importlib
 import os
 import platform
 import subprocess
@@ -27,17 +28,11 @@ def _run(cmd: list[str]) -> str | None:
     return out.stdout.strip() or None
 
 
-def _triton_version() -> str | None:
+def _version(module: str) -> str | None:
     try:
-        import triton
+        return str(importlib.import_module(module).__version__)
     except ImportError:
         return None
-    return str(triton.__version__)
-
-
-def _driver_version() -> str | None:
-    out = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
-    return out.splitlines()[0].strip() if out else None
 
 
 def collect_environment(device: torch.device) -> dict[str, Any]:
@@ -50,8 +45,8 @@ def collect_environment(device: torch.device) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
-        "triton": _triton_version(),
-        "numpy": None,
+        "triton": _version("triton"),
+        "numpy": _version("numpy"),
         "git_commit": _run(["git", "rev-parse", "HEAD"]),
         "git_dirty": None,
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
@@ -60,12 +55,6 @@ def collect_environment(device: torch.device) -> dict[str, Any]:
         "manualbp_backend_env": os.environ.get("MANUALBP_BACKEND"),
         "triton_interpret_env": os.environ.get("TRITON_INTERPRET"),
     }
-    try:
-        import numpy
-
-        env["numpy"] = numpy.__version__
-    except ImportError:
-        pass
     status = _run(["git", "status", "--porcelain"])
     if env["git_commit"] is not None:
         env["git_dirty"] = bool(status)
@@ -78,12 +67,13 @@ def collect_environment(device: torch.device) -> dict[str, Any]:
         env["manualbp"] = f"import failed: {type(e).__name__}: {e}"
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
+        smi = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
         env.update(
             gpu_name=torch.cuda.get_device_name(device),
             gpu_capability=".".join(map(str, torch.cuda.get_device_capability(device))),
             gpu_memory_bytes=int(props.total_memory),
             gpu_sm_count=int(props.multi_processor_count),
-            driver_version=_driver_version(),
+            driver_version=smi.splitlines()[0].strip() if smi else None,
         )
     else:
         env.update(gpu_name=None, driver_version=None, cpu_model=platform.processor() or None)

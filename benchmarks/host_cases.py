@@ -1,22 +1,12 @@
 """Host-overhead and reference-path cases of the CPU run: manualbp against native PyTorch.
 
-On the CPU, manualbp runs its reference path (plain torch ops behind its autograd Functions), so
-what these cases measure is what manualbp adds around the same arithmetic: argument checks,
-dispatch, the autograd Function, and how the reference path is written. Each is timed with the
-two providers side by side (interleaved repetitions, medians; :func:`benchmarks.timing.
-bench_interleaved`) on one thread, and judged as the time ratio manualbp / native against its
-goal in :data:`benchmarks.targets.REFERENCE_GOALS` (lower is better):
-
-1. ``host/linear``: forward + backward of a tiny Linear, input 8x32, 32 -> 32 (host overhead);
-2. ``host/mse``: forward + backward of ``mse_loss`` on 8x32 (host overhead);
-3. ``ref/linear_gelu``: Linear+GELU 256x1024 -> 1024 fp32 forward + backward;
-4. ``ref/linear_gelu_zstd8``: the same with pre-activations Z of standard deviation ~8 (weights
-   scaled so): GELU's derivative ``Phi(z) + z phi(z)`` has ``phi(z) = exp(-z^2/2)/sqrt(2 pi)``
-   in the fp32 subnormal range for |z| ~ 13-14, a slow path on many CPUs;
-5. ``ref/mse``: ``mse_loss`` forward + backward on 4M (2^22) fp32 elements.
-
-Native is ``torch.nn.functional`` (``F.linear`` + ``F.gelu``, ``F.mse_loss``); manualbp is
-``manualbp.functional.linear(..., activation=...)`` / ``manualbp.functional.mse_loss``.
+On the CPU manualbp runs its reference path, so these measure what it adds around the same
+arithmetic (argument checks, dispatch, the autograd Function). Native (``torch.nn.functional``)
+and manualbp (``manualbp.functional``) are timed side by side on one thread and judged as the
+time ratio manualbp / native against :data:`benchmarks.targets.REFERENCE_GOALS`. The
+``zstd8`` case gives the pre-activations a standard deviation of ~8, which puts GELU's
+derivative ``Phi(z) + z phi(z)`` in the fp32 subnormal range for |z| ~ 13-14 (a slow path on
+many CPUs).
 """
 
 from __future__ import annotations
@@ -35,14 +25,16 @@ from benchmarks.cases import (
     Bound,
     Case,
     UnavailableError,
-    _autograd_modes,
+    _autograd_bound,
     _gen,
+    _input_set,
     _manualbp,
+    _pick,
     _randn,
 )
 from benchmarks.targets import REFERENCE_GOALS
 
-__all__ = ["HOST_THREADS", "host_cases"]
+__all__ = ["host_cases"]
 
 HOST_THREADS = 1  # torch threads while these cases run: host overhead, not parallel speedup
 
@@ -87,9 +79,7 @@ def _linear_pair(
     w0, b0 = _linear_weights(K, N, z_std, device)
 
     def make_set(i: int) -> dict[str, Any]:
-        g = _gen(device, 6000 + i)
-        x = _randn((M, K), g, device, torch.float32).requires_grad_()
-        return {"x": x, "gy": _randn((M, N), g, device, torch.float32), "leaves": [x]}
+        return _input_set(device, 6000 + i, torch.float32, grad=True, x=(M, K), gy=(M, N))
 
     def bind(provider: str) -> Bound:
         w, b = w0.clone().requires_grad_(), b0.clone().requires_grad_()
@@ -105,44 +95,38 @@ def _linear_pair(
             label = f"manualbp.functional.linear(activation={act!r})"
         else:
             raise UnavailableError(f"provider {provider!r} does not apply to this case")
-        forward = lambda s: fn(s["x"])
-        modes = _autograd_modes(forward, [w, b], loss=False)
-        return Bound({"fwd+bwd": modes["fwd+bwd"]}, label, lambda s: forward(s).detach())
+        return _autograd_bound(lambda s: fn(s["x"]), [w, b], label, loss=False)
 
     return _pair_case(
         name, goal, {"M": M, "K": K, "N": N, "activation": act, "z_std": z_std}, make_set, bind,
-        work=6.0 * M * N * K, metric="tflops", device=device,
+        work=6.0 * M * N * K, metric="tflops",
         work_note="3 GEMMs of 2*M*N*K FLOPs (forward, dX, dW)",
     )  # fmt: skip
 
 
 def _mse_pair(name: str, goal: str, shape: tuple[int, ...], device: torch.device) -> Case:
-    n = math.prod(shape)
-
     def make_set(i: int) -> dict[str, Any]:
-        g = _gen(device, 6500 + i)
-        x = _randn(shape, g, device, torch.float32).requires_grad_()
-        return {"x": x, "t": _randn(shape, g, device, torch.float32), "leaves": [x]}
+        return _input_set(device, 6500 + i, torch.float32, grad=True, x=shape, t=shape)
 
     def bind(provider: str) -> Bound:
-        if provider == NATIVE:
-            fn, label = F.mse_loss, "F.mse_loss"
-        elif provider == MANUALBP:
-            fn, label = _manualbp().functional.mse_loss, "manualbp.functional.mse_loss"
-        else:
-            raise UnavailableError(f"provider {provider!r} does not apply to this case")
-        forward = lambda s: fn(s["x"], s["t"])
-        modes = _autograd_modes(forward, [], loss=True)
-        return Bound({"fwd+bwd": modes["fwd+bwd"]}, label, lambda s: forward(s).detach())
+        fn, label = _pick(
+            provider,
+            {
+                NATIVE: lambda: (F.mse_loss, "F.mse_loss"),
+                MANUALBP: lambda: (_manualbp().functional.mse_loss, "manualbp.functional.mse_loss"),
+            },
+        )
+        return _autograd_bound(lambda s: fn(s["x"], s["t"]), [], label, loss=True)
 
+    n = math.prod(shape)
     return _pair_case(
         name, goal, {"numel": n, "shape": list(shape), "reduction": "mean"}, make_set, bind,
-        work=12.0 * n, metric="gbps", device=device,
+        work=12.0 * n, metric="gbps",
         work_note="bytes that must move: read input and target, write grad_input = 3*n*4",
     )  # fmt: skip
 
 
-def _pair_case(name, goal, params, make_set, bind, *, work, metric, device, work_note) -> Case:
+def _pair_case(name, goal, params, make_set, bind, *, work, metric, work_note) -> Case:
     group = name.split("/")[0]
     return Case(
         name=name,

@@ -1,18 +1,11 @@
 """Measure one pass of a case (some or all of its providers) into the case's record.
 
-Providers are measured one after another (only that provider's model exists at a time): bind,
-check its forward result against ``native`` on input set 0, measure peak memory with that one
-input set, then make the other input sets and time every mode rotating among them; last, what
-the provider decided while it ran (:attr:`Bound.details`: the ``manualbp`` Linear's per-shape
-choice, made in its first, untimed calls) goes into its record. On CUDA every Triton kernel a
-manualbp provider's first calls will launch is first compiled, all at once
-(:mod:`benchmarks.precompile`). Interleaved cases (:attr:`Case.interleaved`) bind all their
-providers first and time them side by side instead.
-
-``torch.compile``: the runner raises dynamo's recompile limits once (:func:`configure_compile`)
-and never resets dynamo between cases, so a shape is compiled once (the providers compile with
-``dynamic=False``, so each shape gets its own static graph); dynamo is reset only after a
-compile provider failed, to drop whatever it left half built.
+Providers are measured one after another (only that provider's model exists at a time): its
+Triton kernels compiled at once (:mod:`benchmarks.precompile`), bind, check its forward result
+against ``native`` on input set 0, peak memory with that set, every mode timed rotating among
+the input sets, and what it decided (:attr:`Bound.details`) recorded. Interleaved cases
+(:attr:`Case.interleaved`) bind all their providers first and time them side by side. Dynamo
+is never reset between cases (:func:`configure_compile`), only after a compile provider failed.
 """
 
 from __future__ import annotations
@@ -169,14 +162,9 @@ def new_record(case: Case, label: str, reason: str | None = None) -> dict[str, A
     first = min(case.priority_of(p) for p in case.providers)
     providers: dict[str, dict[str, Any]] = {}
     for p in case.providers:
-        prio = case.priority_of(p)
-        if reason is not None:
-            providers[p] = {"status": "skipped", "reason": reason}
-        elif prio != first:
-            providers[p] = {
-                "status": "skipped",
-                "reason": f"deferred to a priority-{prio} pass, which did not run",
-            }
+        deferred = f"deferred to a priority-{case.priority_of(p)} pass, which did not run"
+        if reason is not None or case.priority_of(p) != first:
+            providers[p] = {"status": "skipped", "reason": deferred if reason is None else reason}
     rec = {**_record_header(case, label), "providers": providers, "status": "ran"}
     rec["results"] = {m: {} for m in case.modes}
     rec["elapsed_s"] = 0.0
@@ -288,20 +276,24 @@ def _skip_reason(provider: str, ctx: Context) -> str | None:
     return None
 
 
-def _check(case: Case, provider: str, bound: Bound, one_set: Any, ctx: Context) -> dict | None:
-    """Compare the provider's forward result on set 0 with native's (kept on the host: nothing
-    but the provider's own tensors stays on the device while its peak memory is measured)."""
+def _check(
+    case: Case, provider: str, bound: Bound, one_set: Any, ctx: Context, prec: dict[str, Any]
+) -> None:
+    """Compare the provider's forward result on set 0 with native's into ``prec["check"]``
+    (native's is kept on the host: nothing but the provider's own tensors stays on the device
+    while its peak memory is measured)."""
     if bound.output is None:
-        return None
+        return
     out = bound.output(one_set).float().cpu()
     if provider == NATIVE:
         ctx.refs[case.name] = out
-        return None
-    ref = ctx.refs.get(case.name)
-    if ref is None:
-        return None
-    err = _rel_err(out, ref)
-    return {"max_rel_err_vs_native": err, "tolerance": case.tol, "ok": bool(err <= case.tol)}
+    elif case.name in ctx.refs:
+        err = _rel_err(out, ctx.refs[case.name])
+        prec["check"] = {
+            "max_rel_err_vs_native": err,
+            "tolerance": case.tol,
+            "ok": bool(err <= case.tol),
+        }
 
 
 def _run_provider(case: Case, provider: str, ctx: Context, rec: dict[str, Any]) -> None:
@@ -320,9 +312,7 @@ def _run_provider(case: Case, provider: str, ctx: Context, rec: dict[str, Any]) 
         bound = case.bind(provider)
         prec["label"] = bound.label
         sets.append(case.make_set(0))
-        check = _check(case, provider, bound, sets[0], ctx)
-        if check is not None:
-            prec["check"] = check
+        _check(case, provider, bound, sets[0], ctx, prec)
         if case.memory_mode is not None and case.memory_mode in bound.modes:
             prepare, run = bound.modes[case.memory_mode]
             prec.update(peak_memory(run, prepare, sets[0], ctx.device))
@@ -384,9 +374,7 @@ def _run_interleaved(
             torch.manual_seed(0)
             bounds[provider] = case.bind(provider)
             prec["label"] = bounds[provider].label
-            check = _check(case, provider, bounds[provider], sets[0], ctx)
-            if check is not None:
-                prec["check"] = check
+            _check(case, provider, bounds[provider], sets[0], ctx, prec)
         except UnavailableError as e:
             prec.update(status="skipped", reason=str(e))
         except Exception as e:

@@ -1,28 +1,13 @@
 """``python -m benchmarks --plan``: the CUDA suite's run order and how long each pass should take.
 
 No GPU, and no model of the kernels kept here: the kernels are asked. In run order, each
-provider of a pass that runs manualbp's kernels (``TRITON_PROVIDERS``) is bound on the case's
-twin built on ``meta`` tensors (the real shapes, dtypes and layouts, no storage) and its modes
-run once, as the runner's first calls do, under ``manualbp.use_backend("triton")``,
-``_host.simulate(ARCH, SMS)`` (plan for an H100 / H200) and ``_host.record()``: nothing runs,
-and the launchers hand over every launch (a tuned launch: one per candidate config) and every
-choice a first call would time (a ``Decision``, with all its candidates' launches). Counted
-from those, with what earlier passes did carried over (one process runs them all):
-
-* **compiles**: specialisations (:func:`compile_key`: kernel, constexprs and config, each
-  argument as Triton specialises it) that no earlier pass compiled;
-* **tuning**: a tuned launch's candidate configs, timed once per kernel and tuning key. The key
-  the launcher passes ``tuned_launch`` is not recorded; :func:`tuning_key` stands in for it:
-  kernel, constexprs less the config, argument dtypes, every integer argument rounded up to a
-  power of two (as ``size_bucket`` does to M, N, K): on this suite it groups the tuned launches
-  exactly as the launchers' own keys do (a test spies on them);
-* **choices**: ``Decision`` keys, timed once each;
-* **torch.compile warm-ups**: one per case shape (the runner never resets dynamo), and the
-  fused-MLP step's compiled ``optimizer.step``.
-
-Seconds: the estimates below, and measured compile times per kernel where a GPU run has left
-them (:func:`load_compile_times`; none has yet). A CPU test keeps the priority-0 total within
-``benchmarks/gpu_run.sh``'s window.
+provider of a pass that runs manualbp's kernels is bound on the case's twin built on ``meta``
+tensors and its modes run once under ``manualbp.use_backend("triton")``,
+``_host.simulate(ARCH, SMS)`` and ``_host.record()`` (:func:`recorded`). From the recorded
+launches and decisions, carried over from pass to pass, it counts Triton compiles
+(:func:`compile_key`), configs timed by tuned launches (:func:`tuning_key`), Linear choices
+timed and torch.compile warm-ups, with the estimated seconds below (benchmarks/README.md,
+"Compile time"). A CPU test keeps the priority-0 total within ``gpu_run.sh``'s window.
 """
 
 from __future__ import annotations
@@ -178,7 +163,10 @@ def compile_key(launch: Launch) -> tuple:
 
 
 def tuning_key(launch: Launch) -> tuple:
-    """The stand-in for a tuned launch's tuning key (module docstring)."""
+    """The stand-in for a tuned launch's tuning key (not recorded): the kernel, constexprs less
+    the config, argument dtypes, every integer rounded up to a power of two (as ``size_bucket``
+    does to M, N, K). On this suite it groups tuned launches exactly as the launchers' own keys
+    do (a test spies on them)."""
     config = set().union(*launch.candidates)
     kwargs = tuple(sorted((k, repr(v)) for k, v in launch.kwargs.items() if k not in config))
     return (launch.name, kwargs, _spec(launch.args, bucket=True))

@@ -1,10 +1,6 @@
-"""PNG plots: throughput (or time) against size, one line per provider, one file per series.
-
-Cases that count samples (the fused-MLP cases) plot samples/s, the others TFLOP/s or GB/s.
-
-Optional: without matplotlib nothing is drawn and the run says so (JSON and table are
-unaffected).
-"""
+"""PNG plots: throughput against size, one line per provider, one file per series (samples/s
+where a case counts samples, else TFLOP/s or GB/s). Without matplotlib nothing is drawn and the
+run says so."""
 
 from __future__ import annotations
 

@@ -1,21 +1,12 @@
 """Compile, all at once, every Triton kernel a provider's first calls will launch.
 
-The kernels tune by themselves: a tuned launch compiles all its candidate configs at once
-(``_tuning.tuned_launch`` -> ``_tuning.precompile``) before timing them. What they cannot do is
-look ahead: a provider's first call still compiles the forward's configs, then each elementwise
-kernel as it launches, then dX's configs, then dW's, one batch after another.
-:func:`precompile_provider` looks ahead for it: it records a throw-away pass of the provider on
-the case's own tensors (:func:`benchmarks.plan.record_modes`, the plan's recording: nothing
-runs, and every candidate of every Linear choice and tuned launch is recorded with the very
-arguments the real calls pass), keeps one launch per specialisation
-(:func:`benchmarks.plan.compile_key`) and warms them all up under one Triton
-``AsyncCompileMode`` on a thread pool. The provider's first real call then finds everything
-compiled: it only times its candidates.
-
-Triton 3.6 and 3.9 both have ``AsyncCompileMode`` and ``JITFunction.warmup``; the mode is active
-only around the warm-ups (in 3.6 a launch made inside it fails). Compile errors are ignored
-here (the launch meets them again); any other failure is recorded in the provider's
-``precompile`` record and the provider is measured as without this step.
+A first call compiles launch after launch (the forward's configs, each elementwise kernel, dX's,
+dW's). :func:`precompile_provider` looks ahead for it: it records a throw-away pass of the
+provider on the case's own tensors (:func:`benchmarks.plan.record_modes`: nothing runs), keeps
+one launch per specialisation (:func:`benchmarks.plan.compile_key`) and warms them all up under
+one Triton ``AsyncCompileMode`` on a thread pool (triton 3.6 and 3.9; the mode is active only
+around the warm-ups). Compile errors are left to the launch; any other failure is recorded in
+the provider's ``precompile`` record and the provider is measured as without this step.
 """
 
 from __future__ import annotations

@@ -76,10 +76,15 @@ def _choice_note(choices: dict[str, str]) -> str:
     return "kept " + " ".join(f"{op}={'/'.join(sorted(per_op[op]))}" for op in order)
 
 
+def _all_skipped(rec: dict[str, Any]) -> bool:
+    results = (r for per in rec["results"].values() for r in per.values())
+    return rec["status"] == "skipped" and not any(r.get("status") == "ran" for r in results)
+
+
 def _rows(rec: dict[str, Any]) -> list[list[str]]:
     results = [r for per in rec["results"].values() for r in per.values()]
     blank = [""] * 5
-    if rec["status"] == "skipped" and not any(r.get("status") == "ran" for r in results):
+    if _all_skipped(rec):
         reason = rec.get("reason") or "; ".join(sorted({str(r.get("reason")) for r in results}))
         return [[rec["name"], "*", "*", "skipped", *blank, reason[:90]]]
     rows = []
@@ -94,18 +99,8 @@ def _rows(rec: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-HEADER = [
-    "case",
-    "mode",
-    "provider",
-    "median_ms",
-    "rate",
-    "%ceil",
-    "%bound",
-    "peak_MiB",
-    "speedup vs (time_other/time_this)",
-    "note",
-]
+HEADER = ["case", "mode", "provider", "median_ms", "rate", "%ceil", "%bound", "peak_MiB"]
+HEADER += ["speedup vs (time_other/time_this)", "note"]
 
 
 def _render(rows: list[list[str]]) -> str:
@@ -120,9 +115,7 @@ def _render(rows: list[list[str]]) -> str:
 
 def format_case(rec: dict[str, Any]) -> str:
     """The rows of one case (printed as it finishes)."""
-    if rec["status"] == "skipped" and not any(
-        r.get("status") == "ran" for per in rec["results"].values() for r in per.values()
-    ):
+    if _all_skipped(rec):
         return f"  skipped: {rec.get('reason', '')}"
     return "\n".join("  " + "  ".join(c for c in row if c) for row in _rows(rec))
 

@@ -1,11 +1,8 @@
 """``python -m benchmarks``: run the cases on every provider and write table, JSON, plots.
 
-The cases run pass by pass in priority order (:func:`benchmarks.suites.schedule`); each pass
-measures some or all of a case's providers (:mod:`benchmarks.measure`). Results are written to
-``results.json`` and ``summary.md`` after every pass, so a run that is stopped (``--budget`` or
-an outer ``timeout``) still leaves everything measured so far. ``--plan`` prints, without
-measuring (and without a GPU), the CUDA suite's passes with their estimated compile and run
-times (:mod:`benchmarks.plan`).
+The cases run pass by pass in priority order (:func:`benchmarks.suites.schedule`,
+:mod:`benchmarks.measure`); ``results.json`` and ``summary.md`` are rewritten after every pass,
+so a run that is stopped still leaves everything measured so far.
 """
 
 from __future__ import annotations
@@ -111,17 +108,13 @@ def _device(arg: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _resolve_backend(device: torch.device) -> str:
-    from manualbp._mode import kernels_for
-
-    return "triton" if kernels_for(torch.empty(1, device=device)) else "reference"
-
-
 def _label(device: torch.device) -> str:
     if device.type != "cuda":
         return CPU_LABEL
     try:
-        backend = _resolve_backend(device)
+        from manualbp._mode import kernels_for
+
+        backend = "triton" if kernels_for(torch.empty(1, device=device)) else "reference"
     except Exception as e:
         return f"CUDA: manualbp backend could not be resolved ({type(e).__name__}: {e})"
     if backend != "triton":
@@ -183,14 +176,9 @@ def rerender(args: argparse.Namespace) -> int:
 
 
 def _print_summary(doc: dict[str, Any]) -> None:
-    print()
-    print(report.format_table(doc))
-    ratios = report.format_ratios(doc)
-    if ratios:
-        print()
-        print(ratios)
-    print()
-    print(report.format_targets(doc))
+    for part in (report.format_table(doc), report.format_ratios(doc), report.format_targets(doc)):
+        if part:  # the ratios: only where the run has host-overhead cases
+            print(f"\n{part}")
 
 
 def _plots(doc: dict[str, Any], out_dir: Path, device: torch.device, args) -> None:

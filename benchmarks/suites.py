@@ -1,30 +1,10 @@
 """The suites: which cases run, and in which order (:func:`build_cases`, :func:`schedule`).
 
-On CUDA the full suite runs in priority order, so that a run cut short by its time budget has
-measured what matters most:
-
-0. what ``benchmarks/gpu_run.sh`` must always measure (``python -m benchmarks --plan`` shows
-   that these fit its window): Linear+GELU bf16 (with torch.compile: a target compares against
-   it), plain Linear, the whole MLP training step, MSE (fp32, sizes >= 2^24), LinearMSELoss,
-   and the fused narrow MLP's headline (issue 15): the training step of a 32 -> 64 x4 -> 16
-   ReLU network at 2^18 rows in bf16 against eager and torch.compile, and its inference
-   against eager;
-1. Linear+GELU bf16 at the shapes of the "Linear on the GPU" issue (M=8192, K=4096, N=16384 and
-   M=65536, K=N=1024), each with its % of bound and its GEMMs alone against torch.matmul, and
-   plain Linear bf16 at the same shapes;
-2. torch.compile on the priority-0 cases that measured it not (its warm-up, ~10 s a shape, is
-   what the priority-0 time cap cannot afford; see :mod:`benchmarks.plan`), the fused
-   MLP's headline step through ``manualbp.convert``, and each Linear candidate forced on its
-   own (``manualbp_triton``, ``manualbp_cublas``) on the bf16 Linear cases of priorities 0
-   and 1 (``manualbp`` itself, the per-shape choice, is measured with the case);
-3. the remaining shapes and sizes the targets are stated on, and SGD; the fused MLP's headline
-   in fp16, and torch.compile(mode="max-autotune") at the headline (~90 s a shape);
-4. the rest of the bf16 / fp16 matrix (the fused MLP: widths 64 and 128, batches 2^16..2^21,
-   max-autotune at 2^18 for width 128), with the forced Linear candidates of priority 3's bf16
-   Linear cases; 5. fp32; 6. the largest fp32 GEMMs, dropped first.
-
-On CPU (the reference path) the suites are small, and the host-overhead and reference-path cases
-of :mod:`benchmarks.host_cases` come first.
+On CUDA the full suite runs in priority order (``P_*`` below; the order and why:
+benchmarks/README.md, "Run order"), so that a run cut short by its time budget has measured
+what matters most; priority 0 is what ``benchmarks/gpu_run.sh`` must always measure (``--plan``
+shows that it fits). On CPU the suites are small, the cases of :mod:`benchmarks.host_cases`
+first.
 """
 
 from __future__ import annotations
@@ -81,7 +61,7 @@ CPU_QUICK_NARROW = (64, 12)
 # The step's providers without max-autotune (where no max-autotune shape is wanted).
 NARROW_NO_MAX_AUTOTUNE = [NATIVE, MANUALBP, COMPILE, MANUALBP_CONVERT]
 
-# Priorities of the CUDA suite (run in ascending order; see the module docstring).
+# Priorities of the CUDA suite, run in ascending order (benchmarks/README.md, "Run order").
 P_FIRST, P_BOUND, P_DEFERRED, P_REST, P_MATRIX, P_FP32, P_FP32_LARGEST = range(7)
 # torch.compile measured in the deferred pass rather than with the rest of the case.
 DEFER_COMPILE = {COMPILE: P_DEFERRED}

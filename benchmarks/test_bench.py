@@ -1,9 +1,8 @@
 """The benchmark cases under pytest-benchmark: one test per (case, mode, provider).
 
 Each round runs the case's untimed ``prepare`` in pytest-benchmark's ``setup`` and times the
-call followed by ``torch.cuda.synchronize`` (wall clock; the ``python -m benchmarks`` runner
-times with CUDA events instead). Throughput is added to ``extra_info``. On CPU the manualbp
-provider runs the reference path (labelled so) and torch.compile is skipped.
+call and a device synchronisation (wall clock); throughput goes into ``extra_info``. On CPU
+torch.compile is skipped.
 """
 
 from __future__ import annotations

@@ -1,24 +1,9 @@
-"""Timing and peak-memory measurement.
+"""Timing and peak-memory measurement (the scheme: benchmarks/README.md, "How it measures").
 
-On CUDA each repetition is timed with a pair of ``torch.cuda.Event`` s recorded around the
-measured call only; before it, untimed, the case's ``prepare`` step runs (e.g. the forward pass
-whose graph a backward-only measurement consumes) and the L2 cache is flushed by zeroing a
-256 MiB buffer (what ``triton.testing.do_bench`` does). Repetitions rotate among several input
-sets, so a call never finds its operands left in cache by the previous one. Warm-up calls (the
-first of which pays for compilation / autotuning; its wall time is reported separately as
-``first_call_ms``) are excluded.
-
-``triton.testing.do_bench`` is not used for the measured calls because it has no hook for an
-untimed per-repetition ``prepare`` step nor for rotating inputs; the CUDA-event scheme above is
-the same as its own (and the same on torch 2.11 / triton 3.6 and torch 2.13 / triton 3.9).
-
-On CPU, each repetition is timed with ``time.perf_counter`` around the call; there is no cache
-flush and no peak-memory figure (torch keeps no CPU allocator statistics).
-
-:func:`bench_interleaved` times several implementations of one call side by side (each
-repetition runs every one once, the order reversed every other repetition, gc off), for ratios
-that load drifts on a shared machine would otherwise distort: the host-overhead and
-reference-path cases of the CPU run.
+On CUDA each repetition is timed with CUDA events around the measured call only, after its
+untimed ``prepare`` and an L2 flush, rotating among the input sets; on CPU with
+``time.perf_counter`` (no flush, no peak memory). ``triton.testing.do_bench`` is not used: it
+has no hook for an untimed per-repetition ``prepare`` nor for rotating inputs.
 """
 
 from __future__ import annotations
@@ -32,15 +17,7 @@ from typing import Any
 
 import torch
 
-__all__ = [
-    "Timing",
-    "bench",
-    "bench_interleaved",
-    "peak_memory",
-    "release_flush_buffers",
-    "synchronize",
-    "L2_FLUSH_BYTES",
-]
+__all__ = ["Timing", "bench", "bench_interleaved", "peak_memory", "synchronize"]
 
 L2_FLUSH_BYTES = 256 * 1024 * 1024
 _flush_buffers: dict[str, torch.Tensor] = {}
@@ -53,14 +30,11 @@ def synchronize(device: torch.device) -> None:
 
 
 def _flush(device: torch.device) -> None:
-    if device.type != "cuda":
-        return
-    key = str(device)
-    buf = _flush_buffers.get(key)
-    if buf is None:
-        buf = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
-        _flush_buffers[key] = buf
-    buf.zero_()
+    if device.type == "cuda":
+        key = str(device)
+        if key not in _flush_buffers:
+            _flush_buffers[key] = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+        _flush_buffers[key].zero_()
 
 
 def release_flush_buffers() -> None:
@@ -119,6 +93,15 @@ def _estimate(
     return first, max(est, 1e-3)
 
 
+def _counts(
+    est_ms: float, warmup_ms: float, rep_ms: float, min_reps: int, max_reps: int, min_warmup: int
+) -> tuple[int, int]:
+    """``(n_warmup, n_reps)`` for calls of ``est_ms``: about ``warmup_ms`` and ``rep_ms`` worth
+    (at least ``min_warmup`` and ``min_reps``, at most ``max_reps``), as ``do_bench`` does."""
+    n_warmup = max(min_warmup, min(max_reps, int(warmup_ms / est_ms)))
+    return n_warmup, max(min_reps, min(max_reps, int(rep_ms / est_ms)))
+
+
 def _timed_cuda(run, prepare, sets, device, n_reps: int, flush: bool) -> list[float]:
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_reps)]
@@ -173,17 +156,12 @@ def bench(
     max_reps: int = 200,
     flush: bool = True,
 ) -> Timing:
-    """Time ``run(prepare(s))`` for ``s`` rotating over ``sets``; only ``run`` is timed.
-
-    The number of warm-up calls and of repetitions is chosen, as ``do_bench`` does, from a
-    first estimate of the call's time so that they take about ``warmup_ms`` and ``rep_ms``
-    (at least ``min_reps`` repetitions, at most ``max_reps``).
-    """
+    """Time ``run(prepare(s))`` for ``s`` rotating over ``sets``; only ``run`` is timed, its
+    warm-up and repetitions sized from a first estimate of the call's time (:func:`_counts`)."""
     if not sets:
         raise ValueError("bench needs at least one input set")
     first, est = _estimate(run, prepare, sets, device)
-    n_warmup = max(1, min(max_reps, int(warmup_ms / est)))
-    n_reps = max(min_reps, min(max_reps, int(rep_ms / est)))
+    n_warmup, n_reps = _counts(est, warmup_ms, rep_ms, min_reps, max_reps, min_warmup=1)
     for k in range(n_warmup):
         run(prepare(sets[k % len(sets)]))
     synchronize(device)
@@ -207,20 +185,13 @@ def bench_interleaved(
     max_reps: int = 5000,
 ) -> list[Timing]:
     """Time several ``(prepare, run)`` entries side by side: every repetition runs each entry
-    once (on the same input set), in forward order on even repetitions and in reverse order on
-    odd ones, so that drifts (clock, temperature, other load) and order effects hit all alike;
-    one :class:`Timing` per entry, medians over the repetitions. Wall clock around each call
-    with the device synchronised; the garbage collector is off while timing.
-
-    Repetitions: ``rep_ms`` worth of the slowest entry (``min_reps`` .. ``max_reps``); warm-up
-    ``warmup_ms`` worth, excluded.
-    """
+    once on the same input set, in reverse order every other repetition, so that drifts and
+    order effects hit all alike (wall clock, device synchronised, gc off); one :class:`Timing`
+    per entry. Warm-up and repetitions: :func:`_counts` of the slowest entry."""
     if not sets or not entries:
         raise ValueError("bench_interleaved needs input sets and entries")
     firsts, ests = zip(*(_estimate(run, prep, sets, device) for prep, run in entries), strict=True)
-    slowest = max(ests)
-    n_warmup = max(2, min(max_reps, int(warmup_ms / slowest)))
-    n_reps = max(min_reps, min(max_reps, int(rep_ms / slowest)))
+    n_warmup, n_reps = _counts(max(ests), warmup_ms, rep_ms, min_reps, max_reps, min_warmup=2)
     times: list[list[float]] = [[] for _ in entries]
     order = list(range(len(entries)))
     gc.collect()
@@ -245,15 +216,10 @@ def bench_interleaved(
 def peak_memory(
     run: Callable[[Any], Any], prepare: Callable[[Any], Any], one_set: Any, device: torch.device
 ) -> dict[str, Any]:
-    """Peak CUDA memory of one ``run(prepare(one_set))`` after a warm-up call.
-
-    Returns ``peak_mem_bytes`` (``torch.cuda.max_memory_allocated`` after
-    ``reset_peak_memory_stats``: everything allocated at that moment, which the runner keeps to
-    the provider's parameters (and optimizer state) and the one input set, plus what the call
-    adds; the L2-flush buffer is freed first) and ``peak_mem_extra_bytes``
-    (the peak minus what was allocated when the measured call began). On CPU
-    both are ``None`` with a reason.
-    """
+    """Peak CUDA memory of one ``run(prepare(one_set))`` after a warm-up call, the L2-flush
+    buffer freed first: ``peak_mem_bytes`` (``max_memory_allocated`` after
+    ``reset_peak_memory_stats``) and ``peak_mem_extra_bytes`` (less what was allocated when the
+    call began). On CPU both are ``None`` with a reason."""
     if device.type != "cuda":
         return {
             "peak_mem_bytes": None,

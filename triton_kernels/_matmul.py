@@ -141,23 +141,13 @@ def tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
 
 @triton.jit
 def gemm_mainloop(
-    a_ptr,
-    b_ptr,
-    offs_m,
-    offs_n,
-    M,
-    N,
-    K,
-    stride_am,
-    stride_ak,
-    stride_bk,
-    stride_bn,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    ACC_FP64: tl.constexpr,
+    a_ptr, b_ptr,
+    offs_m, offs_n,
+    M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC_FP64: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
-):
+):  # fmt: skip
     """Accumulate the (BLOCK_M, BLOCK_N) tile ``A[offs_m, :] @ B[:, offs_n]`` over K."""
     # Row pointers of the A tile and column pointers of the B tile (int64 offsets).
     a_rows = a_ptr + offs_m[:, None] * stride_am
@@ -189,26 +179,12 @@ def gemm_mainloop(
 
 @triton.jit
 def matmul_kernel(
-    a_ptr,
-    b_ptr,
-    c_ptr,
-    M,
-    N,
-    K,
-    stride_am,
-    stride_ak,
-    stride_bk,
-    stride_bn,
-    stride_cm,
-    stride_cn,
-    ACC_FP64: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    ACCUMULATE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
+    a_ptr, b_ptr, c_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    ACC_FP64: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
     """``C = A @ B`` (``C += A @ B`` when ``ACCUMULATE``: C fp32 or fp64 for narrower A, B) for
     strided A (M, K), B (K, N), C (M, N); one program per C tile."""
     offs_m, offs_n = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)

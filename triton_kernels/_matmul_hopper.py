@@ -211,21 +211,13 @@ def _dot(a, b, acc, INPUT_PRECISION: tl.constexpr):
 
 @triton.jit
 def _store_half(
-    acc,
-    off_m,
-    off_n,
-    c_desc,
-    z_desc,
-    bias_ptr,
+    acc, off_m, off_n,
+    c_desc, z_desc, bias_ptr,
     stride_bias,
     negative_slope,
-    N,
-    HAS_BIAS: tl.constexpr,
-    ACTIVATION: tl.constexpr,
-    STORE_PREACT: tl.constexpr,
-    ACCUMULATE: tl.constexpr,
-    HALF_N: tl.constexpr,
-):
+    N, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PREACT: tl.constexpr,
+    ACCUMULATE: tl.constexpr, HALF_N: tl.constexpr,
+):  # fmt: skip
     """Epilogue of one (BLOCK_M, BLOCK_N / 2) half: bias, pre-activation store, activation (or,
     ``ACCUMULATE``, the sum with C's current tile: C += A @ B, C fp32 for 16-bit A and B)."""
     if ACCUMULATE:
@@ -247,30 +239,15 @@ def _store_half(
 
 @triton.jit
 def matmul_tma_kernel(
-    a_desc,
-    b_desc,
-    c_desc,
-    z_desc,
-    bias_ptr,
+    a_desc, b_desc, c_desc, z_desc, bias_ptr,
     negative_slope: tl.float64,
-    M,
-    N,
-    K,
+    M, N, K,
     stride_bias,
-    HAS_BIAS: tl.constexpr,
-    ACTIVATION: tl.constexpr,
-    STORE_PREACT: tl.constexpr,
-    ACCUMULATE: tl.constexpr,
-    A_T: tl.constexpr,
-    B_T: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    NUM_SMS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr,
-):
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PREACT: tl.constexpr,
+    ACCUMULATE: tl.constexpr, A_T: tl.constexpr, B_T: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    NUM_SMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+):  # fmt: skip
     """``C = act(A @ B + bias)`` (and ``Z = A @ B + bias``) over a persistent grid.
 
     ``a_desc`` reads A (M, K) in (BLOCK_M, BLOCK_K) boxes, or A^T (K, M) in (BLOCK_K, BLOCK_M)

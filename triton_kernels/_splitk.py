@@ -92,24 +92,12 @@ INTERPRETER_SM_COUNT = 4
 
 @triton.jit
 def splitk_partial_kernel(
-    a_ptr,
-    b_ptr,
-    ws_ptr,
-    M,
-    N,
-    K,
-    CHUNK,
-    stride_am,
-    stride_ak,
-    stride_bk,
-    stride_bn,
-    ACC_FP64: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
+    a_ptr, b_ptr, ws_ptr,
+    M, N, K, CHUNK,
+    stride_am, stride_ak, stride_bk, stride_bn,
+    ACC_FP64: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
     """``ws[s] = A[:, s*CHUNK : (s+1)*CHUNK] @ B[s*CHUNK : (s+1)*CHUNK, :]`` for one tile;
     ``ws`` is a contiguous (S, M, N) fp32 (fp64) workspace."""
     offs_m, offs_n = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -141,17 +129,11 @@ def splitk_partial_kernel(
 
 @triton.jit
 def splitk_reduce_kernel(
-    ws_ptr,
-    c_ptr,
-    S,
-    M,
-    N,
-    stride_cm,
-    stride_cn,
-    ACC_FP64: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+    ws_ptr, c_ptr,
+    S, M, N,
+    stride_cm, stride_cn,
+    ACC_FP64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
     """``C = sum_s ws[s]``, added in the order s = 0, 1, ..., S-1 (deterministic), rounded
     once to C's dtype."""
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -130,34 +130,15 @@ def chain_configs(arch: int, dtype: torch.dtype, precision: str) -> list[dict[st
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def linear_forward_kernel(
-    x_ptr,
-    w_ptr,
-    b_ptr,
-    y_ptr,
-    z_ptr,
+    x_ptr, w_ptr, b_ptr, y_ptr, z_ptr,
     negative_slope: tl.float64,
-    M,
-    N,
-    K,
-    stride_xm,
-    stride_xk,
-    stride_wn,
-    stride_wk,
-    stride_b,
-    stride_ym,
-    stride_yn,
-    stride_zm,
+    M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_ym, stride_yn, stride_zm,
     stride_zn,
-    HAS_BIAS: tl.constexpr,
-    ACTIVATION: tl.constexpr,
-    STORE_PREACT: tl.constexpr,
-    ACC_FP64: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PREACT: tl.constexpr,
+    ACC_FP64: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
     """One (BLOCK_M, BLOCK_N) tile of ``act(X @ W^T + b)``; W (N, K) is read as B = W^T."""
     offs_m, offs_n = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     # B[k, n] = W[n, k]: B's (k, n) strides are W's (k, n) strides.
@@ -165,15 +146,26 @@ def linear_forward_kernel(
         x_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_xk, stride_wk, stride_wn,
         BLOCK_M, BLOCK_N, BLOCK_K, ACC_FP64, INPUT_PRECISION,
     )  # fmt: skip
-    # Epilogue on the accumulator: bias, optional pre-activation store, activation.
+    _bias_act_store(
+        acc, offs_m, offs_n, M, N, b_ptr, stride_b, y_ptr, stride_ym, stride_yn, z_ptr,
+        stride_zm, stride_zn, negative_slope, HAS_BIAS, ACTIVATION, STORE_PREACT,
+    )  # fmt: skip
+
+
+@triton.jit
+def _bias_act_store(
+    acc, offs_m, offs_n, M, N, b_ptr, stride_b, y_ptr, stride_ym, stride_yn, z_ptr, stride_zm,
+    stride_zn, negative_slope, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+    STORE_PREACT: tl.constexpr,
+):  # fmt: skip
+    """The epilogue on an fp32 (fp64) tile: bias, the pre-activation store, the activation.
+    z is rounded to the output dtype first, as native Linear + activation does (a no-op for
+    fp32/fp64): y matches native rounding and the stored z is what backward differentiates at."""
     mask_n = offs_n < N
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n * stride_b, mask=mask_n, other=0.0)
         acc += bias.to(acc.dtype)[None, :]
     mask = (offs_m[:, None] < M) & mask_n[None, :]
-    # Round the pre-activation to the output dtype first, as native Linear + activation does
-    # (a no-op for fp32/fp64): y matches native rounding and is consistent with the stored z
-    # that the backward pass differentiates at.
     z = cast_out(acc, y_ptr.dtype.element_ty)
     if STORE_PREACT:
         z_ptrs = z_ptr + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zn
@@ -185,72 +177,35 @@ def linear_forward_kernel(
 
 @triton.jit
 def linear_epilogue_kernel(
-    acc_ptr,
-    b_ptr,
-    y_ptr,
-    z_ptr,
+    acc_ptr, b_ptr, y_ptr, z_ptr,
     negative_slope: tl.float64,
-    M,
-    N,
-    stride_am,
-    stride_an,
-    stride_b,
-    stride_ym,
-    stride_yn,
-    stride_zm,
-    stride_zn,
-    HAS_BIAS: tl.constexpr,
-    ACTIVATION: tl.constexpr,
-    STORE_PREACT: tl.constexpr,
-    ACC_FP64: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+    M, N,
+    stride_am, stride_an, stride_b, stride_ym, stride_yn, stride_zm, stride_zn,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PREACT: tl.constexpr,
+    ACC_FP64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
     """One (BLOCK_M, BLOCK_N) tile: ``z = round(acc + b)``, ``y = round(act(z))``."""
     # int64 offsets: (M, N) tensors may exceed 2**31 elements.
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    mask = (offs_m[:, None] < M) & mask_n[None, :]
-    acc_dtype = tl.float64 if ACC_FP64 else tl.float32
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     a_ptrs = acc_ptr + offs_m[:, None] * stride_am + offs_n[None, :] * stride_an
-    v = tl.load(a_ptrs, mask=mask, other=0.0).to(acc_dtype)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_n * stride_b, mask=mask_n, other=0.0)
-        v += bias.to(acc_dtype)[None, :]
-    # Round the pre-activation to the output dtype first, as native Linear + activation does.
-    z = cast_out(v, y_ptr.dtype.element_ty)
-    if STORE_PREACT:
-        z_ptrs = z_ptr + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zn
-        tl.store(z_ptrs, z, mask=mask)
-    y = apply_activation(z.to(acc_dtype), slope_as(negative_slope, acc_dtype), ACTIVATION)
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, cast_out(y, y_ptr.dtype.element_ty), mask=mask)
+    v = tl.load(a_ptrs, mask=mask, other=0.0).to(tl.float64 if ACC_FP64 else tl.float32)
+    _bias_act_store(
+        v, offs_m, offs_n, M, N, b_ptr, stride_b, y_ptr, stride_ym, stride_yn, z_ptr, stride_zm,
+        stride_zn, negative_slope, HAS_BIAS, ACTIVATION, STORE_PREACT,
+    )  # fmt: skip
 
 
 @triton.jit
 def act_grad_kernel(
-    g_ptr,
-    s_ptr,
-    dz_ptr,
-    part_ptr,
+    g_ptr, s_ptr, dz_ptr, part_ptr,
     negative_slope: tl.float64,
-    M,
-    N,
-    stride_gm,
-    stride_gn,
-    stride_sm,
-    stride_sn,
-    stride_dzm,
-    stride_dzn,
-    ACTIVATION: tl.constexpr,
-    STORE_DZ: tl.constexpr,
-    COMPUTE_DB: tl.constexpr,
-    ACC_FP64: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    ROW_STEPS: tl.constexpr,
-):
+    M, N,
+    stride_gm, stride_gn, stride_sm, stride_sn, stride_dzm, stride_dzn,
+    ACTIVATION: tl.constexpr, STORE_DZ: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    ACC_FP64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_STEPS: tl.constexpr,
+):  # fmt: skip
     """dZ = dY * act'(saved) over ROW_STEPS * BLOCK_M rows and BLOCK_N columns; optionally the
     column sums of those rows into ``part[pid_m, :]`` (fp32, fp64 for fp64)."""
     pid_m = tl.program_id(0)
@@ -285,15 +240,11 @@ def act_grad_kernel(
 
 @triton.jit
 def bias_grad_kernel(
-    part_ptr,
-    db_ptr,
-    R,
-    N,
+    part_ptr, db_ptr,
+    R, N,
     stride_db,
-    BLOCK_R: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    ACC_FP64: tl.constexpr,
-):
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, ACC_FP64: tl.constexpr,
+):  # fmt: skip
     """db[n] = sum_r part[r, n], summed in a fixed order (deterministic)."""
     pid_n = tl.program_id(0)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -320,32 +271,14 @@ def _row_block(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.c
 
 @triton.jit
 def chain_grad_kernel(
-    a_ptr,
-    b_ptr,
-    s_ptr,
-    dz_ptr,
-    part_ptr,
+    a_ptr, b_ptr, s_ptr, dz_ptr, part_ptr,
     negative_slope: tl.float64,
-    M,
-    N,
-    K,
-    stride_am,
-    stride_ak,
-    stride_bk,
-    stride_bn,
-    stride_sm,
-    stride_sn,
-    stride_dzm,
-    stride_dzn,
-    ACTIVATION: tl.constexpr,
-    COMPUTE_DB: tl.constexpr,
-    ACC_FP64: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
+    M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_sm, stride_sn, stride_dzm, stride_dzn,
+    ACTIVATION: tl.constexpr, COMPUTE_DB: tl.constexpr, ACC_FP64: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
     """``dZ_p = (A @ B) * act'(S)`` for one (BLOCK_M, BLOCK_N) tile, in GEMM names: A = dZ of
     the upper layer (M, K), B = its weight (K, N), S the lower layer's saved tensor (M, N);
     optionally the tile's column sums of dZ_p into ``part[row block, :]`` (fp32, fp64 for

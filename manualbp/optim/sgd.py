@@ -1,19 +1,6 @@
-r"""Stochastic gradient descent, a drop-in for :class:`torch.optim.SGD`.
+"""Stochastic gradient descent, a drop-in for :class:`torch.optim.SGD` (the update: :class:`SGD`).
 
-The update of each parameter :math:`w` with gradient :math:`g = \partial L / \partial w`, learning
-rate :math:`\eta`, weight decay :math:`\lambda`, momentum :math:`\mu`, dampening :math:`\tau`:
-
-.. math::
-
-    g &\leftarrow -g \quad\text{if maximize} \\
-    g &\leftarrow g + \lambda w \\
-    b &\leftarrow g \ \text{(first step)}, \qquad
-        b \leftarrow \mu b + (1 - \tau) g \ \text{(later steps)} \qquad (\mu \neq 0) \\
-    g &\leftarrow g + \mu b \ \text{(nesterov)}, \qquad g \leftarrow b \ \text{(otherwise)}
-        \qquad (\mu \neq 0) \\
-    w &\leftarrow w - \eta g
-
-With no momentum and no weight decay this is the plain ``w = w - η·∂L/∂w``.
+With no momentum and no weight decay this is the plain ``w = w - η·∂L/∂w`` of the seed.
 """
 
 from __future__ import annotations
@@ -207,7 +194,7 @@ class SGD(torch.optim.SGD):
                     self.state[p]["momentum_buffer"] = buf
         if plan.sparse:
             bufs = [self._buffer(p) for p in plan.sparse] if use_momentum else []
-            _sparse_sgd(plan.sparse, [p.grad for p in plan.sparse], bufs, **hyper)
+            reference_step(plan.sparse, [p.grad for p in plan.sparse], bufs, **hyper)
             if use_momentum:
                 for p, buf in zip(plan.sparse, bufs, strict=True):
                     self.state[p]["momentum_buffer"] = buf
@@ -232,37 +219,6 @@ def _check_buffer(p: Tensor, buf: Tensor) -> None:
         )
 
 
-def _sparse_sgd(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    *,
-    lr: float | Tensor,
-    weight_decay: float | Tensor,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    maximize: bool,
-) -> None:
-    """The update for sparse gradients: the ops of torch's single-tensor SGD
-    (``torch.optim.sgd._single_tensor_sgd``), so values and the (sparse) momentum buffers
-    are torch's. ``weight_decay`` is 0 here (:meth:`SGD._plan` rejects it, as torch fails)."""
-    del weight_decay
-    if isinstance(lr, Tensor) and lr.dim() != 0:
-        lr = lr.squeeze()  # torch's _to_scalar: a 1-element tensor as a 0-dim one
-    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-        d_p = -g if maximize else g
-        if momentum != 0:
-            buf = momentum_buffers[i]
-            if buf is None:
-                buf = d_p.detach().clone()
-                momentum_buffers[i] = buf
-            else:
-                buf.mul_(momentum).add_(d_p, alpha=1 - dampening)
-            d_p = d_p.add(buf, alpha=momentum) if nesterov else buf
-        p.add_(d_p, alpha=-lr)
-
-
 def reference_step(
     params: list[Tensor],
     grads: list[Tensor],
@@ -275,11 +231,11 @@ def reference_step(
     nesterov: bool,
     maximize: bool,
 ) -> None:
-    """The SGD update in plain torch ops, one param at a time (module docstring); ``None``
-    momentum buffers are replaced in the list by new ones.
-
-    A tensor ``lr`` is used as a tensor (``addcmul_``), so no host sync is forced.
-    """
+    """The SGD update in plain torch ops, one param at a time (:class:`SGD`); ``None`` momentum
+    buffers are replaced in the list by new ones. A tensor ``lr`` is used as a tensor
+    (``addcmul_``: no host sync). Sparse (COO) gradients take the ops of torch's single-tensor
+    SGD, so values and the (sparse) momentum buffers are torch's (``weight_decay`` is 0 for
+    them: :meth:`SGD._plan` rejects it, as torch fails)."""
     lr_t = lr.detach().reshape(()) if isinstance(lr, Tensor) else None
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
         d_p = -g if maximize else g
@@ -293,7 +249,10 @@ def reference_step(
             else:
                 buf.mul_(momentum).add_(d_p, alpha=1 - dampening)
             d_p = d_p.add(buf, alpha=momentum) if nesterov else buf
-        if lr_t is not None:
+        if lr_t is not None and g.layout != torch.strided:
+            p.add_(d_p, alpha=-lr_t)  # torch's sparse path: the lr as a scalar (addcmul_ has
+            # no sparse kernel)
+        elif lr_t is not None:
             # A 0-dim CPU tensor combines with tensors on any device; others must move.
             same = lr_t.device == p.device or lr_t.device.type == "cpu"
             p.addcmul_(d_p, lr_t if same else lr_t.to(p.device), value=-1)

@@ -283,10 +283,13 @@ def matmul_tma_kernel(
         # Epilogue subtiling: two (BLOCK_M, BLOCK_N / 2) halves, stored one after the other.
         acc = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
         acc0, acc1 = tl.split(acc)
+        # The string constexpr ACTIVATION is passed on its own: compiled code cannot put it in
+        # a tuple (Triton 3.6 and 3.9: "cannot convert gelu of type str to tensor").
         for_half = (c_desc, z_desc, bias_ptr, stride_bias, negative_slope, N, HAS_BIAS)
-        epilogue = (ACTIVATION, STORE_PREACT, ACCUMULATE, BLOCK_N // 2)
-        _store_half(acc0, off_m, off_n, *for_half, *epilogue)
-        _store_half(acc1, off_m, off_n + BLOCK_N // 2, *for_half, *epilogue)
+        _store_half(acc0, off_m, off_n, *for_half, ACTIVATION, STORE_PREACT, ACCUMULATE,
+                    BLOCK_N // 2)  # fmt: skip
+        _store_half(acc1, off_m, off_n + BLOCK_N // 2, *for_half, ACTIVATION, STORE_PREACT,
+                    ACCUMULATE, BLOCK_N // 2)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

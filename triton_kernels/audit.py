@@ -1,682 +1,389 @@
-"""Compile audit: build every kernel in every shipped config for sm_80 and sm_90, no GPU needed.
+"""Compile audit: every kernel in every shipped config, built for sm_80 and sm_90 without a GPU.
 
 Usage::
 
-    python -m triton_kernels.audit [--quick] [--arch 80,90] [--kernel NAME[,NAME]] [-j N]
+    python -m manualbp.kernels.audit [--quick] [--arch 80,90] [--kernel NAME,..] [-j N] [--list]
 
-For each (kernel, config, arch, dtype) it compiles the kernel to a cubin with Triton's own
-toolchain (``triton.compile`` on an ``ASTSource`` for a ``GPUTarget``), reads the register count
-and spill bytes from ``ptxas -v`` (the ptxas bundled with Triton), the shared memory from the
-compiled metadata, and, on sm_90, whether the GEMM main loop uses wgmma (``HGMMA`` in the SASS
-from ``cuobjdump -sass``). It prints a table and exits non-zero if any compile fails, any
-kernel spills, a config needs more shared memory than the architecture has, or a Hopper
-fp16/bf16 GEMM does not use wgmma.
+The jobs come from the launchers themselves. For each architecture and dtype (fp16, bf16, fp32
+IEEE, fp32 TF32, fp64) the cases below call the public launchers on small CPU tensors of the
+audited layouts (sizes multiples of 16) under ``_host.simulate(arch, 132)`` and
+``_host.record()``: nothing runs, and every launch the launchers would make on that GPU is
+recorded, each candidate config of a tuned one with that config's own arguments (TMA
+descriptors with its boxes). A recorded launch becomes a compile job whose signature is derived
+from its arguments as Triton's launcher specialises them (:func:`specialise`, :func:`job_of`);
+identical jobs are compiled once. ``--list`` prints the jobs as JSON lines instead.
 
-The specialisation compiled is the common one (contiguous row-major operands, sizes multiple
-of 16): unit strides are constexpr 1 and pointers / other strides / sizes divisible by 16,
-which is what Triton's launcher would pick for such tensors.
-
-Besides the Linear kernels (``linear_forward``, ``matmul``, ``act_grad``, ``bias_grad``, dW's
-split-K ``splitk_partial`` / ``splitk_reduce`` and the cross-layer ``chain_grad``) it
-covers the MSE kernels of ``triton_kernels.mse`` (``mse_fwd``, ``mse_bwd``, ``mse_scale``; each
-contiguous with 16-byte aligned pointers, and as a general 4-d strided view; ``mse_fwd`` also
-contiguous but unaligned) and the multi-tensor SGD kernel of ``triton_kernels.sgd`` (``sgd``, in
-its main constexpr combinations, aligned, plus one unaligned), in their shipped CUDA launch
-configs. Those are bandwidth-bound elementwise / reduction kernels: no wgmma requirement, but a
-vector-width report: the widest ``ld.global`` / ``st.global`` in each one's PTX (``v4.b32`` and
-``v2.b64``: 128 bits), printed after the table; the audit fails when a contiguous, aligned case
-has no 128-bit load.
-
-The fused-MLP kernels of ``triton_kernels.fused_mlp`` (``mlp_fwd``, ``mlp_bwd``, ``mlp_wgrad``,
-``mlp_reduce``, ``mlp_loss_reduce``) are compiled for 4 layers at every WIDTH their config
-tables ship, erf-GELU hidden layers (the heaviest epilogue), fp16, bf16, TF32 and IEEE fp32;
-``mlp_fwd`` / ``mlp_bwd`` also with the MSE loss folded in (rows labelled ``mse:<mode>``, the
-mode training uses for the dtype); wgmma is required of the fp16/bf16/TF32 row-tile kernels and
-of the weight-gradient blocks of 64 rows.
-
-The Hopper GEMM path (``triton_kernels._matmul_hopper``: persistent grid, TMA descriptors) is
-compiled for sm_90 only, every shipped config (fp16, bf16, TF32), ``matmul_tma`` with dX's
-operand layout and ``linear_forward_tma`` with bias, stored pre-activation and erf-GELU, plus
-the first config with dW's (A read through its transpose) and the forward's (B = W^T, bias)
-layouts. Each row must show TMA (``cp.async.bulk.tensor`` in the PTX, ``UTMALDG`` and
-``UTMASTG`` in the SASS) and wgmma (``HGMMA``); a TMA report follows the table.
-
-The elementwise forward pass that follows a cuBLAS GEMM (``linear_epilogue``, of
-``triton_kernels.linear_epilogue``) is compiled with a bias, a stored pre-activation and each
-activation, contiguous and aligned: it gets the vector-width report and must load 128 bits.
+Each job is compiled to a cubin by Triton's own toolchain (``triton.compile`` on an
+``ASTSource`` for a ``GPUTarget``): ``ptxas -v`` gives registers and spills, the metadata the
+shared memory, ``cuobjdump -sass`` whether a GEMM uses wgmma (``HGMMA``). The audit exits 1 on a
+launch keyword that is neither a parameter nor an option (Triton's launcher raises), a compile
+error, a spill, shared memory over the architecture's limit, a GEMM of fp16/bf16/TF32 tiles of
+64+ rows without wgmma on sm_90, a Hopper-path GEMM without TMA (``cp.async.bulk.tensor`` in
+the PTX, ``UTMALDG`` and ``UTMASTG`` in the SASS), or a bandwidth-bound kernel without a 128-bit
+global load on contiguous, 16-byte aligned operands. After the table: the widest ``ld.global``
+/ ``st.global`` of the bandwidth-bound kernels, and the Hopper path's TMA use.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
+import functools
+import importlib
 import io
+import json
+import math
 import os
 import re
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, redirect_stdout
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from typing import Any
+from unittest import mock
 
 import torch
 import triton
-import triton.language as tl
+from torch import Tensor
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource, make_backend
+from triton.tools.tensor_descriptor import TensorDescriptor
 
-from manualbp.activations import ACTIVATIONS as REGISTRY
-
-from . import fused_mlp as _mlp
-from . import mse as _mse
-from . import sgd as _sgd
-from ._host import interpreting
-from ._matmul import configs_for, matmul_kernel, smem_limit
-from ._matmul_hopper import hopper_configs_for, matmul_tma_kernel
-from ._splitk import REDUCE_CONFIGS as SPLITK_REDUCE_CONFIGS
-from ._splitk import splitk_config_for, splitk_partial_kernel, splitk_reduce_kernel
-from .linear_backward import (
-    ELEMENTWISE_CONFIGS,
-    act_grad_kernel,
-    bias_grad_kernel,
-    chain_configs,
-    chain_grad_kernel,
-)
-from .linear_epilogue import EPILOGUE_CONFIGS, linear_epilogue_kernel
-from .linear_forward import linear_forward_kernel
+from . import _host, _matmul, fused_mlp, linear, mse, sgd
+from ._activations import NAMES as ACTIVATIONS
+from ._runtime import input_precision_for, smem_limit
 
 ARCHS = (80, 90)
-# (dtype, tl.dot input precision) pairs compiled for the GEMMs: fp32 in both the IEEE mode
-# (torch's default "highest" float32 matmul precision) and TF32 ("high"/"medium").
-GEMM_VARIANTS = (
-    (torch.float16, "ieee"),
-    (torch.bfloat16, "ieee"),
-    (torch.float32, "ieee"),
-    (torch.float32, "tf32"),
-    (torch.float64, "ieee"),
-)
-TL_NAME = {
-    torch.float16: "fp16",
-    torch.bfloat16: "bf16",
-    torch.float32: "fp32",
-    torch.float64: "fp64",
-}
-_NV_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+SMS = 132  # an H100 / H200 SXM: the Hopper GEMM's persistent grid is a constexpr of it
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A dtype of the table: the tensors' and torch's float32 matmul precision while recording
+    (``"high"``: TF32 ``tl.dot``)."""
+
+    name: str
+    dtype: torch.dtype
+    matmul_precision: str = "highest"
+
+
+VARIANTS = (Variant("fp16", torch.float16), Variant("bf16", torch.bfloat16),
+            Variant("fp32", torch.float32), Variant("tf32", torch.float32, "high"),
+            Variant("fp64", torch.float64))  # fmt: skip
+QUICK_VARIANTS = ("fp16", "bf16", "fp32")
+
+# What a kernel is checked for, by its table name (the kernel's, less "_kernel").
+# GEMMs -> the constexpr giving their tl.dot tile's rows: on sm_90, fp16/bf16/TF32 tiles of 64
+# rows or more (a warpgroup's) must use wgmma; the MLP weight gradient's dot has NC rows.
+GEMM_ROWS = {"linear_forward": "BLOCK_M", "matmul": "BLOCK_M", "matmul_tma": "BLOCK_M",
+             "chain_grad": "BLOCK_M", "splitk_partial": "BLOCK_M", "mlp_forward": "BLOCK_M",
+             "mlp_backward": "BLOCK_M", "mlp_wgrad": "NC"}  # fmt: skip
+TMA_KERNELS = {"matmul_tma"}  # TMA loads and stores required
+# Bandwidth-bound: the vector-width report; 128-bit loads required when every operand is
+# contiguous and 16-byte aligned and the launch keeps its vector path on (CONTIG / ALIGNED).
+BANDWIDTH_BOUND = {"mse_fwd", "mse_bwd", "grad_scale", "sgd", "splitk_reduce", "linear_epilogue"}
+LABEL_SHAPE = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R", "ROW_STEPS", "NC", "BLOCK", "RBLOCK")
+
+
+# --------------------------------------------------------------------------------------------
+# The cases: launcher calls on CPU tensors (recorded, never run)
+# --------------------------------------------------------------------------------------------
+Case = tuple[str, Callable[[], object]]  # (label, a call of launchers)
+call = functools.partial
+
+
+def _unaligned(*shape: int, dtype: torch.dtype) -> Tensor:
+    """A contiguous tensor one element past a 16-byte boundary (a view at an odd offset)."""
+    return torch.zeros(math.prod(shape) + 1, dtype=dtype)[1:].view(shape)
+
+
+def _strided4(dtype: torch.dtype) -> Tensor:
+    """A (2, 8, 16, 32) permuted view whose dims do not merge: the kernels' 4-d strided path."""
+    return torch.zeros(2, 16, 8, 32, dtype=dtype).permute(0, 2, 1, 3)
+
+
+def linear_cases(dtype: torch.dtype, quick: bool) -> Iterator[Case]:
+    """The Linear layer: each call records both candidates (Triton's GEMM; cuBLAS, whose
+    elementwise passes are Triton's), each tuned GEMM in every config."""
+    z = call(torch.zeros, dtype=dtype)
+    acts = ("gelu",) if quick else ("gelu", "gelu_tanh")  # the heaviest epilogues
+    x, w, b = z(256, 64), z(128, 64), z(128)  # TMA-readable
+    # TMA refuses overlapping rows, and Triton specialises stride 0 as any multiple of 16: the
+    # pointer kernels' fully aligned specialisation, for which sm_90 ships configs too.
+    x_rows = z(1, 64).expand(256, 64)
+    fwd = call(linear.forward, negative_slope=0.01, store_preact=True)
+    for act in acts:
+        yield f"fwd {act}", call(fwd, x, w, b, act)
+        yield f"fwd {act} x broadcast", call(fwd, x_rows, w, b, act)
+    if not quick:
+        yield "fwd", call(linear.forward, x, w, b, None, store_preact=False)
+    # 2048 rows: dW = dZ^T X splits its reduction in two (split-K).
+    gy, h, w, s, s_prev = z(2048, 128), z(2048, 128), z(128, 128), z(2048, 128), z(2048, 128)
+    for act in ("gelu",) if quick else ACTIVATIONS:
+        yield f"bwd {act}", call(linear.backward, gy, h, w, s, act, 0.01, needs_grad=(True,) * 3)
+    for act in acts:
+        yield f"chain {act}", call(linear.backward_chain, gy, h, w, s, "gelu", 0.01, s_prev, act,
+                                   0.01, needs_grad=(True,) * 4)  # fmt: skip
+    if not quick:
+        yield "dX broadcast", call(_matmul.matmul, z(1, 128).expand(2048, 128), w)
+        yield "dW unsplit", call(linear.backward, gy, h, w, None, None, 0.0,
+                                 needs_grad=(False, True, False), dw_splits=1)  # fmt: skip
+        acc = call(torch.zeros, dtype=_host.acc_dtype(dtype))
+        yield "accumulate", call(linear.grad_accumulate, gy, h, w, z(2048, 128), acc(128, 128),
+                                 acc(128))  # fmt: skip
+
+
+def epilogue_cases(dtype: torch.dtype, quick: bool) -> Iterator[Case]:
+    """The cuBLAS candidate's pass called directly: bias, stored z and each activation."""
+    acc, b, y, z = (torch.zeros(s, dtype=dtype) for s in ((64, 256), 256, (64, 256), (64, 256)))
+    for act in ("gelu",) if quick else (None, *ACTIVATIONS):
+        yield f"epilogue {act or 'none'}", call(linear.epilogue, acc, b, act, 0.01, out=y,
+                                                preact_out=z)  # fmt: skip
+
+
+def mse_cases(dtype: torch.dtype, quick: bool) -> Iterator[Case]:
+    """The MSE kernels on contiguous, unaligned, 2-d (a broadcast target) and 4-d strided
+    operands."""
+    z, u = call(torch.zeros, dtype=dtype), call(_unaligned, dtype=dtype)
+    x, t, go, x4, t4 = z(32, 64), z(32, 64), z(()), _strided4(dtype), z(2, 8, 16, 32)
+    fwd = mse.mse_forward
+    yield "mean+grad contig", call(fwd, x, t, "mean", compute_grad=True)
+    yield "mean contig", call(mse.mse_backward, go, x, t, "mean")
+    yield "contig", call(mse.mse_grad_scale_, z(32, 64), go)
+    if quick:
+        return
+    yield "mean+grad unaligned", call(fwd, u(32, 64), u(32, 64), "mean", compute_grad=True)
+    yield "mean+grad ndim2", call(fwd, x, z(1, 64).expand(32, 64), "mean", compute_grad=True)
+    yield "mean+grad ndim4", call(fwd, x4, t4, "mean", compute_grad=True)
+    yield "mean contig", call(fwd, x, t, "mean", compute_grad=False)
+    yield "none contig", call(fwd, x, t, "none", compute_grad=False)
+    yield "none ndim4", call(fwd, x4, t4, "none", compute_grad=False)
+    yield "none contig", call(mse.mse_backward, z(32, 64), x, t, "none")
+    yield "none ndim4", call(mse.mse_backward, _strided4(dtype), x4, t4, "none")
+    yield "ndim4", call(mse.mse_grad_scale_, _strided4(dtype), go)
+
+
+def sgd_cases(dtype: torch.dtype, quick: bool) -> Iterator[Case]:
+    """The multi-tensor SGD step: its main constexpr combinations, aligned, and the heaviest at
+    an odd offset (scalar accesses)."""
+
+    def step(aligned: bool = True, lr: float | Tensor = 0.1, **hyper: Any) -> None:
+        make = call(torch.zeros if aligned else _unaligned, dtype=dtype)
+        hyper = dict(weight_decay=0.0, momentum=0.0, dampening=0.0, nesterov=False,
+                     maximize=False) | hyper  # fmt: skip
+        sgd.sgd_step_([make(2048), make(1000)], [make(2048), make(1000)], [None, None], lr=lr,
+                      **hyper)  # fmt: skip
+
+    lr = torch.tensor(0.1)
+    heaviest = dict(lr=lr, weight_decay=0.01, momentum=0.9, nesterov=True, maximize=True)
+    yield "nesterov wd maximize lr_tensor", call(step, **heaviest)
+    if not quick:
+        yield "plain", step
+        yield "wd lr_tensor", call(step, lr=lr, weight_decay=0.01)
+        yield "momentum", call(step, momentum=0.9)
+        yield "nesterov wd maximize lr_tensor unaligned", call(step, False, **heaviest)
+
+
+MLP_LAYERS = 4
+
+
+def mlp_cases(dtype: torch.dtype, quick: bool) -> Iterator[Case]:
+    """The fused MLP: 4 layers at every shipped width, erf-GELU hidden layers (the heaviest:
+    z stored, recomputed by the weight gradient), plain and with the MSE folded in (each mode);
+    2048 rows, so that the weight gradient takes two chunks and their reduction."""
+    cpu = torch.device("cpu")
+    widths = fused_mlp.shipped_widths(_host.target(cpu)[0], dtype, input_precision_for(dtype, cpu))
+    z = call(torch.zeros, dtype=dtype)
+    for width in widths[-1:] if quick else widths:
+        x, t, gy = z(2048, width), z(2048, width), z(2048, width)
+        ws, bs = [z(width, width) for _ in range(MLP_LAYERS)], [z(width) for _ in range(MLP_LAYERS)]
+        acts = dict(hidden_act="gelu", out_act=None, slopes=(0.01, 0.01))
+        saved = [z(2048, width) for _ in range(MLP_LAYERS - 1)]
+        bwd = call(fused_mlp.mlp_backward, x=x, weights=ws, saved=saved, out_saved=None,
+                   has_bias=(True,) * MLP_LAYERS, hidden_preact=True, need_dx=True,
+                   need_params=True, **acts)  # fmt: skip
+        label = f"{MLP_LAYERS}x{width}"
+        yield label, call(fused_mlp.mlp_forward, x, ws, bs, store=(True, True, False), **acts)
+        yield label, call(bwd, gy)
+        for mode in fused_mlp.LOSS_MODES:
+            yield f"{label} mse:{mode}", call(fused_mlp.mlp_mse_forward, x, t, ws, bs, **acts,
+                                              reduction="mean", loss_dtype=dtype, mode=mode,
+                                              hidden_preact=True, out_preact=False)  # fmt: skip
+        yield f"{label} mse", call(bwd, gy, loss=(z(()), t, "mean"))
+
+
+# (cases, whether they depend on tl.dot's input precision: recorded again for TF32)
+CASES = ((linear_cases, True), (epilogue_cases, False), (mse_cases, False), (sgd_cases, False),
+         (mlp_cases, True))  # fmt: skip
+
+
+@contextlib.contextmanager
+def _matmul_precision(precision: str) -> Iterator[None]:
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def record(arch: int, variant: Variant, quick: bool = False) -> list[tuple[str, _host.Launch]]:
+    """``(case label, launch)`` for every launch the cases make on ``arch`` with ``SMS`` SMs:
+    each candidate of a tuned launch (``quick``: the first one only)."""
+    out: list[tuple[str, _host.Launch]] = []
+    with _host.simulate(arch, SMS), _matmul_precision(variant.matmul_precision), \
+            linear.force("auto"), _host.record() as entries:  # fmt: skip
+        for cases, by_precision in CASES:
+            if by_precision or variant.matmul_precision == "highest":
+                for label, run in cases(variant.dtype, quick):
+                    start = len(entries)
+                    run()
+                    out += [(label, e) for e in entries[start:] if isinstance(e, _host.Launch)]
+    return [(label, e) for label, e in out if not quick or _first_candidate(e)]
+
+
+def _first_candidate(launch: _host.Launch) -> bool:
+    """Whether a launch is untuned or runs the first of its candidate configs."""
+    first = launch.candidates[0] if launch.candidates else {}
+    return all(launch.kwargs[k] == v for k, v in first.items())
+
+
+# --------------------------------------------------------------------------------------------
+# Jobs: recorded launches, specialised as Triton's launcher would
+# --------------------------------------------------------------------------------------------
+TYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
+              torch.float64: "fp64", torch.int8: "i8", torch.int16: "i16", torch.int32: "i32",
+              torch.int64: "i64", torch.uint8: "u8", torch.bool: "i1"}  # fmt: skip
+DIVISIBLE = [["tt.divisibility", 16]]
+Path = tuple[int, ...]
+
+
+def specialise(value: Any, path: Path, constexprs: dict[Any, Any], attrs: dict[Path, Any], *,
+               specialize: bool = True, align: bool = True) -> Any:  # fmt: skip
+    """The signature type of the argument ``value`` at ``path`` (a tuple of types for a tuple)
+    as Triton's launcher specialises it: what it compiles in goes to ``constexprs`` (``None``,
+    an int equal to 1), a 16-byte aligned pointer or an int divisible by 16 gets
+    ``tt.divisibility`` in ``attrs``; ``specialize`` / ``align`` False: the parameter is in
+    ``do_not_specialize`` / ``do_not_specialize_on_alignment``."""
+    if isinstance(value, tuple):
+        return tuple(specialise(v, (*path, i), constexprs, attrs, specialize=specialize,
+                                align=align) for i, v in enumerate(value))  # fmt: skip
+    if value is None:
+        constexprs[path] = None
+        return "constexpr"
+    if isinstance(value, bool):
+        return "u1"
+    if isinstance(value, int):
+        if specialize and value == 1:
+            constexprs[path] = 1
+            return "constexpr"
+        if specialize and align and value % 16 == 0:
+            attrs[path] = DIVISIBLE
+        return "i32" if -(2**31) <= value < 2**31 else "u64" if value >= 2**63 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    if isinstance(value, TensorDescriptor):
+        return f"tensordesc<{TYPE_NAMES[value.base.dtype]}{list(value.block_shape)}>"
+    if isinstance(value, Tensor):
+        if specialize and align and value.data_ptr() % 16 == 0:
+            attrs[path] = DIVISIBLE
+        return "*" + TYPE_NAMES[value.dtype]
+    raise TypeError(f"no signature type for a kernel argument of type {type(value).__name__}")
 
 
 @dataclass
 class Job:
-    """One compile: kernel name, arch, dtype, config and the ASTSource description."""
+    """One compile: the kernel (module and name), the table's labels, the ``ASTSource``
+    (``constexprs`` by parameter name, or by path inside a tuple argument), the options and
+    what is checked."""
 
     kernel: str
+    module: str
+    function: str
     arch: int
     dtype: str
     config: str
-    types: dict[str, str]
-    constexprs: dict[str, Any]
-    div16: set[str]
-    num_warps: int
-    num_stages: int
-    gemm: bool = False
-    fields: dict[str, Any] = field(default_factory=dict)
+    signature: dict[str, Any]
+    constexprs: dict[Any, Any]
+    attrs: dict[Path, Any]
+    options: dict[str, Any]
+    wgmma: bool = False  # a GEMM whose tiles must use wgmma on sm_90 (fp16/bf16/TF32)
+    tma: bool = False
+    vector: bool = False
+    need_v128: bool = False
+
+    def key(self) -> str:
+        """What the compile depends on: jobs with equal keys are compiled once."""
+        return repr((self.module, self.function, self.arch, self.signature,
+                     sorted(self.constexprs.items(), key=repr), sorted(self.attrs.items()),
+                     sorted(self.options.items())))  # fmt: skip
 
 
-_KERNELS = {
-    "linear_forward": linear_forward_kernel,
-    "matmul": matmul_kernel,
-    "matmul_tma": matmul_tma_kernel,
-    "linear_forward_tma": matmul_tma_kernel,
-    "act_grad": act_grad_kernel,
-    "bias_grad": bias_grad_kernel,
-    "linear_epilogue": linear_epilogue_kernel,
-    "splitk_partial": splitk_partial_kernel,
-    "splitk_reduce": splitk_reduce_kernel,
-    "chain_grad": chain_grad_kernel,
-    "mse_fwd": _mse._mse_fwd_kernel,
-    "mse_bwd": _mse._mse_bwd_kernel,
-    "mse_scale": _mse._grad_scale_kernel,
-    "sgd": _sgd._sgd_kernel,
-    "mlp_fwd": _mlp.mlp_forward_kernel,
-    "mlp_bwd": _mlp.mlp_backward_kernel,
-    "mlp_wgrad": _mlp.mlp_wgrad_kernel,
-    "mlp_reduce": _mlp.mlp_wgrad_reduce_kernel,
-    "mlp_loss_reduce": _mlp.mlp_loss_reduce_kernel,
-}
-_MSE_KERNELS = ("mse_fwd", "mse_bwd", "mse_scale")
-# Bandwidth-bound kernels: their rows carry the vector-width report (see vector_widths).
-VECTOR_KERNELS = (*_MSE_KERNELS, "sgd")
+def _leaves(values: tuple) -> Iterator[Any]:
+    for v in values:
+        yield from _leaves(v) if isinstance(v, tuple) else (v,)
 
 
-def _cfg_name(cfg: dict[str, int]) -> str:
-    return (
-        f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} g{cfg['GROUP_M']} "
-        f"w{cfg['num_warps']} s{cfg['num_stages']}"
-    )
+def job_of(launch: _host.Launch, arch: int, dtype: str, case: str) -> Job:
+    """The compile job of ``launch``: its arguments bound to the kernel's parameters and
+    specialised (:func:`specialise`; a float or bool parameter with a type annotation, as
+    ``negative_slope: tl.float64``, takes that type), the other keywords as options."""
+    fn, kwargs = launch.kernel, launch.kwargs
+    values = dict(zip(fn.arg_names, launch.args, strict=False)) | kwargs
+    signature: dict[str, Any] = {}
+    constexprs: dict[Any, Any] = {}
+    attrs: dict[Path, Any] = {}
+    for i, p in enumerate(fn.params):
+        value = values[p.name] if p.name in values or not p.has_default else p.default
+        if p.is_constexpr:
+            signature[p.name], constexprs[p.name] = "constexpr", value
+        elif p.annotation_type[:2] in ("fp", "bf", "u1"):
+            signature[p.name] = p.annotation_type
+        else:
+            found: dict[Any, Any] = {}
+            ty = specialise(value, (i,), found, attrs, specialize=not p.do_not_specialize,
+                            align=not p.do_not_specialize_on_alignment)  # fmt: skip
+            signature[p.name] = p.annotation_type or ty  # an annotated one is never a constexpr
+            if not p.annotation_type:
+                constexprs |= {(p.name if k == (i,) else k): v for k, v in found.items()}
+    name = fn.__name__.removesuffix("_kernel").lstrip("_")
+    blocks = "x".join(str(kwargs[k]) for k in LABEL_SHAPE if k in kwargs)
+    named = (("g", "GROUP_M"), ("w", "num_warps"), ("s", "num_stages"))
+    label = " ".join([blocks, *(f"{p}{kwargs[k]}" for p, k in named if k in kwargs), case])
+    tensors = [t for t in _leaves(tuple(values.values())) if isinstance(t, Tensor)]
+    vector_path = kwargs.get("CONTIG", True) and kwargs.get("ALIGNED", True)
+    aligned = all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors)
+    return Job(name, fn.fn.__module__, fn.__name__, arch, dtype, label, signature, constexprs,
+               attrs, {k: v for k, v in kwargs.items() if k not in fn.arg_names},
+               wgmma=name in GEMM_ROWS and kwargs[GEMM_ROWS[name]] >= 64,
+               tma=name in TMA_KERNELS, vector=name in BANDWIDTH_BOUND,
+               need_v128=name in BANDWIDTH_BOUND and vector_path and aligned)  # fmt: skip
 
 
-def _gemm_jobs(
-    arch: int, dtype: torch.dtype, precision: str, quick: bool, kernels: set[str]
-) -> list[Job]:
-    dname = "tf32" if precision == "tf32" else TL_NAME[dtype]
-    jobs = []
-    for kernel in ("linear_forward", "matmul"):
-        if kernel not in kernels:
-            continue
-        cfgs = configs_for(arch, dtype, precision, epilogue=kernel == "linear_forward")
-        for cfg in cfgs[:1] if quick else cfgs:
-            jobs += _gemm_job(kernel, arch, dtype, dname, precision, cfg)
-    return jobs
-
-
-def _gemm_job(
-    kernel: str, arch: int, dtype: torch.dtype, dname: str, precision: str, cfg: dict[str, int]
-) -> list[Job]:
-    t = TL_NAME[dtype]
-    blocks = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
-    common = dict(ACC_FP64=dtype == torch.float64, INPUT_PRECISION=precision, **blocks)
-    warps, stages = cfg["num_warps"], cfg["num_stages"]
-    if kernel == "matmul":
-        # dX = dZ @ W: A (M, N) row-major, B = W (N, K) row-major, C row-major.
-        types = {
-            "a_ptr": f"*{t}",
-            "b_ptr": f"*{t}",
-            "c_ptr": f"*{t}",
-            "M": "i32",
-            "N": "i32",
-            "K": "i32",
-            "stride_am": "i32",
-            "stride_bk": "i32",
-            "stride_cm": "i32",
-        }
-        const = dict(stride_ak=1, stride_bn=1, stride_cn=1, **common)
-        div16 = set(types)
-        return [
-            Job(
-                "matmul", arch, dname, _cfg_name(cfg), types, const, div16, warps, stages, gemm=True
-            )
-        ]
-    # linear_forward: the heaviest epilogues, bias + stored pre-activation + erf-GELU or
-    # tanh-GELU (the other activations need fewer registers).
-    types = {
-        "x_ptr": f"*{t}",
-        "w_ptr": f"*{t}",
-        "b_ptr": f"*{t}",
-        "y_ptr": f"*{t}",
-        "z_ptr": f"*{t}",
-        "negative_slope": "fp64",
-        "M": "i32",
-        "N": "i32",
-        "K": "i32",
-        "stride_xm": "i32",
-        "stride_wn": "i32",
-        "stride_ym": "i32",
-        "stride_zm": "i32",
-    }
-    div16 = set(types) - {"negative_slope"}
-    jobs = []
-    for act in ("gelu", "gelu_tanh"):
-        const = dict(
-            stride_xk=1,
-            stride_wk=1,
-            stride_b=1,
-            stride_yn=1,
-            stride_zn=1,
-            HAS_BIAS=True,
-            ACTIVATION=act,
-            STORE_PREACT=True,
-            **common,
+def build_jobs(archs: tuple[int, ...] = ARCHS, kernels: set[str] | None = None,
+               quick: bool = False) -> list[Job]:  # fmt: skip
+    """Every distinct compile of the recorded launches (``kernels``: of those only)."""
+    jobs: dict[str, Job] = {}
+    for arch in archs:
+        for variant in VARIANTS:
+            if not quick or variant.name in QUICK_VARIANTS:
+                for case, launch in record(arch, variant, quick):
+                    job = job_of(launch, arch, variant.name, case)
+                    jobs.setdefault(job.key(), job)
+    known = {j.kernel for j in jobs.values()}
+    if kernels is not None and kernels - known:
+        raise ValueError(
+            f"unknown kernel(s) {sorted(kernels - known)}; choose from {sorted(known)}"
         )
-        jobs.append(
-            Job(
-                "linear_forward",
-                arch,
-                dname,
-                f"{_cfg_name(cfg)} {act}",
-                types,
-                const,
-                div16,
-                warps,
-                stages,
-                gemm=True,
-            )
-        )
-    return jobs
+    return [j for j in jobs.values() if kernels is None or j.kernel in kernels]
 
 
-def _splitk_chain_jobs(
-    arch: int, dtype: torch.dtype, precision: str, quick: bool, kernels: set[str]
-) -> list[Job]:
-    """dW's split-K kernels (``triton_kernels._splitk``) with dW's operands: A = dZ^T, an
-    M-major view (``stride_am`` 1), B = X row-major; and the cross-layer chain GEMM
-    (``linear_backward.chain_grad_kernel``: dZ @ W, row-major, with the lower layer's erf-GELU
-    or tanh-GELU gradient and bias partials in its epilogue) in every epilogue config."""
-    t, acc = TL_NAME[dtype], ("fp64" if dtype == torch.float64 else "fp32")
-    dname = "tf32" if precision == "tf32" else t
-    fp64 = dtype == torch.float64
-    jobs = []
-    if "splitk_partial" in kernels:
-        cfg = splitk_config_for(arch, dtype, precision)
-        blocks = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
-        types = dict(a_ptr=f"*{t}", b_ptr=f"*{t}", ws_ptr=f"*{acc}", M="i32", N="i32", K="i32",
-                     CHUNK="i32", stride_ak="i32", stride_bk="i32")  # fmt: skip
-        const = dict(stride_am=1, stride_bn=1, ACC_FP64=fp64, INPUT_PRECISION=precision, **blocks)
-        jobs.append(Job("splitk_partial", arch, dname, f"{_cfg_name(cfg)} dW", types, const,
-                        set(types), cfg["num_warps"], cfg["num_stages"], gemm=True))  # fmt: skip
-    if "splitk_reduce" in kernels and precision == "ieee":
-        cfg = SPLITK_REDUCE_CONFIGS["cuda"]
-        types = dict(ws_ptr=f"*{acc}", c_ptr=f"*{t}", S="i32", M="i32", N="i32", stride_cm="i32")
-        const = dict(stride_cn=1, ACC_FP64=fp64, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
-        name = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{cfg['num_warps']}"
-        jobs.append(Job("splitk_reduce", arch, t, name, types, const, set(types) - {"S"},
-                        cfg["num_warps"], 1, fields=_vector_fields("contig")))  # fmt: skip
-    if "chain_grad" in kernels:
-        cfgs = chain_configs(arch, dtype, precision)
-        types = dict(a_ptr=f"*{t}", b_ptr=f"*{t}", s_ptr=f"*{t}", dz_ptr=f"*{t}",
-                     part_ptr=f"*{acc}", negative_slope="fp64", M="i32", N="i32", K="i32",
-                     stride_am="i32", stride_bk="i32", stride_sm="i32",
-                     stride_dzm="i32")  # fmt: skip
-        for cfg in cfgs[:1] if quick else cfgs:
-            blocks = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
-            for act in ("gelu", "gelu_tanh"):
-                const = dict(stride_ak=1, stride_bn=1, stride_sn=1, stride_dzn=1, ACTIVATION=act,
-                             COMPUTE_DB=True, ACC_FP64=fp64, INPUT_PRECISION=precision,
-                             **blocks)  # fmt: skip
-                jobs.append(Job("chain_grad", arch, dname, f"{_cfg_name(cfg)} {act}", types,
-                                const, set(types) - {"negative_slope"}, cfg["num_warps"],
-                                cfg["num_stages"], gemm=True))  # fmt: skip
-    return jobs
-
-
-def _epilogue_jobs(arch: int, dtype: torch.dtype, quick: bool) -> list[Job]:
-    """The cuBLAS candidate's elementwise forward pass (``linear_epilogue``) in its shipped CUDA
-    config: bias, stored pre-activation and each activation (quick: erf-GELU), contiguous and
-    16-byte aligned, so a 128-bit vector load is required."""
-    t = TL_NAME[dtype]
-    cfg = EPILOGUE_CONFIGS["cuda_fp64" if dtype == torch.float64 else "cuda"]
-    types = dict(acc_ptr=f"*{t}", b_ptr=f"*{t}", y_ptr=f"*{t}", z_ptr=f"*{t}",
-                 negative_slope="fp64", M="i32", N="i32", stride_am="i32", stride_ym="i32",
-                 stride_zm="i32")  # fmt: skip
-    jobs = []
-    for act in ["gelu"] if quick else ["none", *REGISTRY]:
-        const = dict(stride_an=1, stride_b=1, stride_yn=1, stride_zn=1, HAS_BIAS=True,
-                     ACTIVATION=act, STORE_PREACT=True, ACC_FP64=dtype == torch.float64,
-                     BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])  # fmt: skip
-        name = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{cfg['num_warps']} {act}"
-        jobs.append(Job("linear_epilogue", arch, t, name, types, const,
-                        set(types) - {"negative_slope"}, cfg["num_warps"], 1,
-                        fields=_vector_fields("contig")))  # fmt: skip
-    return jobs
-
-
-# The persistent grid the audit compiles for: an H100 / H200 SXM's SM count (NUM_SMS is a
-# constexpr of the Hopper kernel; the launcher passes the device's).
-HOPPER_NUM_SMS = 132
-# Operand layouts of the Hopper GEMM: (name, A_T, B_T, HAS_BIAS). dX = dZ @ W: both
-# row-major; dW = dZ^T @ X: A read through its transpose; the forward x @ W^T: B = W^T.
-_TMA_LAYOUTS = (("dX", False, False, False), ("dW", True, False, False),
-                ("fwd+bias", False, True, True))  # fmt: skip
-
-
-def _hopper_job(
-    kernel: str, arch: int, dtype: torch.dtype, dname: str, precision: str,
-    cfg: dict[str, Any], layout: tuple[str, bool, bool, bool], act: str,
-) -> Job:  # fmt: skip
-    """One compile of ``matmul_tma_kernel``: descriptors typed with the config's TMA boxes."""
-    t = TL_NAME[dtype]
-    name, a_t, b_t, bias = layout
-    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    out = f"tensordesc<{t}[{bm}, {bn // 2}]>"
-    types = dict(
-        a_desc=f"tensordesc<{t}[{bk}, {bm}]>" if a_t else f"tensordesc<{t}[{bm}, {bk}]>",
-        b_desc=f"tensordesc<{t}[{bn}, {bk}]>" if b_t else f"tensordesc<{t}[{bk}, {bn}]>",
-        c_desc=out, z_desc=out, bias_ptr=f"*{t}", negative_slope="fp64", M="i32", N="i32",
-        K="i32",
-    )  # fmt: skip
-    blocks = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "WARP_SPECIALIZE")}
-    const = dict(stride_bias=1, HAS_BIAS=bias, ACTIVATION=act, STORE_PREACT=act != "none",
-                 A_T=a_t, B_T=b_t, INPUT_PRECISION=precision, NUM_SMS=HOPPER_NUM_SMS,
-                 **blocks)  # fmt: skip
-    label = f"{_cfg_name(cfg)} {name if act == 'none' else act}"
-    return Job(kernel, arch, dname, label, types, const, {"bias_ptr", "M", "N", "K"},
-               cfg["num_warps"], cfg["num_stages"], gemm=True, fields=dict(tma=True))  # fmt: skip
-
-
-def _hopper_jobs(
-    arch: int, dtype: torch.dtype, precision: str, quick: bool, kernels: set[str]
-) -> list[Job]:
-    """The Hopper GEMM path on sm_90+: every shipped config (quick: the first) of
-    ``matmul_tma`` (dX's layout; the first config also dW's and the forward's) and of
-    ``linear_forward_tma`` (bias, stored pre-activation, erf-GELU: the heaviest epilogue)."""
-    if arch < 90 or dtype == torch.float64 or (dtype == torch.float32 and precision != "tf32"):
-        return []
-    dname = "tf32" if precision == "tf32" else TL_NAME[dtype]
-    jobs = []
-    if "matmul_tma" in kernels:
-        cfgs = hopper_configs_for(arch, dtype, precision, epilogue=False)
-        for i, cfg in enumerate(cfgs[:1] if quick else cfgs):
-            for layout in _TMA_LAYOUTS if i == 0 else _TMA_LAYOUTS[:1]:
-                jobs.append(_hopper_job("matmul_tma", arch, dtype, dname, precision, cfg,
-                                        layout, "none"))  # fmt: skip
-    if "linear_forward_tma" in kernels:
-        cfgs = hopper_configs_for(arch, dtype, precision, epilogue=True)
-        for cfg in cfgs[:1] if quick else cfgs:
-            jobs.append(_hopper_job("linear_forward_tma", arch, dtype, dname, precision, cfg,
-                                    _TMA_LAYOUTS[2], "gelu"))  # fmt: skip
-    return jobs
-
-
-def _elementwise_jobs(arch: int, dtype: torch.dtype, quick: bool, kernels: set[str]) -> list[Job]:
-    t = TL_NAME[dtype]
-    fp64 = dtype == torch.float64
-    cfg = ELEMENTWISE_CONFIGS["cuda_fp64" if fp64 else "cuda"]
-    acc = "fp64" if fp64 else "fp32"
-    jobs = []
-    if "act_grad" in kernels:
-        acts = ["gelu"] if quick else list(REGISTRY)
-        for act in acts:
-            types = {
-                "g_ptr": f"*{t}",
-                "s_ptr": f"*{t}",
-                "dz_ptr": f"*{t}",
-                "part_ptr": f"*{acc}",
-                "negative_slope": "fp64",
-                "M": "i32",
-                "N": "i32",
-                "stride_gm": "i32",
-                "stride_sm": "i32",
-                "stride_dzm": "i32",
-            }
-            const = dict(
-                stride_gn=1,
-                stride_sn=1,
-                stride_dzn=1,
-                ACTIVATION=act,
-                STORE_DZ=True,
-                COMPUTE_DB=True,
-                ACC_FP64=fp64,
-                BLOCK_M=cfg["BLOCK_M"],
-                BLOCK_N=cfg["BLOCK_N"],
-                ROW_STEPS=cfg["ROW_STEPS"],
-            )
-            div16 = {
-                "g_ptr",
-                "s_ptr",
-                "dz_ptr",
-                "part_ptr",
-                "M",
-                "N",
-                "stride_gm",
-                "stride_sm",
-                "stride_dzm",
-            }
-            name = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['ROW_STEPS']} w{cfg['num_warps']} {act}"
-            jobs.append(Job("act_grad", arch, t, name, types, const, div16, cfg["num_warps"], 1))
-    if "bias_grad" in kernels:
-        types = {"part_ptr": f"*{acc}", "db_ptr": f"*{t}", "R": "i32", "N": "i32"}
-        const = dict(stride_db=1, BLOCK_R=cfg["BLOCK_R"], BLOCK_N=cfg["BLOCK_N"], ACC_FP64=fp64)
-        div16 = {"part_ptr", "db_ptr", "N"}
-        name = f"{cfg['BLOCK_R']}x{cfg['BLOCK_N']} w{cfg['num_warps']}"
-        jobs.append(Job("bias_grad", arch, t, name, types, const, div16, cfg["num_warps"], 1))
-    return jobs
-
-
-# Merged dims of each MSE layout the audit compiles.
-_MSE_NDIM = {"contig": 1, "unaligned": 1, "ndim2": 2, "ndim4": 4}
-
-
-def _strided_args(prefix: str, layout: str) -> tuple[dict[str, str], dict[str, Any], set[str]]:
-    """Types, constexprs and div16 set for one operand's strides ``{prefix}0..3`` of the MSE
-    kernels' 4-d layout: contiguous (coalesced to one dim: strides ``0, 0, 0, 1``) or a strided
-    view of ``ndim`` dims (padding strides 0, the others plain i32, nothing specialised)."""
-    names = [f"{prefix}{i}" for i in range(4)]
-    if layout in ("contig", "unaligned"):
-        return {n: "i32" for n in names[:3]}, {names[3]: 1}, set(names[:3])
-    return {n: "i32" for n in names}, {}, set(names[: 4 - _MSE_NDIM[layout]])
-
-
-def _mse_layout(layout: str, *prefixes: str) -> tuple[dict[str, str], dict[str, Any], set[str]]:
-    """Sizes ``S1..S3``, the strides of ``prefixes`` and ``NDIM``/``CONTIG`` for the MSE kernels.
-
-    ``"contig"`` / ``"unaligned"``: the launcher coalesces to ``NDIM=1``, sizes ``1, 1, N``
-    (``N`` arbitrary: the full-block path must not rely on it), unit strides constexpr 1 (what
-    Triton's launcher specialises), ``CONTIG=True``. ``"ndim2"`` (e.g. a broadcast row) and
-    ``"ndim4"`` (the heaviest indexing: three int64 div/mod per element): the used sizes and
-    strides plain i32, the padding sizes constexpr 1, every access masked.
-    """
-    ndim = _MSE_NDIM[layout]
-    sizes = ["S1", "S2", "S3"]
-    types = {s: "i32" for s in sizes[3 - ndim :]}
-    const: dict[str, Any] = {s: 1 for s in sizes[: 3 - ndim]}
-    div16: set[str] = set()
-    for prefix in prefixes:
-        t, c, d = _strided_args(prefix, layout)
-        types.update(t)
-        const.update(c)
-        div16 |= d
-    const.update(NDIM=ndim, CONTIG=ndim == 1)
-    return types, const, div16
-
-
-def _vector_fields(layout: str) -> dict[str, Any]:
-    """Job fields asking for the vector-width report; a contiguous, aligned layout must show a
-    128-bit load."""
-    return dict(vector=True, need_v128=layout == "contig")
-
-
-def _mse_jobs(arch: int, dtype: torch.dtype, quick: bool, kernels: set[str]) -> list[Job]:
-    """The MSE kernels of ``triton_kernels.mse`` in their shipped CUDA configs."""
-    t = TL_NAME[dtype]
-    acc_name = "fp64" if dtype == torch.float64 else "fp32"
-    acc = tl.float64 if dtype == torch.float64 else tl.float32
-    jobs = []
-    if "mse_fwd" in kernels:
-        # (REDUCE, MEAN, COMPUTE_GRAD, layout); quick: the fused loss + gradient only.
-        variants = [(True, True, True, "contig")]
-        if not quick:
-            variants += [
-                (True, True, True, "unaligned"),
-                (True, True, True, "ndim2"),
-                (True, True, True, "ndim4"),
-                (True, True, False, "contig"),
-                (False, False, False, "contig"),
-                (False, False, False, "ndim4"),
-            ]
-        for reduce, mean, grad, layout in variants:
-            lay_t, lay_c, lay_d = _mse_layout(layout, "xs", "ts")
-            cfg = _mse.launch_config("fwd", lay_c["NDIM"], cuda=True)  # the launcher's choice
-            # Without a reduction the launcher passes ``out`` for the partials and the counter.
-            part, count = (f"*{acc_name}", "*i32") if reduce else (f"*{t}", f"*{t}")
-            types = {
-                "x_ptr": f"*{t}",
-                "t_ptr": f"*{t}",
-                "out_ptr": f"*{t}",
-                "grad_ptr": f"*{t}",
-                "part_ptr": part,
-                "count_ptr": count,
-                "N": "i32",  # do_not_specialize
-                **lay_t,
-            }
-            const = dict(
-                REDUCE=reduce, MEAN=mean, COMPUTE_GRAD=grad, ACC=acc, BLOCK=cfg["BLOCK"],
-                RBLOCK=cfg["RBLOCK"], **lay_c,
-            )  # fmt: skip
-            # Triton marks 16-byte aligned pointers; of an unaligned view's, only the ones the
-            # launcher allocates.
-            ptrs = ("x_ptr", "t_ptr", "out_ptr", "grad_ptr", "part_ptr", "count_ptr")
-            div16 = set(ptrs[2:] if layout == "unaligned" else ptrs) | lay_d
-            what = ("mean+grad" if grad else "mean") if reduce else "none"
-            name = f"{cfg['BLOCK']} w{cfg['num_warps']} {what} {layout}"
-            jobs.append(Job("mse_fwd", arch, t, name, types, const, div16, cfg["num_warps"], 3,
-                            fields=_vector_fields(layout)))  # fmt: skip
-    cfg = _mse.launch_config("elementwise", cuda=True)
-    block, warps = cfg["BLOCK"], cfg["num_warps"]
-    if "mse_bwd" in kernels:
-        # (GO_SCALAR, MEAN, layout): "mean" (scalar grad_output) and "none" (grad_output of the
-        # input's shape).
-        variants = [(True, True, "contig")]
-        if not quick:
-            variants += [(False, False, "contig"), (False, False, "ndim4")]
-        for scalar, mean, layout in variants:
-            lay_t, lay_c, lay_d = _mse_layout(layout, "gs", "xs", "ts")
-            if scalar:  # the launcher passes grad_output strides 0, 0, 0, 0
-                for i in range(4):
-                    lay_c.pop(f"gs{i}", None)
-                    lay_t[f"gs{i}"] = "i32"
-                    lay_d.add(f"gs{i}")
-            types = {
-                "go_ptr": f"*{t}",
-                "x_ptr": f"*{t}",
-                "t_ptr": f"*{t}",
-                "out_ptr": f"*{t}",
-                "N": "i32",  # do_not_specialize
-                **lay_t,
-            }
-            const = dict(GO_SCALAR=scalar, MEAN=mean, ACC=acc, BLOCK=block, **lay_c)
-            div16 = {"go_ptr", "x_ptr", "t_ptr", "out_ptr"} | lay_d
-            what = "mean" if scalar else "none"
-            name = f"{block} w{warps} {what} {layout}"
-            jobs.append(Job("mse_bwd", arch, t, name, types, const, div16, warps, 3,
-                            fields=_vector_fields(layout)))  # fmt: skip
-    if "mse_scale" in kernels:
-        for layout in ("contig",) if quick else ("contig", "ndim4"):
-            lay_t, lay_c, lay_d = _mse_layout(layout, "gs")
-            types = {"g_ptr": f"*{t}", "go_ptr": f"*{t}", "N": "i32", **lay_t}
-            const = dict(ACC=acc, BLOCK=block, **lay_c)
-            div16 = {"g_ptr", "go_ptr"} | lay_d
-            name = f"{block} w{warps} {layout}"
-            jobs.append(Job("mse_scale", arch, t, name, types, const, div16, warps, 3,
-                            fields=_vector_fields(layout)))  # fmt: skip
-    return jobs
-
-
-# SGD constexpr combinations compiled: (name, HAS_WD, HAS_MOMENTUM, NESTEROV, MAXIMIZE,
-# LR_TENSOR, ALIGNED). The last aligned one switches every branch on (the heaviest); --quick
-# compiles it alone. The unaligned one is what views at odd offsets get (scalar accesses).
-SGD_VARIANTS = (
-    ("plain", False, False, False, False, False, True),
-    ("wd lr_tensor", True, False, False, False, True, True),
-    ("momentum", False, True, False, False, False, True),
-    ("nesterov wd maximize lr_tensor", True, True, True, True, True, True),
-    ("nesterov wd maximize lr_tensor unaligned", True, True, True, True, True, False),
-)
-
-
-def _sgd_jobs(arch: int, dtype: torch.dtype, quick: bool) -> list[Job]:
-    """The multi-tensor SGD kernel of ``triton_kernels.sgd`` in its shipped CUDA config."""
-    t = TL_NAME[dtype]
-    cfg = _sgd.launch_config(cuda=True)
-    block, warps = cfg["BLOCK"], cfg["num_warps"]
-    jobs = []
-    for name, wd, mom, nesterov, maximize, lr_tensor, aligned in (
-        SGD_VARIANTS[3:4] if quick else SGD_VARIANTS
-    ):
-        types = {
-            "p_witness": f"*{t}",
-            "rows_ptr": "*i64",
-            "hp_ptr": "*fp64",
-            # A tensor lr is moved to the device as is (typically fp32); else hp is passed.
-            "lr_ptr": "*fp32" if lr_tensor else "*fp64",
-        }
-        const = dict(
-            HAS_WD=wd, HAS_MOMENTUM=mom, NESTEROV=nesterov, MAXIMIZE=maximize,
-            LR_TENSOR=lr_tensor, ALIGNED=aligned, BLOCK=block,
-            COMPUTE=tl.float64 if dtype == torch.float64 else tl.float32,
-        )  # fmt: skip
-        div16 = {"p_witness", "rows_ptr", "hp_ptr", "lr_ptr"}
-        fields = _vector_fields("contig" if aligned else "unaligned")
-        jobs.append(Job("sgd", arch, t, f"{block} w{warps} {name}", types, const, div16, warps, 3,
-                        fields=fields))  # fmt: skip
-    return jobs
-
-
-# The fused MLP (``triton_kernels.fused_mlp``): 4 layers of WIDTH -> WIDTH (every width the
-# shipped configs cover; the common, fully aligned specialisation), erf-GELU hidden layers (the
-# heaviest activation: its z is stored, and recomputed by the weight-gradient kernel).
-MLP_LAYERS = 4
-MLP_WIDTHS = (16, 32, 64, 128)
-
-
-def _mlp_types(t: str, acc: str) -> dict[str, dict[str, Any]]:
-    """Argument types of each MLP kernel for MLP_LAYERS layers of dtype ``t``."""
-    L, p = MLP_LAYERS, f"*{t}"
-    layers, hidden = (p,) * L, (p,) * (L - 1)
-    slopes = {"hidden_slope": "fp64", "out_slope": "fp64"}
-    return {
-        "mlp_fwd": dict(x_ptr=p, y_ptr=p, zo_ptr=p, ws=layers, bs=layers, ss=hidden, t_ptr=p,
-                        lp_ptr=f"*{acc}", **slopes, M="i32", stride_xm="i32", numel="i32"),
-        "mlp_bwd": dict(g_ptr=p, so_ptr=p, dx_ptr=p, ws=layers, ss=hidden, dzs=layers, gs_ptr=p,
-                        t_ptr=p, **slopes, M="i32", stride_gm="i32", numel="i32"),
-        "mlp_wgrad": dict(x_ptr=p, ss=hidden, dzs=layers, dws=layers, dbs=layers,
-                          part_ptr=f"*{acc}", hidden_slope="fp64", M="i32", stride_xm="i32",
-                          chunk="i32", S="i32"),
-        "mlp_reduce": dict(part_ptr=f"*{acc}", dws=layers, dbs=layers, S="i32"),
-        "mlp_loss_reduce": dict(lp_ptr=f"*{acc}", loss_ptr=p, T="i32", numel="i32"),
-    }  # fmt: skip
-
-
-def _mlp_jobs(
-    arch: int, dtype: torch.dtype, precision: str, quick: bool, kernels: set[str]
-) -> list[Job]:
-    """The fused-MLP kernels in their shipped CUDA configs, one job per (kernel, WIDTH)."""
-    t, dname = TL_NAME[dtype], ("tf32" if precision == "tf32" else TL_NAME[dtype])
-    acc = "fp64" if dtype == torch.float64 else "fp32"
-    jobs = []
-    widths = [w for w in MLP_WIDTHS if w in _mlp.shipped_widths(arch, dtype, precision)]
-    for width in widths[-1:] if quick else widths:
-        cfg = _mlp.launch_config(torch.device("cuda"), dtype, width, precision, arch, cuda=True)
-        common = dict(DIMS=(width,) * (MLP_LAYERS + 1), NUM_LAYERS=MLP_LAYERS,
-                      ACC_FP64=False, WIDTH=width)  # fmt: skip
-        nc = min(cfg["CHUNK"], width)  # the forward / backward chunk
-        chain = dict(HIDDEN_ACT="gelu", OUT_ACT="none", INPUT_PRECISION=precision, **common)
-        bias = (True,) * MLP_LAYERS
-        # The loss folded into the last layer (mse, mean), as training runs it: fp32 / TF32
-        # write dZ for an upstream gradient of 1, fp16 / bf16 write y.
-        loss_fwd, loss_bwd = ("dz", "scaled") if t == "fp32" else ("y", "mse")
-        const = {
-            "mlp_fwd": dict(stride_xk=1, HAS_BIAS=bias, HIDDEN_PREACT=True,
-                            STORE=True, STORE_OUT_PREACT=False, LOSS="none", LOSS_MEAN=False,
-                            OUT_PREACT=False, BLOCK_M=cfg["BLOCK_M"], NC=nc, **chain),
-            "mlp_fwd+mse": dict(stride_xk=1, HAS_BIAS=bias, HIDDEN_PREACT=True,
-                                STORE=True, STORE_OUT_PREACT=False, LOSS=loss_fwd,
-                                LOSS_MEAN=True, OUT_PREACT=False, BLOCK_M=cfg["BLOCK_M"],
-                                NC=nc, **chain),
-            "mlp_bwd": dict(stride_gn=1, NEED_DX=True, G_MODE="grad",
-                            LOSS_MEAN=False, BLOCK_M=cfg["BLOCK_M"], NC=nc, **chain),
-            "mlp_bwd+mse": dict(stride_gn=1, NEED_DX=True, G_MODE=loss_bwd,
-                                LOSS_MEAN=True, BLOCK_M=cfg["BLOCK_M"], NC=nc, **chain),
-            "mlp_wgrad": dict(stride_xk=1, HAS_BIAS=bias, HIDDEN_ACT="gelu", HIDDEN_PREACT=True,
-                              DIRECT=False, INPUT_PRECISION=precision, BLOCK_R=cfg["BLOCK_R"],
-                              NC=min(cfg["WGRAD_CHUNK"], width), **common),
-            "mlp_reduce": dict(HAS_BIAS=bias, BLOCK=_mlp.REDUCE_BLOCK["cuda"], **common),
-            "mlp_loss_reduce": dict(MEAN=True, BLOCK=_mlp.REDUCE_BLOCK["cuda"]),
-        }  # fmt: skip
-        warps = dict(mlp_fwd=cfg["num_warps"], mlp_bwd=cfg["num_warps"],
-                     mlp_wgrad=cfg["wgrad_warps"], mlp_reduce=4, mlp_loss_reduce=4)  # fmt: skip
-        rows = dict(mlp_fwd=cfg["BLOCK_M"], mlp_bwd=cfg["BLOCK_M"], mlp_wgrad=cfg["BLOCK_R"])
-        types_of = _mlp_types(t, acc)
-        for variant in const:
-            name, _, loss = variant.partition("+")
-            last = width == widths[-1]
-            if name not in kernels or (name in ("mlp_reduce", "mlp_loss_reduce") and not last):
-                continue
-            chunk = const[variant].get("NC")
-            what = f"{rows[name]}x{chunk}" if name in rows else f"{const[variant]['BLOCK']}"
-            label = f"{MLP_LAYERS}x{width} {what} w{warps[name]}"
-            if loss:
-                mode = const[variant].get("LOSS", const[variant].get("G_MODE"))
-                label += f" {loss}:{mode}"
-            types = types_of[name]
-            div16 = {k for k, v in types.items() if v not in ("fp32", "fp64")}
-            # wgmma needs 64 rows per warpgroup: a weight-gradient block has NC rows.
-            gemm = name in ("mlp_fwd", "mlp_bwd") or (name == "mlp_wgrad" and chunk >= 64)
-            jobs.append(Job(name, arch, dname, label, types, const[variant], div16, warps[name],
-                            1, gemm=gemm))  # fmt: skip
-    return jobs
-
-
+# --------------------------------------------------------------------------------------------
+# Compiling, and reading the machine code
+# --------------------------------------------------------------------------------------------
 _VECTOR_OP = re.compile(r"\b(ld|st)\.global((?:\.[A-Za-z0-9_:]+)+)")
 
 
@@ -693,154 +400,20 @@ def vector_widths(ptx: str) -> dict[str, int]:
 
 
 def tma_usage(ptx: str, sass: str) -> dict[str, int]:
-    """TMA and warp specialisation in a compiled kernel: ``cp.async.bulk.tensor`` instructions
-    in the PTX, ``UTMALDG`` (TMA loads) and ``UTMASTG`` (TMA stores) in the SASS, and whether
-    the PTX reallocates registers between warpgroups (``setmaxnreg``: warp-specialised)."""
-    return dict(
-        ptx_bulk=ptx.count("cp.async.bulk.tensor"),
-        tma_ld=sass.count("UTMALDG"),
-        tma_st=sass.count("UTMASTG"),
-        ws=int("setmaxnreg" in ptx),
-    )
+    """``cp.async.bulk.tensor`` in the PTX, ``UTMALDG`` / ``UTMASTG`` (TMA loads / stores) in
+    the SASS, and whether the PTX moves registers between warpgroups (``setmaxnreg``:
+    warp-specialised)."""
+    return dict(ptx_bulk=ptx.count("cp.async.bulk.tensor"), tma_ld=sass.count("UTMALDG"),
+                tma_st=sass.count("UTMASTG"), ws=int("setmaxnreg" in ptx))  # fmt: skip
 
 
-def format_tma_table(rows: list[dict[str, Any]]) -> str:
-    """The TMA report for the Hopper path's rows ("" if none), indented like the vector
-    report: registers, spills, TMA instruction counts, wgmma and warp specialisation."""
-    rows = [r for r in rows if "ptx_bulk" in r]
-    if not rows:
-        return ""
-    head = ["kernel", "config", "arch", "dtype", "regs", "spill B", "bulk.tensor", "UTMALDG",
-            "UTMASTG", "wgmma", "warp-spec", "status"]  # fmt: skip
-    lines = []
-    for r in rows:
-        bad = [p for p in problems(r) if p in ("no TMA", "no wgmma", "spills")]
-        lines.append([r["kernel"], r["config"], f"sm_{r['arch']}", r["dtype"], str(r["regs"]),
-                      str(r["spills"]), str(r["ptx_bulk"]), str(r["tma_ld"]), str(r["tma_st"]),
-                      "yes" if r["wgmma"] else "no", "yes" if r["ws"] else "no",
-                      "OK" if not bad else "FAIL: " + ", ".join(bad)])  # fmt: skip
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
-    fmt = "  " + "  ".join(f"{{:<{w}}}" for w in widths[:-1]) + "  {}"
-    title = (
-        "TMA (Hopper path): cp.async.bulk.tensor in the PTX, UTMALDG / UTMASTG in the SASS, "
-        "wgmma (HGMMA) and warp specialisation (setmaxnreg); TMA and wgmma required"
-    )
-    out = [title, fmt.format(*head), fmt.format(*("-" * w for w in widths))]
-    return "\n".join(out + [fmt.format(*line) for line in lines])
-
-
-def format_vector_table(rows: list[dict[str, Any]]) -> str:
-    """The vector-width report for the bandwidth-bound kernels' rows ("" if none). Its lines
-    are indented, so they never read as rows of the main table."""
-    rows = [r for r in rows if "ld_bits" in r]
-    if not rows:
-        return ""
-    head = ["kernel", "config", "arch", "dtype", "ld bits", "st bits", "status"]
-    lines = []
-    for r in rows:
-        if r["need_v128"]:
-            status = "OK" if r["ld_bits"] >= 128 else "FAIL: no 128-bit loads"
-        else:
-            status = "- (not contiguous and aligned: not required)"
-        lines.append([r["kernel"], r["config"], f"sm_{r['arch']}", r["dtype"],
-                      str(r["ld_bits"]), str(r["st_bits"]), status])  # fmt: skip
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
-    fmt = "  " + "  ".join(f"{{:<{w}}}" for w in widths[:-1]) + "  {}"
-    title = (
-        "Vector widths: widest ld.global / st.global in the PTX, bits (128 = 16-byte vectors; "
-        "required for contiguous aligned cases)"
-    )
-    out = [title, fmt.format(*head), fmt.format(*("-" * w for w in widths))]
-    return "\n".join(out + [fmt.format(*line) for line in lines])
-
-
-def build_jobs(
-    archs: tuple[int, ...] = ARCHS,
-    kernels: set[str] | None = None,
-    quick: bool = False,
-) -> list[Job]:
-    """Every (kernel, config, arch, dtype) the audit compiles."""
-    kernels = set(_KERNELS) if kernels is None else kernels
-    unknown = kernels - set(_KERNELS)
-    if unknown:
-        raise ValueError(f"unknown kernel(s) {sorted(unknown)}; choose from {sorted(_KERNELS)}")
-    jobs: list[Job] = []
-    for arch in archs:
-        for dtype, precision in GEMM_VARIANTS:
-            if quick and (dtype == torch.float64 or precision == "tf32"):
-                continue
-            jobs += _gemm_jobs(arch, dtype, precision, quick, kernels)
-            jobs += _hopper_jobs(arch, dtype, precision, quick, kernels)
-            jobs += _splitk_chain_jobs(arch, dtype, precision, quick, kernels)
-            if precision == "ieee":
-                jobs += _elementwise_jobs(arch, dtype, quick, kernels)
-                if "linear_epilogue" in kernels:
-                    jobs += _epilogue_jobs(arch, dtype, quick)
-                jobs += _mse_jobs(arch, dtype, quick, kernels)
-                if "sgd" in kernels:
-                    jobs += _sgd_jobs(arch, dtype, quick)
-            if dtype != torch.float64:
-                jobs += _mlp_jobs(arch, dtype, precision, quick, kernels)
-    return jobs
-
-
-def _ptxas(arch: int) -> str:
-    """The ptxas Triton itself uses for ``arch`` (its bundled legacy one is too old for PTX 9)."""
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-
-        return get_ptxas(arch).path
-    except (ImportError, AttributeError, TypeError):
-        return os.path.join(_NV_BIN, "ptxas")
-
-
-@contextmanager
-def _env(**values: str) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _parse_ptxas_log(log: str) -> tuple[int, int] | None:
-    """(registers, spill bytes) from a ``ptxas -v`` log, or None if it has none."""
+def ptxas_usage(log: str) -> tuple[int, int]:
+    """(registers, spill bytes) from a ``ptxas -v`` log (Triton 3.6+ runs ptxas with ``-v``
+    and prints the log under ``TRITON_DUMP_PTXAS_LOG``)."""
     regs = re.search(r"Used (\d+) registers", log)
     if regs is None:
-        return None
-    spills = [int(s) for s in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
-    return int(regs.group(1)), sum(spills)
-
-
-def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
-    """(registers, spill bytes) from ``ptxas -v`` on the kernel's PTX."""
-    m = re.search(r"^\s*\.target\s+(\S+)", ptx, re.M)
-    gpu = m.group(1).rstrip(",") if m else f"sm_{arch}"
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "k.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        # Same ptxas and register-allocation flag as Triton's own cubin build.
-        out = subprocess.run(
-            [
-                _ptxas(arch),
-                "-v",
-                "--regAllocOptLevel=2",
-                f"--gpu-name={gpu}",
-                src,
-                "-o",
-                os.path.join(tmp, "k.cubin"),
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-    return _parse_ptxas_log(out.stdout + out.stderr) or (-1, 0)
+        raise RuntimeError("no register count in the ptxas log")
+    return int(regs.group(1)), sum(map(int, re.findall(r"(\d+) bytes spill (?:stores|loads)", log)))
 
 
 def _sass(cubin: bytes) -> str:
@@ -848,63 +421,41 @@ def _sass(cubin: bytes) -> str:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        out = subprocess.run(
-            [os.path.join(_NV_BIN, "cuobjdump"), "-sass", path],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-    return out.stdout
+        cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                                 "cuobjdump")  # fmt: skip
+        return subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True,
+                              check=True).stdout  # fmt: skip
 
 
 def compile_job(job: Job) -> dict[str, Any]:
     """Compile one job; returns a result row (``error`` set on failure)."""
-    fn = _KERNELS[job.kernel]
-    row: dict[str, Any] = dict(
-        kernel=job.kernel,
-        config=job.config,
-        arch=job.arch,
-        dtype=job.dtype,
-        gemm=job.gemm,
-        error=None,
-    )
+    row: dict[str, Any] = dict(kernel=job.kernel, config=job.config, arch=job.arch,
+                               dtype=job.dtype, gemm=job.wgmma, error=None)  # fmt: skip
     t0 = time.time()
     try:
-        signature: dict[str, str] = {}
-        attrs: dict[tuple[int, ...], list[list[Any]]] = {}
-        for i, name in enumerate(fn.arg_names):
-            if name in job.constexprs:
-                signature[name] = "constexpr"
-            else:
-                signature[name] = job.types[name]
-                if name in job.div16:  # a tuple of pointers: each element
-                    n = len(job.types[name]) if isinstance(job.types[name], tuple) else 0
-                    for path in [(i, j) for j in range(n)] if n else [(i,)]:
-                        attrs[path] = [["tt.divisibility", 16]]
-        src = ASTSource(fn=fn, signature=signature, constexprs=dict(job.constexprs), attrs=attrs)
         target = GPUTarget("cuda", job.arch, 32)
-        # Recompile (no cache hit) with Triton's ptxas log printed, and capture that log: it
-        # has the register and spill counts. Fall back to running ptxas -v ourselves.
+        unknown = set(job.options) - set(vars(make_backend(target).parse_options({})))
+        if unknown:  # what Triton's launcher raises on, before compiling
+            raise KeyError(f"keyword(s) {sorted(unknown)} neither a parameter nor an option")
+        fn = getattr(importlib.import_module(job.module), job.function)
+        src = ASTSource(fn, job.signature, job.constexprs, job.attrs)
+        # Recompile (no cache hit) with Triton's ptxas log printed: registers and spills.
         log = io.StringIO()
-        with _env(TRITON_ALWAYS_COMPILE="1", TRITON_DUMP_PTXAS_LOG="1"), redirect_stdout(log):
-            compiled = triton.compile(
-                src,
-                target=target,
-                options=dict(num_warps=job.num_warps, num_stages=job.num_stages),
-            )
+        env = dict(TRITON_ALWAYS_COMPILE="1", TRITON_DUMP_PTXAS_LOG="1")
+        with mock.patch.dict(os.environ, env), contextlib.redirect_stdout(log):
+            compiled = triton.compile(src, target=target, options=dict(job.options))
+        ptx = compiled.asm["ptx"]
         row["shared"] = int(compiled.metadata.shared)
-        usage = _parse_ptxas_log(log.getvalue())
-        row["regs"], row["spills"] = usage or _ptxas_usage(compiled.asm["ptx"], job.arch)
-        # Only the GEMMs are checked for wgmma (disassembling is a good part of a small
-        # kernel's compile time).
-        hopper_gemm = job.gemm and job.arch >= 90
-        sass = _sass(compiled.asm["cubin"]) if hopper_gemm else ""
+        row["regs"], row["spills"] = ptxas_usage(log.getvalue())
+        # Only the GEMMs are disassembled (a good part of a small kernel's compile time).
+        hopper_gemm = job.wgmma and job.arch >= 90
+        sass = _sass(compiled.asm["cubin"]) if hopper_gemm or job.tma else ""
         row["wgmma"] = "HGMMA" in sass if hopper_gemm else None
-        if job.fields.get("tma"):  # the Hopper path's TMA report
-            row.update(tma_usage(compiled.asm["ptx"], sass), need_tma=True)
-        if job.fields.get("vector"):  # the bandwidth-bound kernels' vector-width report
-            row.update(vector_widths(compiled.asm["ptx"]), need_v128=job.fields["need_v128"])
-    except Exception as e:  # any compile failure is reported, not raised
+        if job.tma:
+            row.update(tma_usage(ptx, sass), need_tma=True)
+        if job.vector:
+            row.update(vector_widths(ptx), need_v128=job.need_v128)
+    except Exception as e:  # any failure is reported, not raised
         row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
     row["seconds"] = time.time() - t0
     return row
@@ -929,36 +480,53 @@ def problems(row: dict[str, Any]) -> list[str]:
     return out
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """The audit table as text."""
-    head = ["kernel", "config", "arch", "dtype", "regs", "spill B", "smem B", "wgmma", "status"]
-    lines = []
-    for r in rows:
-        bad = problems(r)
-        status = "OK" if not bad else "FAIL: " + ", ".join(bad)
-        if r["error"]:
-            status += f" ({r['error']})"
-        wg = "-" if not r["gemm"] or r.get("wgmma") is None else ("yes" if r["wgmma"] else "no")
-        lines.append(
-            [
-                r["kernel"],
-                r["config"],
-                f"sm_{r['arch']}",
-                r["dtype"],
-                str(r.get("regs", "-")),
-                str(r.get("spills", "-")),
-                str(r.get("shared", "-")),
-                wg,
-                status,
-            ]
-        )
-    widths = [
-        max(len(h), *(len(line[i]) for line in lines)) if lines else len(h)
-        for i, h in enumerate(head)
-    ]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths[:-1]) + "  {}"
-    out = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
-    out += [fmt.format(*line) for line in lines]
+# --------------------------------------------------------------------------------------------
+# Reports
+# --------------------------------------------------------------------------------------------
+def _text(head: list[str], lines: list[list[Any]], indent: str = "") -> str:
+    lines = [[str(v) for v in line] for line in lines]
+    widths = [max([len(h), *(len(line[i]) for line in lines)]) for i, h in enumerate(head)]
+    fmt = indent + "  ".join(f"{{:<{w}}}" for w in widths[:-1]) + "  {}"
+    return "\n".join(fmt.format(*line) for line in [head, ["-" * w for w in widths], *lines])
+
+
+def _status(row: dict[str, Any], shown: tuple[str, ...] | None = None) -> str:
+    bad = [p for p in problems(row) if shown is None or p in shown]
+    return "OK" if not bad else "FAIL: " + ", ".join(bad)
+
+
+def report(rows: list[dict[str, Any]]) -> str:
+    """The audit table, then (indented, so that their lines never read as rows of the table)
+    the vector widths of the bandwidth-bound kernels and the Hopper path's TMA use."""
+    yes = {None: "-", False: "no", True: "yes"}
+
+    def ids(r: dict[str, Any]) -> list[str]:
+        return [r["kernel"], r["config"], f"sm_{r['arch']}", r["dtype"]]
+
+    head = ["kernel", "config", "arch", "dtype"]
+    out = [_text([*head, "regs", "spill B", "smem B", "wgmma", "status"], [
+        [*ids(r), r.get("regs", "-"), r.get("spills", "-"), r.get("shared", "-"),
+         yes[r.get("wgmma")], _status(r) + (f" ({r['error']})" if r["error"] else "")]
+        for r in rows])]  # fmt: skip
+    vector = [r for r in rows if "ld_bits" in r]
+    if vector:
+        out += ["", "Vector widths: widest ld.global / st.global in the PTX, bits (128 = 16-byte "
+                "vectors; required for contiguous aligned cases)", _text(
+                    [*head, "ld bits", "st bits", "status"],
+                    [[*ids(r), r["ld_bits"], r["st_bits"], _status(r, ("no 128-bit loads",))
+                      if r["need_v128"] else "- (not contiguous and aligned: not required)"]
+                     for r in vector], "  ")]  # fmt: skip
+    tma = [r for r in rows if "ptx_bulk" in r]
+    if tma:
+        out += ["", "TMA (Hopper path): cp.async.bulk.tensor in the PTX, UTMALDG / UTMASTG in "
+                "the SASS, wgmma (HGMMA) and warp specialisation (setmaxnreg); TMA and wgmma "
+                "required", _text(
+                    [*head, "regs", "spill B", "bulk.tensor", "UTMALDG", "UTMASTG", "wgmma",
+                     "warp-spec", "status"],
+                    [[*ids(r), r["regs"], r["spills"], r["ptx_bulk"], r["tma_ld"], r["tma_st"],
+                      yes[bool(r["wgmma"])], yes[bool(r["ws"])],
+                      _status(r, ("no TMA", "no wgmma", "spills"))]
+                     for r in tma], "  ")]  # fmt: skip
     return "\n".join(out)
 
 
@@ -970,45 +538,39 @@ def run_audit(jobs: list[Job], workers: int) -> list[dict[str, Any]]:
         return list(pool.map(compile_job, jobs))
 
 
+def as_json(job: Job) -> str:
+    """A job as one JSON line (``--list``): constexprs by name, values JSON lacks as text."""
+    plain = (bool, int, str, type(None))
+    constexprs = {str(k): v if isinstance(v, plain) else str(v) for k, v in job.constexprs.items()}
+    return json.dumps(asdict(job) | dict(attrs=sorted(job.attrs), constexprs=constexprs))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m triton_kernels.audit",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="one config per GEMM kernel, one activation, one variant per MSE/SGD kernel, no fp64",
-    )
+        prog="python -m manualbp.kernels.audit", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    quick = "the first config of each tuned launch, one activation, one case an MSE/SGD kernel"
+    parser.add_argument("--quick", action="store_true", help=quick + "; fp16, bf16, fp32")
     parser.add_argument("--arch", default="80,90", help="comma-separated, e.g. 90")
-    parser.add_argument(
-        "--kernel", default=None, help=f"comma-separated subset of {','.join(_KERNELS)}"
-    )
-    parser.add_argument(
-        "-j", "--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes"
-    )
+    parser.add_argument("--kernel", default=None, help="comma-separated names (the table's)")
+    parser.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1,
+                        help="parallel compile processes")  # fmt: skip
+    parser.add_argument("--list", action="store_true", help="print the jobs (JSON), compile none")
     args = parser.parse_args(argv)
-    if interpreting():
+    if _host.interpreting():
         print("audit: unset TRITON_INTERPRET (the audit compiles real GPU code)", file=sys.stderr)
         return 2
-    archs = tuple(int(a) for a in args.arch.split(","))
-    kernels = set(args.kernel.split(",")) if args.kernel else None
-    jobs = build_jobs(archs, kernels, args.quick)
     t0 = time.time()
+    kernels = set(args.kernel.split(",")) if args.kernel else None
+    jobs = build_jobs(tuple(int(a) for a in args.arch.split(",")), kernels, args.quick)
+    if args.list:
+        print("\n".join(as_json(j) for j in jobs))
+        return 0
     rows = run_audit(jobs, args.jobs)
-    print(format_table(rows))
-    vector_table = format_vector_table(rows)
-    if vector_table:
-        print("\n" + vector_table)
-    tma_table = format_tma_table([r for r in rows if not r["error"]])
-    if tma_table:
-        print("\n" + tma_table)
+    print(report(rows))
     failed = [r for r in rows if problems(r)]
-    print(
-        f"\n{len(rows)} compiles in {time.time() - t0:.1f} s, {len(failed)} failing "
-        f"(triton {triton.__version__})"
-    )
+    print(f"\n{len(rows)} compiles in {time.time() - t0:.1f} s, {len(failed)} failing "
+          f"(triton {triton.__version__})")  # fmt: skip
     return 1 if failed else 0
 
 

@@ -536,11 +536,14 @@ def act_grad_and_bias(grad_y: Tensor, saved: Tensor | None, activation: str | No
     part = grad_y.new_empty((grid_m, N), dtype=acc_dtype(grad_y.dtype)) if compute_db else None
     s = grad_y if saved is None else saved  # dummy pointers where unused
     d = grad_y if dz is None else dz
+    # The block shape by name: cfg's BLOCK_R (bias_grad's) would be a keyword act_grad_kernel
+    # lacks, a KeyError in Triton's launcher.
     launch(act_grad_kernel, (grid_m, triton.cdiv(N, cfg["BLOCK_N"])), grad_y, s, d,
            grad_y if part is None else part, float(negative_slope), M, N, *grad_y.stride(),
            *s.stride(), *d.stride(), ACTIVATION=constexpr(activation), STORE_DZ=store_dz,
            COMPUTE_DB=compute_db, ACC_FP64=grad_y.dtype == torch.float64,
-           **cfg)  # fmt: skip
+           BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], ROW_STEPS=cfg["ROW_STEPS"],
+           num_warps=cfg["num_warps"])  # fmt: skip
     return dz, _reduce_bias(part, grid_m, grad_y) if compute_db else None
 
 

@@ -120,18 +120,25 @@ def test_empty_launches_nothing(shape):
 
 
 def test_audit_compiles_every_activation_in_the_shipped_configs():
-    from manualbp.kernels.audit import build_jobs
+    """The audit compiles the pass in its shipped CUDA config, with a bias and a stored z, for
+    every activation of the registry (called directly), and as the cuBLAS candidate of the
+    forward launches it; contiguous and aligned, so 128-bit loads are required."""
     from manualbp.kernels.linear import EPILOGUE_CONFIGS
 
     from manualbp.activations import ACTIVATIONS
+    from tests.kernels._audit import audit_jobs
 
-    jobs = build_jobs(kernels={"linear_epilogue"})
+    jobs = [j for j in audit_jobs() if j["kernel"] == "linear_epilogue"]
     for arch in (80, 90):
         for dtype in ("fp16", "bf16", "fp32", "fp64"):
-            mine = [j for j in jobs if j.arch == arch and j.dtype == dtype]
-            assert {j.constexprs["ACTIVATION"] for j in mine} == {"none", *ACTIVATIONS}
+            mine = [j for j in jobs if j["arch"] == arch and j["dtype"] == dtype]
+            full = [j["constexprs"] for j in mine]
+            full = {c["ACTIVATION"] for c in full if c["HAS_BIAS"] and c["STORE_PREACT"]}
+            assert full == {"none", *ACTIVATIONS}
+            assert any("fwd" in j["config"] for j in mine)  # the cuBLAS candidate's own
             cfg = EPILOGUE_CONFIGS["cuda_fp64" if dtype == "fp64" else "cuda"]
             for j in mine:
-                blocks = (j.constexprs["BLOCK_M"], j.constexprs["BLOCK_N"], j.num_warps)
-                assert blocks == (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"])
-                assert j.fields["need_v128"]  # contiguous and aligned: 128-bit loads required
+                c, warps = j["constexprs"], j["options"]["num_warps"]
+                assert (c["BLOCK_M"], c["BLOCK_N"], warps) == (cfg["BLOCK_M"], cfg["BLOCK_N"],
+                                                               cfg["num_warps"])  # fmt: skip
+                assert j["need_v128"]  # contiguous and aligned: 128-bit loads required

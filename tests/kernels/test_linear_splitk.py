@@ -170,22 +170,27 @@ def test_dx_and_dw_get_distinct_tuning_keys():
 
 def test_splitk_and_chain_configs_are_audited():
     """The audit compiles the split-K kernels in the config each architecture and dtype class
-    ships, and the cross-layer chain GEMM in every config it is tuned over."""
-    from manualbp.kernels.audit import build_jobs
+    ships (dW's layout: A = dZ^T M-major), and the cross-layer chain GEMM in every config it is
+    tuned over, with erf- and tanh-GELU (the heaviest derivatives) in its epilogue."""
     from manualbp.kernels.linear import chain_configs
 
-    jobs = build_jobs(kernels={"splitk_partial", "splitk_reduce", "chain_grad"})
+    from tests.kernels._audit import audit_jobs, config_shape, shape
+
+    jobs = audit_jobs()
     variants = [(torch.float16, "ieee", "fp16"), (torch.bfloat16, "ieee", "bf16"),
                 (torch.float32, "ieee", "fp32"), (torch.float32, "tf32", "tf32"),
                 (torch.float64, "ieee", "fp64")]  # fmt: skip
     for arch in (80, 90):
         for dtype, precision, name in variants:
-            mine = [j for j in jobs if j.arch == arch and j.dtype == name]
-            partial = [j for j in mine if j.kernel == "splitk_partial"]
+            mine = [j for j in jobs if j["arch"] == arch and j["dtype"] == name]
+            partial = [j for j in mine if j["kernel"] == "splitk_partial"]
             cfg = _splitk.splitk_config_for(arch, dtype, precision)
-            assert len(partial) == 1 and partial[0].constexprs["BLOCK_K"] == cfg["BLOCK_K"]
-            assert partial[0].constexprs["stride_am"] == 1  # dW's M-major A
-            chain = [j for j in mine if j.kernel == "chain_grad"]
-            assert len(chain) == 2 * len(chain_configs(arch, dtype, precision)), (arch, name)
-            if precision == "ieee":
-                assert any(j.kernel == "splitk_reduce" for j in mine)
+            assert [shape(j) for j in partial] == [config_shape(cfg)], (arch, name)
+            assert partial[0]["constexprs"]["stride_am"] == 1  # dW's M-major A
+            chain = [j for j in mine if j["kernel"] == "chain_grad"]
+            configs = chain_configs(arch, dtype, precision)
+            assert len(chain) == 2 * len(configs), (arch, name)
+            assert {shape(j) for j in chain} == {config_shape(c) for c in configs}
+            assert {j["constexprs"]["ACTIVATION"] for j in chain} == {"gelu", "gelu_tanh"}
+            if precision == "ieee":  # (TF32's is fp32's: the same kernel, compiled once)
+                assert any(j["kernel"] == "splitk_reduce" for j in mine)

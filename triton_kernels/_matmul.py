@@ -63,9 +63,11 @@ _SM80_TF32 = [_cfg(128, 128, 32, 8, 3), _cfg(64, 128, 32, 4, 4), _cfg(64, 64, 32
 # thread (64x128x32 w8 and 64x64x32 w4 spill on sm_90 under one Triton version or the other);
 # fp64 doubles the register footprint: small tiles, and 8 warps with an epilogue (32x64x16 w4
 # spills with erf-GELU on sm_80 under Triton 3.6).
-_FP32_IEEE = [_cfg(128, 128, 32, 8, 3), _cfg(128, 64, 32, 8, 3), _cfg(32, 64, 32, 4, 3)]
+# The plain lists also serve an M-major A (dW = dZ^T X unsplit) and an accumulating C, where
+# 128x64x32 w8 (fp32) and 64x64x16 w4 (fp64, Triton 3.6) spill on sm_90.
+_FP32_IEEE = [_cfg(128, 128, 32, 8, 3), _cfg(32, 64, 32, 4, 3)]
 _FP32_IEEE_EPILOGUE = [_cfg(128, 64, 32, 8, 3), _cfg(32, 64, 32, 4, 3)]
-_FP64 = [_cfg(64, 64, 16, 8, 3), _cfg(64, 64, 16, 4, 3), _cfg(32, 64, 16, 4, 3)]
+_FP64 = [_cfg(64, 64, 16, 8, 3), _cfg(32, 64, 16, 4, 3)]
 _FP64_EPILOGUE = [_cfg(64, 64, 16, 8, 3), _cfg(32, 64, 16, 8, 3)]
 
 # (architecture family, dtype class, fused epilogue) -> configs the autotuner tries.
@@ -270,7 +272,7 @@ def matmul(
         return c
     if K == 0:
         return c.zero_()
-    if tma_eligible((a, b), (c,)):
+    if tma_eligible((a, b), (c,), accumulate=accumulate):
         return matmul_tma(a, b, out=c, accumulate=accumulate)
     precision = input_precision_for(a.dtype, a.device)
     meta = dict(ACC_FP64=a.dtype == torch.float64, INPUT_PRECISION=precision, ACCUMULATE=accumulate)
@@ -279,6 +281,9 @@ def matmul(
     def make(cfg: dict[str, Any]) -> tuple[tuple[int], tuple, dict[str, Any]]:
         return grid_of(M, N, cfg), args, {**meta, **cfg}
 
-    cfgs = gemm_configs(a.device, a.dtype, precision)
+    # Accumulating reads C's tile into the epilogue too: on tensor cores the epilogue-sized
+    # tiles (the bigger ones spill there); the FMA lists are small enough as they are.
+    on_tensor_cores = dtype_class(a.dtype, precision) in ("fp16", "tf32")
+    cfgs = gemm_configs(a.device, a.dtype, precision, epilogue=accumulate and on_tensor_cores)
     tuned_launch(matmul_kernel, tuning_key(a, b, accumulate), cfgs, make, a.device)
     return c

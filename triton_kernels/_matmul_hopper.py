@@ -107,23 +107,32 @@ INTERPRETER_NUM_SMS = 3
 TMA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def smem_estimate(cfg: dict[str, int], elsize: int) -> int:
-    """Shared memory: the pipelined operand buffers plus one half-tile output buffer."""
+def smem_estimate(cfg: dict[str, int], elsize: int, out_elsize: int = 0,
+                  accumulate: bool = False) -> int:  # fmt: skip
+    """Shared memory: the pipelined operand buffers plus a half-tile output buffer of
+    ``out_elsize`` bytes an element (default ``elsize``), two when ``accumulate`` (C's tile is
+    loaded too: an fp32 C doubles the epilogue's share)."""
     operands = cfg["num_stages"] * (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * elsize
-    return operands + cfg["BLOCK_M"] * (cfg["BLOCK_N"] // 2) * elsize
+    half_tile = cfg["BLOCK_M"] * (cfg["BLOCK_N"] // 2) * (out_elsize or elsize)
+    return operands + half_tile * (2 if accumulate else 1)
 
 
 def hopper_configs_for(
-    arch: int, dtype: torch.dtype, input_precision: str, *, epilogue: bool
-) -> list[dict[str, int]]:
+    arch: int, dtype: torch.dtype, input_precision: str, *, epilogue: bool,
+    out_dtype: torch.dtype | None = None, accumulate: bool = False,
+) -> list[dict[str, int]]:  # fmt: skip
     """The shipped configs for ``dtype`` inputs (fp16/bf16, or fp32 with ``"tf32"``), with or
-    without an activation ``epilogue``, that fit ``arch``'s shared memory (may be empty)."""
+    without an activation ``epilogue``, writing (``accumulate``: reading and writing) an
+    ``out_dtype`` output (default ``dtype``), that fit ``arch``'s shared memory (may be
+    empty)."""
     cls = dtype_class(dtype, input_precision)
     if cls not in ("fp16", "tf32"):
         return []
     elsize = torch.empty((), dtype=dtype).element_size()
+    out = torch.empty((), dtype=out_dtype or dtype).element_size()
     limit = smem_limit(arch)
-    return [c for c in HOPPER_CONFIGS[(cls, epilogue)] if smem_estimate(c, elsize) <= limit]
+    return [c for c in HOPPER_CONFIGS[(cls, epilogue)]
+            if smem_estimate(c, elsize, out, accumulate) <= limit]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,6 +161,7 @@ def tma_supported(
     outputs: tuple[torch.Tensor, ...],
     *,
     epilogue: bool = False,
+    accumulate: bool = False,
 ) -> bool:
     """The device-independent half of :func:`tma_eligible`: compute capability ``arch`` 9.0+,
     fp16/bf16 inputs or fp32 ones under TF32 ``input_precision``, both operands TMA-readable
@@ -167,7 +177,8 @@ def tma_supported(
         return False
     if input_precision == "tf32" and (a_t or not b_t):
         return False
-    return bool(hopper_configs_for(arch, a.dtype, input_precision, epilogue=epilogue))
+    return bool(hopper_configs_for(arch, a.dtype, input_precision, epilogue=epilogue,
+                                   out_dtype=outputs[0].dtype, accumulate=accumulate))  # fmt: skip
 
 
 def tma_eligible(
@@ -175,15 +186,18 @@ def tma_eligible(
     outputs: tuple[torch.Tensor, ...],
     *,
     epilogue: bool = False,
+    accumulate: bool = False,
 ) -> bool:
-    """Whether the Hopper path runs a GEMM on ``operands`` (A, B) into ``outputs``: GPU code
-    (not the interpreter) and :func:`tma_supported` for the device and ``tl.dot`` precision."""
+    """Whether the Hopper path runs a GEMM on ``operands`` (A, B) into ``outputs``
+    (``accumulate``: adding to the first): GPU code (not the interpreter) and
+    :func:`tma_supported` for the device and ``tl.dot`` precision."""
     device = operands[0].device
     gpu = target(device)
     if gpu is None:
         return False
     precision = input_precision_for(operands[0].dtype, device)
-    return tma_supported(gpu[0], precision, operands, outputs, epilogue=epilogue)
+    return tma_supported(gpu[0], precision, operands, outputs, epilogue=epilogue,
+                         accumulate=accumulate)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,7 +359,8 @@ def launch_gemm(
     if gpu is None:
         cfgs = [INTERPRETER_CONFIG]
     else:
-        cfgs = hopper_configs_for(gpu[0], a.dtype, precision, epilogue=activation is not None)
+        cfgs = hopper_configs_for(gpu[0], a.dtype, precision, epilogue=activation is not None,
+                                  out_dtype=c.dtype, accumulate=accumulate)  # fmt: skip
     flags = "".join(str(int(v)) for k, v in meta.items() if isinstance(v, bool))
     key = f"{a.dtype}|{precision}|{meta['ACTIVATION']}|{flags}|{size_bucket(M, N, K)}"
     tuned_launch(matmul_tma_kernel, key, cfgs, make, a.device)

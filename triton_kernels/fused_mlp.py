@@ -100,6 +100,9 @@ def _cfg(
 # needs 16).
 _NARROW = {w: _cfg(128, 4, 64, 64, 64, 4) for w in (16, 32)}
 _WIDE64 = _cfg(128, 8, 64, 64, 64, 4)
+# VALUE_STORES_Y: the folded loss without a backward still writes y (to a scratch buffer): the
+# store-free epilogue spills 16 bytes at sm_80 TF32, width 128.
+_SM80_TF32_128 = {**_cfg(128, 8, 16, 64, 64, 4), "VALUE_STORES_Y": 1}
 _FMA = {16: _cfg(64, 4, 16, 32, 16, 4), 32: _cfg(32, 4, 32, 32, 32, 4),
         64: _cfg(32, 8, 64, 32, 32, 4)}  # fmt: skip
 CONFIGS: dict[tuple[int, str], dict[int, dict[str, int]]] = {
@@ -107,7 +110,13 @@ CONFIGS: dict[tuple[int, str], dict[int, dict[str, int]]] = {
     (90, "tf32"): {**_NARROW, 64: _WIDE64, 128: _cfg(128, 8, 32, 64, 64, 4)},
     (90, "fp32"): _FMA,
     (80, "fp16"): {**_NARROW, 64: _WIDE64, 128: _cfg(128, 8, 32, 64, 64, 4)},
-    (80, "tf32"): {**_NARROW, 64: _WIDE64, 128: _cfg(128, 8, 16, 64, 64, 4)},
+    # VALUE_STORES_Y: the folded loss without a backward still writes y (to a scratch buffer):
+    # the store-free epilogue spills 16 bytes there.
+    (80, "tf32"): {
+        **_NARROW,
+        64: _WIDE64,
+        128: {**_cfg(128, 8, 16, 64, 64, 4), "VALUE_STORES_Y": 1},
+    },
     (80, "fp32"): _FMA,
 }
 # The interpreter: small row tiles and, up to 32 columns, 16-column chunks, so that the tests'
@@ -119,6 +128,13 @@ INTERPRETER_CONFIG = {w: _cfg(32, 4, 16 if w <= 32 else w, 16, w, 4) for w in (1
 # programs over all layers. REDUCE_BLOCK: partial elements summed per reduction program.
 MIN_SPLIT_ROWS = {"cuda": 1024, "interpreter": 32}
 TARGET_PROGRAMS = 256
+# Software-pipelining stages of the weight-gradient kernel's row loop: Triton's default 3
+# spills at width 32 on sm_90 (fp16); 2 double-buffers the loads, as much as the loop needs.
+WGRAD_STAGES = 2
+# The forward and backward-chain kernels have no loop to pipeline (the layers are unrolled):
+# one stage, which also keeps the prefetch registers of Triton's default 3 (sm_80 TF32 at width
+# 128, the folded loss without stores, spilled 16 bytes).
+CHAIN_STAGES = 1
 REDUCE_BLOCK = {"cuda": 1024, "interpreter": 256}
 
 
@@ -661,7 +677,8 @@ def _launch_forward(x, y, zo, saved, weights, biases, slopes, cfg, meta, *, targ
         tuple(saved) if saved else (y,) * max(L - 1, 1), t, y if partials is None else partials,
         float(slopes[0]), float(slopes[1]), M, x.stride(0), x.stride(1), M * meta["DIMS"][-1],
         HAS_BIAS=tuple(b is not None for b in biases),
-        STORE=bool(saved), BLOCK_M=cfg["BLOCK_M"], num_warps=cfg["num_warps"], **meta, **flags,
+        STORE=bool(saved), BLOCK_M=cfg["BLOCK_M"], num_warps=cfg["num_warps"],
+        num_stages=CHAIN_STAGES, **meta, **flags,
     )  # fmt: skip
 
 
@@ -758,8 +775,12 @@ def mlp_mse_forward(
     tiles = triton.cdiv(M, cfg["BLOCK_M"])
     target = target.contiguous()
     partials = torch.empty(tiles, dtype=acc_dtype(x.dtype), device=x.device)
-    _launch_forward(x, x if head is None else head, zo, saved, weights, biases, slopes, cfg,
-                    meta, target=target, partials=partials, HIDDEN_PREACT=hidden_preact,
+    if mode == "value" and cfg.get("VALUE_STORES_Y"):  # the store-free variant spills here
+        mode, head_out = "y", x.new_empty((M, dims[-1]))  # y to a scratch buffer, dropped
+    else:
+        head_out = x if head is None else head
+    _launch_forward(x, head_out, zo, saved, weights, biases, slopes, cfg, meta, target=target,
+                    partials=partials, HIDDEN_PREACT=hidden_preact,
                     STORE_OUT_PREACT=zo is not None, LOSS=mode,
                     LOSS_MEAN=reduction == "mean")  # fmt: skip
     cuda = gpu_code(x.device)
@@ -828,7 +849,7 @@ def mlp_backward(
         tuple(weights), ss, tuple(dzs), scale, target, float(slopes[0]), float(slopes[1]), M,
         grad_y.stride(0), grad_y.stride(1), M * dims[-1],
         NEED_DX=need_dx, G_MODE=g_mode, LOSS_MEAN=loss is not None and loss[2] == "mean",
-        BLOCK_M=cfg["BLOCK_M"], num_warps=cfg["num_warps"], **meta,
+        BLOCK_M=cfg["BLOCK_M"], num_warps=cfg["num_warps"], num_stages=CHAIN_STAGES, **meta,
     )  # fmt: skip
     if need_params:
         _weight_grads(x, ss, dzs, dws, dbs, slopes[0], has_bias, hidden_preact, cfg, meta)
@@ -850,7 +871,7 @@ def _weight_grads(x, ss, dzs, dws, dbs, hidden_slope, has_bias, hidden_preact, c
         x.stride(1), chunk, S, DIMS=meta["DIMS"], HAS_BIAS=has_bias, NUM_LAYERS=L,
         HIDDEN_ACT=meta["HIDDEN_ACT"], HIDDEN_PREACT=hidden_preact, DIRECT=direct,
         ACC_FP64=meta["ACC_FP64"], INPUT_PRECISION=meta["INPUT_PRECISION"], WIDTH=width,
-        NC=nc, BLOCK_R=cfg["BLOCK_R"], num_warps=cfg["wgrad_warps"],
+        NC=nc, BLOCK_R=cfg["BLOCK_R"], num_warps=cfg["wgrad_warps"], num_stages=WGRAD_STAGES,
     )  # fmt: skip
     if not direct:
         block = REDUCE_BLOCK["cuda" if cuda else "interpreter"]

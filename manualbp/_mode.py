@@ -55,6 +55,7 @@ __all__ = [
     "routing_paused",
     "set_backend",
     "transforms_active",
+    "untraced",
     "use_backend",
 ]
 
@@ -239,24 +240,31 @@ def routing_paused() -> bool:
     return _paused
 
 
+def untraced(fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` without the TracerWarnings torch.jit.trace gives manualbp's own
+    checks and plans (they compare traced sizes, which is no data flow, and native emits no
+    such warning). Only for manualbp's code: a user's module called inside would lose the
+    warnings it gets natively. Call it where :func:`jit_tracing`; elsewhere it costs a
+    ``warnings.catch_warnings``."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return fn(*args, **kwargs)
+
+
 def entry_point(fn: Callable) -> Callable:
     """``fn`` (a checked entry point) with manualbp.enable()'s routing paused while a mode is
-    on, and without the TracerWarnings of its argument checks under torch.jit.trace (they
-    compare traced sizes, which is no data flow)."""
+    on, and without the TracerWarnings of its argument checks under torch.jit.trace
+    (:func:`untraced`)."""
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         global _paused
-        if jit_tracing():
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                return fn(*args, **kwargs)
         if _paused or not _function_mode_on():
-            return fn(*args, **kwargs)
+            return untraced(fn, *args, **kwargs) if jit_tracing() else fn(*args, **kwargs)
         _paused = True
         try:
-            return fn(*args, **kwargs)
+            return untraced(fn, *args, **kwargs) if jit_tracing() else fn(*args, **kwargs)
         finally:
             _paused = False
 

@@ -68,7 +68,9 @@ def _takes_linear(input: object, weight: object, bias: object) -> bool:
 
 
 def _linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    if _takes_linear(input, weight, bias):
+    # Under torch.jit.trace the question compares traced sizes: no TracerWarning for that.
+    args = (input, weight, bias)
+    if _mode.untraced(_takes_linear, *args) if _mode.jit_tracing() else _takes_linear(*args):
         return linear(input, weight, bias)
     return F.linear(input, weight, bias)
 
@@ -94,7 +96,8 @@ def _mse_loss(
     reduction: str = "mean",
     weight: Tensor | None = None,
 ) -> Tensor:
-    if _takes_mse(input, target, size_average, reduce, reduction, weight):
+    args = (input, target, size_average, reduce, reduction, weight)
+    if _mode.untraced(_takes_mse, *args) if _mode.jit_tracing() else _takes_mse(*args):
         return mse_loss(input, target, reduction)
     kwargs = {} if weight is None else {"weight": weight}
     return F.mse_loss(input, target, size_average, reduce, reduction, **kwargs)
@@ -127,14 +130,14 @@ def _set_enabled(on: bool) -> None:
     if on:
         _Routing().__enter__()
         return
-    top = _mode.function_modes()[-1]
-    if not isinstance(top, _Routing):
-        raise RuntimeError(
-            "manualbp.enable(False): another TorchFunctionMode "
-            f"({type(top).__name__}) was entered after manualbp.enable() and is still "
-            "active; exit it first"
-        )
-    top.__exit__(None, None, None)
+    # Off: take manualbp's mode out of the stack wherever it is, whatever was entered after it
+    # (and not left yet) staying as it is, in its order: leaving a ``with manualbp.enable()``
+    # block leaves manualbp off, even when the block entered another mode and kept it.
+    above = []
+    while not isinstance(top := torch.overrides._pop_mode(), _Routing):
+        above.append(top)
+    for mode in reversed(above):
+        torch.overrides._push_mode(mode)
 
 
 class enable:  # noqa: N801 -- a function-like context manager, as torch.set_grad_enabled
@@ -152,8 +155,11 @@ class enable:  # noqa: N801 -- a function-like context manager, as torch.set_gra
         with manualbp.enable(False):     # off for a block, then back to what it was
             ...
 
-    ``manualbp.overrides.is_enabled()`` says whether it is on. See :mod:`manualbp.overrides`
-    for what is routed and what is left to PyTorch.
+    ``manualbp.overrides.is_enabled()`` says whether it is on. Switching it off (``False``, or
+    leaving a block that switched it on) takes manualbp's mode out of the thread's
+    ``TorchFunctionMode`` stack wherever it is: a mode entered after it and not left yet stays
+    on, and manualbp is off whatever else the block did. See :mod:`manualbp.overrides` for
+    what is routed and what is left to PyTorch.
 
     Args:
         mode: ``True`` (default) to route, ``False`` to stop routing.

@@ -114,19 +114,44 @@ def test_per_thread_like_grad_mode():
     assert seen == [False]
 
 
-def test_disabling_under_another_mode_is_refused():
-    class Other(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            return func(*args, **(kwargs or {}))
+class _Other(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
 
-    with manualbp.enable(), Other():
-        with pytest.raises(RuntimeError, match="another TorchFunctionMode"):
-            manualbp.enable(False)
-        assert is_enabled()
+
+def test_disabling_under_another_mode_keeps_the_other():
+    w = torch.randn(4, 3, requires_grad=True)
+    with manualbp.enable(), _Other() as other:
         # The other mode sees the calls first; manualbp still takes F.linear.
-        w = torch.randn(4, 3, requires_grad=True)
         assert type(F.linear(torch.randn(2, 3), w).grad_fn).__name__ == "LinearFunctionBackward"
-    assert not is_enabled()
+        manualbp.enable(False)  # manualbp's mode leaves the stack, the other stays on top
+        assert not is_enabled()
+        assert torch.overrides._get_current_function_mode_stack() == [other]
+        assert type(F.linear(torch.randn(2, 3), w).grad_fn).__name__ == "MmBackward0"
+    assert not is_enabled() and torch.overrides._get_current_function_mode_stack() == []
+
+
+def test_leaving_the_block_disables_whatever_the_block_entered():
+    # issue 23, finding 8: a mode entered inside the block and never left made the block's exit
+    # raise and left manualbp on for the rest of the thread.
+    stack = torch.overrides._get_current_function_mode_stack
+    with manualbp.enable():
+        left_on = TorchFunctionMode()
+        left_on.__enter__()
+    try:
+        assert not is_enabled()
+        assert stack() == [left_on]  # the user's mode is theirs to leave
+    finally:
+        left_on.__exit__(None, None, None)
+    assert stack() == []
+    # The same when the block raises.
+    with pytest.raises(KeyError), manualbp.enable():
+        _Other().__enter__()
+        raise KeyError("boom")
+    try:
+        assert not is_enabled() and len(stack()) == 1
+    finally:
+        torch.overrides._pop_mode()
 
 
 def test_errors_raise_as_native_and_change_nothing():

@@ -220,7 +220,7 @@ def test_bad_input_raises_as_native():
         F.linear(F.linear(x, w1, b1), w2[:, :-1], b2)
     with pytest.raises(ValueError, match="unknown activation"):
         linear_chain(x, w1, b1, "relu6", w2, b2, None)
-    with pytest.raises(TypeError):
+    with pytest.raises(RuntimeError, match="same dtype"):  # as natively
         linear_chain(x, w1.double(), b1, "relu", w2, b2, None)
 
 

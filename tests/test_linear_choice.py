@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -308,6 +309,69 @@ def test_valid_cache_entry_is_used(tmp_path, monkeypatch):
         x, w, b = torch.randn(6, 6), torch.randn(5, 6), torch.randn(5)
         functional.linear(x.to(DEVICE), w.to(DEVICE), b.to(DEVICE), "gelu")
     assert ran == ["fwd:triton"]  # the file's choice, though the timer favours cublas
+
+
+def test_deeply_nested_json_is_ignored_with_a_warning(tmp_path, monkeypatch):
+    # issue 23, finding 7: json.loads raises RecursionError (not ValueError) on deep nesting.
+    path = tmp_path / "choice.json"
+    depth = 200_000  # far past the interpreter's recursion limit; 400 kB, under the size cap
+    path.write_text("[" * depth + "]" * depth)
+    monkeypatch.setenv(_tuning.CACHE_ENV, str(path))
+    timer = CountingTimer()
+    with _tuning.use_timer(timer), pytest.warns(UserWarning, match="ignoring.*not JSON"):
+        _train_step(5, backward=False)
+    assert timer.calls == list(lc.IMPLS)  # measured, then written over the unusable file
+    assert json.loads(path.read_text())["format"] == _tuning.FORMAT
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_fifo_is_neither_read_nor_written(tmp_path, monkeypatch):
+    # issue 23, finding 7: opening a FIFO for reading blocks until a writer comes: forever.
+    import threading
+
+    path = tmp_path / "choice.fifo"
+    os.mkfifo(path)
+    monkeypatch.setenv(_tuning.CACHE_ENV, str(path))
+    caught: list = []
+
+    def first_call():  # (the backend choice is per thread: set it here too)
+        timer = _tuning.use_timer(CountingTimer())
+        with manualbp.use_backend("triton"), timer, warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")  # (the main thread only waits meanwhile)
+            _train_step(5, backward=False)
+        caught.extend(str(w.message) for w in record)
+
+    thread = threading.Thread(target=first_call, daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    if thread.is_alive():  # unblock the reader (a writer that closes at once), then fail
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(timeout=10)
+        pytest.fail("the first Linear call hung on a FIFO at MANUALBP_LINEAR_CACHE")
+    assert any("ignoring" in m and "not a regular file" in m for m in caught), caught
+    assert any("not writing" in m for m in caught), caught
+    assert path.is_fifo()  # left as it was
+    assert len(_tuning.decisions()) == 1  # decided all the same (forward only)
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symbolic links")
+def test_a_symlink_stays_a_link_and_its_target_is_rewritten(tmp_path, monkeypatch):
+    # issue 23, finding 7: the atomic rewrite must go to the link's target, not replace the link.
+    target = tmp_path / "shared" / "choices.json"
+    target.parent.mkdir()
+    target.write_text(_valid_file())
+    link = tmp_path / "choice.json"
+    link.symlink_to(target)
+    monkeypatch.setenv(_tuning.CACHE_ENV, str(link))
+    with _tuning.use_timer(CountingTimer()):
+        _train_step(5, backward=False)
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    choices = json.loads(target.read_text())["choices"]
+    assert choices[VALID_KEY] == "triton"  # the file's entry kept, the new decision added
+    assert {k: v for (_, k), v in _tuning.decisions().items()}.items() <= choices.items()
+    assert len(choices) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["choice.json", "shared"]
+    assert [p.name for p in target.parent.iterdir()] == ["choices.json"]  # no temp left
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,9 +5,12 @@ from __future__ import annotations
 from numbers import Real
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from manualbp.activations import activation_of_module, get_activation
+from manualbp.modules.linear import Linear
+from manualbp.ops._checks import overrides_torch_function
 from manualbp.ops.fused_mlp import MAX_WIDTH, fused_mlp, fused_mlp_mse_loss
 
 __all__ = ["FusedMLP"]
@@ -31,7 +34,9 @@ class FusedMLP(nn.Module):
     take the odd indices), so ``mlp.layers.state_dict()`` loads into that ``nn.Sequential``
     and back. :meth:`to_sequential` and :meth:`from_sequential` convert. Forward reads the
     Linear modules' ``weight`` / ``bias`` at each call but does not call the modules (their
-    hooks do not run). :meth:`mse_loss` computes ``mse(self(x), target)`` with the loss
+    hooks do not run), except on a tensor subclass with a ``__torch_function__``, which
+    ``self.layers`` computes natively (the subclass then sees each op, as natively).
+    :meth:`mse_loss` computes ``mse(self(x), target)`` with the loss
     folded into the last layer's epilogue.
 
     Args:
@@ -78,6 +83,8 @@ class FusedMLP(nn.Module):
         return [m for m in self.layers if isinstance(m, nn.Linear)]
 
     def forward(self, input: Tensor) -> Tensor:
+        if overrides_torch_function(input):  # its __torch_function__ sees each layer's ops
+            return self.layers(input)
         linears = self.linears()
         return fused_mlp(
             input, [m.weight for m in linears], [m.bias for m in linears], self.activation,
@@ -89,6 +96,8 @@ class FusedMLP(nn.Module):
         last layer (:func:`manualbp.functional.fused_mlp_mse_loss`): for
         ``"mean"`` / ``"sum"`` the prediction is never stored; on the Triton backend the
         forward is two launches and the backward the fused MLP's."""
+        if overrides_torch_function(input, target):  # as natively: the subclass sees the ops
+            return F.mse_loss(self.layers(input), target, reduction=reduction)
         linears = self.linears()
         return fused_mlp_mse_loss(
             input, target, [m.weight for m in linears], [m.bias for m in linears],
@@ -107,7 +116,12 @@ class FusedMLP(nn.Module):
     def from_sequential(cls, seq: nn.Sequential) -> FusedMLP:
         """The ``FusedMLP`` computing what ``seq`` computes: ``Linear [act] Linear [act] ...
         Linear [act]`` with one hidden width, every hidden layer followed by the same registry
-        activation (or none) and all biases present or all absent. Parameters are copied."""
+        activation (or none) and all biases present or all absent. Parameters are copied.
+
+        Raises ``ValueError`` for anything else: an empty ``seq``, an ``nn.Linear`` subclass
+        with a ``forward`` of its own (it may compute something else), a module whose
+        ``forward`` was replaced on the instance or that has hooks of its own (the fused op
+        would skip them)."""
         spec = _parse(seq)
         first = spec["linears"][0].weight
         mlp = cls(*spec["args"], device=first.device, dtype=first.dtype, **spec["kwargs"])
@@ -153,13 +167,51 @@ def _native_copy(module: nn.Module) -> nn.Module:
     return act.native_module(slope)
 
 
+def _own_forward_only(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs its class's ``forward`` alone: none put on the instance
+    (as Hugging Face accelerate's hooks do), no hook of its own."""
+    return "forward" not in module.__dict__ and not (
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+        or module._backward_pre_hooks
+    )  # fmt: skip
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` computing ``F.linear`` and nothing else: ``nn.Linear`` itself, a
+    subclass keeping its ``forward`` (``NonDynamicallyQuantizableLinear``), or a
+    ``manualbp.Linear`` without an activation."""
+    if not isinstance(module, nn.Linear):
+        return False
+    forward = type(module).forward
+    if forward is Linear.forward:
+        return module.activation is None
+    return forward is nn.Linear.forward
+
+
 def _parse(seq: nn.Sequential) -> dict:
     """``FusedMLP`` arguments for ``seq`` (see :meth:`FusedMLP.from_sequential`)."""
     modules, layers, i = list(seq), [], 0
+    if not modules:
+        raise ValueError(
+            "FusedMLP.from_sequential: the Sequential is empty; expected Linear [activation] "
+            "... Linear [activation]"
+        )
+    for j, module in enumerate(modules):
+        if not _own_forward_only(module):
+            raise ValueError(
+                f"FusedMLP.from_sequential: module {j} ({type(module).__name__}) does not run "
+                "as written (a forward set on the instance, or hooks of its own); FusedMLP "
+                "would skip them"
+            )
     while i < len(modules):
         lin = modules[i]
-        if not isinstance(lin, nn.Linear) or getattr(lin, "activation", None) is not None:
-            raise ValueError(f"FusedMLP.from_sequential: module {i} is not a plain Linear")
+        if not _plain_linear(lin):
+            why = ": it has a forward of its own" if isinstance(lin, nn.Linear) else ""
+            raise ValueError(
+                f"FusedMLP.from_sequential: module {i} ({type(lin).__name__}) is not a plain "
+                f"Linear{why}; expected nn.Linear (or a subclass that keeps its forward), then "
+                "an optional registry activation"
+            )
         found = activation_of_module(modules[i + 1]) if i + 1 < len(modules) else None
         act, slope = (found[0].name, found[1]) if found else (None, 0.01)
         layers.append((lin, act, slope))

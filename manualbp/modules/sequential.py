@@ -21,6 +21,7 @@ from manualbp.activations import activation_of_module
 from manualbp.modules.linear import Linear
 from manualbp.modules.linear_mse import LinearMSELoss
 from manualbp.modules.loss import MSELoss
+from manualbp.ops._checks import overrides_torch_function
 from manualbp.ops.fused_mlp import MAX_WIDTH, fused_mlp, fused_mlp_mse_loss
 from manualbp.ops.linear import linear
 from manualbp.ops.linear_chain import linear_chain
@@ -46,8 +47,12 @@ def runs_as_written(module: nn.Module) -> bool:
     """Whether calling ``module`` runs its class's own ``forward`` and nothing else: no hook
     observes it and no ``forward`` was put on the instance (as Hugging Face accelerate's
     ``add_hook_to_module`` does). Only such modules are fused: a fused op reads their
-    parameters and skips the call."""
-    return "forward" not in module.__dict__ and not has_hooks(module)
+    parameters and skips the call.
+
+    ``module.forward`` is read too (always true): torch.compile guards on that attribute read,
+    not on the ``__dict__`` look-up, so a forward patched after compiling recompiles, as
+    natively."""
+    return "forward" not in module.__dict__ and module.forward is not None and not has_hooks(module)
 
 
 class Layer(NamedTuple):
@@ -118,6 +123,8 @@ def _fits(layer: Layer, input: Tensor | None) -> bool:
     dtype outside autocast: else the modules raise as natively); ``None`` (planning): yes."""
     if input is None:
         return True
+    if overrides_torch_function(input):  # a subclass's __torch_function__ sees each module's op
+        return False
     w = layer.linear.weight
     if input.dim() < 1 or input.shape[-1] != w.shape[1] or input.device != w.device:
         return False
@@ -212,32 +219,50 @@ class Sequential(nn.Sequential):
                     "(manualbp.MSELoss, manualbp.LinearMSELoss or nn.MSELoss)"
                 )
             modules, loss = modules[:-1], modules[-1]
+        # A target with a __torch_function__ of its own sees the loss's op: no folding.
+        fold = None if target is None or overrides_torch_function(target) else loss
+        # Under torch.jit.trace, manualbp's own planning and fused steps run without the
+        # TracerWarnings of their size checks (native has none); the children called one by
+        # one keep theirs.
+        tracing = _mode.jit_tracing()
         i = 0
         while i < len(modules):
-            step = self.step_at(modules, i, input, loss)
+            if tracing:
+                step = _mode.untraced(self.step_at, modules, i, input, fold)
+            else:
+                step = self.step_at(modules, i, input, fold)
             i = step.end
-            layers = step.layers
             if step.kind == "module":
                 input = modules[step.start](input)
-            elif step.kind == "pair":
-                (lin, act, slope), = layers  # fmt: skip
-                input = linear(input, lin.weight, lin.bias, act, negative_slope=slope)
-            elif step.kind == "chain":
-                (l1, a1, s1), (l2, a2, s2) = layers
-                input = linear_chain(input, l1.weight, l1.bias, a1, l2.weight, l2.bias, a2,
-                                     negative_slope=s1, negative_slope2=s2)  # fmt: skip
+            elif tracing:
+                input = _mode.untraced(self._run, step, input, target, loss)
             else:
-                weights = [layer.linear.weight for layer in layers]
-                biases = [layer.linear.bias for layer in layers]
-                hidden, last = layers[0], layers[-1]
-                args = (hidden.activation, last.activation)
-                slopes = dict(negative_slope=hidden.slope, output_negative_slope=last.slope)
-                if step.kind == "mlp":
-                    input = fused_mlp(input, weights, biases, *args, **slopes)
-                else:
-                    return fused_mlp_mse_loss(input, target, weights, biases, *args,
-                                              loss.reduction, **slopes)  # fmt: skip
+                input = self._run(step, input, target, loss)
+            if step.kind == "mlp_loss":
+                return input
         return input if loss is None else loss(input, target)
+
+    def _run(self, step: Step, input: Tensor, target: Tensor | None,
+             loss: nn.Module | None) -> Tensor:  # fmt: skip
+        """One fused step (not ``"module"``) on ``input``: its output (``"mlp_loss"``: the
+        loss)."""
+        layers = step.layers
+        if step.kind == "pair":
+            (lin, act, slope), = layers  # fmt: skip
+            return linear(input, lin.weight, lin.bias, act, negative_slope=slope)
+        if step.kind == "chain":
+            (l1, a1, s1), (l2, a2, s2) = layers
+            return linear_chain(input, l1.weight, l1.bias, a1, l2.weight, l2.bias, a2,
+                                negative_slope=s1, negative_slope2=s2)  # fmt: skip
+        weights = [layer.linear.weight for layer in layers]
+        biases = [layer.linear.bias for layer in layers]
+        hidden, last = layers[0], layers[-1]
+        args = (hidden.activation, last.activation)
+        slopes = dict(negative_slope=hidden.slope, output_negative_slope=last.slope)
+        if step.kind == "mlp":
+            return fused_mlp(input, weights, biases, *args, **slopes)
+        return fused_mlp_mse_loss(input, target, weights, biases, *args, loss.reduction,
+                                  **slopes)  # fmt: skip
 
     def _plan(self) -> list[tuple[Step, list[str]]]:
         """The steps, with their children's names, on the Triton backend with inputs that fit."""

@@ -18,7 +18,16 @@ from torch.autograd import Function
 from manualbp import _mode
 from manualbp.activations import ACTIVATIONS, Act, bind
 from manualbp.kernels import library
-from manualbp.ops._checks import check_linear_args, check_linear_dtypes
+from manualbp.ops._checks import (
+    PLAIN,
+    check_linear_args,
+    check_linear_dtypes,
+    check_slope,
+    linear_applies,
+    native_linear,
+    overrides_torch_function,
+    require_tensor,
+)
 
 __all__ = [
     "LinearFunction",
@@ -230,13 +239,18 @@ def linear(
         ``(*, out_features)``. Under autocast it computes in the autocast dtype, as
         ``F.linear`` does.
 
+    Where the hand-derived path does not apply, native's op (``F.linear`` and the
+    activation's native function) runs, with native's result or native's error: tensor
+    subclasses with a ``__torch_function__`` (which then sees ``linear`` as natively), a 1-D
+    weight, integer or complex tensors, mixed dtypes or devices.
+
     Raises:
         ShapeError: (a ``ValueError`` and a ``RuntimeError``) on shapes that do not fit.
     """
     if (
-        isinstance(input, Tensor)
-        and isinstance(weight, Tensor)
-        and (bias is None or isinstance(bias, Tensor))
+        type(input) in PLAIN  # no __torch_function__ of their own (and cheaper than isinstance)
+        and type(weight) in PLAIN
+        and (bias is None or type(bias) in PLAIN)
         and _mode.plain_eager(input, weight, bias)  # first: under jit.trace, no size compared
         and (activation is None or (type(activation) is str and activation in ACTIVATIONS))
         and type(negative_slope) is float
@@ -262,12 +276,22 @@ def linear(
 
 @_mode.entry_point
 def _linear_checked(input, weight, bias, activation, negative_slope) -> Tensor:
-    """:func:`linear`, every argument checked, every path."""
-    check_linear_args(input, weight, bias, negative_slope)
+    """:func:`linear`, every argument checked, every path; native's op where the hand-derived
+    path does not apply."""
+    check_slope(negative_slope)
     bind(activation)  # an unknown name raises here
+    if not (type(input) in PLAIN and type(weight) in PLAIN
+            and (bias is None or type(bias) in PLAIN)):  # fmt: skip
+        if overrides_torch_function(input, weight, bias):  # the subclass's __torch_function__
+            return native_linear(input, weight, bias, activation, float(negative_slope))
+        require_tensor("input", input, "linear")
+        require_tensor("weight", weight, "linear")
+        require_tensor("bias", bias, "linear", optional=True)
     cast = _mode.autocast_dtype(input)
+    if not linear_applies(input, weight, bias, cast):  # native's result, or native's error
+        return native_linear(input, weight, bias, activation, float(negative_slope))
+    check_linear_args(input, weight, bias)  # shapes (dtypes and devices: linear_applies)
     if cast is None:  # the common case
-        check_linear_dtypes(input, weight, bias)
         return linear_unchecked(input, weight, bias, activation, float(negative_slope))
     input, weight, bias = _mode.cast(cast, input, weight, bias)
     check_linear_dtypes(input, weight, bias)

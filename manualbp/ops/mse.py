@@ -15,11 +15,12 @@ from torch.autograd import Function
 from manualbp import _mode
 from manualbp.kernels import library
 from manualbp.ops._checks import (
+    PLAIN,
     REDUCTIONS,
     broadcast,
-    check_reduction,
+    mse_applies,
+    overrides_torch_function,
     require_tensor,
-    same_device,
     warn_if_sizes_differ,
 )
 
@@ -249,10 +250,16 @@ def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
     ``F.mse_loss`` when their sizes differ; :class:`ShapeError` when they cannot) and
     promote to a common dtype; a target that requires grad gets a gradient. Under autocast
     it computes in float32.
+
+    Where the hand-derived path does not apply, ``F.mse_loss`` itself runs, with native's
+    result or native's error: tensor subclasses with a ``__torch_function__`` (which then sees
+    ``mse_loss`` as natively and returns its own type), ``reduction="elementwise_mean"``
+    (native warns and takes the mean) or an unknown reduction, integer, boolean or complex
+    operands, operands on two devices.
     """
     if (
-        isinstance(input, Tensor)
-        and isinstance(target, Tensor)
+        type(input) in PLAIN  # no __torch_function__ of their own (and cheaper than isinstance)
+        and type(target) in PLAIN
         and _mode.plain_eager(input, target)  # first: under jit.trace, no size compared
         and reduction in REDUCTIONS
         and input.dtype is target.dtype
@@ -270,25 +277,18 @@ def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
 
 @_mode.entry_point
 def _mse_loss_checked(input: Tensor, target: Tensor, reduction: str) -> Tensor:
-    """:func:`mse_loss`, every argument checked, every path."""
-    if not (isinstance(input, Tensor) and isinstance(target, Tensor)):
+    """:func:`mse_loss`, every argument checked, every path; ``F.mse_loss`` itself where the
+    hand-derived path does not apply."""
+    if not (type(input) in PLAIN and type(target) in PLAIN):
+        if overrides_torch_function(input, target):  # the subclass's __torch_function__
+            return F.mse_loss(input, target, reduction=reduction)
         require_tensor("input", input, "mse_loss")
         require_tensor("target", target, "mse_loss")
-    check_reduction(reduction)
+    if not mse_applies(input, target, reduction):  # native's result, or native's error
+        return F.mse_loss(input, target, reduction=reduction)
     if input.shape != target.shape:
         warn_if_sizes_differ(input.size(), target.size(), stacklevel=4)
         broadcast("mse_loss", "input", input.shape, target.shape)
-    dtype = input.dtype
-    if (
-        not (dtype.is_floating_point and target.dtype == dtype)
-        and not torch.promote_types(dtype, target.dtype).is_floating_point
-    ):
-        raise TypeError(
-            f"mse_loss: expected a floating-point input or target, got {input.dtype} "
-            f"and {target.dtype}"
-        )
-    if target.device != input.device:
-        same_device("mse_loss", input=input, target=target)
     if _mode.autocast_dtype(input) is not None:
         # Autocast runs mse_loss in float32, widening lower-precision floats.
         input, target = (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t

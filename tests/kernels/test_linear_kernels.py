@@ -578,3 +578,62 @@ def test_cuda_int64_offsets():
     dx_ref, dw_ref, _ = ref_backward(g[tail], x[tail], w, y[tail], "relu", 0.0, torch.float16)
     close(dx[tail], dx_ref, torch.float16, N)
     close(dw, dw_ref, torch.float16, 1)
+
+
+# ------------------------------------------------------------------------------------------
+# CUDA only: bf16 rounding, held to native. Triton's CPU interpreter truncates fp32 -> bf16
+# where torch rounds to nearest (the Linear kernels round their bf16 stores themselves there,
+# see ``triton_kernels._runtime.cast_out``, but the interpreter cannot show what the GPU
+# compiler does), so the rounding itself is checked on a GPU.
+# ------------------------------------------------------------------------------------------
+def bf16_grid(*shape: int, device: str = DEVICE) -> Tensor:
+    """bf16 values +-m/128, m in [128, 256): 8 significant bits, so each product (16 bits)
+    and each sum of up to 32 of them (multiples of 2**-14 below 2**7: 21 bits) is exact in
+    fp32. The one rounding left in a Linear forward or backward is the final fp32 -> bf16
+    store, which must round to nearest (even), as cuBLAS does for native."""
+    m = torch.randint(128, 256, shape, device=device)
+    sign = torch.randint(0, 2, shape, device=device) * 2 - 1
+    return (sign * m / 128).to(torch.bfloat16)
+
+
+def bf16_rounding_case(impl: str, activation: str | None, device: str) -> None:
+    import torch.nn.functional as F
+    from manualbp.kernels import linear as lc
+
+    import manualbp
+    from manualbp import functional
+
+    x, w, b = (bf16_grid(*s, device=device).requires_grad_() for s in [(32, 32), (32, 32), (32,)])
+    g = bf16_grid(32, 32, device=device)
+    reduced = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False  # fp32 sums
+    try:
+        with manualbp.use_backend("triton"), lc.force(impl):
+            y = functional.linear(x, w, b, activation)
+            y.backward(g)
+        xn, wn, bn = (t.detach().clone().requires_grad_() for t in (x, w, b))
+        yn = _act(activation, 0.01)(F.linear(xn, wn, bn))
+        yn.backward(g)
+    finally:
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = reduced
+    # The float64 values (exact here), each rounded once to nearest.
+    x64, w64, b64 = (t.detach().double() for t in (x, w, b))
+    z64 = x64 @ w64.T + b64
+    dz64 = g.double() * (z64 > 0) if activation == "relu" else g.double()
+    exact = [_act(activation, 0.01)(z64), dz64 @ w64, dz64.T @ x64, dz64.sum(0)]
+    for name, ours, native, want in zip(
+        ("y", "dx", "dw", "db"), (y, x.grad, w.grad, b.grad), (yn, xn.grad, wn.grad, bn.grad),
+        exact, strict=True,
+    ):  # fmt: skip
+        assert ours.dtype == torch.bfloat16, name
+        want = want.to(torch.bfloat16)
+        assert torch.equal(native, want), f"{name}: native is not the rounded exact value"
+        wrong = (ours != native).sum().item()
+        assert wrong == 0, f"{name}: {wrong} of {ours.numel()} elements differ from native"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("impl", ["triton", "cublas"])
+def test_cuda_bf16_rounds_to_nearest_as_native(impl, activation):
+    bf16_rounding_case(impl, activation, "cuda")

@@ -370,11 +370,6 @@ _CHANGES = {
 }
 _CHANGES["pair"] = _CHANGES["single"]
 _CHANGES["mlp"] = _CHANGES["chain"]
-_SAVES_W0 = (
-    "triton",
-    "FusedMLPFunction saves the first layer's weight even when the input needs no gradient "
-    "(native saves it only for dX); its setup_context is in manualbp/ops/fused_mlp.py",
-)
 
 
 def _in_place(struct: str, act: str, slope: float, what: str, layer: int, x_grad: bool,
@@ -401,13 +396,11 @@ for _struct, _changes in _CHANGES.items():
     for _act_name, _slope in _ACTS:
         for _what, _layer, _x_grad in _changes:
             _args = (_struct, _act_name, _slope, _what, _layer, _x_grad)
-            _known = _struct == "mlp" and (_what, _layer, _x_grad) == ("weight", 0, False)
             ROWS.append(Row(
                 f"5/{_struct}-{_act_name}{'' if _slope > 0 else '-negative-slope'}-"
                 f"{_what}{_layer}-changed{'-x-requires-grad' if _x_grad else ''}",
                 functools.partial(_in_place, *_args, ours=False),
                 functools.partial(_in_place, *_args, ours=True),
-                xfail=(_SAVES_W0,) if _known else (),
             ))  # fmt: skip
 
 

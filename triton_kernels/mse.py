@@ -478,6 +478,8 @@ _counters: dict[tuple, Tensor] = {}
 def _ticket_counter(device: torch.device) -> Tensor:
     """A zeroed int32 ticket counter for a reducing forward launch (module docstring): one per
     (device, stream), reused (each launch leaves it at 0); a fresh one under graph capture."""
+    if device.type == "meta":  # a recorded launch (the audit, --plan): nothing to keep
+        return torch.zeros(1, dtype=torch.int32, device=device)
     if device.type == "cuda":
         if torch.cuda.is_current_stream_capturing():
             return torch.zeros(1, dtype=torch.int32, device=device)

@@ -140,6 +140,23 @@ def _contiguous(tensors: Sequence[Tensor | None]) -> list[Tensor | None]:
     return [None if t is None else t.contiguous() for t in tensors]
 
 
+def _as_native_saves(ctx: Any, weights: Sequence[Tensor]) -> tuple[Tensor | None, ...]:
+    """The weights a backward reads, as native Linear layers save them: W_0 only where the
+    input needs a gradient (dX = dZ_0 W_0; nothing else reads it), so that an in-place change
+    of W_0 between forward and backward is an error exactly where it is natively."""
+    ctx.first_weight_shape = weights[0].shape
+    return (weights[0] if ctx.needs_input_grad[0] else None, *weights[1:])
+
+
+def _kernel_weights(ctx: Any, weights: Sequence[Tensor | None], like: Tensor) -> list[Tensor]:
+    """The backward kernels' weights, contiguous; an unsaved W_0 (never read: no dX) as a
+    one-element stand-in of its shape."""
+    first = weights[0]
+    if first is None:
+        first = like.new_empty(()).expand(ctx.first_weight_shape)
+    return [first, *_contiguous(weights[1:])]
+
+
 # --------------------------------------------------------------------------------------------
 # The autograd Functions
 # --------------------------------------------------------------------------------------------
@@ -168,10 +185,11 @@ class FusedMLPFunction(Function):
         y, *saved = output
         ctx.acts = bind(hidden, hidden_slope), bind(out, out_slope)
         out_reads_y = ctx.acts[1] is not None and not ctx.acts[1].reads_preact
-        tensors = (input, y if out_reads_y else None, *params[0::2], *saved)
-        ctx.save_for_backward(*tensors)
+        weights = params[0::2]
+        ctx.save_for_backward(input, y if out_reads_y else None,
+                              *_as_native_saves(ctx, weights), *saved)  # fmt: skip
         if _mode.setup(ctx, *saved):
-            ctx.save_for_forward(*tensors)
+            ctx.save_for_forward(input, y if out_reads_y else None, *weights, *saved)
         ctx.has_bias = tuple(b is not None for b in params[1::2])
 
     @staticmethod
@@ -228,7 +246,7 @@ class FusedMLPFunction(Function):
         else:
             out_saved = None if out is None else (saved[-1] if out.reads_preact else y)
             dx, dws, dbs = kernels.mlp_backward(
-                grad_output, input, _contiguous(weights), _contiguous(saved[:-1]),
+                grad_output, input, _kernel_weights(ctx, weights, input), _contiguous(saved[:-1]),
                 None if out_saved is None else out_saved.contiguous(), _name(hidden),
                 _name(out), _slopes(hidden, out), has_bias=ctx.has_bias,
                 hidden_preact=_stores_z(hidden), need_dx=want[0], need_params=want[1],
@@ -279,7 +297,7 @@ class FusedMLPMSELossFunction(Function):
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
         input, target, reduction, _, hidden, out, hidden_slope, out_slope, *params = inputs
         _, y, *saved = output
-        ctx.save_for_backward(input, target, y, *params[0::2], *saved)
+        ctx.save_for_backward(input, target, y, *_as_native_saves(ctx, params[0::2]), *saved)
         ctx.acts = bind(hidden, hidden_slope), bind(out, out_slope)
         ctx.reduction = reduction
         ctx.has_bias = tuple(b is not None for b in params[1::2])
@@ -320,7 +338,7 @@ class FusedMLPMSELossFunction(Function):
         else:
             out_saved = None if out is None else (saved[-1] if out.reads_preact else y)
             dx, dws, dbs = kernels.mlp_backward(
-                y, input, _contiguous(weights), _contiguous(saved[:-1]),
+                y, input, _kernel_weights(ctx, weights, input), _contiguous(saved[:-1]),
                 None if out_saved is None else out_saved.contiguous(), _name(hidden),
                 _name(out), _slopes(hidden, out), has_bias=ctx.has_bias,
                 hidden_preact=_stores_z(hidden), need_dx=want[0], need_params=want[1],

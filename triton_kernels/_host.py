@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -191,3 +192,16 @@ def record() -> contextlib.AbstractContextManager[list[Launch | Decision]]:
 def observe() -> contextlib.AbstractContextManager[list[Launch]]:
     """Collect the launches made inside, and run them."""
     return _collect(_observers)
+
+
+# --------------------------------------------------------------------------------------------
+# Audit-case tensors: layouts the launchers' audit cases record (see audit.py)
+# --------------------------------------------------------------------------------------------
+def unaligned(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous zero tensor one element past a 16-byte boundary (a view at an odd offset)."""
+    return torch.zeros(math.prod(shape) + 1, dtype=dtype)[1:].view(shape)
+
+
+def strided_4d(dtype: torch.dtype) -> torch.Tensor:
+    """A (2, 8, 16, 32) permuted zero view whose dims do not merge: the 4-d strided paths."""
+    return torch.zeros(2, 16, 8, 32, dtype=dtype).permute(0, 2, 1, 3)

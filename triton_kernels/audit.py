@@ -5,13 +5,14 @@ Usage::
     python -m manualbp.kernels.audit [--quick] [--arch 80,90] [--kernel NAME,..] [-j N] [--list]
 
 The jobs come from the launchers themselves. For each architecture and dtype (fp16, bf16, fp32
-IEEE, fp32 TF32, fp64) the cases below call the public launchers on small CPU tensors of the
-audited layouts (sizes multiples of 16) under ``_host.simulate(arch, 132)`` and
-``_host.record()``: nothing runs, and every launch the launchers would make on that GPU is
-recorded, each candidate config of a tuned one with that config's own arguments (TMA
-descriptors with its boxes). A recorded launch becomes a compile job whose signature is derived
-from its arguments as Triton's launcher specialises them (:func:`specialise`, :func:`job_of`);
-identical jobs are compiled once. ``--list`` prints the jobs as JSON lines instead.
+IEEE, fp32 TF32, fp64) the audit cases of every launcher module (its ``audit_cases``, found by
+:func:`case_modules`) call the public launchers on small CPU tensors of the audited layouts
+(sizes multiples of 16) under ``_host.simulate(arch, 132)`` and ``_host.record()``: nothing
+runs, and every launch the launchers would make on that GPU is recorded, each candidate config
+of a tuned one with that config's own arguments (TMA descriptors with its boxes). A recorded
+launch becomes a compile job whose signature is derived from its arguments as Triton's launcher
+specialises them (:func:`specialise`, :func:`job_of`); identical jobs are compiled once.
+``--list`` prints the jobs as JSON lines instead.
 
 Each job is compiled to a cubin by Triton's own toolchain (``triton.compile`` on an
 ``ASTSource`` for a ``GPUTarget``): ``ptxas -v`` gives registers and spills, the metadata the
@@ -29,18 +30,17 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
-import functools
 import importlib
 import io
 import json
-import math
 import os
+import pkgutil
 import re
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 from unittest import mock
@@ -52,9 +52,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from . import _host, _matmul, fused_mlp, linear, mse, sgd
-from ._activations import NAMES as ACTIVATIONS
-from ._runtime import input_precision_for, smem_limit
+from . import _host, linear
+from ._runtime import smem_limit
 
 ARCHS = (80, 90)
 SMS = 132  # an H100 / H200 SXM: the Hopper GEMM's persistent grid is a constexpr of it
@@ -91,133 +90,16 @@ LABEL_SHAPE = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R", "ROW_STEPS", "NC", "B
 # --------------------------------------------------------------------------------------------
 # The cases: launcher calls on CPU tensors (recorded, never run)
 # --------------------------------------------------------------------------------------------
-Case = tuple[str, Callable[[], object]]  # (label, a call of launchers)
-call = functools.partial
-
-
-def _unaligned(*shape: int, dtype: torch.dtype) -> Tensor:
-    """A contiguous tensor one element past a 16-byte boundary (a view at an odd offset)."""
-    return torch.zeros(math.prod(shape) + 1, dtype=dtype)[1:].view(shape)
-
-
-def _strided4(dtype: torch.dtype) -> Tensor:
-    """A (2, 8, 16, 32) permuted view whose dims do not merge: the kernels' 4-d strided path."""
-    return torch.zeros(2, 16, 8, 32, dtype=dtype).permute(0, 2, 1, 3)
-
-
-def linear_cases(dtype: torch.dtype, quick: bool) -> Iterator[Case]:
-    """The Linear layer: each call records both candidates (Triton's GEMM; cuBLAS, whose
-    elementwise passes are Triton's), each tuned GEMM in every config."""
-    z = call(torch.zeros, dtype=dtype)
-    acts = ("gelu",) if quick else ("gelu", "gelu_tanh")  # the heaviest epilogues
-    x, w, b = z(256, 64), z(128, 64), z(128)  # TMA-readable
-    # TMA refuses overlapping rows, and Triton specialises stride 0 as any multiple of 16: the
-    # pointer kernels' fully aligned specialisation, for which sm_90 ships configs too.
-    x_rows = z(1, 64).expand(256, 64)
-    fwd = call(linear.forward, negative_slope=0.01, store_preact=True)
-    for act in acts:
-        yield f"fwd {act}", call(fwd, x, w, b, act)
-        yield f"fwd {act} x broadcast", call(fwd, x_rows, w, b, act)
-    if not quick:
-        yield "fwd", call(linear.forward, x, w, b, None, store_preact=False)
-    # 2048 rows: dW = dZ^T X splits its reduction in two (split-K).
-    gy, h, w, s, s_prev = z(2048, 128), z(2048, 128), z(128, 128), z(2048, 128), z(2048, 128)
-    for act in ("gelu",) if quick else ACTIVATIONS:
-        yield f"bwd {act}", call(linear.backward, gy, h, w, s, act, 0.01, needs_grad=(True,) * 3)
-    for act in acts:
-        yield f"chain {act}", call(linear.backward_chain, gy, h, w, s, "gelu", 0.01, s_prev, act,
-                                   0.01, needs_grad=(True,) * 4)  # fmt: skip
-    if not quick:
-        yield "dX broadcast", call(_matmul.matmul, z(1, 128).expand(2048, 128), w)
-        yield "dW unsplit", call(linear.backward, gy, h, w, None, None, 0.0,
-                                 needs_grad=(False, True, False), dw_splits=1)  # fmt: skip
-        acc = call(torch.zeros, dtype=_host.acc_dtype(dtype))
-        yield "accumulate", call(linear.grad_accumulate, gy, h, w, z(2048, 128), acc(128, 128),
-                                 acc(128))  # fmt: skip
-
-
-def epilogue_cases(dtype: torch.dtype, quick: bool) -> Iterator[Case]:
-    """The cuBLAS candidate's pass called directly: bias, stored z and each activation."""
-    acc, b, y, z = (torch.zeros(s, dtype=dtype) for s in ((64, 256), 256, (64, 256), (64, 256)))
-    for act in ("gelu",) if quick else (None, *ACTIVATIONS):
-        yield f"epilogue {act or 'none'}", call(linear.epilogue, acc, b, act, 0.01, out=y,
-                                                preact_out=z)  # fmt: skip
-
-
-def mse_cases(dtype: torch.dtype, quick: bool) -> Iterator[Case]:
-    """The MSE kernels on contiguous, unaligned, 2-d (a broadcast target) and 4-d strided
-    operands."""
-    z, u = call(torch.zeros, dtype=dtype), call(_unaligned, dtype=dtype)
-    x, t, go, x4, t4 = z(32, 64), z(32, 64), z(()), _strided4(dtype), z(2, 8, 16, 32)
-    fwd = mse.mse_forward
-    yield "mean+grad contig", call(fwd, x, t, "mean", compute_grad=True)
-    yield "mean contig", call(mse.mse_backward, go, x, t, "mean")
-    yield "contig", call(mse.mse_grad_scale_, z(32, 64), go)
-    if quick:
-        return
-    yield "mean+grad unaligned", call(fwd, u(32, 64), u(32, 64), "mean", compute_grad=True)
-    yield "mean+grad ndim2", call(fwd, x, z(1, 64).expand(32, 64), "mean", compute_grad=True)
-    yield "mean+grad ndim4", call(fwd, x4, t4, "mean", compute_grad=True)
-    yield "mean contig", call(fwd, x, t, "mean", compute_grad=False)
-    yield "none contig", call(fwd, x, t, "none", compute_grad=False)
-    yield "none ndim4", call(fwd, x4, t4, "none", compute_grad=False)
-    yield "none contig", call(mse.mse_backward, z(32, 64), x, t, "none")
-    yield "none ndim4", call(mse.mse_backward, _strided4(dtype), x4, t4, "none")
-    yield "ndim4", call(mse.mse_grad_scale_, _strided4(dtype), go)
-
-
-def sgd_cases(dtype: torch.dtype, quick: bool) -> Iterator[Case]:
-    """The multi-tensor SGD step: its main constexpr combinations, aligned, and the heaviest at
-    an odd offset (scalar accesses)."""
-
-    def step(aligned: bool = True, lr: float | Tensor = 0.1, **hyper: Any) -> None:
-        make = call(torch.zeros if aligned else _unaligned, dtype=dtype)
-        hyper = dict(weight_decay=0.0, momentum=0.0, dampening=0.0, nesterov=False,
-                     maximize=False) | hyper  # fmt: skip
-        sgd.sgd_step_([make(2048), make(1000)], [make(2048), make(1000)], [None, None], lr=lr,
-                      **hyper)  # fmt: skip
-
-    lr = torch.tensor(0.1)
-    heaviest = dict(lr=lr, weight_decay=0.01, momentum=0.9, nesterov=True, maximize=True)
-    yield "nesterov wd maximize lr_tensor", call(step, **heaviest)
-    if not quick:
-        yield "plain", step
-        yield "wd lr_tensor", call(step, lr=lr, weight_decay=0.01)
-        yield "momentum", call(step, momentum=0.9)
-        yield "nesterov wd maximize lr_tensor unaligned", call(step, False, **heaviest)
-
-
-MLP_LAYERS = 4
-
-
-def mlp_cases(dtype: torch.dtype, quick: bool) -> Iterator[Case]:
-    """The fused MLP: 4 layers at every shipped width, erf-GELU hidden layers (the heaviest:
-    z stored, recomputed by the weight gradient), plain and with the MSE folded in (each mode);
-    2048 rows, so that the weight gradient takes two chunks and their reduction."""
-    cpu = torch.device("cpu")
-    widths = fused_mlp.shipped_widths(_host.target(cpu)[0], dtype, input_precision_for(dtype, cpu))
-    z = call(torch.zeros, dtype=dtype)
-    for width in widths[-1:] if quick else widths:
-        x, t, gy = z(2048, width), z(2048, width), z(2048, width)
-        ws, bs = [z(width, width) for _ in range(MLP_LAYERS)], [z(width) for _ in range(MLP_LAYERS)]
-        acts = dict(hidden_act="gelu", out_act=None, slopes=(0.01, 0.01))
-        saved = [z(2048, width) for _ in range(MLP_LAYERS - 1)]
-        bwd = call(fused_mlp.mlp_backward, x=x, weights=ws, saved=saved, out_saved=None,
-                   has_bias=(True,) * MLP_LAYERS, hidden_preact=True, need_dx=True,
-                   need_params=True, **acts)  # fmt: skip
-        label = f"{MLP_LAYERS}x{width}"
-        yield label, call(fused_mlp.mlp_forward, x, ws, bs, store=(True, True, False), **acts)
-        yield label, call(bwd, gy)
-        for mode in fused_mlp.LOSS_MODES:
-            yield f"{label} mse:{mode}", call(fused_mlp.mlp_mse_forward, x, t, ws, bs, **acts,
-                                              reduction="mean", loss_dtype=dtype, mode=mode,
-                                              hidden_preact=True, out_preact=False)  # fmt: skip
-        yield f"{label} mse", call(bwd, gy, loss=(z(()), t, "mean"))
-
-
-# (cases, whether they depend on tl.dot's input precision: recorded again for TF32)
-CASES = ((linear_cases, True), (epilogue_cases, False), (mse_cases, False), (sgd_cases, False),
-         (mlp_cases, True))  # fmt: skip
+# Each launcher module of the package declares its cases: ``audit_cases(dtype, quick)`` yields
+# ``(label, call)`` pairs, calls of its public launchers on small CPU tensors (recorded, never
+# run), and ``AUDIT_BY_PRECISION`` says whether they depend on tl.dot's input precision
+# (recorded again for TF32). A new kernel module is audited once it declares them.
+def case_modules() -> list[Any]:
+    """The package's modules that declare audit cases, in name order."""
+    package = importlib.import_module(__package__)
+    names = sorted(m.name for m in pkgutil.iter_modules(package.__path__))
+    found = [importlib.import_module(f"{__package__}.{n}") for n in names if n != "audit"]
+    return [m for m in found if hasattr(m, "audit_cases")]
 
 
 @contextlib.contextmanager
@@ -236,9 +118,9 @@ def record(arch: int, variant: Variant, quick: bool = False) -> list[tuple[str, 
     out: list[tuple[str, _host.Launch]] = []
     with _host.simulate(arch, SMS), _matmul_precision(variant.matmul_precision), \
             linear.force("auto"), _host.record() as entries:  # fmt: skip
-        for cases, by_precision in CASES:
-            if by_precision or variant.matmul_precision == "highest":
-                for label, run in cases(variant.dtype, quick):
+        for module in case_modules():
+            if module.AUDIT_BY_PRECISION or variant.matmul_precision == "highest":
+                for label, run in module.audit_cases(variant.dtype, quick):
                     start = len(entries)
                     run()
                     out += [(label, e) for e in entries[start:] if isinstance(e, _host.Launch)]

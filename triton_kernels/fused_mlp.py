@@ -40,6 +40,9 @@ dZ and each ``dY`` are rounded to the input dtype where native rounds them.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Iterator
+
 import torch
 import triton
 import triton.language as tl
@@ -880,3 +883,38 @@ def _weight_grads(x, ss, dzs, dws, dbs, hidden_slope, has_bias, hidden_preact, c
             tuple(dws), db_args, S, DIMS=meta["DIMS"], HAS_BIAS=has_bias, NUM_LAYERS=L,
             ACC_FP64=meta["ACC_FP64"], WIDTH=width, BLOCK=block, num_warps=4,
         )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Audit cases (triton_kernels/audit.py): calls of the launchers on small CPU tensors, recorded
+# --------------------------------------------------------------------------------------------
+AUDIT_BY_PRECISION = True  # recorded again for TF32 tl.dot
+call = functools.partial
+
+
+MLP_LAYERS = 4
+
+
+def audit_cases(dtype: torch.dtype, quick: bool) -> Iterator[tuple[str, Callable[[], object]]]:
+    """The fused MLP: 4 layers at every shipped width, erf-GELU hidden layers (the heaviest:
+    z stored, recomputed by the weight gradient), plain and with the MSE folded in (each mode);
+    2048 rows, so that the weight gradient takes two chunks and their reduction."""
+    cpu = torch.device("cpu")
+    widths = shipped_widths(gpu_target(cpu)[0], dtype, input_precision_for(dtype, cpu))
+    z = call(torch.zeros, dtype=dtype)
+    for width in widths[-1:] if quick else widths:
+        x, t, gy = z(2048, width), z(2048, width), z(2048, width)
+        ws, bs = [z(width, width) for _ in range(MLP_LAYERS)], [z(width) for _ in range(MLP_LAYERS)]
+        acts = dict(hidden_act="gelu", out_act=None, slopes=(0.01, 0.01))
+        saved = [z(2048, width) for _ in range(MLP_LAYERS - 1)]
+        bwd = call(mlp_backward, x=x, weights=ws, saved=saved, out_saved=None,
+                   has_bias=(True,) * MLP_LAYERS, hidden_preact=True, need_dx=True,
+                   need_params=True, **acts)  # fmt: skip
+        label = f"{MLP_LAYERS}x{width}"
+        yield label, call(mlp_forward, x, ws, bs, store=(True, True, False), **acts)
+        yield label, call(bwd, gy)
+        for mode in LOSS_MODES:
+            yield f"{label} mse:{mode}", call(mlp_mse_forward, x, t, ws, bs, **acts,
+                                              reduction="mean", loss_dtype=dtype, mode=mode,
+                                              hidden_preact=True, out_preact=False)  # fmt: skip
+        yield f"{label} mse", call(bwd, gy, loss=(z(()), t, "mean"))

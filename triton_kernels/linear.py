@@ -39,7 +39,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -48,7 +48,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _tuning
-from ._activations import activation_grad, apply_activation, constexpr, slope_as
+from ._activations import NAMES, activation_grad, apply_activation, constexpr, slope_as
 from ._host import acc_dtype, launch, on_device, target
 from ._matmul import (
     configs_for,
@@ -754,3 +754,55 @@ def grad_accumulate(grad_y: Tensor, x: Tensor, weight: Tensor, dx_out: Tensor | 
         if db_acc is not None and M > 0 and N > 0:
             db_acc += act_grad_and_bias(grad_y, None, None, 0.0, store_dz=False,
                                         compute_db=True)[1]  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Audit cases (triton_kernels/audit.py): calls of the launchers on small CPU tensors, recorded
+# --------------------------------------------------------------------------------------------
+AUDIT_BY_PRECISION = True  # recorded again for TF32 tl.dot
+call = functools.partial
+
+
+def linear_cases(dtype: torch.dtype, quick: bool) -> Iterator[tuple[str, Callable[[], object]]]:
+    """The Linear layer: each call records both candidates (Triton's GEMM; cuBLAS, whose
+    elementwise passes are Triton's), each tuned GEMM in every config."""
+    z = call(torch.zeros, dtype=dtype)
+    acts = ("gelu",) if quick else ("gelu", "gelu_tanh")  # the heaviest epilogues
+    x, w, b = z(256, 64), z(128, 64), z(128)  # TMA-readable
+    # TMA refuses overlapping rows, and Triton specialises stride 0 as any multiple of 16: the
+    # pointer kernels' fully aligned specialisation, for which sm_90 ships configs too.
+    x_rows = z(1, 64).expand(256, 64)
+    fwd = call(forward, negative_slope=0.01, store_preact=True)
+    for act in acts:
+        yield f"fwd {act}", call(fwd, x, w, b, act)
+        yield f"fwd {act} x broadcast", call(fwd, x_rows, w, b, act)
+    if not quick:
+        yield "fwd", call(forward, x, w, b, None, store_preact=False)
+    # 2048 rows: dW = dZ^T X splits its reduction in two (split-K).
+    gy, h, w, s, s_prev = z(2048, 128), z(2048, 128), z(128, 128), z(2048, 128), z(2048, 128)
+    for act in ("gelu",) if quick else NAMES:
+        yield f"bwd {act}", call(backward, gy, h, w, s, act, 0.01, needs_grad=(True,) * 3)
+    for act in acts:
+        yield f"chain {act}", call(backward_chain, gy, h, w, s, "gelu", 0.01, s_prev, act,
+                                   0.01, needs_grad=(True,) * 4)  # fmt: skip
+    if not quick:
+        yield "dX broadcast", call(matmul, z(1, 128).expand(2048, 128), w)
+        yield "dW unsplit", call(backward, gy, h, w, None, None, 0.0,
+                                 needs_grad=(False, True, False), dw_splits=1)  # fmt: skip
+        acc = call(torch.zeros, dtype=acc_dtype(dtype))
+        yield "accumulate", call(grad_accumulate, gy, h, w, z(2048, 128), acc(128, 128),
+                                 acc(128))  # fmt: skip
+
+
+def epilogue_cases(dtype: torch.dtype, quick: bool) -> Iterator[tuple[str, Callable[[], object]]]:
+    """The cuBLAS candidate's pass called directly: bias, stored z and each activation."""
+    acc, b, y, z = (torch.zeros(s, dtype=dtype) for s in ((64, 256), 256, (64, 256), (64, 256)))
+    for act in ("gelu",) if quick else (None, *NAMES):
+        yield f"epilogue {act or 'none'}", call(epilogue, acc, b, act, 0.01, out=y,
+                                                preact_out=z)  # fmt: skip
+
+
+def audit_cases(dtype: torch.dtype, quick: bool) -> Iterator[tuple[str, Callable[[], object]]]:
+    """The Linear kernels' audit cases: the layer's calls, then the cuBLAS pass's."""
+    yield from linear_cases(dtype, quick)
+    yield from epilogue_cases(dtype, quick)

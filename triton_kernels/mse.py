@@ -52,6 +52,8 @@ the launch of at most one program per SM then costs one scalar load each and wri
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -59,7 +61,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._host import FLOAT_DTYPES, acc_dtype, gpu_code, interpreting, launch, on_device, target
+from ._host import (
+    FLOAT_DTYPES,
+    acc_dtype,
+    gpu_code,
+    interpreting,
+    launch,
+    on_device,
+    strided_4d,
+    target,
+    unaligned,
+)  # fmt: skip
 from ._runtime import load, store, tl_acc_dtype
 
 __all__ = [
@@ -650,3 +662,32 @@ def mse_grad_scale_(grad: Tensor, grad_output: Tensor) -> Tensor:
             num_warps=cfg["num_warps"],
         )  # fmt: skip
     return grad
+
+
+# --------------------------------------------------------------------------------------------
+# Audit cases (triton_kernels/audit.py): calls of the launchers on small CPU tensors, recorded
+# --------------------------------------------------------------------------------------------
+AUDIT_BY_PRECISION = False  # recorded again for TF32 tl.dot
+call = functools.partial
+
+
+def audit_cases(dtype: torch.dtype, quick: bool) -> Iterator[tuple[str, Callable[[], object]]]:
+    """The MSE kernels on contiguous, unaligned, 2-d (a broadcast target) and 4-d strided
+    operands."""
+    z, u = call(torch.zeros, dtype=dtype), call(unaligned, dtype=dtype)
+    x, t, go, x4, t4 = z(32, 64), z(32, 64), z(()), strided_4d(dtype), z(2, 8, 16, 32)
+    fwd = mse_forward
+    yield "mean+grad contig", call(fwd, x, t, "mean", compute_grad=True)
+    yield "mean contig", call(mse_backward, go, x, t, "mean")
+    yield "contig", call(mse_grad_scale_, z(32, 64), go)
+    if quick:
+        return
+    yield "mean+grad unaligned", call(fwd, u(32, 64), u(32, 64), "mean", compute_grad=True)
+    yield "mean+grad ndim2", call(fwd, x, z(1, 64).expand(32, 64), "mean", compute_grad=True)
+    yield "mean+grad ndim4", call(fwd, x4, t4, "mean", compute_grad=True)
+    yield "mean contig", call(fwd, x, t, "mean", compute_grad=False)
+    yield "none contig", call(fwd, x, t, "none", compute_grad=False)
+    yield "none ndim4", call(fwd, x4, t4, "none", compute_grad=False)
+    yield "none contig", call(mse_backward, z(32, 64), x, t, "none")
+    yield "none ndim4", call(mse_backward, strided_4d(dtype), x4, t4, "none")
+    yield "ndim4", call(mse_grad_scale_, strided_4d(dtype), go)

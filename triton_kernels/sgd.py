@@ -39,15 +39,17 @@ miss per stream and parameter set.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._host import FLOAT_DTYPES, gpu_code, interpreting, launch, on_device
+from ._host import FLOAT_DTYPES, gpu_code, interpreting, launch, on_device, unaligned
 from ._runtime import load, store, tl_acc_dtype
 
 __all__ = ["CONFIGS", "launch_config", "sgd_step_", "supports"]
@@ -324,3 +326,31 @@ def sgd_step_(
             MAXIMIZE=bool(maximize), LR_TENSOR=lr_tensor, ALIGNED=aligned,
             COMPUTE=tl_acc_dtype(dtype), BLOCK=block, num_warps=cfg["num_warps"],
         )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Audit cases (triton_kernels/audit.py): calls of the launchers on small CPU tensors, recorded
+# --------------------------------------------------------------------------------------------
+AUDIT_BY_PRECISION = False  # recorded again for TF32 tl.dot
+call = functools.partial
+
+
+def audit_cases(dtype: torch.dtype, quick: bool) -> Iterator[tuple[str, Callable[[], object]]]:
+    """The multi-tensor SGD step: its main constexpr combinations, aligned, and the heaviest at
+    an odd offset (scalar accesses)."""
+
+    def step(aligned: bool = True, lr: float | Tensor = 0.1, **hyper: Any) -> None:
+        make = call(torch.zeros if aligned else unaligned, dtype=dtype)
+        hyper = dict(weight_decay=0.0, momentum=0.0, dampening=0.0, nesterov=False,
+                     maximize=False) | hyper  # fmt: skip
+        sgd_step_([make(2048), make(1000)], [make(2048), make(1000)], [None, None], lr=lr,
+                      **hyper)  # fmt: skip
+
+    lr = torch.tensor(0.1)
+    heaviest = dict(lr=lr, weight_decay=0.01, momentum=0.9, nesterov=True, maximize=True)
+    yield "nesterov wd maximize lr_tensor", call(step, **heaviest)
+    if not quick:
+        yield "plain", step
+        yield "wd lr_tensor", call(step, lr=lr, weight_decay=0.01)
+        yield "momentum", call(step, momentum=0.9)
+        yield "nesterov wd maximize lr_tensor unaligned", call(step, False, **heaviest)

@@ -158,7 +158,12 @@ def test_every_shipped_gemm_config_is_audited():
                 hopper_configs_for(arch, dtype, precision, epilogue=False)
                 + hopper_configs_for(arch, dtype, precision, epilogue=True))  # fmt: skip
             assert audited("matmul_tma") == hopper, (arch, name)
-            assert audited("matmul") == shipped(configs_for(arch, dtype, precision)), (arch, name)
+            plain = shipped(configs_for(arch, dtype, precision))
+            # Accumulating on tensor cores takes the epilogue tiles (dW +=; on sm_90 fp16/bf16's
+            # take the TMA path, TF32's MN-major operands do not).
+            if name == "tf32" or (name in ("fp16", "bf16") and arch < 90):
+                plain |= shipped(configs_for(arch, dtype, precision, epilogue=True))
+            assert audited("matmul") == plain, (arch, name)
             epilogue = shipped(configs_for(arch, dtype, precision, epilogue=True))
             assert audited("linear_forward") == epilogue, (arch, name)
             assert audited("chain_grad") == shipped(chain_configs(arch, dtype, precision))
@@ -196,10 +201,12 @@ def test_mse_and_sgd_kernels_are_audited():
 
     def shipped(j):  # the shipped CUDA launch configs, not the interpreter's
         if j["kernel"] == "mse_fwd":  # the launcher picks by layout: see mse.launch_config
-            return mse.launch_config("fwd", j["constexprs"]["NDIM"], cuda=True)
+            dtype = torch.float64 if j["dtype"] == "fp64" else None
+            return mse.launch_config("fwd", j["constexprs"]["NDIM"], cuda=True, dtype=dtype)
         if j["kernel"] == "sgd":
             return sgd.launch_config(cuda=True)
-        return mse.launch_config("elementwise", cuda=True)
+        kind = "scale" if j["kernel"] == "grad_scale" else "elementwise"
+        return mse.launch_config(kind, cuda=True)
 
     mine = [j for j in jobs if j["kernel"] in names]
     for j in mine:

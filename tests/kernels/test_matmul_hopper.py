@@ -199,7 +199,7 @@ def test_empty_and_k0_into_out():
 def test_matmul_and_linear_forward_dispatch(monkeypatch):
     calls = []
 
-    def eligible(operands, outputs, *, epilogue=False):
+    def eligible(operands, outputs, *, epilogue=False, accumulate=False):
         calls.append(epilogue)
         return True
 

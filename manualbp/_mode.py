@@ -36,28 +36,10 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from torch.autograd import Function
 
-__all__ = [
-    "BACKENDS",
-    "Applier",
-    "autocast_dtype",
-    "autocast_off",
-    "cast",
-    "compiling",
-    "entry_point",
-    "forward_ad_on",
-    "get_backend",
-    "in_place_ok",
-    "setup",
-    "kernels_for",
-    "plain_eager",
-    "records",
-    "route",
-    "routing_paused",
-    "set_backend",
-    "transforms_active",
-    "untraced",
-    "use_backend",
-]
+__all__ = ["BACKENDS", "Applier", "autocast_dtype", "autocast_off", "cast", "compiling",
+           "entry_point", "forward_ad_on", "get_backend", "in_place_ok", "setup", "kernels_for",
+           "plain_eager", "records", "route", "routing_paused", "set_backend", "transforms_active",
+           "untraced", "use_backend"]  # fmt: skip
 
 # torch's mode reads, bound once: no attribute look-ups on the per-call paths.
 grad_enabled = torch.is_grad_enabled
@@ -343,14 +325,12 @@ def use_backend(name: str) -> Iterator[None]:
         with manualbp.use_backend("reference"):
             y = model(x)
     """
-    choice = _check(name, "use_backend")
-    state = _thread_choice
-    previous = state.name
-    state.name = choice
+    previous = _thread_choice.name
+    _thread_choice.name = _check(name, "use_backend")
     try:
         yield
     finally:
-        state.name = previous
+        _thread_choice.name = previous
 
 
 def backward_kernels(*tensors: Tensor | None, choice: str) -> bool:

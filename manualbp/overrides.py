@@ -24,26 +24,22 @@ with autocast (manualbp casts as the native ops do).
 
 from __future__ import annotations
 
-from types import TracebackType
-
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from manualbp import _mode
-from manualbp.ops._checks import REDUCTIONS
+from manualbp.ops._checks import PLAIN, REDUCTIONS
 from manualbp.ops.linear import linear
 from manualbp.ops.mse import mse_loss
 
 __all__ = ["enable", "is_enabled"]
 
-_PLAIN = (Tensor, nn.Parameter)
-
 
 def _plain(*tensors: object) -> bool:
     """Whether each of ``tensors`` is a plain ``Tensor`` or ``Parameter`` (no subclass)."""
-    return all(type(t) in _PLAIN for t in tensors)
+    return all(type(t) in PLAIN for t in tensors)
 
 
 def _one_device(*tensors: Tensor) -> bool:
@@ -175,12 +171,7 @@ class enable:  # noqa: N801 -- a function-like context manager, as torch.set_gra
     def __enter__(self) -> enable:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         _set_enabled(self.previous)
 
     def __repr__(self) -> str:

@@ -47,31 +47,11 @@ from torch import Tensor, nn
 
 from manualbp.activations import ACTIVATIONS, get_activation
 
-__all__ = [
-    "ACTIVATION_CASES",
-    "ACTIVATION_NAMES",
-    "CASES",
-    "Case",
-    "DEFAULT_SLOPE",
-    "DEFAULT_TOLERANCES",
-    "LINEAR_CASES",
-    "MSE_CASES",
-    "MSE_TARGETS",
-    "REDUCTIONS",
-    "SUM_ULPS",
-    "Comparison",
-    "LinearCase",
-    "MSECase",
-    "allowed_error",
-    "assert_close_through_sum",
-    "compare",
-    "linear_abs_sums",
-    "native_activation",
-    "native_linear",
-    "native_linear_mse_loss",
-    "native_mse_loss",
-    "parity",
-]
+__all__ = ["ACTIVATION_CASES", "ACTIVATION_NAMES", "CASES", "Case", "DEFAULT_SLOPE",
+           "DEFAULT_TOLERANCES", "LINEAR_CASES", "MSE_CASES", "MSE_TARGETS", "REDUCTIONS",
+           "SUM_ULPS", "Comparison", "LinearCase", "MSECase", "allowed_error",
+           "assert_close_through_sum", "compare", "linear_abs_sums", "native_activation",
+           "native_linear", "native_linear_mse_loss", "native_mse_loss", "parity"]  # fmt: skip
 
 # --------------------------------------------------------------------------------------------
 # What to cover

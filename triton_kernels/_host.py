@@ -28,23 +28,9 @@ from typing import Any
 
 import torch
 
-__all__ = [
-    "FLOAT_DTYPES",
-    "Decision",
-    "Launch",
-    "acc_dtype",
-    "gpu_code",
-    "interpreting",
-    "keep_decision",
-    "launch",
-    "observe",
-    "on_device",
-    "record",
-    "recording",
-    "runs_on",
-    "simulate",
-    "target",
-]
+__all__ = ["FLOAT_DTYPES", "Decision", "Launch", "acc_dtype", "gpu_code", "interpreting",
+           "keep_decision", "launch", "observe", "on_device", "record", "recording", "runs_on",
+           "simulate", "target"]  # fmt: skip
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

@@ -51,12 +51,8 @@ _SM90_TF32 = [_cfg(128, 256, 32, 8, 3), _cfg(128, 128, 32, 8, 4), _cfg(64, 128, 
 _SM90_TF32_EPILOGUE = [_cfg(128, 128, 32, 8, 4), _cfg(64, 128, 32, 4, 4), _cfg(64, 64, 32, 4, 4)]
 # Ampere (sm_80/86/89): the mma.sync shapes of the matmul tutorial. TF32 fragments are twice
 # the size: 128x128x32 and 128x64x32 with 4 warps spill under Triton 3.6, so TF32 uses 8.
-_SM80_FP16 = [
-    _cfg(128, 256, 32, 8, 3),
-    _cfg(128, 128, 32, 4, 4),
-    _cfg(64, 128, 32, 4, 4),
-    _cfg(64, 64, 32, 4, 5),
-]
+_SM80_FP16 = [_cfg(128, 256, 32, 8, 3), _cfg(128, 128, 32, 4, 4), _cfg(64, 128, 32, 4, 4),
+              _cfg(64, 64, 32, 4, 5)]  # fmt: skip
 _SM80_FP16_EPILOGUE = [_cfg(128, 128, 32, 8, 3), _cfg(64, 128, 32, 4, 4), _cfg(64, 64, 32, 4, 5)]
 _SM80_TF32 = [_cfg(128, 128, 32, 8, 3), _cfg(64, 128, 32, 4, 4), _cfg(64, 64, 32, 4, 5)]
 # IEEE fp32 and fp64, every architecture. FMA-path tiles keep few accumulator elements per
@@ -156,10 +152,7 @@ def gemm_mainloop(
     b_cols = b_ptr + offs_n[None, :] * stride_bn
     mask_m = offs_m[:, None] < M
     mask_n = offs_n[None, :] < N
-    if ACC_FP64:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64 if ACC_FP64 else tl.float32)
     # Iterate over K one BLOCK_K slab at a time; the K offsets are int64 and recomputed from
     # the slab start (no pointer increments that could overflow 32 bits for a huge stride).
     for k in range(0, tl.cdiv(K, BLOCK_K)):
@@ -191,23 +184,9 @@ def matmul_kernel(
     strided A (M, K), B (K, N), C (M, N); one program per C tile."""
     offs_m, offs_n = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = gemm_mainloop(
-        a_ptr,
-        b_ptr,
-        offs_m,
-        offs_n,
-        M,
-        N,
-        K,
-        stride_am,
-        stride_ak,
-        stride_bk,
-        stride_bn,
-        BLOCK_M,
-        BLOCK_N,
-        BLOCK_K,
-        ACC_FP64,
-        INPUT_PRECISION,
-    )
+        a_ptr, b_ptr, offs_m, offs_n, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+        BLOCK_M, BLOCK_N, BLOCK_K, ACC_FP64, INPUT_PRECISION,
+    )  # fmt: skip
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if ACCUMULATE:

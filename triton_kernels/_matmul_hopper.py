@@ -50,17 +50,9 @@ from ._host import target
 from ._runtime import cast_out, dtype_class, input_precision_for, size_bucket, smem_limit
 from ._tuning import tuned_launch
 
-__all__ = [
-    "HOPPER_CONFIGS",
-    "INTERPRETER_CONFIG",
-    "hopper_configs_for",
-    "launch_gemm",
-    "matmul_tma",
-    "matmul_tma_kernel",
-    "tma_eligible",
-    "tma_layout",
-    "tma_supported",
-]
+__all__ = ["HOPPER_CONFIGS", "INTERPRETER_CONFIG", "hopper_configs_for", "launch_gemm",
+           "matmul_tma", "matmul_tma_kernel", "tma_eligible", "tma_layout",
+           "tma_supported"]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,18 +68,10 @@ __all__ = [
 # H100/H200. Every entry is compiled by the audit for sm_90 under Triton 3.6 and 3.9 (TMA
 # loads and stores, wgmma, 0 spills required).
 # ---------------------------------------------------------------------------------------------
-def _cfg(
-    m: int, n: int, k: int, warps: int, stages: int, ws: bool = False, group: int = 8
-) -> dict[str, int]:
-    return dict(
-        BLOCK_M=m,
-        BLOCK_N=n,
-        BLOCK_K=k,
-        GROUP_M=group,
-        WARP_SPECIALIZE=ws,
-        num_warps=warps,
-        num_stages=stages,
-    )
+def _cfg(m: int, n: int, k: int, warps: int, stages: int, ws: bool = False,
+         group: int = 8) -> dict[str, int]:  # fmt: skip
+    return dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=group, WARP_SPECIALIZE=ws,
+                num_warps=warps, num_stages=stages)  # fmt: skip
 
 
 HOPPER_CONFIGS: dict[tuple[str, bool], list[dict[str, int]]] = {
@@ -154,15 +138,9 @@ def tma_layout(t: torch.Tensor) -> bool | None:
     return None
 
 
-def tma_supported(
-    arch: int,
-    input_precision: str,
-    operands: tuple[torch.Tensor, torch.Tensor],
-    outputs: tuple[torch.Tensor, ...],
-    *,
-    epilogue: bool = False,
-    accumulate: bool = False,
-) -> bool:
+def tma_supported(arch: int, input_precision: str, operands: tuple[torch.Tensor, torch.Tensor],
+                  outputs: tuple[torch.Tensor, ...], *, epilogue: bool = False,
+                  accumulate: bool = False) -> bool:  # fmt: skip
     """The device-independent half of :func:`tma_eligible`: compute capability ``arch`` 9.0+,
     fp16/bf16 inputs or fp32 ones under TF32 ``input_precision``, both operands TMA-readable
     and every output row-major (:func:`tma_layout`), and a shipped config of the class
@@ -181,13 +159,8 @@ def tma_supported(
                                    out_dtype=outputs[0].dtype, accumulate=accumulate))  # fmt: skip
 
 
-def tma_eligible(
-    operands: tuple[torch.Tensor, torch.Tensor],
-    outputs: tuple[torch.Tensor, ...],
-    *,
-    epilogue: bool = False,
-    accumulate: bool = False,
-) -> bool:
+def tma_eligible(operands: tuple[torch.Tensor, torch.Tensor], outputs: tuple[torch.Tensor, ...],
+                 *, epilogue: bool = False, accumulate: bool = False) -> bool:  # fmt: skip
     """Whether the Hopper path runs a GEMM on ``operands`` (A, B) into ``outputs``
     (``accumulate``: adding to the first): GPU code (not the interpreter) and
     :func:`tma_supported` for the device and ``tl.dot`` precision."""
@@ -315,16 +288,9 @@ def _descriptor(t: torch.Tensor, transposed: bool, block: list[int]) -> TensorDe
     return TensorDescriptor(base, list(base.shape), list(base.stride()), block)
 
 
-def launch_gemm(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    c: torch.Tensor,
-    z: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    activation: str | None,
-    negative_slope: float,
-    accumulate: bool = False,
-) -> None:
+def launch_gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, z: torch.Tensor | None,
+                bias: torch.Tensor | None, activation: str | None, negative_slope: float,
+                accumulate: bool = False) -> None:  # fmt: skip
     """``c = act(a @ b + bias)`` (``z = a @ b + bias`` too, if given; ``c += a @ b`` when
     ``accumulate``) on the Hopper path, every shape non-empty, operands TMA-readable and outputs
     row-major (:func:`tma_eligible`), with the config kept for its bucket (each config's launch

@@ -12,17 +12,8 @@ import triton.language as tl
 
 from ._host import interpreting, target
 
-__all__ = [
-    "INTERPRETER",
-    "cast_out",
-    "dtype_class",
-    "input_precision_for",
-    "load",
-    "size_bucket",
-    "smem_limit",
-    "store",
-    "tl_acc_dtype",
-]
+__all__ = ["INTERPRETER", "cast_out", "dtype_class", "input_precision_for", "load", "size_bucket",
+           "smem_limit", "store", "tl_acc_dtype"]  # fmt: skip
 
 # A constexpr for kernels: compiled GPU code never contains the interpreter-only branches.
 INTERPRETER: tl.constexpr = tl.constexpr(interpreting())

@@ -33,6 +33,8 @@ for dW (``A = dZ^T``, an M-major stride-swapped view, no copy).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -41,18 +43,9 @@ from ._host import acc_dtype, launch, target
 from ._matmul import INTERPRETER_CONFIG, gemm_mainloop, matmul, smem_estimate, tile_offsets
 from ._runtime import cast_out, dtype_class, input_precision_for, smem_limit
 
-__all__ = [
-    "SPLITK_CONFIGS",
-    "REDUCE_CONFIGS",
-    "SplitPlan",
-    "plan_splits",
-    "sm_count",
-    "splitk_config",
-    "splitk_config_for",
-    "splitk_matmul",
-    "splitk_partial_kernel",
-    "splitk_reduce_kernel",
-]
+__all__ = ["SPLITK_CONFIGS", "REDUCE_CONFIGS", "SplitPlan", "plan_splits", "sm_count",
+           "splitk_config", "splitk_config_for", "splitk_matmul", "splitk_partial_kernel",
+           "splitk_reduce_kernel"]  # fmt: skip
 
 
 def _cfg(m: int, n: int, k: int, warps: int, stages: int, group: int = 8) -> dict[str, int]:
@@ -105,23 +98,9 @@ def splitk_partial_kernel(
     k0 = s.to(tl.int64) * CHUNK  # int64: the slice start times a stride may pass 2**31
     k_len = tl.minimum(CHUNK, K - s * CHUNK)
     acc = gemm_mainloop(
-        a_ptr + k0 * stride_ak,
-        b_ptr + k0 * stride_bk,
-        offs_m,
-        offs_n,
-        M,
-        N,
-        k_len,
-        stride_am,
-        stride_ak,
-        stride_bk,
-        stride_bn,
-        BLOCK_M,
-        BLOCK_N,
-        BLOCK_K,
-        ACC_FP64,
-        INPUT_PRECISION,
-    )
+        a_ptr + k0 * stride_ak, b_ptr + k0 * stride_bk, offs_m, offs_n, M, N, k_len, stride_am,
+        stride_ak, stride_bk, stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, ACC_FP64, INPUT_PRECISION,
+    )  # fmt: skip
     ws_ptrs = ws_ptr + s.to(tl.int64) * M * N + offs_m[:, None] * N + offs_n[None, :]
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     tl.store(ws_ptrs, acc, mask=mask)
@@ -174,32 +153,15 @@ def splitk_config(device: torch.device, dtype: torch.dtype, precision: str) -> d
     return INTERPRETER_CONFIG if gpu is None else splitk_config_for(gpu[0], dtype, precision)
 
 
-class SplitPlan(tuple):
+class SplitPlan(NamedTuple):
     """``(splits, chunk)``: S slices of ``chunk`` reduction indices (the last may be shorter)."""
 
-    __slots__ = ()
-
-    def __new__(cls, splits: int, chunk: int) -> SplitPlan:
-        return super().__new__(cls, (splits, chunk))
-
-    @property
-    def splits(self) -> int:
-        return self[0]
-
-    @property
-    def chunk(self) -> int:
-        return self[1]
+    splits: int
+    chunk: int
 
 
-def plan_splits(
-    tiles: int,
-    k: int,
-    sms: int,
-    *,
-    min_chunk: int,
-    align: int,
-    requested: int | None = None,
-) -> SplitPlan:
+def plan_splits(tiles: int, k: int, sms: int, *, min_chunk: int, align: int,
+                requested: int | None = None) -> SplitPlan:  # fmt: skip
     """How to cut a reduction of length ``k`` for an output of ``tiles`` tiles on ``sms``
     SMs (module docstring); ``requested``: this many slices instead of the heuristic's (1: no
     split), still at least ``align`` long. Every slice of the plan is non-empty."""
@@ -220,14 +182,8 @@ def _plan(a: torch.Tensor, b: torch.Tensor, cfg: dict[str, int], requested: int 
     N = b.shape[1]
     tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
     where = "interpreter" if target(a.device) is None else "cuda"
-    return plan_splits(
-        tiles,
-        K,
-        sm_count(a.device),
-        min_chunk=MIN_CHUNK[where],
-        align=CHUNK_ALIGN[where],
-        requested=requested,
-    )
+    return plan_splits(tiles, K, sm_count(a.device), min_chunk=MIN_CHUNK[where],
+                       align=CHUNK_ALIGN[where], requested=requested)  # fmt: skip
 
 
 def splitk_matmul(a: torch.Tensor, b: torch.Tensor, *, splits: int | None = None) -> torch.Tensor:

@@ -56,17 +56,8 @@ import torch
 
 from . import _host
 
-__all__ = [
-    "CACHE_ENV",
-    "TIMED_RUNS",
-    "WARMUP_RUNS",
-    "agree",
-    "choose",
-    "clear",
-    "cuda_event_timer",
-    "decisions",
-    "use_timer",
-]
+__all__ = ["CACHE_ENV", "TIMED_RUNS", "WARMUP_RUNS", "agree", "choose", "clear", "cuda_event_timer",
+           "decisions", "use_timer"]  # fmt: skip
 
 CACHE_ENV = "MANUALBP_LINEAR_CACHE"
 FORMAT, SCHEMA = "manualbp.tuning", 2
@@ -149,16 +140,11 @@ def _can_time(device: torch.device) -> bool:
     return device.type == "cuda" and _host.gpu_code(device)
 
 
-def choose(
-    key: str,
-    device: torch.device,
-    names: tuple[str, ...],
-    run_of: Callable[[str], Callable[[], object]],
-    *,
-    default: str,
-    margins: Mapping[str, float] | None = None,
-    timing: Callable[[], contextlib.AbstractContextManager] | None = None,
-) -> str:
+def choose(key: str, device: torch.device, names: tuple[str, ...],
+           run_of: Callable[[str], Callable[[], object]], *, default: str,
+           margins: Mapping[str, float] | None = None,
+           timing: Callable[[], contextlib.AbstractContextManager] | None = None,
+           ) -> str:  # fmt: skip
     """The candidate (one of ``names``) to run for bucket ``key`` on ``device`` (module
     docstring); ``run_of(name)`` is a call that runs that candidate on this call's tensors;
     ``timing()``: a context entered around the timing runs, once per key (under the lock)."""
@@ -332,15 +318,9 @@ def label(config: Mapping[str, Any]) -> str:
     return " ".join(p for p in parts if p)
 
 
-def tuned_launch(
-    kernel: Any,
-    key: str,
-    configs: list[dict[str, Any]],
-    make: Make,
-    device: torch.device,
-    *,
-    restore: tuple[torch.Tensor, ...] = (),
-) -> dict[str, Any]:
+def tuned_launch(kernel: Any, key: str, configs: list[dict[str, Any]], make: Make,
+                 device: torch.device, *,
+                 restore: tuple[torch.Tensor, ...] = ()) -> dict[str, Any]:  # fmt: skip
     """Launch ``kernel`` with the config :func:`choose` keeps for ``key`` (``"cfg|<kernel>|"``
     + ``key``; default: the first config) and return that config. Before the first timing of a
     key every config is compiled at once (:func:`precompile`); ``restore``: tensors the launches

@@ -47,20 +47,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = [
-    "any_dtensor",
-    "linear_backward",
-    "linear_forward",
-    "load",
-    "mlp_backward",
-    "mlp_forward",
-    "mlp_mse_forward",
-    "mse_backward",
-    "mse_forward",
-    "reduce_partial",
-    "routed",
-    "sharded",
-]
+__all__ = ["any_dtensor", "linear_backward", "linear_forward", "load", "mlp_backward",
+           "mlp_forward", "mlp_mse_forward", "mse_backward", "mse_forward", "reduce_partial",
+           "routed", "sharded"]  # fmt: skip
 
 
 def load(name: str) -> ModuleType:
@@ -282,14 +271,10 @@ def mlp_backward(grad_y, x, weights, saved, out_saved, hidden, out, slopes, *, h
                             [float(s) for s in slopes], list(has_bias), hidden_preact,
                             [need_dx, need_params], grad_loss, target, reduction)  # fmt: skip
     L = len(weights)
-    dx, dws, dbs = grads[0], grads[1 : 1 + L], grads[1 + L :]
+    dx, dws, dbs = (grads[0] if need_dx else None), grads[1 : 1 + L], grads[1 + L :]
     if not need_params:
-        return (dx if need_dx else None), None, None
-    return (
-        (dx if need_dx else None),
-        dws,
-        [d if b else None for d, b in zip(dbs, has_bias, strict=True)],
-    )
+        return dx, None, None
+    return dx, dws, [d if b else None for d, b in zip(dbs, has_bias, strict=True)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -462,7 +447,6 @@ _STRATEGIES = {
     "mse_forward": (_mse_forward_strategies, 2),
     "mse_backward": (_mse_backward_strategies, 3),
 }
-_registered = False
 _registered = False
 
 

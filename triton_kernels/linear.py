@@ -64,22 +64,9 @@ from ._runtime import cast_out, dtype_class, input_precision_for, size_bucket
 from ._splitk import splitk_matmul
 from ._tuning import tuned_launch
 
-__all__ = [
-    "CHAIN_EXCLUDED",
-    "CUBLAS_MARGIN",
-    "ELEMENTWISE_CONFIGS",
-    "EPILOGUE_CONFIGS",
-    "IMPLS",
-    "IMPL_ENV",
-    "backward",
-    "backward_chain",
-    "chain_configs",
-    "epilogue",
-    "force",
-    "forward",
-    "grad_accumulate",
-    "mode",
-]
+__all__ = ["CHAIN_EXCLUDED", "CUBLAS_MARGIN", "ELEMENTWISE_CONFIGS", "EPILOGUE_CONFIGS", "IMPLS",
+           "IMPL_ENV", "backward", "backward_chain", "chain_configs", "epilogue", "force",
+           "forward", "grad_accumulate", "mode"]  # fmt: skip
 
 
 # Fixed block shapes of the two elementwise kernels, as data (the audit compiles these).
@@ -455,15 +442,9 @@ def _forward_cublas(x, weight, bias, activation, slope, y, z) -> None:
 FORWARDS = {"triton": _forward_triton, "cublas": _forward_cublas}
 
 
-def forward(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    activation: str | None,
-    negative_slope: float = 0.01,
-    *,
-    store_preact: bool,
-) -> tuple[Tensor, Tensor | None]:
+def forward(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None,
+            negative_slope: float = 0.01, *,
+            store_preact: bool) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """``(y, z)``: ``y = act(x @ weight.T + bias)`` and, if ``store_preact``, the pre-activation
     ``z``, fresh (*, N) tensors, for ``x`` (*, K) of any strides, ``weight`` (N, K), ``bias``
     (N,) or ``None``, by the chosen candidate (module docstring). Inputs are assumed validated
@@ -580,17 +561,10 @@ def _gemm(op: str, dz: Tensor, operand: Tensor, extra: Any = None) -> Tensor:
     return GEMMS[op][impl](dz, operand, extra)
 
 
-def backward(
-    grad_y: Tensor,
-    x: Tensor | None,
-    weight: Tensor | None,
-    saved: Tensor | None,
-    activation: str | None,
-    negative_slope: float,
-    *,
-    needs_grad: tuple[bool, bool, bool],
-    dw_splits: int | None = None,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+def backward(grad_y: Tensor, x: Tensor | None, weight: Tensor | None, saved: Tensor | None,
+             activation: str | None, negative_slope: float, *,
+             needs_grad: tuple[bool, bool, bool], dw_splits: int | None = None,
+             ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # fmt: skip
     """``(dx (M, K), dW (N, K), db (N,))`` of ``y = act(x W^T + b)``, fresh tensors of
     ``grad_y``'s dtype, ``None`` where ``needs_grad`` (dx, dW, db) says not needed:
 
@@ -665,31 +639,17 @@ def _chain_triton(dz: Tensor, weight: Tensor, prev_saved: Tensor | None, prev_ac
 def _chain_cublas(dz: Tensor, weight: Tensor, prev_saved: Tensor | None, prev_act: str | None,
                   prev_slope: float, compute_db: bool) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """The same by ``torch.mm`` (dH, rounded to the dtype), then the elementwise pass."""
-    dh = torch.mm(dz, weight)
-    if prev_act is None and not compute_db:
-        return dh, None
-    dzp, dbp = act_grad_and_bias(dh, prev_saved, prev_act, prev_slope,
-                                 store_dz=prev_act is not None, compute_db=compute_db)  # fmt: skip
-    return (dh if dzp is None else dzp), dbp
+    return _act_grad(torch.mm(dz, weight), prev_saved, prev_act, prev_slope, True, compute_db)
 
 
 CHAINS = {"triton": _chain_triton, "cublas": _chain_cublas}
 
 
-def backward_chain(
-    grad_y: Tensor,
-    x: Tensor | None,
-    weight: Tensor | None,
-    saved: Tensor | None,
-    activation: str | None,
-    negative_slope: float,
-    prev_saved: Tensor | None,
-    prev_activation: str | None,
-    prev_negative_slope: float,
-    *,
-    needs_grad: tuple[bool, bool, bool, bool],
-    dw_splits: int | None = None,
-) -> tuple[Tensor | None, ...]:
+def backward_chain(grad_y: Tensor, x: Tensor | None, weight: Tensor | None, saved: Tensor | None,
+                   activation: str | None, negative_slope: float, prev_saved: Tensor | None,
+                   prev_activation: str | None, prev_negative_slope: float, *,
+                   needs_grad: tuple[bool, bool, bool, bool],
+                   dw_splits: int | None = None) -> tuple[Tensor | None, ...]:  # fmt: skip
     """Backward of the upper layer of ``Linear -> act_p -> Linear (-> act)`` down to the lower
     layer's pre-activation gradient, with ``H = act_p(Z_p)`` the upper layer's input ``x``:
 
@@ -763,9 +723,10 @@ AUDIT_BY_PRECISION = True  # recorded again for TF32 tl.dot
 call = functools.partial
 
 
-def linear_cases(dtype: torch.dtype, quick: bool) -> Iterator[tuple[str, Callable[[], object]]]:
+def audit_cases(dtype: torch.dtype, quick: bool) -> Iterator[tuple[str, Callable[[], object]]]:
     """The Linear layer: each call records both candidates (Triton's GEMM; cuBLAS, whose
-    elementwise passes are Triton's), each tuned GEMM in every config."""
+    elementwise passes are Triton's), each tuned GEMM in every config; then the cuBLAS
+    candidate's pass called directly: bias, stored z and each activation."""
     z = call(torch.zeros, dtype=dtype)
     acts = ("gelu",) if quick else ("gelu", "gelu_tanh")  # the heaviest epilogues
     x, w, b = z(256, 64), z(128, 64), z(128)  # TMA-readable
@@ -792,17 +753,7 @@ def linear_cases(dtype: torch.dtype, quick: bool) -> Iterator[tuple[str, Callabl
         acc = call(torch.zeros, dtype=acc_dtype(dtype))
         yield "accumulate", call(grad_accumulate, gy, h, w, z(2048, 128), acc(128, 128),
                                  acc(128))  # fmt: skip
-
-
-def epilogue_cases(dtype: torch.dtype, quick: bool) -> Iterator[tuple[str, Callable[[], object]]]:
-    """The cuBLAS candidate's pass called directly: bias, stored z and each activation."""
-    acc, b, y, z = (torch.zeros(s, dtype=dtype) for s in ((64, 256), 256, (64, 256), (64, 256)))
+    gemm_out, y, preact, bias = z(64, 256), z(64, 256), z(64, 256), z(256)
     for act in ("gelu",) if quick else (None, *NAMES):
-        yield f"epilogue {act or 'none'}", call(epilogue, acc, b, act, 0.01, out=y,
-                                                preact_out=z)  # fmt: skip
-
-
-def audit_cases(dtype: torch.dtype, quick: bool) -> Iterator[tuple[str, Callable[[], object]]]:
-    """The Linear kernels' audit cases: the layer's calls, then the cuBLAS pass's."""
-    yield from linear_cases(dtype, quick)
-    yield from epilogue_cases(dtype, quick)
+        yield f"epilogue {act or 'none'}", call(epilogue, gemm_out, bias, act, 0.01, out=y,
+                                                preact_out=preact)  # fmt: skip

@@ -74,19 +74,9 @@ from ._host import (
 )  # fmt: skip
 from ._runtime import load, store, tl_acc_dtype
 
-__all__ = [
-    "CONFIGS",
-    "INTERPRETER_SMS",
-    "MAX_DIMS",
-    "ForwardPlan",
-    "forward_plan",
-    "launch_config",
-    "mse_backward",
-    "mse_forward",
-    "mse_grad_scale_",
-    "programs",
-    "scale_programs",
-]
+__all__ = ["CONFIGS", "INTERPRETER_SMS", "MAX_DIMS", "ForwardPlan", "forward_plan", "launch_config",
+           "mse_backward", "mse_forward", "mse_grad_scale_", "programs",
+           "scale_programs"]  # fmt: skip
 
 #: Most dimensions (after coalescing) that the kernels index with strides.
 MAX_DIMS = 4
@@ -163,8 +153,6 @@ def scale_programs(n: int, device: torch.device) -> int:
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
-
-
 @triton.jit
 def _strided_offsets(idx, S1, S2, S3, st0, st1, st2, st3, NDIM: tl.constexpr):
     """Element offsets (int64) of the row-major linear indices ``idx`` in a view of shape
@@ -389,16 +377,12 @@ def _grad_scale_kernel(
 # --------------------------------------------------------------------------------------------
 # Host-side helpers
 # --------------------------------------------------------------------------------------------
-
-
 def _coalesce(
     shape: tuple[int, ...], strides: list[tuple[int, ...]]
 ) -> tuple[list[int], list[list[int]]]:
-    """Drop size-1 dims and merge adjacent dims that are mergeable for *every* stride tuple.
-
-    Returns ``(sizes, per-operand strides)``, with at least one dimension (a single element
-    is the 1-d unit-stride layout ``[1]``, ``[1]``).
-    """
+    """``(sizes, per-operand strides)`` with size-1 dims dropped and adjacent dims merged where
+    mergeable for *every* stride tuple; at least one dimension (a single element is the 1-d
+    unit-stride layout ``[1]``, ``[1]``)."""
     sizes: list[int] = []
     out: list[list[int]] = [[] for _ in strides]
     for d, size in enumerate(shape):
@@ -418,23 +402,23 @@ def _coalesce(
 
 
 def _layout(*tensors: Tensor) -> tuple[list[Tensor], int, bool, list[int], list[list[int]]]:
-    """Coalesced, right-aligned 4-d layout shared by ``tensors`` (all of the same shape).
-
-    Returns ``(tensors, ndim, contiguous, sizes[4], strides[k][4])``; ``contiguous``: one merged
-    dim with unit stride for every operand. The tensors are the inputs, or contiguous copies of
-    them when more than :data:`MAX_DIMS` dims would remain (documented fallback).
-    """
+    """``(tensors, *_padded(...))``: the coalesced layout shared by ``tensors`` (all of one
+    shape), which are the inputs, or contiguous copies of them when more than :data:`MAX_DIMS`
+    dims would remain (documented fallback)."""
     shape = tuple(tensors[0].shape)
     sizes, strides = _coalesce(shape, [tuple(t.stride()) for t in tensors])
     if len(sizes) > MAX_DIMS:
         tensors = tuple(t.contiguous() for t in tensors)
         sizes, strides = _coalesce(shape, [tuple(t.stride()) for t in tensors])
-    ndim = len(sizes)
+    return (list(tensors), *_padded(sizes, strides))
+
+
+def _padded(sizes: list[int], strides: list[list[int]]) -> tuple[int, bool, list, list]:
+    """``(ndim, contiguous, sizes[4], strides[k][4])`` of a coalesced layout, right-aligned in
+    4-d; ``contiguous``: one merged dim with unit stride for every operand."""
+    ndim, pad = len(sizes), MAX_DIMS - len(sizes)
     contiguous = ndim == 1 and all(st[0] == 1 for st in strides)
-    pad = MAX_DIMS - ndim
-    sizes4 = [1] * pad + sizes
-    strides4 = [[0] * pad + st for st in strides]
-    return list(tensors), ndim, contiguous, sizes4, strides4
+    return ndim, contiguous, [1] * pad + sizes, [[0] * pad + st for st in strides]
 
 
 def _check_pair(input: Tensor, target: Tensor, reduction: str) -> None:
@@ -507,8 +491,6 @@ def _ticket_counter(device: torch.device) -> Tensor:
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
-
-
 def mse_forward(
     input: Tensor, target: Tensor, reduction: str, *, compute_grad: bool
 ) -> tuple[Tensor, Tensor | None]:
@@ -649,10 +631,7 @@ def mse_grad_scale_(grad: Tensor, grad_output: Tensor) -> Tensor:
         tmp = grad.contiguous()
         mse_grad_scale_(tmp, grad_output)
         return grad.copy_(tmp)
-    ndim = len(sizes)
-    contiguous = ndim == 1 and strides[0] == 1
-    sizes = [1] * (MAX_DIMS - ndim) + sizes
-    strides = [0] * (MAX_DIMS - ndim) + strides
+    ndim, contiguous, sizes, (strides,) = _padded(sizes, [strides])
     cfg = launch_config("scale", cuda=gpu_code(grad.device))
     with on_device(grad.device):
         launch(

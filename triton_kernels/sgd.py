@@ -213,9 +213,8 @@ def _block_map(
     return _cached(_meta_cache, key, make), n_blocks
 
 
-def supports(
-    params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None]
-) -> bool:
+def supports(params: list[Tensor], grads: list[Tensor],
+             momentum_buffers: list[Tensor | None]) -> bool:  # fmt: skip
     """Whether :func:`sgd_step_` can take these tensors: one device and one floating dtype for
     all, dense, contiguous, same sizes, and (if given) buffers alike."""
     if not params:
@@ -224,10 +223,8 @@ def supports(
     if dtype not in FLOAT_DTYPES:
         return False
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-        others = [g]
-        if i < len(momentum_buffers) and momentum_buffers[i] is not None:
-            others.append(momentum_buffers[i])
-        for t in (p, *others):
+        buf = momentum_buffers[i] if i < len(momentum_buffers) else None
+        for t in (p, g) if buf is None else (p, g, buf):
             if t.layout != torch.strided or t.device != dev or t.dtype != dtype:
                 return False
             if not t.is_contiguous() or t.numel() != p.numel():
@@ -235,18 +232,9 @@ def supports(
     return True
 
 
-def sgd_step_(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    *,
-    lr: float | Tensor,
-    weight_decay: float,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    maximize: bool,
-) -> None:
+def sgd_step_(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None], *,
+              lr: float | Tensor, weight_decay: float, momentum: float, dampening: float,
+              nesterov: bool, maximize: bool) -> None:  # fmt: skip
     """One ``torch.optim.SGD`` step over ``params`` in a single kernel launch.
 
     Per element, with ``g`` the gradient::
@@ -281,19 +269,13 @@ def sgd_step_(
         )
     device, dtype = params[0].device, params[0].dtype
 
-    bufs: list[int] = []
-    init: list[int] = []
+    bufs, init = [0] * len(params), [0] * len(params)
     if use_momentum:
         for i, g in enumerate(grads):
             if momentum_buffers[i] is None:
                 momentum_buffers[i] = torch.empty_like(g, memory_format=torch.contiguous_format)
-                init.append(1)
-            else:
-                init.append(0)
-            bufs.append(momentum_buffers[i].data_ptr())  # type: ignore[union-attr]
-    else:
-        bufs = [0] * len(params)
-        init = [0] * len(params)
+                init[i] = 1
+            bufs[i] = momentum_buffers[i].data_ptr()  # type: ignore[union-attr]
 
     cfg = launch_config(cuda=gpu_code(device))
     block = cfg["BLOCK"]
@@ -308,13 +290,10 @@ def sgd_step_(
     )
 
     lr_tensor = isinstance(lr, Tensor)
-    if lr_tensor:
-        if lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        lr_dev = lr.detach().to(device, non_blocking=True).reshape(())
-        lr_value = 0.0
-    else:
-        lr_dev, lr_value = None, float(lr)
+    if lr_tensor and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    lr_dev = lr.detach().to(device, non_blocking=True).reshape(()) if lr_tensor else None
+    lr_value = 0.0 if lr_tensor else float(lr)
     hp_vals = (lr_value, float(weight_decay), float(momentum), 1.0 - float(dampening))
     hp = _cached(_hp_cache, (device, stream, hp_vals),
                  lambda: _to_device(list(hp_vals), torch.float64, device))  # fmt: skip

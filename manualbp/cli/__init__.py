@@ -1,11 +1,7 @@
-"""The ``manualbp`` command line: ``manualbp demo`` and ``manualbp check``.
-
-Run ``manualbp --help`` (or ``python -m manualbp --help``) for the commands and
-``manualbp demo --help`` / ``manualbp check --help`` for their options. Each sub-command lives
-in its own module (:mod:`manualbp.cli.demo`, :mod:`manualbp.cli.check`), with its parser
-(``add_parser``) and its handler (``command``). Exit codes: 0 on success, 1 when the demo's two
-loss curves disagree or a check fails, 2 for bad arguments, 3 when the demo's training diverged
-in both runs alike (lower ``--lr``).
+"""The ``manualbp`` command line: ``manualbp demo`` and ``manualbp check`` (``--help``: the
+commands, their options and exit codes). Each sub-command lives in its own module
+(:mod:`manualbp.cli.demo`, :mod:`manualbp.cli.check`), with its parser (``add_parser``) and its
+handler (``command``).
 """
 
 from __future__ import annotations
@@ -62,10 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``manualbp`` console script; returns the exit status.
-
-    Bad arguments exit with status 2 (``SystemExit`` from argparse), naming the problem.
-    """
+    """Entry point of the ``manualbp`` console script; returns the exit status (bad arguments:
+    ``SystemExit`` with status 2 from argparse)."""
     args = build_parser().parse_args(argv)
     return args.handler(args)
 

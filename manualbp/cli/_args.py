@@ -12,17 +12,8 @@ import textwrap
 
 import torch
 
-__all__ = [
-    "DEVICE_HELP",
-    "Formatter",
-    "device",
-    "finite_float",
-    "nonnegative_float",
-    "nonnegative_int",
-    "paragraphs",
-    "positive_float",
-    "positive_int",
-]
+__all__ = ["DEVICE_HELP", "Formatter", "device", "finite_float", "nonnegative_float",
+           "nonnegative_int", "paragraphs", "positive_float", "positive_int"]  # fmt: skip
 
 
 class Formatter(argparse.RawDescriptionHelpFormatter):

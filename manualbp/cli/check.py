@@ -33,18 +33,10 @@ from torch import Tensor
 import manualbp
 from manualbp import testing
 from manualbp.cli._args import DEVICE_HELP, Formatter, device, paragraphs
+from manualbp.kernels._host import interpreting as interpreter_enabled
 
-__all__ = [
-    "CheckResult",
-    "add_parser",
-    "available_backends",
-    "cases_to_check",
-    "command",
-    "format_row",
-    "header",
-    "run_checks",
-    "supported_dtypes",
-]
+__all__ = ["CheckResult", "add_parser", "available_backends", "cases_to_check", "command",
+           "format_row", "header", "run_checks", "supported_dtypes"]  # fmt: skip
 
 DTYPE_NAMES = {dtype: str(dtype).removeprefix("torch.") for dtype in testing.DEFAULT_TOLERANCES}
 BACKEND_NAMES = ("reference", "triton")
@@ -68,11 +60,6 @@ class CheckResult:
 
 
 # --- What to check ---------------------------------------------------------------------------
-def interpreter_enabled() -> bool:
-    """Whether Triton's CPU interpreter is switched on (``TRITON_INTERPRET``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _why_no_triton(device: torch.device) -> str | None:
     """Why the triton backend cannot run on ``device``, if it cannot (triton is looked up
     without importing it: importing it fixes ``TRITON_INTERPRET``)."""

@@ -49,21 +49,9 @@ from manualbp.cli._args import (
 from manualbp.kernels._host import interpreting
 from manualbp.optim import SGD
 
-__all__ = [
-    "CURVE_TOL",
-    "DATASETS",
-    "DEFAULT_PLOT",
-    "PLOT_EXTENSIONS",
-    "CurveComparison",
-    "DemoConfig",
-    "DemoResult",
-    "add_parser",
-    "command",
-    "compare_curves",
-    "plot_path",
-    "run_demo",
-    "save_plot",
-]
+__all__ = ["CURVE_TOL", "DATASETS", "DEFAULT_PLOT", "PLOT_EXTENSIONS", "CurveComparison",
+           "DemoConfig", "DemoResult", "add_parser", "command", "compare_curves", "plot_path",
+           "run_demo", "save_plot"]  # fmt: skip
 
 # Per-dataset defaults for the options left unset on the command line. Chosen so that the bare
 # command trains to a sensible result in a few seconds on a 2-core laptop CPU; diabetes is small
@@ -364,10 +352,8 @@ def compare_curves(manual: Tensor, native: Tensor, tol: float = CURVE_TOL) -> Cu
 # Running and reporting
 # --------------------------------------------------------------------------------------------
 def describe_backend(dev: torch.device) -> tuple[str, str]:
-    """``(backend, sentence)`` for what manualbp runs on ``dev`` under the current setting.
-
-    Raises what the backend setting raises when it cannot run there.
-    """
+    """``(backend, sentence)`` for what manualbp runs on ``dev`` under the current setting;
+    raises what the backend setting raises when it cannot run there."""
     backend = "triton" if kernels_for(torch.empty(0, device=dev)) else "reference"
     if backend == "triton":
         how = "Triton kernels"
@@ -380,10 +366,8 @@ def describe_backend(dev: torch.device) -> tuple[str, str]:
 
 
 def run_demo(config: DemoConfig, *, out: Callable[[str], None] = print) -> DemoResult:
-    """Train the native and the manualbp model side by side; report and return the results.
-
-    ``out`` receives the report lines; the progress bar goes to stderr (see :func:`_train`).
-    """
+    """Train the native and the manualbp model side by side; report (each line to ``out``; the
+    progress bar to stderr, see :func:`_train`) and return the results."""
     cfg = config.resolved()
     dev = torch.device(cfg.device)
     backend, sentence = describe_backend(dev)
@@ -402,13 +386,8 @@ def run_demo(config: DemoConfig, *, out: Callable[[str], None] = print) -> DemoR
     return result
 
 
-def _introduce(
-    cfg: DemoConfig,
-    data: dict[str, Tensor],
-    sentence: str,
-    manual: nn.Module,
-    out: Callable[[str], None],
-) -> None:
+def _introduce(cfg: DemoConfig, data: dict[str, Tensor], sentence: str, manual: nn.Module,
+               out: Callable[[str], None]) -> None:  # fmt: skip
     """The lines before training: the data, the backend, the model and its hyper-parameters."""
     (n_train, n_in), n_out = data["x_train"].shape, data["y_train"].shape[1]
     out(
@@ -499,16 +478,10 @@ def save_plot(result: DemoResult, path: str) -> None:
         [v if math.isfinite(v) else math.nan for v in s.losses]
         for s in (result.native, result.manual)
     )
-    top.plot(
-        range(1, n_steps + 1),
-        native,
-        label="native autograd (nn.Linear, nn.MSELoss, torch.optim.SGD)",
-        lw=2.5,
-        alpha=0.6,
-    )
-    top.plot(
-        range(1, n_steps + 1), manual, "--", label="manualbp (Linear, MSELoss, optim.SGD)", lw=1.2
-    )
+    steps = range(1, n_steps + 1)
+    top.plot(steps, native, label="native autograd (nn.Linear, nn.MSELoss, torch.optim.SGD)",
+             lw=2.5, alpha=0.6)  # fmt: skip
+    top.plot(steps, manual, "--", label="manualbp (Linear, MSELoss, optim.SGD)", lw=1.2)
     if any(v > 0 for v in native + manual):  # NaN > 0 is False
         top.set_yscale("log")
     top.set_xlim(1, max(n_steps, 2))  # all of the run, even where the losses are NaN

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from manualbp import functional
 from manualbp.errors import not_scriptable
-from manualbp.ops._checks import REDUCTIONS
+from manualbp.ops._checks import check_reduction
 
 
 class LinearMSELoss(nn.Module):
@@ -18,17 +18,8 @@ class LinearMSELoss(nn.Module):
     same seed; ``state_dict`` loads both ways with ``nn.Linear``), and is called as
     ``loss = head(x, target)``. The result equals
     ``nn.MSELoss(reduction)(nn.Linear(...)(x), target)``, but the prediction is never
-    stored: for ``"mean"``/``"sum"`` in float32/float64 the gradients for x, W and b are
-    computed during the forward pass in row chunks and backward only scales them by the
-    upstream gradient; for ``"none"`` (a per-element upstream gradient) and in
-    float16/bfloat16 (where a GradScaler's scale must be applied before rounding) backward
-    recomputes the prediction chunk by chunk instead.
-
-    When it helps: large output widths (``out_features`` of several thousand and more
-    than ``in_features``), where the unfused pair keeps the prediction and its gradient
-    (tokens x out_features each) alive. When it does not: narrow outputs, where those
-    tensors are small and one large GEMM beats the chunked ones; and when you need the
-    prediction itself (this op does not return it).
+    stored (nor returned): how, and when that helps, is
+    :func:`manualbp.functional.linear_mse_loss`'s docstring.
 
     Args:
         in_features: size of each input sample.
@@ -59,8 +50,7 @@ class LinearMSELoss(nn.Module):
         dtype: torch.dtype | None = None,
         chunk_rows: int | None = None,
     ) -> None:
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"{reduction} is not a valid value for reduction")
+        check_reduction(reduction)
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features

@@ -278,12 +278,8 @@ class Sequential(nn.Sequential):
         """The (Linear, activation) child names the container fuses into one Linear call when
         called now (on either backend, where no fused run takes them)."""
         names, modules = list(self._modules), list(self._modules.values())
-        pairs = []
-        for i in range(len(modules) - 1):
-            found = _layer_at(modules, i)
-            if found is not None and found[1] == i + 2:
-                pairs.append((names[i], names[i + 1]))
-        return pairs
+        found = [_layer_at(modules, i) for i in range(len(modules) - 1)]
+        return [(names[i], names[i + 1]) for i, f in enumerate(found) if f and f[1] == i + 2]
 
     def mlp_runs(self) -> list[list[str]]:
         """The child names of each run the container fuses into one MLP when called now on the

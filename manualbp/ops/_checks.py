@@ -19,22 +19,10 @@ from torch.nn import Parameter
 from manualbp.activations import bind
 from manualbp.errors import ShapeError
 
-__all__ = [
-    "PLAIN",
-    "REDUCTIONS",
-    "broadcast",
-    "check_linear_args",
-    "check_linear_dtypes",
-    "check_reduction",
-    "check_slope",
-    "linear_applies",
-    "mse_applies",
-    "native_linear",
-    "overrides_torch_function",
-    "require_tensor",
-    "same_device",
-    "warn_if_sizes_differ",
-]
+__all__ = ["PLAIN", "REDUCTIONS", "broadcast", "check_linear_args", "check_linear_dtypes",
+           "check_reduction", "check_slope", "linear_applies", "mse_applies", "native_linear",
+           "overrides_torch_function", "require_tensor", "same_device",
+           "warn_if_sizes_differ"]  # fmt: skip
 
 REDUCTIONS = ("mean", "sum", "none")
 # The tensor types an entry point's fast path takes: no ``__torch_function__`` of their own

@@ -29,14 +29,8 @@ from manualbp.ops._checks import (
     require_tensor,
 )
 
-__all__ = [
-    "LinearFunction",
-    "act_grad",
-    "as_rows",
-    "linear",
-    "reference_backward",
-    "reference_forward",
-]
+__all__ = ["LinearFunction", "act_grad", "as_rows", "linear", "reference_backward",
+           "reference_forward", "sum_present"]  # fmt: skip
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -45,6 +39,15 @@ def as_rows(t: Tensor) -> Tensor:
     """``t`` (*, F) as a matrix (rows, F), a view where possible. ``reshape(-1, F)`` cannot
     infer the row count when F == 0, so the rows are counted explicitly."""
     return t if t.dim() == 2 else t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
+def sum_present(*terms: Tensor | None) -> Tensor | None:
+    """The sum of the ``terms`` that are not ``None``, left to right (``None`` if all are)."""
+    total = None
+    for term in terms:
+        if term is not None:
+            total = term if total is None else total + term
+    return total
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,11 +161,8 @@ class LinearFunction(Function):
         (act'(Z) ⊙ · is the elementwise map the backward uses for dZ = act'(Z) ⊙ dY).
         """
         input, weight, saved = ctx.saved_tensors
-        z_t = None
-        for term in (None if input_t is None else F.linear(input_t, weight),
-                     None if weight_t is None else F.linear(input, weight_t), bias_t):  # fmt: skip
-            if term is not None:
-                z_t = term if z_t is None else z_t + term
+        x_t = None if input_t is None else F.linear(input_t, weight)
+        z_t = sum_present(x_t, None if weight_t is None else F.linear(input, weight_t), bias_t)
         if z_t is None or ctx.act is None:
             return z_t, None
         return ctx.act.grad(z_t, saved), (z_t if ctx.act.reads_preact else None)

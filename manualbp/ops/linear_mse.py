@@ -10,8 +10,7 @@ rounded to the input dtype, and dW, db are summed in fp32 (fp64) in place. In fl
 ``norm D`` would underflow for large N (a GradScaler's ``g`` is what keeps it in range
 natively), so the chunks carry ``s norm D`` with a power of two ``s`` (``s norm`` in (1/2, 1])
 and backward scales by ``g / s``: exact for a power-of-two ``g``, as a GradScaler's is. For
-``"none"`` the upstream gradient is per element, so backward recomputes each chunk of ``ŷ``.
-Without a graph to record, the loss alone is computed, the same way, with no gradient buffer.
+``"none"`` (a per-element upstream gradient) backward recomputes each chunk of ``ŷ``.
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ from manualbp.ops._checks import (
     same_device,
     warn_if_sizes_differ,
 )
-from manualbp.ops.linear import as_rows, is_vector_bias, linear_unchecked
+from manualbp.ops.linear import as_rows, is_vector_bias, linear_unchecked, sum_present
 from manualbp.ops.mse import mse_loss_unchecked, norm_of
 
 __all__ = ["LinearMSELossFunction", "default_chunk_rows", "linear_mse_loss"]
@@ -242,12 +241,8 @@ class LinearMSELossFunction(Function):
 def _residual_tangent(rows, input, weight, input_t, weight_t, bias_t, target_t, loss_dtype):
     """``Ḋ = Ẋ W^T + X Ẇ^T + ḃ - ṫ`` for ``rows`` (zero tangents left out), in the loss
     dtype; ``ŷ``'s part is summed in the input dtype first, as native forward AD does."""
-    y_t = None
-    terms = (None if input_t is None else F.linear(input_t[rows], weight),
-             None if weight_t is None else F.linear(input[rows], weight_t), bias_t)  # fmt: skip
-    for term in terms:
-        if term is not None:
-            y_t = term if y_t is None else y_t + term
+    x_t = None if input_t is None else F.linear(input_t[rows], weight)
+    y_t = sum_present(x_t, None if weight_t is None else F.linear(input[rows], weight_t), bias_t)
     d_t = torch.zeros((), dtype=loss_dtype, device=input.device) if y_t is None else y_t
     d_t = d_t.to(loss_dtype)
     return d_t if target_t is None else d_t - target_t[rows].to(loss_dtype)

@@ -6,7 +6,7 @@ With no momentum and no weight decay this is the plain ``w = w - η·∂L/∂w``
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -107,10 +107,7 @@ class SGD(torch.optim.SGD):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Perform one optimization step.
-
-        Everything is checked before anything is written: a step that raises leaves the
-        parameters, their gradients and the optimizer state unchanged.
+        """Perform one optimization step (all or nothing: see the class docstring).
 
         Args:
             closure: optional callable that re-evaluates the model and returns the loss.
@@ -133,9 +130,10 @@ class SGD(torch.optim.SGD):
         state = self.state.get(p)
         return None if state is None else state.get("momentum_buffer")
 
-    def _plan(self, group: dict[str, Any]) -> _GroupPlan:
-        """Sort the group's params with a gradient into backend splits and the sparse path,
-        raising (before any write) for everything the update would fail on."""
+    def _plan(self, group: dict[str, Any]) -> list[tuple[bool, list[Tensor]]]:
+        """The group's params with a gradient as ``(on the kernels?, params)`` splits: one per
+        (device, dtype) of those with a dense gradient, then those with a sparse gradient (on
+        the reference ops); raising (before any write) for everything the update would fail on."""
         momentum = group["momentum"]
         dense: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
         sparse: list[Tensor] = []
@@ -175,9 +173,9 @@ class SGD(torch.optim.SGD):
         # Resolve every split's backend now: resolving can raise (e.g. 'triton' on CPU tensors
         # without the interpreter), and that must happen before the first write too.
         splits = [(_mode.kernels_for(ps[0]), ps) for ps in dense.values()]
-        return _GroupPlan(splits, sparse)
+        return [*splits, (False, sparse)] if sparse else splits
 
-    def _apply(self, group: dict[str, Any], plan: _GroupPlan) -> None:
+    def _apply(self, group: dict[str, Any], plan: list[tuple[bool, list[Tensor]]]) -> None:
         momentum = group["momentum"]
         use_momentum = momentum != 0
         hyper = dict(
@@ -185,27 +183,13 @@ class SGD(torch.optim.SGD):
             dampening=group["dampening"], nesterov=group["nesterov"],
             maximize=group["maximize"],
         )  # fmt: skip
-        for kernels, params in plan.splits:
+        for kernels, params in plan:
             grads = [p.grad for p in params]
             bufs: list[Tensor | None] = [self._buffer(p) for p in params] if use_momentum else []
             (kernel_step if kernels else reference_step)(params, grads, bufs, **hyper)
             if use_momentum:
                 for p, buf in zip(params, bufs, strict=True):
                     self.state[p]["momentum_buffer"] = buf
-        if plan.sparse:
-            bufs = [self._buffer(p) for p in plan.sparse] if use_momentum else []
-            reference_step(plan.sparse, [p.grad for p in plan.sparse], bufs, **hyper)
-            if use_momentum:
-                for p, buf in zip(plan.sparse, bufs, strict=True):
-                    self.state[p]["momentum_buffer"] = buf
-
-
-class _GroupPlan(NamedTuple):
-    """One group's step: ``(on the kernels?, params)`` per (device, dtype) split of the params
-    with a dense gradient, and the params with a sparse gradient."""
-
-    splits: list[tuple[bool, list[Tensor]]]
-    sparse: list[Tensor]
 
 
 def _check_buffer(p: Tensor, buf: Tensor) -> None:
@@ -219,18 +203,10 @@ def _check_buffer(p: Tensor, buf: Tensor) -> None:
         )
 
 
-def reference_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    *,
-    lr: float | Tensor,
-    weight_decay: float | Tensor,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    maximize: bool,
-) -> None:
+def reference_step(params: list[Tensor], grads: list[Tensor],
+                   momentum_buffers: list[Tensor | None], *, lr: float | Tensor,
+                   weight_decay: float | Tensor, momentum: float, dampening: float,
+                   nesterov: bool, maximize: bool) -> None:  # fmt: skip
     """The SGD update in plain torch ops, one param at a time (:class:`SGD`); ``None`` momentum
     buffers are replaced in the list by new ones. A tensor ``lr`` is used as a tensor
     (``addcmul_``: no host sync). Sparse (COO) gradients take the ops of torch's single-tensor
@@ -277,14 +253,12 @@ def kernel_step(params: list[Tensor], grads: list[Tensor], momentum_buffers: lis
 
 
 def _sharded_step(params, grads, momentum_buffers, **hyper) -> None:
-    """:func:`kernel_step` on the local shards of DTensor ``params``.
-
-    The update is elementwise, so updating each rank's shard of a param with the same shard
-    of its gradient and momentum buffer is the sharded update (a replicated param: the same
-    update on every rank, as natively). A gradient or buffer placed otherwise than its param
-    (a partial gradient) is redistributed to the param's placements first. New momentum
-    buffers are wrapped as DTensors placed like their params, as native SGD keeps them.
-    """
+    """:func:`kernel_step` on the local shards of DTensor ``params``. The update is elementwise,
+    so updating each rank's shard of a param with the same shard of its gradient and momentum
+    buffer is the sharded update (a replicated param: the same update on every rank, as
+    natively). A gradient or buffer placed otherwise than its param (a partial gradient) is
+    redistributed to the param's placements first. New momentum buffers are wrapped as
+    DTensors placed like their params, as native SGD keeps them."""
     local_params, local_grads, local_bufs = [], [], []
     for i, (p, g) in enumerate(zip(params, grads, strict=True)):
         buf = momentum_buffers[i] if i < len(momentum_buffers) else None

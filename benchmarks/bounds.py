@@ -87,6 +87,24 @@ def mlp_step_min_bytes(
     return float((M * rows + params) * elsize)
 
 
+def second_order_flops(M: int, dims: tuple[int, ...]) -> float:
+    """GEMM FLOPs of a training step with the MLP's input gradient in the loss: forward
+    (``2Mkn`` a layer), the input gradient's chain (``2Mkn``) and its weight gradients
+    (``2Mkn``), the second order's R-op (``2Mkn``), its recomputed upstream gradients
+    (``2Mkn``) and weight gradients (``2Mkn``), and the forward's backward with the R-op's
+    gradients injected (chain and weight gradients, ``4Mkn``): ``16 M sum(k n)``."""
+    return 16.0 * M * sum(k * n for k, n in itertools.pairwise(dims))
+
+
+def second_order_min_bytes(M: int, dims: tuple[int, ...], elsize: int) -> float:
+    """Least bytes of that step: read X (and the targets, at most X's and one more column);
+    the parameters read, their gradients written, SGD's momentum read-modify-write. Every
+    (M, width) intermediate could stay on chip (recomputed per row tile): the step is
+    compute-bound at any M."""
+    w, b = _mlp_params(dims, True)
+    return float((M * (2 * dims[0] + 1) + 7 * (w + b)) * elsize)
+
+
 def mlp_infer_min_bytes(M: int, dims: tuple[int, ...], elsize: int, *, bias: bool = True) -> float:
     """Least bytes of an inference forward: read X and the parameters, write the output."""
     w, b = _mlp_params(dims, bias)

@@ -26,6 +26,8 @@ from benchmarks.bounds import (
     mlp_flops,
     mlp_infer_min_bytes,
     mlp_step_min_bytes,
+    second_order_flops,
+    second_order_min_bytes,
 )
 from benchmarks.ceilings import DTYPE_NAMES
 
@@ -45,6 +47,7 @@ __all__ = [
     "TRITON_PROVIDERS",
     "fused_mlp_infer_case",
     "fused_mlp_step_case",
+    "second_order_case",
     "linear_case",
     "linear_mse_case",
     "mlp_step_case",
@@ -132,7 +135,10 @@ class Case:
 
 
 TOLERANCE = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
-ACT_MODULES = {"relu": nn.ReLU, "gelu": nn.GELU}
+ACT_MODULES: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU, "gelu": nn.GELU, "softplus": nn.Softplus,
+    "sin": lambda: _manualbp("Sine")(),  # torch has no sine module: manualbp's (plain torch.sin)
+}  # fmt: skip
 
 
 def _gen(device: torch.device, seed: int) -> torch.Generator | None:
@@ -1014,4 +1020,141 @@ def fused_mlp_infer_case(
         priority=priority,
         provider_priority=dict(provider_priority or {}),
         min_bytes={"infer": mlp_infer_min_bytes(M, dims, dtype.itemsize)},
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused MLP's second order (issue 24): an input gradient inside the loss
+# ---------------------------------------------------------------------------------------------
+
+#: A neural signed-distance field / interatomic potential: 3 coordinates -> 64 x4 -> 1 scalar.
+SECOND_ORDER_DIMS = (3, 64, 64, 64, 64, 1)
+SECOND_ORDER_LOSSES = ("eikonal", "force")
+
+
+def _second_order_loss(
+    kind: str, net: nn.Module, x: Tensor, e_ref: Tensor, f_ref: Tensor
+) -> Tensor:
+    """``eikonal``: ``mean((|grad_x u| - 1)^2) + mean(u^2)`` (an SDF fit, IGR's loss on
+    surface points); ``force``: ``mse(E, E_ref) + mse(-grad_x E, F_ref)`` (force matching).
+    Plain autograd, as their users write it."""
+    x = x.detach().requires_grad_()
+    u = net(x)
+    (g,) = torch.autograd.grad(u, x, torch.ones_like(u), create_graph=True)
+    if kind == "eikonal":
+        return ((g.norm(dim=-1) - 1) ** 2).mean() + u.square().mean()
+    return F.mse_loss(u, e_ref) + F.mse_loss(-g, f_ref)
+
+
+class _Precision:
+    """``torch.set_float32_matmul_precision(value)`` for the ``with`` block (``None``: as is)."""
+
+    def __init__(self, value: str | None) -> None:
+        self.value, self.saved = value, None
+
+    def __enter__(self) -> None:
+        if self.value is not None:
+            self.saved = torch.get_float32_matmul_precision()
+            torch.set_float32_matmul_precision(self.value)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.saved is not None:
+            torch.set_float32_matmul_precision(self.saved)
+
+
+def _second_order_bound(provider: str, native: nn.Sequential, kind: str,
+                        precision: str | None) -> Bound:  # fmt: skip
+    """Mode ``step``: zero_grad, the loss (its input gradient recorded), backward, SGD step.
+    torch.compile cannot differentiate its own backward: its row says so (skipped with the
+    reason) rather than disappearing."""
+    model: nn.Module
+    if provider in (NATIVE, COMPILE):
+        model, label = native, "nn.Sequential(nn.Linear, act, ...)"
+        if provider == COMPILE:
+            model, label = _compile(native), f"torch.compile({label})"
+        opt: torch.optim.Optimizer = torch.optim.SGD(native.parameters(), lr=MLP_LR,
+                                                     momentum=MLP_MOMENTUM)  # fmt: skip
+    elif provider in (MANUALBP, MANUALBP_CONVERT):
+        if provider == MANUALBP:
+            model = _manualbp("FusedMLP").from_sequential(native)
+            label = "manualbp.FusedMLP.from_sequential(model)"
+        else:
+            model, label = _manualbp().convert(copy.deepcopy(native)), "manualbp.convert(model)"
+        opt = _manualbp("optim").SGD(model.parameters(), lr=MLP_LR, momentum=MLP_MOMENTUM)
+    else:
+        raise UnavailableError(f"provider {provider!r} does not apply to this case")
+    params = [p for group in opt.param_groups for p in group["params"]]
+
+    def loss_of(s: dict[str, Any]) -> Tensor:
+        try:
+            return _second_order_loss(kind, model, s["x"], s["e"], s["f"])
+        except RuntimeError as e:
+            if provider == COMPILE and "double backward" in str(e):
+                raise UnavailableError(f"unsupported: {e}") from e
+            raise
+
+    def step(s: dict[str, Any]) -> None:
+        with _Precision(precision):
+            opt.zero_grad(set_to_none=True)
+            loss_of(s).backward()
+            opt.step()
+
+    def output(s: dict[str, Any]) -> Tensor:
+        with _Precision(precision):
+            opt.zero_grad(set_to_none=True)
+            loss = loss_of(s)
+            loss.backward()
+            grads = [_unit_max(p.grad) for p in params]
+            out = torch.cat([loss.detach().float().reshape(1), *grads])
+            opt.step()
+        return out
+
+    label += " + SGD" + ("" if precision is None else f", float32 matmul precision {precision!r}")
+    return Bound(modes={"step": (lambda s: s, step)}, label=label, output=output)
+
+
+def second_order_case(
+    kind: str, activation: str, M: int, dtype: torch.dtype, device: torch.device, priority: int
+) -> Case:
+    """One training step of ``3 -> 64 x4 (activation) -> 1`` on ``M`` points with the
+    network's input gradient in the loss (:func:`_second_order_loss`): zero_grad, loss,
+    backward (the backward of the recorded backward), SGD (momentum 0.9). fp32 runs with TF32
+    matmuls (``torch.set_float32_matmul_precision("high")``) for every provider."""
+    dims = SECOND_ORDER_DIMS
+    dname = DTYPE_NAMES[dtype] + ("_tf32" if dtype == torch.float32 else "")
+    precision = "high" if dtype == torch.float32 else None
+    size = f"M{M}" if _log2(M) is None else f"M2^{_log2(M)}"
+    shapes = {"x": (M, dims[0]), "e": (M, 1), "f": (M, dims[0])}
+    return Case(
+        name=f"second_order_{kind}/{dname}/{activation}_{size}",
+        group="second_order_step",
+        params={
+            "loss": kind,
+            "activation": activation,
+            "M": M,
+            "log2_M": _log2(M),
+            "dims": list(dims),
+            "dtype": dname,
+            "optimizer": f"SGD(lr={MLP_LR}, momentum={MLP_MOMENTUM})",
+        },
+        modes=["step"],
+        providers=[NATIVE, MANUALBP, COMPILE, MANUALBP_CONVERT],
+        metric="tflops",
+        work={"step": second_order_flops(M, dims)},
+        work_note="GEMM FLOPs of the step: 16*M*sum(k*n) (benchmarks/bounds.py "
+        "second_order_flops); samples/s = M / time; bound: second_order_min_bytes",
+        dtype=dtype,
+        make_set=lambda i: _input_set(device, 8000 + i, dtype, grad=False, **shapes),
+        bind=lambda p: _second_order_bound(
+            p, _sequential(dims, activation, device, dtype), kind, precision
+        ),
+        set_bytes=M * (2 * dims[0] + 1) * dtype.itemsize,
+        plot_key=f"second_order_{kind}_{dname}",
+        plot_x=float(M),
+        plot_x_label=size,
+        memory_mode="step",
+        tol=TOLERANCE[dtype] * 2,
+        priority=priority,
+        min_bytes={"step": second_order_min_bytes(M, dims, dtype.itemsize)},
+        samples=M,
     )

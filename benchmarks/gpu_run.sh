@@ -11,10 +11,10 @@
 # Time budget (seconds; override with the environment variables named):
 #   phase 1  environment                          ~5    (nvidia-smi, versions)
 #   phase 2  first-run GPU tests, group by group  each under its own limit (FIRST_RUN below;
-#            295 in all), in the order that a first GPU run needs answered: the TMA GEMMs
+#            315 in all), in the order that a first GPU run needs answered: the TMA GEMMs
 #            against native, the MSE ticket and graph capture, CUDA graphs, determinism (with
-#            CUBLAS_WORKSPACE_CONFIG set), the Triton/cuBLAS choice, SGD, the fused MLP, the
-#            rest of the kernels' CUDA tests. Each group is its own process; a CUDA fault
+#            CUBLAS_WORKSPACE_CONFIG set), the Triton/cuBLAS choice, SGD, the fused MLP, its
+#            second order, the rest of the kernels' CUDA tests. Each group is its own process; a CUDA fault
 #            (illegal address, launch failure, device-side assert) in any group stops the whole
 #            run with a report: no benchmark times a kernel that faults.
 #   phase 3  benchmark: python -m benchmarks      the rest of TOTAL_BUDGET_S (560) less RESERVE_S
@@ -86,6 +86,7 @@ FIRST_RUN=(
     "linear_choice|30|tests/test_linear_choice.py -m cuda"
     "sgd|25|tests/kernels/test_sgd_kernels.py -m cuda"
     "fused_mlp|35|tests/kernels/test_fused_mlp_kernels.py -k accurate_as_native"
+    "second_order|20|tests/test_fused_mlp_second_order.py::test_launches_per_eikonal_step tests/test_fused_mlp_second_order.py::test_through_convert_and_sequential"
     "kernels|50|tests/kernels/test_linear_kernels.py tests/test_mse.py tests/test_amp.py tests/test_threads.py -m cuda"
 )
 FAULT='illegal memory access|illegal address|unspecified launch failure|device-side assert|CUDA error: (an )?illegal|misaligned address'

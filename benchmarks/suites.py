@@ -27,6 +27,7 @@ from benchmarks.cases import (
     linear_mse_case,
     mlp_step_case,
     mse_case,
+    second_order_case,
     sgd_case,
 )
 
@@ -58,6 +59,10 @@ GPU_NARROW_LOG2_M = (16, 17, 18, 19, 20, 21)
 NARROW_HEADLINE = (64, 18)
 CPU_NARROW = (64, 14)  # width, log2 rows of the CPU suite
 CPU_QUICK_NARROW = (64, 12)
+# The fused MLP's second order (issue 24): (loss, activation) at 2^18 points, fp32 (TF32) and bf16.
+SECOND_ORDER = [("eikonal", "softplus"), ("eikonal", "sin"), ("force", "softplus")]
+SECOND_ORDER_LOG2_M = 18
+CPU_QUICK_SECOND_ORDER_LOG2_M = 12
 # The step's providers without max-autotune (where no max-autotune shape is wanted).
 NARROW_NO_MAX_AUTOTUNE = [NATIVE, MANUALBP, COMPILE, MANUALBP_CONVERT]
 
@@ -189,6 +194,8 @@ def _cuda_full(device: torch.device) -> list[Case]:
     rest += [sgd_case(GPU_MLP, momentum, fp32, device, P_REST) for momentum in (0.0, 0.9)]
     rest += [linear_mse_case(M, 4096, N, bf16, device, P_REST) for N in (1024, 4096)]
     rest += _narrow_headline(fp16, device, P_REST)
+    rest += [second_order_case(loss, act, 1 << SECOND_ORDER_LOG2_M, dtype, device, P_REST)
+             for dtype in (bf16, fp32) for loss, act in SECOND_ORDER]  # fmt: skip
     cases += [c for c in rest if c.name not in have]
     have |= {c.name for c in cases}
     # The rest of the bf16 / fp16 matrix.
@@ -227,6 +234,8 @@ def _cpu_quick(device: torch.device) -> list[Case]:
     width, log2m = CPU_QUICK_NARROW
     cases.append(fused_mlp_step_case(1 << log2m, width, fp32, device, 0))
     cases.append(fused_mlp_infer_case(1 << log2m, width, fp32, device, 0))
+    cases.append(second_order_case("eikonal", "softplus", 1 << CPU_QUICK_SECOND_ORDER_LOG2_M,
+                                   fp32, device, 0))  # fmt: skip
     return cases
 
 

@@ -302,6 +302,26 @@ TARGETS: list[Target] = [
         ceiling="> 4x: one launch reading X and writing y, against a GEMM and an elementwise "
         "launch per layer",
     ),
+    Target(
+        "second_order_vs_native_bf16",
+        "second-order training step (3 -> 64 x4 -> 1, softplus / sin, 2^18 points, eikonal and "
+        "force-matching losses, bf16) >= 3x native eager samples/s",
+        3.0,
+        _vs("second_order_step", "step", ("native",), {"dtype": "bf16"}, named=True),
+        ceiling="compute-bound (> 10x) if every (M, 64) intermediate stayed on chip; predicted "
+        "~3.2x for the shipped 8-launch design: it moves ~56 (M, 64) tensors a step (launch "
+        "arguments summed) against native's ~179 in ~120 launches (aten ops' inputs + outputs, "
+        "counted on CPU at 4096 rows; docs/derivations.md section 10)",
+    ),
+    Target(
+        "second_order_vs_native_tf32",
+        "second-order training step (same cases, fp32 with TF32 matmuls on both sides) >= 2x "
+        "native eager samples/s",
+        2.0,
+        _vs("second_order_step", "step", ("native",), {"dtype": "fp32_tf32"}, named=True),
+        ceiling="as the bf16 step: predicted ~3.2x (the same tensors at twice the bytes on "
+        "both sides; the step stays memory-bound: 52.6 GFLOP against ~3.8 GB moved)",
+    ),
 ] + [
     Target(
         key,

@@ -9,10 +9,10 @@ and fused activation) and the MSE loss, drop-in ``nn.Module`` stand-ins for
 import manualbp._source_checkout  # noqa: F401  (isort: skip)
 from manualbp import functional, optim
 from manualbp._mode import get_backend, set_backend, use_backend
-from manualbp.activations import ACTIVATIONS
+from manualbp.activations import ACTIVATIONS, Sine
 from manualbp.errors import ShapeError
 from manualbp.modules import FusedMLP, Linear, LinearMSELoss, MSELoss, Sequential, convert
-from manualbp.ops.fused_mlp import FusedMLPFunction
+from manualbp.ops.fused_mlp import FusedMLPFunction, FusedMLPGradFunction
 from manualbp.ops.linear import LinearFunction
 from manualbp.ops.linear_mse import LinearMSELossFunction
 from manualbp.ops.mse import MSELossFunction
@@ -24,6 +24,7 @@ __all__ = [
     "ACTIVATIONS",
     "FusedMLP",
     "FusedMLPFunction",
+    "FusedMLPGradFunction",
     "Linear",
     "LinearFunction",
     "LinearMSELoss",
@@ -32,6 +33,7 @@ __all__ = [
     "MSELossFunction",
     "Sequential",
     "ShapeError",
+    "Sine",
     "convert",
     "enable",
     "functional",

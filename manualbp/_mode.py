@@ -28,7 +28,7 @@ import functools
 import importlib.util
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -43,6 +43,7 @@ __all__ = ["BACKENDS", "Applier", "autocast_dtype", "autocast_off", "cast", "com
 
 # torch's mode reads, bound once: no attribute look-ups on the per-call paths.
 grad_enabled = torch.is_grad_enabled
+_will_execute = torch._C._will_engine_execute_node
 transforms_active = torch._C._are_functorch_transforms_active
 compiling = torch.compiler.is_compiling
 _function_mode_on = torch._C._is_torch_function_mode_enabled
@@ -114,6 +115,39 @@ def in_place_ok(*tensors: Tensor) -> bool:
     if grad_enabled() or transforms_active():
         return False
     return compiling() or not any(_legacy_batched(t) for t in tensors)
+
+
+def second_order_op() -> bool:
+    """Whether a backward is recorded for a double backward (``create_graph=True``) in plain
+    eager mode: where an op may run its backward as an op of its own, whose backward is
+    hand-derived (not while torch.compile traces or under torch.func transforms: there the
+    differentiable reference ops run)."""
+    return grad_enabled() and not compiling() and not transforms_active()
+
+
+def reached(ctx: Any, tensor_args: Sequence[bool]) -> tuple[bool, ...]:
+    """``ctx.needs_input_grad`` less the inputs this backward pass does not reach:
+    ``torch.autograd.grad(outputs, inputs)`` runs only the edges towards its ``inputs`` (the
+    input gradient of an eikonal loss needs no weight gradients), as aten's backward formulas
+    skip what the engine will not use. ``tensor_args``: which of the Function's inputs were
+    tensors (only those have edges). While torch.compile traces: ``needs_input_grad``."""
+    needs = ctx.needs_input_grad
+    if compiling():
+        return needs
+    try:
+        edges = iter(ctx.next_functions)
+        nodes = [next(edges)[0] if is_tensor else None for is_tensor in tensor_args]
+    except (AttributeError, RuntimeError, StopIteration):  # not a node the engine runs
+        return needs
+    return tuple(bool(need and node is not None and _executes(node))
+                 for need, node in zip(needs, nodes, strict=True))  # fmt: skip
+
+
+def _executes(node: Any) -> bool:
+    try:
+        return _will_execute(node)
+    except RuntimeError:  # a leaf that autograd.grad asks for: torch will not say; it does
+        return True
 
 
 def internal_grads(*grads: Tensor | None) -> tuple:

@@ -27,7 +27,9 @@ from torch import Tensor, nn
 
 from manualbp._mode import in_place_ok
 
-__all__ = ["ACTIVATIONS", "Act", "Activation", "activation_of_module", "bind", "get_activation"]
+__all__ = [
+    "ACTIVATIONS", "Act", "Activation", "Sine", "activation_of_module", "bind", "get_activation",
+]  # fmt: skip
 
 Saved = Literal["output", "preact"]
 
@@ -39,14 +41,21 @@ class Activation:
     Attributes:
         name: the string users pass (``activation="gelu"``); also the ``ACTIVATION``
             ``tl.constexpr`` the Triton kernels branch on (``triton_kernels/_activations.py``).
-        forward: ``(z, negative_slope) -> y``.
-        grad: ``(dY, s, negative_slope) -> dZ = dY * f'(z)``, the hand-derived derivative read
-            off the saved tensor ``s`` (see :meth:`saved_for`).
+        forward: ``(z, p) -> y``, ``p`` the activation's parameter (see ``slope_attr``).
+        grad: ``(dY, s, p) -> dZ = dY * f'(z)``, the hand-derived derivative read off the saved
+            tensor ``s`` (see :meth:`saved_for`).
         saves: what ``grad`` reads: the output ``y`` (``"output"``) or the pre-activation
             ``z`` (``"preact"``).
         module: the native module type :func:`manualbp.convert` folds into this activation.
         module_attrs: attributes the native module must have for that (``approximate``).
-        slope_attr: the module attribute holding the slope (``LeakyReLU.negative_slope``).
+        slope_attr: the module attribute holding the activation's one parameter, if it has one:
+            ``LeakyReLU.negative_slope``, ``Softplus.beta``, :class:`Sine`'s ``omega``. The
+            ops take it as ``negative_slope`` (its first use), whatever it means.
+        param_default: that parameter's default (the module's).
+        grad2: ``(T, s, p) -> T * d f'(.)/d s``: the derivative of ``grad``'s ``f'`` with respect
+            to the saved tensor itself, ``f''(z)`` where ``s`` is z; where ``s`` is y, ``f'(y)``
+            differentiated in y (tanh: -2y). What the fused MLP's second-order backward feeds
+            back into the saved tensor (``None``: 0, as for the piecewise-linear ones).
     """
 
     name: str
@@ -56,6 +65,8 @@ class Activation:
     module: type[nn.Module]
     module_attrs: Mapping[str, object] = field(default_factory=dict)
     slope_attr: str | None = None
+    param_default: float = 0.01
+    grad2: Callable[[Tensor, Tensor, float], Tensor] | None = None
 
     def saved_for(self, negative_slope: float) -> Saved:
         """What backward keeps for this activation at ``negative_slope``: ``y`` or ``z``."""
@@ -63,11 +74,13 @@ class Activation:
             return "preact"  # a negative slope flips the sign of y: y no longer tells z > 0
         return self.saves
 
-    def native_module(self, negative_slope: float = 0.01) -> nn.Module:
-        """The native module computing this activation (the oracle tests compare against)."""
+    def native_module(self, negative_slope: float | None = None) -> nn.Module:
+        """The native module computing this activation (the oracle tests compare against), at
+        parameter ``negative_slope`` (``None``: its default)."""
         kwargs = dict(self.module_attrs)
         if self.slope_attr is not None:
-            kwargs[self.slope_attr] = negative_slope
+            param = self.param_default if negative_slope is None else negative_slope
+            kwargs[self.slope_attr] = param
         return self.module(**kwargs)
 
     def matches(self, module: nn.Module) -> bool:
@@ -146,12 +159,91 @@ def _silu_grad(g: Tensor, z: Tensor, _: float) -> Tensor:
     return torch.rsub(s, 1.0).mul_(z).add_(1.0).mul_(s).mul_(g)
 
 
+# Second derivatives: T * d f'/d s, f' as grad reads it off the saved tensor s (f''(z) where s is
+# z). Derivations: docs/derivations.md, section 10.
+def _gelu_grad2(t: Tensor, z: Tensor, _: float) -> Tensor:
+    # y' = Phi(z) + z phi(z), phi' = -z phi: y'' = phi(z) (2 - z^2) (the pdf floor as in y').
+    expo = -0.5 * z * z
+    pdf = torch.exp(expo.masked_fill(expo < -80.0, -math.inf)) * _INV_SQRT_2PI
+    return t * (pdf * (2 - z * z))
+
+
+def _gelu_tanh_grad2(t: Tensor, z: Tensor, _: float) -> Tensor:
+    # y' = (1 + th)/2 + z/2 (1 - th^2) u',  th = tanh(u),  u = beta (z + kappa z^3):
+    # y'' = (1 - th^2) (u' + z/2 (u'' - 2 th u'^2)),
+    # u' = beta (1 + 3 kappa z^2),  u'' = 6 beta kappa z
+    th = torch.tanh(_GELU_TANH_BETA * (z + _GELU_TANH_KAPPA * z * z * z))
+    u1 = _GELU_TANH_BETA * (1 + 3 * _GELU_TANH_KAPPA * z * z)
+    u2 = (6 * _GELU_TANH_BETA * _GELU_TANH_KAPPA) * z
+    return t * ((1 - th * th) * (u1 + 0.5 * z * (u2 - 2 * th * u1 * u1)))
+
+
+def _silu_grad2(t: Tensor, z: Tensor, _: float) -> Tensor:
+    # y' = s (1 + z (1 - s)), s = sigma(z): y'' = s (1 - s) (2 + z (1 - 2 s))
+    s = torch.sigmoid(z)
+    return t * (s * (1 - s) * (2 + z * (1 - 2 * s)))
+
+
+def _tanh_grad2(t: Tensor, y: Tensor, _: float) -> Tensor:
+    return t * (-2 * y)  # f' = 1 - y^2 read off y: d f'/dy = -2y (f'' = -2y f')
+
+
+def _sigmoid_grad2(t: Tensor, y: Tensor, _: float) -> Tensor:
+    return t * (1 - 2 * y)  # f' = y (1 - y) read off y: d f'/dy = 1 - 2y (f'' = (1 - 2y) f')
+
+
+SOFTPLUS_THRESHOLD = 20.0  # nn.Softplus's default: beyond beta z > 20 it is the identity
+
+
+def _softplus_grad(g: Tensor, z: Tensor, beta: float) -> Tensor:
+    # y = log(1 + e^{beta z}) / beta: y' = e^{beta z} / (1 + e^{beta z}), 1 on the identity
+    # branch (beta z > 20). One elementwise op computing exactly that: aten's softplus_backward
+    # (differentiable, batchable; five ops of exp/div/where cost ~5x as much).
+    return torch.ops.aten.softplus_backward(g, z, beta, SOFTPLUS_THRESHOLD)
+
+
+def _softplus_grad2(t: Tensor, z: Tensor, beta: float) -> Tensor:
+    # y'' = beta s (1 - s), s = sigma(beta z); 0 on the identity branch (aten: where x < 20).
+    x = z * beta
+    s = torch.sigmoid(x)
+    return torch.where(x < SOFTPLUS_THRESHOLD, t * (s * (1 - s) * beta), 0.0)
+
+
+class Sine(nn.Module):
+    """``sin(omega * x)``, SIREN's activation (torch has no module for it): what
+    :func:`manualbp.convert` fuses as the ``"sin"`` activation."""
+
+    def __init__(self, omega: float = 1.0) -> None:
+        super().__init__()
+        self.omega = omega
+
+    def forward(self, input: Tensor) -> Tensor:
+        return torch.sin(self.omega * input)
+
+    def extra_repr(self) -> str:
+        return f"omega={self.omega}"
+
+
+def _sin_grad(g: Tensor, z: Tensor, omega: float) -> Tensor:
+    return g * torch.cos(omega * z) * omega  # d sin(w z)/dz = w cos(w z), autograd's order
+
+
+def _sin_grad2(t: Tensor, z: Tensor, omega: float) -> Tensor:
+    return t * (-(omega * omega) * torch.sin(omega * z))  # (sin(w z))'' = -w^2 sin(w z)
+
+
 ACTIVATIONS: dict[str, Activation] = {
     a.name: a
     for a in (
         Activation("relu", lambda z, _: F.relu(z), _relu_grad, "output", nn.ReLU),
         Activation(
-            "gelu", lambda z, _: F.gelu(z), _gelu_grad, "preact", nn.GELU, {"approximate": "none"}
+            "gelu",
+            lambda z, _: F.gelu(z),
+            _gelu_grad,
+            "preact",
+            nn.GELU,
+            {"approximate": "none"},
+            grad2=_gelu_grad2,
         ),
         Activation(
             "gelu_tanh",
@@ -160,10 +252,22 @@ ACTIVATIONS: dict[str, Activation] = {
             "preact",
             nn.GELU,
             {"approximate": "tanh"},
+            grad2=_gelu_tanh_grad2,
         ),
-        Activation("silu", lambda z, _: F.silu(z), _silu_grad, "preact", nn.SiLU),
-        Activation("tanh", lambda z, _: torch.tanh(z), _tanh_grad, "output", nn.Tanh),
-        Activation("sigmoid", lambda z, _: torch.sigmoid(z), _sigmoid_grad, "output", nn.Sigmoid),
+        Activation(
+            "silu", lambda z, _: F.silu(z), _silu_grad, "preact", nn.SiLU, grad2=_silu_grad2
+        ),
+        Activation(
+            "tanh", lambda z, _: torch.tanh(z), _tanh_grad, "output", nn.Tanh, grad2=_tanh_grad2
+        ),
+        Activation(
+            "sigmoid",
+            lambda z, _: torch.sigmoid(z),
+            _sigmoid_grad,
+            "output",
+            nn.Sigmoid,
+            grad2=_sigmoid_grad2,
+        ),
         Activation(
             "leaky_relu",
             lambda z, s: F.leaky_relu(z, s),
@@ -171,6 +275,27 @@ ACTIVATIONS: dict[str, Activation] = {
             "output",
             nn.LeakyReLU,
             slope_attr="negative_slope",
+        ),
+        Activation(
+            "softplus",
+            lambda z, beta: F.softplus(z, beta, SOFTPLUS_THRESHOLD),
+            _softplus_grad,
+            "preact",
+            nn.Softplus,
+            {"threshold": SOFTPLUS_THRESHOLD},
+            slope_attr="beta",
+            param_default=1.0,
+            grad2=_softplus_grad2,
+        ),
+        Activation(
+            "sin",
+            lambda z, omega: torch.sin(omega * z),
+            _sin_grad,
+            "preact",
+            Sine,
+            slope_attr="omega",
+            param_default=1.0,
+            grad2=_sin_grad2,
         ),
     )
 }
@@ -216,19 +341,37 @@ class Act(NamedTuple):
         """``dZ = g * f'(.)`` read off ``saved`` (z or y, as :attr:`reads_preact` says)."""
         return self.fn.grad(g, saved, self.slope)
 
+    def grad2(self, t: Tensor, saved: Tensor) -> Tensor | None:
+        """``t * d f'/d saved`` (:attr:`Activation.grad2`); ``None`` where it is 0."""
+        return None if self.fn.grad2 is None else self.fn.grad2(t, saved, self.slope)
+
 
 _BOUND: dict[tuple[str, float], Act] = {}
 
 
-def bind(name: str | None, negative_slope: float = 0.01) -> Act | None:
-    """The :class:`Act` of registry activation ``name`` (``None``: no activation) at
-    ``negative_slope`` (kept only by activations that take one), made once per pair."""
+def resolve_param(name: str | None, value: float | None) -> float:
+    """The parameter activation ``name`` runs at: ``value`` as a float, or (``None``) the
+    activation's own default (leaky_relu's slope 0.01, softplus's beta and sin's omega 1); a
+    placeholder 0.01 for activations without one."""
+    if value is not None:
+        return float(value)
+    fn = ACTIVATIONS.get(name) if name is not None else None
+    return fn.param_default if fn is not None and fn.slope_attr else 0.01
+
+
+def bind(name: str | None, negative_slope: float | None = None) -> Act | None:
+    """The :class:`Act` of registry activation ``name`` (``None``: no activation) at parameter
+    ``negative_slope`` (kept only by activations that take one; ``None``: its default), made
+    once per pair."""
     if name is None:
         return None
     act = _BOUND.get((name, negative_slope))
     if act is None:
         fn = get_activation(name)
-        slope = float(negative_slope) if fn.slope_attr is not None else 0.01
+        if fn.slope_attr is None:
+            slope = 0.01
+        else:
+            slope = fn.param_default if negative_slope is None else float(negative_slope)
         act = Act(fn, slope, fn.saved_for(slope) == "preact")
         _BOUND[(name, negative_slope)] = act
     return act

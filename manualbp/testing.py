@@ -50,8 +50,9 @@ from manualbp.activations import ACTIVATIONS, get_activation
 __all__ = ["ACTIVATION_CASES", "ACTIVATION_NAMES", "CASES", "Case", "DEFAULT_SLOPE",
            "DEFAULT_TOLERANCES", "LINEAR_CASES", "MSE_CASES", "MSE_TARGETS", "REDUCTIONS",
            "SUM_ULPS", "Comparison", "LinearCase", "MSECase", "allowed_error",
-           "assert_close_through_sum", "compare", "linear_abs_sums", "native_activation",
-           "native_linear", "native_linear_mse_loss", "native_mse_loss", "parity"]  # fmt: skip
+           "assert_close_through_sum", "compare", "default_param", "linear_abs_sums",
+           "native_activation", "native_linear", "native_linear_mse_loss", "native_mse_loss",
+           "parity"]  # fmt: skip
 
 # --------------------------------------------------------------------------------------------
 # What to cover
@@ -62,11 +63,19 @@ NEGATIVE_SLOPE = -0.5  # a slope that flips the sign of y (leaky ReLU then saves
 #: Every activation of the registry, and ``None`` (no activation).
 ACTIVATION_NAMES: list[str | None] = [None, *ACTIVATIONS]
 
-#: ``(activation, negative_slope)``: every activation at the default slope, and those that take
-#: a slope also at a negative one (their backward may then keep another tensor).
+
+def default_param(activation: str | None) -> float:
+    """The parameter ``activation`` runs at by default (its module's: softplus's beta 1, sin's
+    omega 1), or :data:`DEFAULT_SLOPE` for an activation without one."""
+    act = get_activation(activation)
+    return act.param_default if act is not None and act.slope_attr else DEFAULT_SLOPE
+
+
+#: ``(activation, negative_slope)``: every activation at its default parameter, and those with a
+#: negative slope also at a negative one (their backward then keeps another tensor).
 ACTIVATION_CASES: list[tuple[str | None, float]] = [
-    *((name, DEFAULT_SLOPE) for name in ACTIVATION_NAMES),
-    *((a.name, NEGATIVE_SLOPE) for a in ACTIVATIONS.values() if a.slope_attr is not None),
+    *((name, default_param(name)) for name in ACTIVATION_NAMES),
+    *((a.name, NEGATIVE_SLOPE) for a in ACTIVATIONS.values() if a.slope_attr == "negative_slope"),
 ]
 
 #: The reductions of ``mse_loss`` / ``linear_mse_loss``.
@@ -99,7 +108,7 @@ class LinearCase:
     def variant(self) -> str:
         """Its name in ``manualbp check``'s table and in test ids: ``leaky_relu(-0.5), bias``."""
         act = str(self.activation)
-        if self.negative_slope != DEFAULT_SLOPE:
+        if self.negative_slope != default_param(self.activation):
             act += f"({self.negative_slope:g})"
         return f"{act}, {'bias' if self.bias else 'no bias'}"
 
@@ -124,7 +133,7 @@ class LinearCase:
     def quick(self) -> bool:
         """In ``manualbp check --quick``: every non-default slope (with bias), and a few
         activations (with bias; no activation also without)."""
-        if self.negative_slope != DEFAULT_SLOPE:
+        if self.negative_slope != default_param(self.activation):
             return self.bias
         return self.activation in (None, "relu", "gelu") and (self.bias or self.activation is None)
 
@@ -343,10 +352,11 @@ def linear_abs_sums(
 # The native oracle
 # --------------------------------------------------------------------------------------------
 def native_activation(
-    name: str | None, negative_slope: float = DEFAULT_SLOPE
+    name: str | None, negative_slope: float | None = None
 ) -> Callable[[Tensor], Tensor]:
     """The native module each fused activation stands for (``nn.Identity`` for ``None``);
-    ``ValueError`` for a name the registry does not know."""
+    at parameter ``negative_slope`` (``None``: its default); ``ValueError`` for a name the
+    registry does not know."""
     act = get_activation(name)
     return nn.Identity() if act is None else act.native_module(negative_slope)
 
@@ -356,7 +366,7 @@ def native_linear(
     weight: Tensor,
     bias: Tensor | None = None,
     activation: str | None = None,
-    negative_slope: float = DEFAULT_SLOPE,
+    negative_slope: float | None = None,
 ) -> Tensor:
     """What ``functional.linear`` computes, natively: ``act(F.linear(x, weight, bias))``."""
     return native_activation(activation, negative_slope)(F.linear(x, weight, bias))

@@ -62,7 +62,7 @@ def test_priority0_fits_gpu_run_window():
     """Every priority-0 pass, with all its Triton compiles, autotuning and torch.compile
     warm-ups (estimated serially), ends before the runner stops starting passes."""
     totals = plan.priority_totals(_estimates())
-    assert plan.PRIORITY0_CAP_S == 185
+    assert plan.PRIORITY0_CAP_S == 165
     assert totals[0] <= plan.PRIORITY0_CAP_S, totals
     # The window: gpu_run.sh's total less its environment and test phases and reserves.
     window = plan.GPU_RUN_TOTAL_S - plan.GPU_RUN_ENV_S - plan.GPU_RUN_TEST_S

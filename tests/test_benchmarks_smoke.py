@@ -65,7 +65,7 @@ def test_quick_run_json(quick_run):
     groups = {c["group"] for c in doc["cases"]}
     assert groups == {
         "host_overhead", "reference", "linear", "mse", "sgd", "linear_mse", "mlp_step",
-        "fused_mlp_step", "fused_mlp_infer",
+        "fused_mlp_step", "fused_mlp_infer", "second_order_step",
     }  # fmt: skip
     for case in doc["cases"]:
         assert case["status"] in ("ran", "skipped"), (case["name"], case)

@@ -514,7 +514,8 @@ def test_parity_and_gradcheck_tests_run_the_check_tables():
 def test_activation_lists_follow_the_registry():
     assert [None, *manualbp.ACTIVATIONS] == testing.ACTIVATION_NAMES
     cases = testing.ACTIVATION_CASES
-    assert [(a, testing.DEFAULT_SLOPE) for a in testing.ACTIVATION_NAMES] == cases[: len(cases) - 1]
+    default = [(a, testing.default_param(a)) for a in testing.ACTIVATION_NAMES]
+    assert default == cases[: len(cases) - 1]
     assert cases[-1][0] == "leaky_relu" and cases[-1][1] < 0
     linear = [c for c in check_cmd.cases_to_check(quick=False) if c.op == "linear"]
     assert {(c.activation, c.negative_slope) for c in linear} == set(cases)

@@ -14,7 +14,9 @@ in through :func:`slope_as`.
 
 ``s`` in the derivatives is the tensor the registry entry saves: the output y (relu, tanh,
 sigmoid, leaky_relu with slope >= 0) or the pre-activation z (gelu, gelu_tanh, silu,
-leaky_relu with slope < 0).
+leaky_relu with slope < 0, softplus, sin). ``slope`` is the activation's one parameter, where it
+has one: leaky_relu's negative slope, softplus's beta, sin's frequency. ``<name>_grad2(t, s,
+slope)`` is ``t * d f'/d s``, for the fused MLP's second-order backward.
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ import triton.language as tl
 
 # The registry's names (manualbp/activations.py: a test holds the two lists equal). Python code
 # spells "no activation" None; the kernels' ACTIVATION constexpr spells it "none" (constexpr()).
-NAMES = ("relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid", "leaky_relu")
+NAMES = ("relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid", "leaky_relu", "softplus", "sin")
 
 # 1/sqrt(2), 1/sqrt(2*pi), sqrt(2/pi) and the tanh-GELU cubic coefficient.
 SQRT1_2: tl.constexpr = tl.constexpr(0.7071067811865476)
 INV_SQRT_2PI: tl.constexpr = tl.constexpr(0.3989422804014327)
 SQRT_2_OVER_PI: tl.constexpr = tl.constexpr(0.7978845608028654)
 GELU_KAPPA: tl.constexpr = tl.constexpr(0.044715)
+SOFTPLUS_THRESHOLD: tl.constexpr = tl.constexpr(20.0)  # nn.Softplus's default
 
 
 def constexpr(activation: str | None) -> str:
@@ -66,6 +69,15 @@ def _expm1(y):
     u = tl.exp(y)
     um1 = u - 1.0
     return tl.where(u == 1.0, y, tl.where(um1 == -1.0, -1.0, um1 * y / tl.log(u)))
+
+
+@triton.jit
+def _log1p(x):
+    # log(1 + x) without the cancellation of the plain formula near 0 (Goldberg's trick: the
+    # rounding of u = 1 + x corrected by x / (u - 1)); libdevice's log1p is not available in
+    # the interpreter.
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * x / (u - 1.0))
 
 
 @triton.jit
@@ -169,6 +181,73 @@ def leaky_relu_grad(g, s, slope):
     return tl.where(s > 0, g, g * slope)
 
 
+@triton.jit
+def softplus(z, beta):
+    # log(1 + exp(beta z)) / beta, the identity beyond beta z > 20 (nn.Softplus's threshold).
+    x = z * beta
+    return tl.where(x > SOFTPLUS_THRESHOLD, z, _log1p(tl.exp(x)) / beta)
+
+
+@triton.jit
+def softplus_grad(g, z, beta):
+    x = z * beta
+    e = tl.exp(x)  # aten: exp(x) / (exp(x) + 1); inf / inf on the identity branch is not taken
+    return tl.where(x > SOFTPLUS_THRESHOLD, g, g * e / (e + 1.0))
+
+
+@triton.jit
+def sin(z, omega):
+    return tl.sin(omega * z)
+
+
+@triton.jit
+def sin_grad(g, z, omega):
+    return g * tl.cos(omega * z) * omega
+
+
+# Second derivatives: t * d f'/d s, f' read off the saved tensor s as the <name>_grad helpers
+# read it (f''(z) where s is z; manualbp/activations.py's grad2).
+@triton.jit
+def gelu_grad2(t, z, slope):
+    return t * (tl.exp(-0.5 * z * z) * INV_SQRT_2PI * (2.0 - z * z))
+
+
+@triton.jit
+def gelu_tanh_grad2(t, z, slope):
+    th = _tanh((z + z * z * z * GELU_KAPPA) * SQRT_2_OVER_PI)
+    u1 = (1.0 + z * z * (3.0 * GELU_KAPPA)) * SQRT_2_OVER_PI
+    u2 = z * (6.0 * GELU_KAPPA) * SQRT_2_OVER_PI
+    return t * ((1.0 - th * th) * (u1 + 0.5 * z * (u2 - 2.0 * th * u1 * u1)))
+
+
+@triton.jit
+def silu_grad2(t, z, slope):
+    s = _sigmoid(z)
+    return t * (s * (1.0 - s) * (2.0 + z * (1.0 - 2.0 * s)))
+
+
+@triton.jit
+def tanh_grad2(t, y, slope):
+    return t * (-2.0 * y)  # d(1 - y^2)/dy
+
+
+@triton.jit
+def sigmoid_grad2(t, y, slope):
+    return t * (1.0 - 2.0 * y)  # d(y (1 - y))/dy
+
+
+@triton.jit
+def softplus_grad2(t, z, beta):
+    x = z * beta
+    s = _sigmoid(x)
+    return tl.where(x < SOFTPLUS_THRESHOLD, t * (s * (1.0 - s) * beta), 0.0)
+
+
+@triton.jit
+def sin_grad2(t, z, omega):
+    return t * (-(omega * omega) * tl.sin(omega * z))
+
+
 # --------------------------------------------------------------------------------------------
 # Selection by the ACTIVATION constexpr (only the taken branch is compiled).
 # --------------------------------------------------------------------------------------------
@@ -191,6 +270,10 @@ def apply_activation(z, slope, ACTIVATION: tl.constexpr):
         y = sigmoid(z, slope)
     elif ACTIVATION == "leaky_relu":
         y = leaky_relu(z, slope)
+    elif ACTIVATION == "softplus":
+        y = softplus(z, slope)
+    elif ACTIVATION == "sin":
+        y = sin(z, slope)
     else:
         tl.static_assert(False, "unknown ACTIVATION")
     return y
@@ -215,6 +298,32 @@ def activation_grad(g, s, slope, ACTIVATION: tl.constexpr):
         dz = sigmoid_grad(g, s, slope)
     elif ACTIVATION == "leaky_relu":
         dz = leaky_relu_grad(g, s, slope)
+    elif ACTIVATION == "softplus":
+        dz = softplus_grad(g, s, slope)
+    elif ACTIVATION == "sin":
+        dz = sin_grad(g, s, slope)
     else:
         tl.static_assert(False, "unknown ACTIVATION")
     return dz
+
+
+@triton.jit
+def activation_grad2(t, s, slope, ACTIVATION: tl.constexpr):
+    """``t * d act'/d s`` given the saved tensor ``s``; 0 for the piecewise-linear ones."""
+    if ACTIVATION == "gelu":
+        r = gelu_grad2(t, s, slope)
+    elif ACTIVATION == "gelu_tanh":
+        r = gelu_tanh_grad2(t, s, slope)
+    elif ACTIVATION == "silu":
+        r = silu_grad2(t, s, slope)
+    elif ACTIVATION == "tanh":
+        r = tanh_grad2(t, s, slope)
+    elif ACTIVATION == "sigmoid":
+        r = sigmoid_grad2(t, s, slope)
+    elif ACTIVATION == "softplus":
+        r = softplus_grad2(t, s, slope)
+    elif ACTIVATION == "sin":
+        r = sin_grad2(t, s, slope)
+    else:  # none, relu, leaky_relu: f'' = 0 almost everywhere
+        r = t * 0.0
+    return r

@@ -79,7 +79,7 @@ QUICK_VARIANTS = ("fp16", "bf16", "fp32")
 # rows or more (a warpgroup's) must use wgmma; the MLP weight gradient's dot has NC rows.
 GEMM_ROWS = {"linear_forward": "BLOCK_M", "matmul": "BLOCK_M", "matmul_tma": "BLOCK_M",
              "chain_grad": "BLOCK_M", "splitk_partial": "BLOCK_M", "mlp_forward": "BLOCK_M",
-             "mlp_backward": "BLOCK_M", "mlp_wgrad": "NC"}  # fmt: skip
+             "mlp_backward": "BLOCK_M", "mlp_rop": "BLOCK_M", "mlp_wgrad": "NC"}  # fmt: skip
 TMA_KERNELS = {"matmul_tma"}  # TMA loads and stores required
 # Bandwidth-bound: the vector-width report; 128-bit loads required when every operand is
 # contiguous and 16-byte aligned and the launch keeps its vector path on (CONTIG / ALIGNED).

@@ -47,7 +47,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._activations import activation_grad, apply_activation, constexpr, slope_as
+from ._activations import (
+    activation_grad,
+    activation_grad2,
+    apply_activation,
+    constexpr,
+    slope_as,
+)
 from ._host import acc_dtype, gpu_code, launch
 from ._host import target as gpu_target
 from ._runtime import cast_out, dtype_class, input_precision_for
@@ -68,6 +74,7 @@ __all__ = [
     "mlp_wgrad_reduce_kernel",
     "padded_width",
     "shipped_widths",
+    "second_order_supports",
     "supports",
     "wgrad_splits",
 ]
@@ -122,6 +129,19 @@ CONFIGS: dict[tuple[int, str], dict[int, dict[str, int]]] = {
     },
     (80, "fp32"): _FMA,
 }
+# The second order's R-op (mlp_rop_kernel) keeps more tiles live than the chain (the tangent,
+# its pre-activation, the recomputed upstream gradient, dZ and s of a layer): fewer rows where
+# the chain's tile spills there (ROP_BLOCK_M; else BLOCK_M). Up to ROP_MAX_WIDTH: at 128 it
+# spills with every row count tried (16-64) under one Triton version or the other, so there the
+# R-op runs in torch ops (manualbp.ops.fused_mlp.reference_second_order; cuBLAS GEMMs).
+ROP_MAX_WIDTH = 64
+ROP_ROWS: dict[tuple[int, str], dict[int, int]] = {
+    (90, "fp16"): {32: 64, 64: 64}, (90, "tf32"): {32: 64, 64: 64}, (90, "fp32"): {64: 16},
+    (80, "tf32"): {32: 64, 64: 32}, (80, "fp32"): {64: 16},
+}  # fmt: skip
+for _key, _rows in ROP_ROWS.items():
+    for _width, _block_m in _rows.items():
+        CONFIGS[_key][_width] = {**CONFIGS[_key][_width], "ROP_BLOCK_M": _block_m}
 # The interpreter: small row tiles and, up to 32 columns, 16-column chunks, so that the tests'
 # small, odd row counts span several programs and the chunked paths run; wider layers in one
 # chunk and weight-gradient blocks as wide as the layers (each interpreted op and program
@@ -144,6 +164,12 @@ REDUCE_BLOCK = {"cuda": 1024, "interpreter": 256}
 def padded_width(dims: tuple[int, ...]) -> int:
     """The register width every layer is padded to: a power of two >= 16."""
     return max(16, triton.next_power_of_2(max(dims)))
+
+
+def second_order_supports(dims: tuple[int, ...]) -> bool:
+    """Whether :func:`mlp_second_order` takes an MLP of these dims (one :func:`supports`
+    takes): padded widths up to :data:`ROP_MAX_WIDTH`."""
+    return padded_width(dims) <= ROP_MAX_WIDTH
 
 
 def supports(dims: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> bool:
@@ -417,32 +443,43 @@ def mlp_loss_reduce_kernel(lp_ptr, loss_ptr, T, numel, MEAN: tl.constexpr, BLOCK
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _dz_chunk(
-    gj, s_ptr, dz_ptr, row0, rows_left, offs_r, slope, j: tl.constexpr, N: tl.constexpr,
-    ACT: tl.constexpr, ACC_DTYPE: tl.constexpr, NC: tl.constexpr,
+    gj, s_ptr, dz_ptr, inj_ptr, row0, rows_left, offs_r, slope, j: tl.constexpr,
+    N: tl.constexpr, ACT: tl.constexpr, INJECT: tl.constexpr, INJECT_Z: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, NC: tl.constexpr,
 ):  # fmt: skip
-    """Chunk ``j`` of ``dZ = dY * act'(s)``, stored, and returned."""
+    """Chunk ``j`` of ``dZ = dY * act'(s)``, stored, and returned. ``INJECT``: a gradient
+    reaching the layer's saved tensor itself (a second order) adds to dY (saved y) or, with
+    ``INJECT_Z``, to dZ (saved z)."""
     offs_n = j * NC + tl.arange(0, NC)
     dzj = gj
+    if INJECT and not INJECT_Z:
+        inj = _load_tile(inj_ptr, row0, rows_left, offs_r, offs_n, N)
+        dzj = cast_out(dzj.to(ACC_DTYPE) + inj.to(ACC_DTYPE), gj.dtype)
     if ACT != "none":
         s = _load_tile(s_ptr, row0, rows_left, offs_r, offs_n, N).to(ACC_DTYPE)
         dzj = cast_out(activation_grad(dzj.to(ACC_DTYPE), s, slope, ACT), gj.dtype)
+    if INJECT and INJECT_Z:
+        inj = _load_tile(inj_ptr, row0, rows_left, offs_r, offs_n, N)
+        dzj = cast_out(dzj.to(ACC_DTYPE) + inj.to(ACC_DTYPE), gj.dtype)
     _store_tile(dz_ptr, dzj, row0, rows_left, offs_r, offs_n, N)
     return dzj
 
 
 @triton.jit
 def _backward_layer(
-    g, w_ptr, s_ptr, dz_ptr, row0, rows_left, offs_r, slope, K: tl.constexpr,
-    N: tl.constexpr, ACT: tl.constexpr, NEED_PREV: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, NC: tl.constexpr, CH: tl.constexpr,
+    g, w_ptr, s_ptr, dz_ptr, inj_ptr, row0, rows_left, offs_r, slope, K: tl.constexpr,
+    N: tl.constexpr, ACT: tl.constexpr, NEED_PREV: tl.constexpr, INJECT: tl.constexpr,
+    INJECT_Z: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    NC: tl.constexpr, CH: tl.constexpr,
 ):  # fmt: skip
-    """From this layer's ``dY`` chunks: ``dZ = dY * act'(s)`` (stored), and when
-    ``NEED_PREV`` the chunks of ``dY_prev = dZ W`` (else an empty tuple)."""
+    """From this layer's ``dY`` chunks: ``dZ = dY * act'(s)`` (stored; an injected gradient
+    added, see :func:`_dz_chunk`), and when ``NEED_PREV`` the chunks of ``dY_prev = dZ W``
+    (else an empty tuple)."""
     dz = ()
     for j in tl.static_range(CH):
         if j * NC < N:
-            dzj = _dz_chunk(g[j], s_ptr, dz_ptr, row0, rows_left, offs_r, slope, j, N, ACT,
-                            ACC_DTYPE, NC)  # fmt: skip
+            dzj = _dz_chunk(g[j], s_ptr, dz_ptr, inj_ptr, row0, rows_left, offs_r, slope, j, N,
+                            ACT, INJECT, INJECT_Z, ACC_DTYPE, NC)  # fmt: skip
             dz = dz + (dzj,)  # noqa: RUF005 (Triton has no tuple unpacking)
     out = ()
     if NEED_PREV:
@@ -478,20 +515,25 @@ def _loss_grad_chunks(
 
 @triton.jit
 def mlp_backward_kernel(
-    g_ptr, so_ptr, dx_ptr, ws, ss, dzs, gs_ptr, t_ptr, hidden_slope: tl.float64,
+    g_ptr, so_ptr, dx_ptr, ws, ss, dzs, injs, gs_ptr, t_ptr, hidden_slope: tl.float64,
     out_slope: tl.float64, M, stride_gm, stride_gn, numel, DIMS: tl.constexpr,
     NUM_LAYERS: tl.constexpr,
     HIDDEN_ACT: tl.constexpr, OUT_ACT: tl.constexpr, NEED_DX: tl.constexpr,
-    G_MODE: tl.constexpr, LOSS_MEAN: tl.constexpr, ACC_FP64: tl.constexpr,
+    G_MODE: tl.constexpr, LOSS_MEAN: tl.constexpr, INJECT: tl.constexpr,
+    HIDDEN_PREACT: tl.constexpr, ACC_FP64: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, WIDTH: tl.constexpr, NC: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """One tile of rows back through every layer: writes ``dZ_l`` into ``dzs[l]`` (M, n_l) and,
     when ``NEED_DX``, ``dX`` (M, k_0). ``so_ptr``: the last layer's saved tensor (y or z).
 
-    ``G_MODE``: where ``dY`` comes from: ``"grad"``, the strided (M, n_{L-1}) ``g_ptr``; or a
+    ``G_MODE``: where ``dY`` comes from: ``"grad"``, the strided (M, n_{L-1}) ``g_ptr``; a
     folded loss, ``"mse"`` (:func:`_loss_grad_chunks`: ``g_ptr`` holds y, ``t_ptr`` the target,
-    both contiguous, ``numel`` their size; ``gs_ptr`` the loss's upstream gradient)."""
+    both contiguous, ``numel`` their size; ``gs_ptr`` the loss's upstream gradient); or
+    ``"zero"`` (none: only injected gradients). ``INJECT[l]``: ``injs[l]``, a contiguous
+    (M, n_l) gradient of layer l's saved tensor (a second order), is added where it meets the
+    chain (dY for a saved y, dZ for a saved z: ``HIDDEN_PREACT``; the last layer's is its z:
+    a gradient of its y is ``g_ptr`` itself)."""
     acc_dtype: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
     h_slope = slope_as(hidden_slope, acc_dtype)
     o_slope = slope_as(out_slope, acc_dtype)
@@ -501,19 +543,109 @@ def mlp_backward_kernel(
     CH: tl.constexpr = WIDTH // NC
     if G_MODE == "grad":
         g = _load_chunks(g_ptr, row0 + offs_r, M, stride_gm, stride_gn, DIMS[L], NC, CH)
-    else:
+    elif G_MODE == "mse":
         g = _loss_grad_chunks(g_ptr, t_ptr, gs_ptr, _loss_norm(numel, LOSS_MEAN, acc_dtype),
                               row0, offs_r, M, DIMS[L], acc_dtype, NC, CH)  # fmt: skip
-    g = _backward_layer(g, ws[L - 1], so_ptr, dzs[L - 1], row0, M - row0, offs_r, o_slope,
-                        DIMS[L - 1], DIMS[L], OUT_ACT, L > 1 or NEED_DX, acc_dtype,
-                        INPUT_PRECISION, NC, CH)  # fmt: skip
+    else:
+        g = ()
+        for _ in tl.static_range(CH):
+            g = g + (tl.zeros((BLOCK_M, NC), g_ptr.dtype.element_ty),)  # noqa: RUF005
+    g = _backward_layer(g, ws[L - 1], so_ptr, dzs[L - 1], injs[L - 1], row0, M - row0, offs_r,
+                        o_slope, DIMS[L - 1], DIMS[L], OUT_ACT, L > 1 or NEED_DX, INJECT[L - 1],
+                        True, acc_dtype, INPUT_PRECISION, NC, CH)  # fmt: skip
     for i in tl.static_range(1, L):  # layer L - 1 - i, a constexpr
-        g = _backward_layer(g, ws[L - 1 - i], ss[L - 1 - i], dzs[L - 1 - i], row0, M - row0,
-                            offs_r, h_slope, DIMS[L - 1 - i], DIMS[L - i], HIDDEN_ACT,
-                            i < L - 1 or NEED_DX, acc_dtype, INPUT_PRECISION, NC,
-                            CH)  # fmt: skip
+        g = _backward_layer(g, ws[L - 1 - i], ss[L - 1 - i], dzs[L - 1 - i], injs[L - 1 - i],
+                            row0, M - row0, offs_r, h_slope, DIMS[L - 1 - i], DIMS[L - i],
+                            HIDDEN_ACT, i < L - 1 or NEED_DX, INJECT[L - 1 - i], HIDDEN_PREACT,
+                            acc_dtype, INPUT_PRECISION, NC, CH)  # fmt: skip
     if NEED_DX:
         _store_chunks(dx_ptr, g, row0, M - row0, offs_r, DIMS[0], NC, CH)
+
+
+# --------------------------------------------------------------------------------------------
+# 2b. The second order: the backward of the backward, given dL/d(dX) (docs/derivations.md, 10)
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _dy_chunks(dz_ptr, w_ptr, row0, rows_left, offs_r, K: tl.constexpr, N: tl.constexpr,
+               ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, NC: tl.constexpr,
+               CH: tl.constexpr):  # fmt: skip
+    """The chunks of ``dY = dZ W`` from the first order's stored (M, N) dZ and the (N, K) W,
+    rounded as the first order rounded them."""
+    dz = ()
+    for j in tl.static_range(CH):
+        offs_n = j * NC + tl.arange(0, NC)
+        dz = dz + (_load_tile(dz_ptr, row0, rows_left, offs_r, offs_n, N),)  # noqa: RUF005
+    out = ()
+    for c in tl.static_range(CH):
+        acc = tl.zeros((offs_r.shape[0], NC), ACC_DTYPE)
+        if c * NC < K:
+            for j in tl.static_range(CH):
+                if j * NC < N:
+                    acc = _dot(dz[j], _wblock(w_ptr, K, N, j * NC, c * NC, NC, False), acc,
+                               INPUT_PRECISION)  # fmt: skip
+        out = out + (cast_out(acc, dz_ptr.dtype.element_ty),)  # noqa: RUF005
+    return out
+
+
+@triton.jit
+def _rop_layer(
+    a, w_ptr, s_ptr, g, gs_ptr, row0, rows_left, offs_r, slope, K: tl.constexpr,
+    N: tl.constexpr, ACT: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    NC: tl.constexpr, CH: tl.constexpr,
+):  # fmt: skip
+    """One layer of the R-op sweep: ``zdot = a W^T``; with an activation, ``dL/ds =
+    act2(zdot * dY, s)`` stored and ``a = act'(s) * zdot``; returns the new ``a`` chunks."""
+    out = ()
+    for j in tl.static_range(CH):
+        zero = tl.zeros((offs_r.shape[0], NC), a[0].dtype)
+        if j * NC < N:
+            offs_n = j * NC + tl.arange(0, NC)
+            zd = _preact_chunk(a, w_ptr, w_ptr, j, K, N, False, ACC_DTYPE, INPUT_PRECISION, NC, CH)
+            if ACT != "none":
+                s = _load_tile(s_ptr, row0, rows_left, offs_r, offs_n, N).to(ACC_DTYPE)
+                zf = zd.to(ACC_DTYPE)
+                gs = activation_grad2(zf * g[j].to(ACC_DTYPE), s, slope, ACT)
+                _store_tile(gs_ptr, gs, row0, rows_left, offs_r, offs_n, N)
+                zd = cast_out(activation_grad(zf, s, slope, ACT), a[0].dtype)
+            out = out + (zd,)  # noqa: RUF005 (Triton has no tuple unpacking)
+        else:
+            out = out + (zero,)  # noqa: RUF005 (Triton has no tuple unpacking)
+    return out
+
+
+@triton.jit
+def mlp_rop_kernel(
+    ddx_ptr, v_ptr, gv_ptr, so_ptr, gso_ptr, ws, ss, dzs, as_, gss, hidden_slope: tl.float64,
+    out_slope: tl.float64, M, stride_vm, stride_vn, DIMS: tl.constexpr,
+    NUM_LAYERS: tl.constexpr, HIDDEN_ACT: tl.constexpr, OUT_ACT: tl.constexpr,
+    ACC_FP64: tl.constexpr, INPUT_PRECISION: tl.constexpr, WIDTH: tl.constexpr,
+    NC: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """One tile of rows through the R-op sweep, layers forward, ``a_{-1} = dL/d(dX)``
+    (``ddx_ptr``, contiguous (M, k_0)): per layer ``zdot_l = a_{l-1} W_l^T``; where layer l has
+    an activation, ``dL/ds_l = act2(zdot_l * dY_l, s_l)`` into ``gss[l]`` (the last layer's into
+    ``gso_ptr``; ``dY_l = dZ_{l+1} W_{l+1}`` from the first order's dZ (``dzs``), the last
+    layer's the strided upstream ``v``) and ``a_l = act'(s_l) * zdot_l``; the hidden layers' a_l
+    into ``as_[l]`` (for the weight gradients dL/dW_l = dZ_l^T a_{l-1}); ``dL/dv = a_{L-1}``
+    into ``gv_ptr``. Every buffer but v is contiguous."""
+    acc_dtype: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    h_slope = slope_as(hidden_slope, acc_dtype)
+    o_slope = slope_as(out_slope, acc_dtype)
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_M
+    offs_r = tl.arange(0, BLOCK_M)
+    L: tl.constexpr = NUM_LAYERS
+    CH: tl.constexpr = WIDTH // NC
+    a = _load_chunks(ddx_ptr, row0 + offs_r, M, DIMS[0], 1, DIMS[0], NC, CH)
+    for li in tl.static_range(L - 1):  # the hidden layers
+        g = _dy_chunks(dzs[li + 1], ws[li + 1], row0, M - row0, offs_r, DIMS[li + 1],
+                       DIMS[li + 2], acc_dtype, INPUT_PRECISION, NC, CH)  # fmt: skip
+        a = _rop_layer(a, ws[li], ss[li], g, gss[li], row0, M - row0, offs_r, h_slope, DIMS[li],
+                       DIMS[li + 1], HIDDEN_ACT, acc_dtype, INPUT_PRECISION, NC, CH)  # fmt: skip
+        _store_chunks(as_[li], a, row0, M - row0, offs_r, DIMS[li + 1], NC, CH)
+    v = _load_chunks(v_ptr, row0 + offs_r, M, stride_vm, stride_vn, DIMS[L], NC, CH)
+    a = _rop_layer(a, ws[L - 1], so_ptr, v, gso_ptr, row0, M - row0, offs_r, o_slope,
+                   DIMS[L - 1], DIMS[L], OUT_ACT, acc_dtype, INPUT_PRECISION, NC, CH)  # fmt: skip
+    _store_chunks(gv_ptr, a, row0, M - row0, offs_r, DIMS[L], NC, CH)
 
 
 # --------------------------------------------------------------------------------------------
@@ -809,7 +941,9 @@ def mlp_backward(
     need_dx: bool,
     need_params: bool,
     loss: tuple[torch.Tensor, torch.Tensor | None, str] | None = None,
-) -> tuple[torch.Tensor | None, list[torch.Tensor] | None, list[torch.Tensor | None] | None]:
+    inject: list[torch.Tensor | None] | None = None,
+    return_dz: bool = False,
+) -> tuple:
     """Gradients of :func:`mlp_forward`, in 2 launches (one weight-gradient chunk) or 3.
 
     Args:
@@ -821,11 +955,17 @@ def mlp_backward(
         loss: for the gradients of :func:`mlp_mse_forward`: ``(grad_loss, target,
             reduction)``, the loss's 0-dim upstream gradient; ``grad_y`` is then that
             forward's (contiguous) y (``target`` is made contiguous if it is not).
+        inject: per layer, a gradient reaching its saved tensor (hidden: ``saved[l]``; last:
+            its z when the output activation reads z), contiguous (M, n_l), or ``None``; with
+            ``grad_y`` ``None`` these alone flow back (the second order's last step).
+        return_dz: also return each layer's dZ (M, n_l), as the second order reads them.
 
     Returns:
-        ``(dx (M, k_0), [dW_l], [db_l or None])``, fresh tensors of ``grad_y.dtype``; ``None``
-        where not needed. Deterministic (no atomics).
+        ``(dx (M, k_0), [dW_l], [db_l or None])`` (and ``[dZ_l]`` with ``return_dz``), fresh
+        tensors; ``None`` where not needed. Deterministic (no atomics).
     """
+    zero = grad_y is None  # only injected gradients flow back
+    grad_y = x if zero else grad_y  # then any tensor of the dtype stands for it
     M = grad_y.shape[0]
     dims = _dims(weights)
     L = len(weights)
@@ -835,28 +975,93 @@ def mlp_backward(
         grad_y.new_empty(n) if b and need_params else None
         for n, b in zip(dims[1:], has_bias, strict=True)
     ]
+    if return_dz:  # they leave the launcher: one allocation each
+        dzs = [grad_y.new_empty((M, n)) for n in dims[1:]]
+    else:
+        dzs = _segments(M, list(dims[1:]), grad_y)
+    result = (dx, dws, dbs if need_params else None, *((dzs,) if return_dz else ()))
     if M == 0:
         for t in [*(dws or []), *dbs]:
             if t is not None:
                 t.zero_()
-        return dx, dws, dbs if need_params else None
+        return result
     g_mode, scale, target = "grad", grad_y, grad_y
     if loss is not None:
         g_mode, scale, target = "mse", loss[0], loss[1].contiguous()
+    elif zero:
+        g_mode = "zero"
+    injs = [None] * L if inject is None else list(inject)
     cfg, meta = _common(grad_y, dims, hidden_act, out_act)
-    dzs = _segments(M, list(dims[1:]), grad_y)
     ss = tuple(saved) if L > 1 else (grad_y,)
     launch(
         mlp_backward_kernel, (triton.cdiv(M, cfg["BLOCK_M"]),), grad_y,
         grad_y if out_saved is None else out_saved, grad_y if dx is None else dx,
-        tuple(weights), ss, tuple(dzs), scale, target, float(slopes[0]), float(slopes[1]), M,
-        grad_y.stride(0), grad_y.stride(1), M * dims[-1],
-        NEED_DX=need_dx, G_MODE=g_mode, LOSS_MEAN=loss is not None and loss[2] == "mean",
+        tuple(weights), ss, tuple(dzs), tuple(grad_y if t is None else t for t in injs), scale,
+        target, float(slopes[0]), float(slopes[1]), M, grad_y.stride(0), grad_y.stride(1),
+        M * dims[-1], NEED_DX=need_dx, G_MODE=g_mode,
+        LOSS_MEAN=loss is not None and loss[2] == "mean",
+        INJECT=tuple(t is not None for t in injs), HIDDEN_PREACT=hidden_preact,
         BLOCK_M=cfg["BLOCK_M"], num_warps=cfg["num_warps"], num_stages=CHAIN_STAGES, **meta,
     )  # fmt: skip
     if need_params:
         _weight_grads(x, ss, dzs, dws, dbs, slopes[0], has_bias, hidden_preact, cfg, meta)
-    return dx, dws, dbs if need_params else None
+    return result
+
+
+def mlp_second_order(
+    ddx: torch.Tensor,
+    v: torch.Tensor,
+    weights: list[torch.Tensor],
+    saved: list[torch.Tensor | None],
+    out_saved: torch.Tensor | None,
+    dzs: list[torch.Tensor],
+    hidden_act: str | None,
+    out_act: str | None,
+    slopes: tuple[float, float],
+    *,
+    hidden_preact: bool,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor | None]]:
+    """The second order of :func:`mlp_backward` for ``dL/d(dX) = ddx`` (contiguous (M, k_0)):
+    ``(dL/dv, [dL/dW_l], [dL/ds_l or None])`` (``manualbp.ops.fused_mlp.reference_second_order``
+    computes the same), in 2 launches (one weight-gradient chunk) or 3: :func:`mlp_rop_kernel`,
+    then the weight-gradient step (and its reduction) on ``dZ_l^T a_{l-1}``.
+
+    Args:
+        v: the first order's upstream gradient (M, n_{L-1}), any strides. weights, saved,
+            out_saved, activations, slopes, hidden_preact: as in :func:`mlp_backward`.
+        dzs: the first order's dZ_l (M, n_l), contiguous (``mlp_backward(..., return_dz=True)``).
+    """
+    M, L = ddx.shape[0], len(weights)
+    dims = _dims(weights)
+    grad_v = v.new_empty((M, dims[-1]))
+    grad_w = [torch.empty_like(w) for w in weights]
+    grad_s: list[torch.Tensor | None] = [v.new_empty((M, n)) for n in dims[1:-1]]
+    grad_s.append(None if out_act is None else v.new_empty((M, dims[-1])))
+    if hidden_act is None:
+        grad_s[:-1] = [None] * (L - 1)
+    if M == 0:
+        for t in grad_w:
+            t.zero_()
+        return grad_v, grad_w, grad_s
+    cfg, meta = _common(v, dims, hidden_act, out_act)
+    a_bufs = [v.new_empty((M, n)) for n in dims[1:-1]]
+    dummy = (grad_v,)
+    rows = cfg.get("ROP_BLOCK_M", cfg["BLOCK_M"])
+    launch(
+        mlp_rop_kernel, (triton.cdiv(M, rows),), ddx, v, grad_v,
+        grad_v if out_saved is None else out_saved,
+        grad_v if grad_s[-1] is None else grad_s[-1], tuple(weights),
+        tuple(saved) if L > 1 else dummy, tuple(dzs), tuple(a_bufs) or dummy,
+        tuple(grad_v if t is None else t for t in grad_s[:-1]) or dummy, float(slopes[0]),
+        float(slopes[1]), M, v.stride(0), v.stride(1), BLOCK_M=rows,
+        num_warps=cfg["num_warps"], num_stages=CHAIN_STAGES, **meta,
+    )  # fmt: skip
+    # dL/dW_l = dZ_l^T a_{l-1} (a_{-1} = ddx): the weight-gradient step with a in place of H
+    # (read as is: no activation recomputed) and no bias.
+    no_bias = (False,) * L
+    _weight_grads(ddx, tuple(a_bufs) or dummy, dzs, grad_w, [None] * L, slopes[0], no_bias,
+                  False, cfg, meta)  # fmt: skip
+    return grad_v, grad_w, grad_s
 
 
 def _weight_grads(x, ss, dzs, dws, dbs, hidden_slope, has_bias, hidden_preact, cfg, meta):
@@ -918,3 +1123,11 @@ def audit_cases(dtype: torch.dtype, quick: bool) -> Iterator[tuple[str, Callable
                                               reduction="mean", loss_dtype=dtype, mode=mode,
                                               hidden_preact=True, out_preact=False)  # fmt: skip
         yield f"{label} mse", call(bwd, gy, loss=(z(()), t, "mean"))
+        # The second order (an input gradient in the loss): the first-order backward keeping
+        # dZ, the R-op with its weight gradients, and the backward with gradients injected.
+        dzs = [z(2048, width) for _ in range(MLP_LAYERS)]
+        yield f"{label} keep dz", call(bwd, gy, return_dz=True)
+        if width <= ROP_MAX_WIDTH:
+            yield f"{label} rop", call(mlp_second_order, x, gy, ws, saved, None, dzs,
+                                       hidden_preact=True, **acts)  # fmt: skip
+        yield f"{label} inject", call(bwd, gy, inject=[*saved, None])

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from manualbp.activations import activation_of_module, get_activation
+from manualbp.activations import activation_of_module, get_activation, resolve_param
 from manualbp.modules.linear import Linear
 from manualbp.ops._checks import overrides_torch_function
 from manualbp.ops.fused_mlp import MAX_WIDTH, fused_mlp, fused_mlp_mse_loss
@@ -45,7 +45,10 @@ class FusedMLP(nn.Module):
         activation: of the hidden layers, a registry name or ``None``. Default ``"relu"``.
         output_activation: of the output layer. Default ``None``.
         bias: whether every layer has a bias.
-        negative_slope: the leaky_relu slope (both activations).
+        negative_slope: the hidden activation's parameter (leaky_relu's slope, softplus's beta,
+            sin's omega); ``None`` (default): its default (0.01, 1, 1).
+        output_negative_slope: the output activation's (default: ``negative_slope``, or the
+            output activation's default).
 
     Shape: input ``(*, in_features)``, output ``(*, out_features)``.
     """
@@ -62,20 +65,27 @@ class FusedMLP(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
-        negative_slope: float = 0.01,
+        negative_slope: float | None = None,
+        output_negative_slope: float | None = None,
     ) -> None:
         super().__init__()
-        _validate(in_features, hidden_features, out_features, num_hidden_layers, negative_slope)
+        _validate(in_features, hidden_features, out_features, num_hidden_layers, negative_slope,
+                  output_negative_slope)  # fmt: skip
         hidden_act, out_act = get_activation(activation), get_activation(output_activation)
         self.activation, self.output_activation = activation, output_activation
-        self.negative_slope = float(negative_slope)
+        if output_negative_slope is None:
+            output_negative_slope = negative_slope
+        self.negative_slope = resolve_param(activation, negative_slope)
+        self.output_negative_slope = resolve_param(output_activation, output_negative_slope)
         dims = [in_features, *[hidden_features] * num_hidden_layers, out_features]
         modules: list[nn.Module] = []
         for i in range(len(dims) - 1):
             modules.append(nn.Linear(dims[i], dims[i + 1], bias, device=device, dtype=dtype))
             act = out_act if i == len(dims) - 2 else hidden_act
             if act is not None:
-                modules.append(act.native_module(self.negative_slope))
+                last = i == len(dims) - 2
+                modules.append(act.native_module(
+                    self.output_negative_slope if last else self.negative_slope))  # fmt: skip
         self.layers = nn.Sequential(*modules)
 
     def linears(self) -> list[nn.Linear]:
@@ -89,6 +99,7 @@ class FusedMLP(nn.Module):
         return fused_mlp(
             input, [m.weight for m in linears], [m.bias for m in linears], self.activation,
             self.output_activation, negative_slope=self.negative_slope,
+            output_negative_slope=self.output_negative_slope,
         )  # fmt: skip
 
     def mse_loss(self, input: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
@@ -102,7 +113,7 @@ class FusedMLP(nn.Module):
         return fused_mlp_mse_loss(
             input, target, [m.weight for m in linears], [m.bias for m in linears],
             self.activation, self.output_activation, reduction,
-            negative_slope=self.negative_slope,
+            negative_slope=self.negative_slope, output_negative_slope=self.output_negative_slope,
         )  # fmt: skip
 
     def to_sequential(self) -> nn.Sequential:
@@ -137,7 +148,8 @@ class FusedMLP(nn.Module):
         return text
 
 
-def _validate(in_f: int, hidden: int, out_f: int, num_hidden: int, slope: float) -> None:
+def _validate(in_f: int, hidden: int, out_f: int, num_hidden: int, *slopes: float | None,
+              ) -> None:  # fmt: skip
     for name, value in (("in_features", in_f), ("hidden_features", hidden),
                         ("out_features", out_f)):  # fmt: skip
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -149,8 +161,9 @@ def _validate(in_f: int, hidden: int, out_f: int, num_hidden: int, slope: float)
             f"FusedMLP: hidden_features must be at most {MAX_WIDTH} (the fused kernels keep a "
             f"row tile of every layer in registers), got {hidden}"
         )
-    if not isinstance(slope, Real) or isinstance(slope, bool):
-        raise TypeError(f"FusedMLP: negative_slope must be a real number, got {slope!r}")
+    for slope in slopes:
+        if slope is not None and (not isinstance(slope, Real) or isinstance(slope, bool)):
+            raise TypeError(f"FusedMLP: negative_slope must be a real number, got {slope!r}")
 
 
 def _native_copy(module: nn.Module) -> nn.Module:
@@ -217,17 +230,21 @@ def _parse(seq: nn.Sequential) -> dict:
         layers.append((lin, act, slope))
         i += 2 if found else 1
     linears = [lin for lin, _, _ in layers]
-    hidden = {(a, s if a == "leaky_relu" else 0.01) for _, a, s in layers[:-1]}
+    hidden = {(a, s if _takes_param(a) else 0.01) for _, a, s in layers[:-1]}
     widths = {lin.out_features for lin in linears[:-1]}
     if len(hidden) > 1 or len(widths) > 1 or len({lin.bias is None for lin in linears}) > 1:
         raise ValueError("FusedMLP.from_sequential: hidden layers must share one width, one "
                          "activation and the presence of a bias")  # fmt: skip
-    slopes = {s for _, a, s in layers if a == "leaky_relu"}
-    if len(slopes) > 1:
-        raise ValueError("FusedMLP.from_sequential: one leaky_relu slope for every layer")
+    hidden_slopes = {s for _, a, s in layers[:-1] if _takes_param(a)}
     hidden_act = layers[0][1] if len(layers) > 1 else None
     args = (linears[0].in_features, widths.pop() if widths else linears[0].out_features,
             linears[-1].out_features, len(linears) - 1, hidden_act, layers[-1][1],
             linears[0].bias is not None)  # fmt: skip
     return dict(linears=linears, args=args,
-                kwargs=dict(negative_slope=slopes.pop() if slopes else 0.01))  # fmt: skip
+                kwargs=dict(negative_slope=hidden_slopes.pop() if hidden_slopes else None,
+                            output_negative_slope=layers[-1][2] if _takes_param(layers[-1][1])
+                            else None))  # fmt: skip
+
+
+def _takes_param(name: str | None) -> bool:
+    return name is not None and get_activation(name).slope_attr is not None

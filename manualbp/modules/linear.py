@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from manualbp import functional
-from manualbp.activations import get_activation
+from manualbp.activations import get_activation, resolve_param
 from manualbp.errors import not_scriptable
 
 
@@ -33,8 +33,11 @@ class Linear(nn.Linear):
         out_features: size of each output sample.
         bias: if ``False``, the layer has no additive bias. Default: ``True``.
         activation: ``None`` (default), ``"relu"``, ``"gelu"``, ``"gelu_tanh"``, ``"silu"``,
-            ``"tanh"``, ``"sigmoid"`` or ``"leaky_relu"``, applied to ``x A^T + b``.
-        negative_slope: slope of ``"leaky_relu"`` for negative inputs. Default: ``0.01``.
+            ``"tanh"``, ``"sigmoid"``, ``"leaky_relu"``, ``"softplus"`` or ``"sin"``, applied to
+            ``x A^T + b``.
+        negative_slope: the activation's parameter: ``"leaky_relu"``'s slope for negative
+            inputs, ``"softplus"``'s ``beta``, ``"sin"``'s ``omega``. Default: the
+            activation's (0.01, 1, 1).
 
     Shape:
         - Input: :math:`(*, H_{in})`, :math:`H_{in} = \text{in\_features}`.
@@ -55,17 +58,19 @@ class Linear(nn.Linear):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         activation: str | None = None,
-        negative_slope: float = 0.01,
+        negative_slope: float | None = None,
     ) -> None:
         # Validate before nn.Linear draws the initial weights, so a bad call changes nothing.
         get_activation(activation)
-        if not isinstance(negative_slope, Real) or isinstance(negative_slope, bool):
+        if negative_slope is not None and (
+            not isinstance(negative_slope, Real) or isinstance(negative_slope, bool)
+        ):
             raise TypeError(
                 f"negative_slope must be a real number, got {type(negative_slope).__name__}"
             )
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.activation = activation
-        self.negative_slope = float(negative_slope)
+        self.negative_slope = resolve_param(activation, negative_slope)
 
     def forward(self, input: Tensor) -> Tensor:
         if self._backward_hooks and self._is_full_backward_hook is False:
@@ -83,7 +88,7 @@ class Linear(nn.Linear):
         text = super().extra_repr()
         if self.activation is not None:
             text += f", activation={self.activation!r}"
-            if self.activation == "leaky_relu":
+            if get_activation(self.activation).slope_attr is not None:
                 text += f", negative_slope={self.negative_slope}"
         return text
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
 from manualbp import _mode
-from manualbp.activations import activation_of_module
+from manualbp.activations import activation_of_module, get_activation
 from manualbp.modules.linear import Linear
 from manualbp.modules.linear_mse import LinearMSELoss
 from manualbp.modules.loss import MSELoss
@@ -82,8 +82,8 @@ def _layer_at(modules: list[nn.Module], j: int) -> tuple[Layer, int] | None:
     if type(lin) is not Linear or not runs_as_written(lin):
         return None
     if lin.activation is not None:
-        slope = lin.negative_slope if lin.activation == "leaky_relu" else 0.01
-        return Layer(lin, lin.activation, slope), j + 1
+        takes_param = get_activation(lin.activation).slope_attr is not None
+        return Layer(lin, lin.activation, lin.negative_slope if takes_param else 0.01), j + 1
     after = modules[j + 1] if j + 1 < len(modules) else None
     found = None if after is None else activation_of_module(after)
     if found is None or not runs_as_written(after):

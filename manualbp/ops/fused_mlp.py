@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.autograd import Function
 
 from manualbp import _mode
-from manualbp.activations import Act, bind
+from manualbp.activations import Act, bind, resolve_param
 from manualbp.errors import ShapeError
 from manualbp.kernels import library
 from manualbp.ops import linear as _linear
@@ -90,6 +90,7 @@ def reference_backward(
     has_bias: Sequence[bool],
     needs: tuple[bool, bool],
     extra: Sequence[Tensor | None] = (),
+    dzs: list | None = None,
 ) -> tuple[Tensor | None, list | None, list | None]:
     """Layers in reverse, each the Linear backward at its input ``H_{l-1}`` (x, the saved y,
     or the activation of the saved z recomputed) and its saved ``s_l``:
@@ -97,12 +98,13 @@ def reference_backward(
     dZ_l = dY_l * act'(s_l),  dW_l = dZ_l^T H_{l-1},  db_l = sum dZ_l,  dY_{l-1} = dZ_l W_l
 
     ``extra[l]``: a gradient reaching layer l's saved tensor itself (a double backward): it
-    adds to dY_l where that tensor is y, to dZ_l where it is z."""
+    adds to dY_l where that tensor is y, to dZ_l where it is z. ``dzs``: a list of L entries
+    that receives each dZ_l (for the second order)."""
     need_dx, need_params = needs
     last = len(weights) - 1
     dws: list = [None] * len(weights)
     dbs: list = [None] * len(weights)
-    g = grad_y if grad_y is not None else torch.zeros_like(y if y is not None else saved[-1])
+    g = grad_y if grad_y is not None else x.new_zeros(x.shape[0], weights[-1].shape[0])
     for i in range(last, -1, -1):
         act = out if i == last else hidden
         s = saved[i] if i < last or _stores_z(act) else y
@@ -112,12 +114,54 @@ def reference_backward(
         dz = act_grad(g, s, act)
         if inject is not None and _stores_z(act):
             dz = dz + inject
+        if dzs is not None:
+            dzs[i] = dz
         h = x if i == 0 else saved[i - 1]
-        if i > 0 and _stores_z(hidden):
+        if i > 0 and _stores_z(hidden) and need_params:  # H_{l-1} is read by dW_l alone
             h = hidden.forward(h)
         needs_l = (i > 0 or need_dx, need_params, need_params and has_bias[i])
         g, dws[i], dbs[i] = _linear.reference_backward(dz, h, weights[i], None, None, needs_l)
     return (g if need_dx else None), (dws if need_params else None), (dbs if need_params else None)
+
+
+def reference_second_order(
+    ddx: Tensor,
+    v: Tensor,
+    weights: Sequence[Tensor],
+    y: Tensor | None,
+    saved: Sequence[Tensor | None],
+    dzs: Sequence[Tensor],
+    hidden: Act | None,
+    out: Act | None,
+) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
+    """The backward of the first-order backward (:func:`reference_backward`, ``dx`` of the
+    upstream gradient ``v``), given ``ddx = dL/d(dx)``: ``(dL/dv, [dL/dW_l], [dL/ds_l])`` with
+    the saved tensors held fixed (what reaches x, W and b through them is the first-order
+    backward's, fed ``dL/ds_l``). With ``a_{-1} = ddx``, layers forward (the R-op: ``a`` is the
+    tangent of h along x + eps ddx):
+
+        dL/dW_l = dZ_l^T a_{l-1}              (dY_{l-1} = dZ_l W_l)
+        zdot_l  = a_{l-1} W_l^T,   a_l = act'(s_l) * zdot_l
+        dL/ds_l = zdot_l * dY_l * d act'/d s_l   (dZ_l = dY_l * act'(s_l); dY_{L-1} = v)
+        dL/dv   = a_{L-1}
+
+    ``s_l`` is the layer's saved tensor (the last layer's: its z, or y where the output
+    activation reads y; ``None`` without activation). Derivation: docs/derivations.md, 10."""
+    last = len(weights) - 1
+    a, grad_w, grad_s = ddx, [], []
+    for i in range(last + 1):
+        act = out if i == last else hidden
+        grad_w.append(dzs[i].mT @ a)
+        zdot = a @ weights[i].mT
+        if act is None:
+            grad_s.append(None)
+            a = zdot
+            continue
+        s = saved[i] if i < last or act.reads_preact else y
+        g = v if i == last else dzs[i + 1] @ weights[i + 1]
+        grad_s.append(act.grad2(zdot * g, s))
+        a = act.grad(zdot, s)
+    return a, grad_w, grad_s
 
 
 def _kernel_supports(x: Tensor, weights: Sequence[Tensor]) -> bool:
@@ -233,11 +277,22 @@ class FusedMLPFunction(Function):
             return (None,) * (5 + 2 * L)
         input, y, *rest = ctx.saved_tensors
         weights, saved = rest[:L], rest[L:]
-        needs = ctx.needs_input_grad
+        # Only what this backward pass reaches (an input gradient alone: no weight gradients).
+        tensor_args = (True, False, False, False, False,
+                       *(t for has in ctx.has_bias for t in (True, has)))  # fmt: skip
+        needs = _mode.reached(ctx, tensor_args)
         want = (needs[0], any(needs[5:]))
         kernels = None
         plain = grad_output is not None and all(g is None for g in grad_saved)
-        if plain and _mode.backward_kernels(grad_output, input, *weights, choice=ctx.choice):
+        if plain and _mode.second_order_op() and weights[0] is not None:
+            # Recorded for a double backward: the backward as an op of its own (its backward
+            # hand-derived: FusedMLPGradFunction), not a graph of reference ops.
+            hidden, out = ctx.acts
+            slopes = _slopes(hidden, out)
+            grads = FUSED_MLP_GRAD(grad_output, input, y, _name(hidden), _name(out), *slopes,
+                                   ctx.has_bias, want, ctx.choice, *weights, *saved)  # fmt: skip
+            return _input_grads(grads[0], grads[1 : 1 + L], grads[1 + L : 1 + 2 * L], needs, L, 5)
+        if _mode.backward_kernels(grad_output, input, *weights, choice=ctx.choice):
             kernels = _kernels(input, weights, ctx.choice)
         hidden, out = ctx.acts
         if kernels is None:
@@ -245,13 +300,138 @@ class FusedMLPFunction(Function):
                                               ctx.has_bias, want, grad_saved)  # fmt: skip
         else:
             out_saved = None if out is None else (saved[-1] if out.reads_preact else y)
+            injected = any(g is not None for g in grad_saved)  # a second order's
+            extra = {"inject": _contiguous(grad_saved)} if injected else {}
             dx, dws, dbs = kernels.mlp_backward(
                 grad_output, input, _kernel_weights(ctx, weights, input), _contiguous(saved[:-1]),
                 None if out_saved is None else out_saved.contiguous(), _name(hidden),
                 _name(out), _slopes(hidden, out), has_bias=ctx.has_bias,
-                hidden_preact=_stores_z(hidden), need_dx=want[0], need_params=want[1],
+                hidden_preact=_stores_z(hidden), need_dx=want[0], need_params=want[1], **extra,
             )  # fmt: skip
         return _input_grads(dx, dws, dbs, needs, L, 5)
+
+
+class FusedMLPGradFunction(Function):
+    """The fused MLP's first-order backward as an op of its own, so that a double backward
+    (``create_graph=True``: an input gradient inside the loss) runs hand-derived, fused code.
+
+    ``apply(v, input, y, hidden, out, hidden_slope, out_slope, has_bias, needs, choice, w_0, ...,
+    w_{L-1}, s_0, ..., s_{L-1})`` returns ``(dx, dW_0.., db_0.., dZ_0..)``: the gradients of
+    :class:`FusedMLPFunction` for upstream ``v`` (``None`` where ``needs`` says not needed), and
+    each layer's dZ (not differentiable: what the second order reads). ``y`` and ``s_l`` are the
+    forward's saved tensors; through them (and so through z_l's dependence on x, W and b) the
+    second order reaches the forward's inputs, as native autograd does through what it saves.
+    """
+
+    @staticmethod
+    def forward(v, input, y, hidden, out, hidden_slope, out_slope, has_bias, needs, choice,
+                *rest) -> tuple:  # fmt: skip
+        L = len(has_bias)
+        weights, saved = rest[:L], rest[L:]
+        acts = bind(hidden, hidden_slope), bind(out, out_slope)
+        dzs: list = [None] * L
+        kernels = _kernels(input, weights, choice)
+        if kernels is None:
+            dx, dws, dbs = reference_backward(v, input, weights, y, saved, *acts, has_bias, needs,
+                                              dzs=dzs)  # fmt: skip
+        else:
+            out_saved = None if acts[1] is None else (saved[-1] if acts[1].reads_preact else y)
+            dx, dws, dbs, dzs = kernels.mlp_backward(
+                v, input, _contiguous(weights), _contiguous(saved[:-1]),
+                None if out_saved is None else out_saved.contiguous(), hidden, out,
+                _slopes(*acts), has_bias=has_bias, hidden_preact=_stores_z(acts[0]),
+                need_dx=needs[0], need_params=needs[1], return_dz=True,
+            )  # fmt: skip
+        # The last layer's dZ is v itself without an output activation: a view, as a Function
+        # must return (and save) an input it gives back.
+        dzs = [d.view_as(d) if d is v else d for d in dzs]
+        return dx, *(dws or [None] * L), *(dbs or [None] * L), *dzs
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        v, input, y, hidden, out, hidden_slope, out_slope, has_bias, needs, choice, *rest = inputs
+        L = len(has_bias)
+        dzs = output[1 + 2 * L :]
+        ctx.mark_non_differentiable(*dzs)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(v, input, y, *rest, *dzs)
+        ctx.acts = bind(hidden, hidden_slope), bind(out, out_slope)
+        ctx.spec = (has_bias, needs, choice)
+
+    @staticmethod
+    def backward(ctx: Any, ddx: Tensor | None, *dd: Tensor | None) -> tuple:
+        """The second order (:func:`reference_second_order`): with only ``dL/d(dx)`` given (an
+        input gradient in the loss), the hand-derived R-op, fused on the kernels; otherwise
+        (``dL/dW`` or ``dL/db`` given too, or recorded for a third order) the first-order
+        reference ops differentiated by autograd."""
+        has_bias, _, choice = ctx.spec
+        L = len(has_bias)
+        v, input, y, *rest = ctx.saved_tensors
+        weights, saved, dzs = rest[:L], rest[L : 2 * L], rest[2 * L :]
+        hidden, out = ctx.acts
+        none = (None,) * 10
+        if ddx is None and all(d is None for d in dd[: 2 * L]):
+            return (*none, *(None,) * (2 * L))
+        if any(d is not None for d in dd[: 2 * L]) or not _mode.in_place_ok(v):
+            return _autograd_second_order(ctx, ddx, dd[: 2 * L], v, input, y, weights, saved)
+        kernels = _kernels(input, weights, choice)
+        dims = (weights[0].shape[1], *(w.shape[0] for w in weights))
+        if kernels is not None and not kernels.second_order_supports(dims):
+            kernels = None  # too wide for the fused R-op: torch ops
+        if kernels is None:
+            grad_v, grad_w, grad_s = reference_second_order(ddx, v, weights, y, saved, dzs, hidden,
+                                                            out)  # fmt: skip
+        else:
+            out_saved = None if out is None else (saved[-1] if out.reads_preact else y)
+            grad_v, grad_w, grad_s = kernels.mlp_second_order(
+                ddx.contiguous(), v, _contiguous(weights), _contiguous(saved[:-1]),
+                None if out_saved is None else out_saved.contiguous(), dzs, _name(hidden),
+                _name(out), _slopes(hidden, out), hidden_preact=_stores_z(hidden),
+            )  # fmt: skip
+        out_reads_y = out is not None and not out.reads_preact
+        grad_y, last = (grad_s[-1], None) if out_reads_y else (None, grad_s[-1])
+        needs_in = ctx.needs_input_grad
+        return (grad_v if needs_in[0] else None, None, grad_y, *none[3:],
+                *(g if needs_in[10 + i] else None for i, g in enumerate(grad_w)),
+                *grad_s[:-1], last)  # fmt: skip
+
+
+def _autograd_second_order(ctx, ddx, dd, v, input, y, weights, saved) -> tuple:
+    """The general second order: the first-order reference backward recomputed from the saved
+    tensors and differentiated by autograd (differentiable itself when recorded: a third order
+    through the reference ops)."""
+    has_bias, needs, _ = ctx.spec
+    L = len(has_bias)
+    hidden, out = ctx.acts
+    needs_in = ctx.needs_input_grad
+    inputs = [v, input, y, *weights, *saved]
+    wants = [needs_in[0], needs_in[1], needs_in[2], *needs_in[10:]]
+    with torch.enable_grad():
+        # A view of a tensor in the graph keeps a third order connected to it.
+        leaves = [t if t is None or not want else
+                  t.view_as(t) if t.requires_grad else t.detach().requires_grad_()
+                  for t, want in zip(inputs, wants, strict=True)]  # fmt: skip
+        lv, lx, ly, *lrest = leaves
+        dx, dws, dbs = reference_backward(lv, lx, lrest[:L], ly, lrest[L:], hidden, out, has_bias,
+                                          needs)  # fmt: skip
+        outs = [dx, *(dws or [None] * L), *(dbs or [None] * L)]
+        pairs = [(o, g) for o, g in zip(outs, (ddx, *dd), strict=True)
+                 if o is not None and g is not None and o.requires_grad]  # fmt: skip
+        targets = [t for t in leaves if t is not None and t.requires_grad]
+        grads = torch.autograd.grad(
+            [o for o, _ in pairs],
+            targets,
+            [g for _, g in pairs],
+            allow_unused=True,
+            create_graph=torch.is_grad_enabled(),
+        )
+    found = iter(grads)
+    result = [next(found) if t is not None and t.requires_grad else None for t in leaves]
+    v_g, x_g, y_g, *rest_g = result
+    return (v_g, x_g, y_g, *(None,) * 7, *rest_g)
+
+
+FUSED_MLP_GRAD = _mode.Applier(FusedMLPGradFunction)
 
 
 def _input_grads(dx, dws, dbs, needs, L: int, first_param: int) -> tuple:
@@ -391,11 +571,13 @@ def _check(input: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | N
 
 
 def _acts(activation, output_activation, negative_slope, output_negative_slope):
-    """The two activations as ``(name, slope)`` pairs, validated."""
+    """The two activations and their parameters (``None``: each activation's default),
+    validated."""
     out_slope = negative_slope if output_negative_slope is None else output_negative_slope
     bind(activation)  # unknown names raise here
     bind(output_activation)
-    return activation, output_activation, float(negative_slope), float(out_slope)
+    return (activation, output_activation, resolve_param(activation, negative_slope),
+            resolve_param(output_activation, out_slope))  # fmt: skip
 
 
 def _runs_fused(x: Tensor, weights: Sequence[Tensor]) -> bool:
@@ -413,15 +595,16 @@ def fused_mlp(
     activation: str | None = "relu",
     output_activation: str | None = None,
     *,
-    negative_slope: float = 0.01,
+    negative_slope: float | None = None,
     output_negative_slope: float | None = None,
 ) -> Tensor:
     """``act_o(... act(act(input W_0^T + b_0) W_1^T + b_1) ... W_{L-1}^T + b_{L-1})``.
 
     ``weights[i]`` is (out_l, in_l) in the ``nn.Linear`` layout with ``in_0 =
     input.shape[-1]``, ``in_l = out_{l-1}``; ``biases[l]`` is (out_l,) or ``None``. The hidden
-    layers apply ``activation`` (slope ``negative_slope`` for leaky_relu), the last layer
-    ``output_activation`` (slope ``output_negative_slope``, default ``negative_slope``).
+    layers apply ``activation`` at parameter ``negative_slope`` (leaky_relu's slope, softplus's
+    beta, sin's omega; ``None``: its default), the last layer ``output_activation`` at
+    ``output_negative_slope`` (default: ``negative_slope``, or the activation's default).
 
     On the Triton backend, widths up to 128 run as one fused forward kernel (under
     ``torch.compile`` too: the kernels are custom ops there); otherwise (wider layers,
@@ -488,7 +671,7 @@ def fused_mlp_mse_loss(
     output_activation: str | None = None,
     reduction: str = "mean",
     *,
-    negative_slope: float = 0.01,
+    negative_slope: float | None = None,
     output_negative_slope: float | None = None,
 ) -> Tensor:
     """``mse_loss(fused_mlp(input, weights, biases, ...), target, reduction)`` with the loss

@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.autograd import Function
 
 from manualbp import _mode
-from manualbp.activations import ACTIVATIONS, Act, bind
+from manualbp.activations import ACTIVATIONS, Act, bind, resolve_param
 from manualbp.kernels import library
 from manualbp.ops._checks import (
     PLAIN,
@@ -219,7 +219,7 @@ def linear(
     bias: Tensor | None = None,
     activation: str | None = None,
     *,
-    negative_slope: float = 0.01,
+    negative_slope: float | None = None,
 ) -> Tensor:
     r"""``act(input @ weight.T + bias)`` with a hand-written backward.
 
@@ -232,8 +232,11 @@ def linear(
             runs through ``F.linear`` itself, with native autograd, or fails as it does.
         activation: ``None``, ``"relu"``, ``"gelu"`` (exact erf form, as ``nn.GELU()``),
             ``"gelu_tanh"`` (as ``nn.GELU(approximate="tanh")``), ``"silu"``, ``"tanh"``,
-            ``"sigmoid"`` or ``"leaky_relu"``.
-        negative_slope: slope of ``"leaky_relu"`` for negative inputs.
+            ``"sigmoid"``, ``"leaky_relu"``, ``"softplus"`` (as ``nn.Softplus``) or ``"sin"``
+            (as :class:`manualbp.Sine`).
+        negative_slope: the activation's parameter: ``"leaky_relu"``'s slope for negative
+            inputs, ``"softplus"``'s ``beta``, ``"sin"``'s ``omega``; ``None``: its default
+            (0.01, 1, 1).
 
     Returns:
         ``(*, out_features)``. Under autocast it computes in the autocast dtype, as
@@ -253,7 +256,7 @@ def linear(
         and (bias is None or type(bias) in PLAIN)
         and _mode.plain_eager(input, weight, bias)  # first: under jit.trace, no size compared
         and (activation is None or (type(activation) is str and activation in ACTIVATIONS))
-        and type(negative_slope) is float
+        and (negative_slope is None or type(negative_slope) is float)
         and (dtype := input.dtype).is_floating_point
         and weight.dtype is dtype
         and weight.dim() == 2
@@ -280,23 +283,24 @@ def _linear_checked(input, weight, bias, activation, negative_slope) -> Tensor:
     path does not apply."""
     check_slope(negative_slope)
     bind(activation)  # an unknown name raises here
+    negative_slope = resolve_param(activation, negative_slope)
     if not (type(input) in PLAIN and type(weight) in PLAIN
             and (bias is None or type(bias) in PLAIN)):  # fmt: skip
         if overrides_torch_function(input, weight, bias):  # the subclass's __torch_function__
-            return native_linear(input, weight, bias, activation, float(negative_slope))
+            return native_linear(input, weight, bias, activation, negative_slope)
         require_tensor("input", input, "linear")
         require_tensor("weight", weight, "linear")
         require_tensor("bias", bias, "linear", optional=True)
     cast = _mode.autocast_dtype(input)
     if not linear_applies(input, weight, bias, cast):  # native's result, or native's error
-        return native_linear(input, weight, bias, activation, float(negative_slope))
+        return native_linear(input, weight, bias, activation, negative_slope)
     check_linear_args(input, weight, bias)  # shapes (dtypes and devices: linear_applies)
     if cast is None:  # the common case
-        return linear_unchecked(input, weight, bias, activation, float(negative_slope))
+        return linear_unchecked(input, weight, bias, activation, negative_slope)
     input, weight, bias = _mode.cast(cast, input, weight, bias)
     check_linear_dtypes(input, weight, bias)
     with _mode.autocast_off(input):
-        return linear_unchecked(input, weight, bias, activation, float(negative_slope))
+        return linear_unchecked(input, weight, bias, activation, negative_slope)
 
 
 def is_vector_bias(bias: Tensor | None, out_features: int) -> bool:

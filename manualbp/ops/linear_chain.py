@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.autograd import Function
 
 from manualbp import _mode
-from manualbp.activations import Act, bind
+from manualbp.activations import Act, bind, resolve_param
 from manualbp.kernels import library
 from manualbp.ops.linear import LinearFunction, as_rows, linear, reference_backward
 
@@ -164,7 +164,7 @@ def linear_chain(
     bias2: Tensor | None,
     activation2: str | None = None,
     *,
-    negative_slope: float = 0.01,
+    negative_slope: float | None = None,
     negative_slope2: float | None = None,
 ) -> Tensor:
     """``act_2(act_1(input W_1^T + b_1) W_2^T + b_2)``: two :func:`~manualbp.ops.linear.linear`
@@ -172,9 +172,10 @@ def linear_chain(
     GEMM (module docstring).
 
     ``weight1`` (n_1, k), ``weight2`` (n_2, n_1) in the ``nn.Linear`` layout; ``bias1`` /
-    ``bias2`` (n,) or ``None``; ``negative_slope`` is ``activation1``'s slope (leaky_relu),
-    ``negative_slope2`` ``activation2``'s (default: ``negative_slope``). The fused node runs on
-    the Triton backend when autograd records the call; otherwise (reference backend, no
+    ``bias2`` (n,) or ``None``; ``negative_slope`` is ``activation1``'s parameter (leaky_relu's
+    slope, softplus's beta, sin's omega; ``None``: its default), ``negative_slope2``
+    ``activation2``'s (default: ``negative_slope``, or ``activation2``'s default). The fused
+    node runs on the Triton backend when autograd records the call; otherwise (reference backend, no
     graph, torch.compile / export / jit.trace, torch.func transforms, forward-mode AD, other
     bias shapes or mixed dtypes) the two layers run one by one, which also validates the
     arguments as :func:`~manualbp.ops.linear.linear` does. Under autocast both compute in the
@@ -182,8 +183,9 @@ def linear_chain(
     """
     bind(activation1)  # unknown names raise here
     bind(activation2)
-    slope1 = float(negative_slope)
-    slope2 = slope1 if negative_slope2 is None else float(negative_slope2)
+    slope1 = resolve_param(activation1, negative_slope)
+    slope2 = resolve_param(activation2, negative_slope if negative_slope2 is None
+                           else negative_slope2)  # fmt: skip
     if isinstance(input, Tensor):
         cast = _mode.autocast_dtype(input)
         x, w1, b1, w2, b2 = _mode.cast(cast, input, weight1, bias1, weight2, bias2)

@@ -7,11 +7,11 @@ and fused activation) and the MSE loss, drop-in ``nn.Module`` stand-ins for
 
 # First: from a source checkout that was not installed, map triton_kernels/ to manualbp.kernels.
 import manualbp._source_checkout  # noqa: F401  (isort: skip)
-from manualbp import functional, optim
+from manualbp import functional, modules, optim
 from manualbp._mode import get_backend, set_backend, use_backend
 from manualbp.activations import ACTIVATIONS, Sine
 from manualbp.errors import ShapeError
-from manualbp.modules import FusedMLP, Linear, LinearMSELoss, MSELoss, Sequential, convert
+from manualbp.modules import *  # noqa: F403  (every stand-in module, and convert)
 from manualbp.ops.fused_mlp import FusedMLPFunction, FusedMLPGradFunction
 from manualbp.ops.linear import LinearFunction
 from manualbp.ops.linear_mse import LinearMSELossFunction
@@ -22,23 +22,18 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ACTIVATIONS",
-    "FusedMLP",
     "FusedMLPFunction",
     "FusedMLPGradFunction",
-    "Linear",
     "LinearFunction",
-    "LinearMSELoss",
     "LinearMSELossFunction",
-    "MSELoss",
     "MSELossFunction",
-    "Sequential",
     "ShapeError",
     "Sine",
-    "convert",
     "enable",
     "functional",
     "optim",
     "get_backend",
     "set_backend",
     "use_backend",
+    *modules.__all__,
 ]

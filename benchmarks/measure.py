@@ -1,11 +1,9 @@
 """Measure one pass of a case (some or all of its providers) into the case's record.
 
-Providers are measured one after another (only that provider's model exists at a time): its
-Triton kernels compiled at once (:mod:`benchmarks.precompile`), bind, check its forward result
-against ``native`` on input set 0, peak memory with that set, every mode timed rotating among
-the input sets, and what it decided (:attr:`Bound.details`) recorded. Interleaved cases
-(:attr:`Case.interleaved`) bind all their providers first and time them side by side. Dynamo
-is never reset between cases (:func:`configure_compile`), only after a compile provider failed.
+Providers are measured one after another, so that only that provider's model exists while its
+peak memory is measured; interleaved cases (:attr:`Case.interleaved`) bind all their providers
+first and time them side by side. Dynamo is never reset between cases
+(:func:`configure_compile`), only after a compile provider failed.
 """
 
 from __future__ import annotations

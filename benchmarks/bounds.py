@@ -14,13 +14,8 @@ from __future__ import annotations
 
 import itertools
 
-__all__ = [
-    "best_time_s",
-    "linear_min_bytes",
-    "mlp_flops",
-    "mlp_infer_min_bytes",
-    "mlp_step_min_bytes",
-]
+__all__ = ["best_time_s", "linear_min_bytes", "mlp_flops", "mlp_infer_min_bytes",
+           "mlp_step_min_bytes", "second_order_flops", "second_order_min_bytes"]  # fmt: skip
 
 # What the backward pass of ``act(x W^T + b)`` reads to form act': the pre-activation Z (its
 # derivative is no function of the output) or the output Y (relu: Y > 0 iff Z > 0).

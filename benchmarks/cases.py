@@ -31,29 +31,11 @@ from benchmarks.bounds import (
 )
 from benchmarks.ceilings import DTYPE_NAMES
 
-__all__ = [
-    "Bound",
-    "Case",
-    "UnavailableError",
-    "NATIVE",
-    "COMPILE",
-    "MANUALBP",
-    "COMPILE_MAX_AUTOTUNE",
-    "MANUALBP_CONVERT",
-    "MANUALBP_TRITON",
-    "MANUALBP_CUBLAS",
-    "LINEAR_CANDIDATES",
-    "COMPILE_PROVIDERS",
-    "TRITON_PROVIDERS",
-    "fused_mlp_infer_case",
-    "fused_mlp_step_case",
-    "second_order_case",
-    "linear_case",
-    "linear_mse_case",
-    "mlp_step_case",
-    "mse_case",
-    "sgd_case",
-]
+__all__ = ["Bound", "Case", "UnavailableError", "NATIVE", "COMPILE", "MANUALBP",
+           "COMPILE_MAX_AUTOTUNE", "MANUALBP_CONVERT", "MANUALBP_TRITON", "MANUALBP_CUBLAS",
+           "LINEAR_CANDIDATES", "COMPILE_PROVIDERS", "TRITON_PROVIDERS", "fused_mlp_infer_case",
+           "fused_mlp_step_case", "second_order_case", "linear_case", "linear_mse_case",
+           "mlp_step_case", "mse_case", "sgd_case"]  # fmt: skip
 
 NATIVE = "native"
 COMPILE = "compile"
@@ -115,7 +97,6 @@ class Case:
     memory_mode: str | None
     tol: float
     priority: int = 0
-    provider_labels: dict[str, str] = field(default_factory=dict)
     # Providers measured in a later pass (at this priority) than the rest of the case: e.g.
     # torch.compile where no priority-0 target needs it (its warm-up is the costly part).
     provider_priority: dict[str, int] = field(default_factory=dict)
@@ -202,23 +183,13 @@ def _autograd_modes(
             t.grad = None
         return s
 
-    def run_fwd(s: Any) -> None:
-        forward(s)
-
     def prep_bwd(s: Any) -> Any:
         return forward(clear(s)), None if loss else s["gy"]
 
-    def run_bwd(args: Any) -> None:
-        out, gy = args
-        out.backward(gy)
-
-    def run_fwdbwd(s: Any) -> None:
-        forward(s).backward(None if loss else s["gy"])
-
     return {
-        "fwd+bwd": (clear, run_fwdbwd),
-        "fwd": (lambda s: s, run_fwd),
-        "bwd": (prep_bwd, run_bwd),
+        "fwd+bwd": (clear, lambda s: forward(s).backward(None if loss else s["gy"])),
+        "fwd": (lambda s: s, forward),
+        "bwd": (prep_bwd, lambda out_gy: out_gy[0].backward(out_gy[1])),
     }
 
 
@@ -258,18 +229,14 @@ class _ModelLoss(nn.Module):
 
     def __init__(self, model: nn.Module, loss: nn.Module, scale: float = 1.0) -> None:
         super().__init__()
-        self.model = model
-        self.loss = loss
-        self.scale = scale
+        self.model, self.loss, self.scale = model, loss, scale
 
     def forward(self, x: Tensor, target: Tensor) -> Tensor:
         loss = self.loss(self.model(x), target)
         return loss if self.scale == 1.0 else loss * self.scale
 
 
-# ---------------------------------------------------------------------------------------------
-# Linear (+ bias, activation)
-# ---------------------------------------------------------------------------------------------
+# ---- Linear (+ bias, activation)
 
 
 def _gemms_native(weight: Tensor) -> tuple[Prepare, Run]:
@@ -347,17 +314,13 @@ def _force_bound(bound: Bound, impl: str) -> Bound:
     return bound
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
 def _choices_of(M: int, K: int, N: int, act: str | None, dtype: torch.dtype) -> dict[str, str]:
     """The Linear choice's kept candidate for each bucket of this layer shape (forward with
     this activation, dX, dW), from the kept decisions: ``{bucket key: impl}``."""
     from manualbp.kernels import _tuning
 
     tag = str(dtype).removeprefix("torch.")
-    shape = f"|M={_pow2(M)}|N={N}|K={K}"
+    shape = f"|M={1 << max(M - 1, 0).bit_length()}|N={N}|K={K}"  # M bucketed: a power of two
     out = {}
     for (_, key), impl in _tuning.decisions().items():
         parts = key.split("|")
@@ -461,11 +424,10 @@ def _bind_linear(
     impl = LINEAR_CANDIDATES[provider]
     from manualbp._mode import kernels_for
 
-    backend = "triton" if kernels_for(model.weight) else "reference"
-    if backend != "triton":
+    if not kernels_for(model.weight):
         raise UnavailableError(
             f"not applicable: forcing the {impl!r} Linear candidate applies to the Triton "
-            f"backend; manualbp runs its {backend} path here (measured as {MANUALBP!r})"
+            f"backend; manualbp runs its reference path here (measured as {MANUALBP!r})"
         )
     _linear_choice()  # raises UnavailableError if the choice does not exist
     label += f", linear_choice.force({impl!r})"
@@ -481,9 +443,7 @@ def _linear_choice_mode() -> str:
     return "per-shape choice (auto)" if mode == "auto" else f"forced {mode!r} (environment)"
 
 
-# ---------------------------------------------------------------------------------------------
-# MSE
-# ---------------------------------------------------------------------------------------------
+# ---- MSE
 
 
 def _mse_native(x: Tensor, t: Tensor) -> Tensor:
@@ -536,9 +496,7 @@ def mse_case(
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# SGD step
-# ---------------------------------------------------------------------------------------------
+# ---- SGD step
 
 
 def _sgd_maker(
@@ -558,14 +516,8 @@ def _sgd_maker(
             raise UnavailableError(f"fused SGD not supported here: {type(e).__name__}: {e}") from e
         return make, "torch.optim.SGD(fused=True)"
     if provider == MANUALBP:
-        _manualbp()
-        try:
-            from manualbp.optim import SGD
-        except Exception as e:
-            raise UnavailableError(
-                f"manualbp.optim.SGD not available: {type(e).__name__}: {e}"
-            ) from e
-        return (lambda ps: SGD(ps, lr=lr, momentum=momentum)), "manualbp.optim.SGD"
+        sgd = _manualbp("optim").SGD
+        return (lambda ps: sgd(ps, lr=lr, momentum=momentum)), "manualbp.optim.SGD"
     raise UnavailableError(f"provider {provider!r} does not apply to this case")
 
 
@@ -644,9 +596,7 @@ def sgd_case(
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# Fused Linear + MSE head
-# ---------------------------------------------------------------------------------------------
+# ---- Fused Linear + MSE head
 
 
 def _bind_linear_mse(
@@ -662,9 +612,7 @@ def _bind_linear_mse(
         head = _manualbp("LinearMSELoss")(
             K, N, bias=True, reduction="mean", device=device, dtype=dtype
         )
-        weight, bias = getattr(head, "weight", None), getattr(head, "bias", None)
-        if isinstance(weight, Tensor) and tuple(weight.shape) == (N, K):
-            _copy_linear_(weight, bias if isinstance(bias, Tensor) else None, native_linear())
+        _copy_linear_(head.weight, head.bias, native_linear())
         return head, head, "manualbp.LinearMSELoss"
     if provider == MANUALBP_UNFUSED:
         mbp = _manualbp()
@@ -717,9 +665,7 @@ def linear_mse_case(
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# Whole training step
-# ---------------------------------------------------------------------------------------------
+# ---- Whole training step
 
 MLP_LR, MLP_MOMENTUM = 1e-3, 0.9
 
@@ -737,15 +683,8 @@ def _bind_mlp(provider: str, model: nn.Sequential) -> tuple[Any, nn.Module, Any,
         raise UnavailableError(f"provider {provider!r} does not apply to this case")
     mbp = _manualbp()
     model = mbp.convert(copy.deepcopy(model))
-    label = "manualbp.convert(model) + manualbp.MSELoss + "
-    try:
-        from manualbp.optim import SGD
-
-        opt = SGD(model.parameters(), lr=MLP_LR, momentum=MLP_MOMENTUM)
-        label += "manualbp.optim.SGD"
-    except Exception as e:
-        opt = sgd(model)
-        label += f"torch.optim.SGD (manualbp.optim.SGD unavailable: {type(e).__name__})"
+    opt = mbp.optim.SGD(model.parameters(), lr=MLP_LR, momentum=MLP_MOMENTUM)
+    label = "manualbp.convert(model) + manualbp.MSELoss + manualbp.optim.SGD"
     return model, mbp.MSELoss(), opt, label
 
 
@@ -800,9 +739,7 @@ def mlp_step_case(
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# Fused narrow MLP (issue 15): a coordinate network's training step and inference
-# ---------------------------------------------------------------------------------------------
+# ---- Fused narrow MLP (issue 15): a coordinate network's training step and inference
 
 # A coordinate network as instant-ngp builds one: the input is a 16-level x 2-feature
 # multiresolution hash encoding (32 values a point; the encoding itself is not benchmarked),
@@ -846,19 +783,20 @@ def _bind_narrow_step(
         label += " + torch.compile(optimizer.step) (default mode)"
         return _compile(head, mode), opt, _compiled_optimizer_step(opt), label
     if provider == MANUALBP:
-        model: nn.Module = _manualbp("FusedMLP").from_sequential(native)
+        model, label = _fused_mlp(native)
         head = _ModelLoss(model, _manualbp().MSELoss(), scale)
-        label = "manualbp.FusedMLP.from_sequential(model) + manualbp.MSELoss"
+        label += " + manualbp.MSELoss"
     elif provider == MANUALBP_CONVERT:
         head = _manualbp().convert(_ModelLoss(copy.deepcopy(native), nn.MSELoss(), scale))
-        model = head.model
-        label = "manualbp.convert(model + nn.MSELoss)"
+        model, label = head.model, "manualbp.convert(model + nn.MSELoss)"
     else:
         raise UnavailableError(f"provider {provider!r} does not apply to this case")
-    from manualbp.optim import SGD
-
-    opt = SGD(model.parameters(), lr=lr, momentum=MLP_MOMENTUM)
+    opt = _manualbp("optim").SGD(model.parameters(), lr=lr, momentum=MLP_MOMENTUM)
     return head, opt, opt.step, label + " + manualbp.optim.SGD"
+
+
+def _fused_mlp(native: nn.Sequential) -> tuple[nn.Module, str]:
+    return _manualbp("FusedMLP").from_sequential(native), "manualbp.FusedMLP.from_sequential(model)"
 
 
 def _unit_max(t: Tensor) -> Tensor:
@@ -866,25 +804,28 @@ def _unit_max(t: Tensor) -> Tensor:
     return t / t.abs().max().clamp_min(torch.finfo(torch.float32).tiny)
 
 
-def _narrow_step_bound(provider: str, native: nn.Sequential, scale: float, lr: float) -> Bound:
-    """Mode ``step``: zero_grad, scaled MSE of the forward, backward, SGD step. The check's
-    output: the first step's loss and every parameter's gradient, each scaled to a maximum of 1
-    (so that the check holds each gradient to the dtype's tolerance, not just the loss)."""
-    head, opt, opt_step, label = _bind_narrow_step(provider, native, scale, lr)
+def _step_bound(loss_of: Callable[[Any], Tensor], opt: Any, opt_step: Callable[[], Any],
+                label: str, scale: float = 1.0, precision: str | None = None) -> Bound:  # fmt: skip
+    """Mode ``step``: zero_grad, ``loss_of(set)``, backward, ``opt_step()``, under
+    :class:`_Precision`. The check's output: the first step's loss (``/ scale``) and every
+    parameter's gradient, each scaled to a maximum of 1 (so that the check holds each gradient
+    to the dtype's tolerance, not just the loss)."""
     params = [p for group in opt.param_groups for p in group["params"]]
 
     def step(s: dict[str, Any]) -> None:
-        opt.zero_grad(set_to_none=True)
-        head(s["x"], s["t"]).backward()
-        opt_step()
+        with _Precision(precision):
+            opt.zero_grad(set_to_none=True)
+            loss_of(s).backward()
+            opt_step()
 
     def output(s: dict[str, Any]) -> Tensor:
-        opt.zero_grad(set_to_none=True)
-        loss = head(s["x"], s["t"])
-        value = loss.detach().float().reshape(1) / scale
-        loss.backward()
-        out = torch.cat([value, *(_unit_max(p.grad) for p in params)])
-        opt_step()
+        with _Precision(precision):
+            opt.zero_grad(set_to_none=True)
+            loss = loss_of(s)
+            value = loss.detach().float().reshape(1) / scale
+            loss.backward()
+            out = torch.cat([value, *(_unit_max(p.grad) for p in params)])
+            opt_step()
         return out
 
     return Bound(modes={"step": (lambda s: s, step)}, label=label, output=output)
@@ -898,10 +839,7 @@ def _narrow_infer_bound(provider: str, native: nn.Sequential) -> Bound:
         {
             NATIVE: lambda: (native, f"{sequential}, eager"),
             COMPILE: lambda: (_compile(native), f"torch.compile({sequential})"),
-            MANUALBP: lambda: (
-                _manualbp("FusedMLP").from_sequential(native),
-                "manualbp.FusedMLP.from_sequential(model)",
-            ),
+            MANUALBP: lambda: _fused_mlp(native),
         },
     )
 
@@ -970,7 +908,8 @@ def fused_mlp_step_case(
 
     def bind(provider: str) -> Bound:
         native = _sequential(dims, NARROW_ACT, device, dtype)
-        return _narrow_step_bound(provider, native, scale, MLP_LR / scale)
+        head, opt, opt_step, label = _bind_narrow_step(provider, native, scale, MLP_LR / scale)
+        return _step_bound(lambda s: head(s["x"], s["t"]), opt, opt_step, label, scale)
 
     return _narrow_case(
         "step",
@@ -1023,13 +962,10 @@ def fused_mlp_infer_case(
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# The fused MLP's second order (issue 24): an input gradient inside the loss
-# ---------------------------------------------------------------------------------------------
+# ---- The fused MLP's second order (issue 24): an input gradient inside the loss
 
 #: A neural signed-distance field / interatomic potential: 3 coordinates -> 64 x4 -> 1 scalar.
 SECOND_ORDER_DIMS = (3, 64, 64, 64, 64, 1)
-SECOND_ORDER_LOSSES = ("eikonal", "force")
 
 
 def _second_order_loss(
@@ -1067,23 +1003,16 @@ def _second_order_bound(provider: str, native: nn.Sequential, kind: str,
     """Mode ``step``: zero_grad, the loss (its input gradient recorded), backward, SGD step.
     torch.compile cannot differentiate its own backward: its row says so (skipped with the
     reason) rather than disappearing."""
-    model: nn.Module
-    if provider in (NATIVE, COMPILE):
-        model, label = native, "nn.Sequential(nn.Linear, act, ...)"
-        if provider == COMPILE:
-            model, label = _compile(native), f"torch.compile({label})"
-        opt: torch.optim.Optimizer = torch.optim.SGD(native.parameters(), lr=MLP_LR,
-                                                     momentum=MLP_MOMENTUM)  # fmt: skip
-    elif provider in (MANUALBP, MANUALBP_CONVERT):
-        if provider == MANUALBP:
-            model = _manualbp("FusedMLP").from_sequential(native)
-            label = "manualbp.FusedMLP.from_sequential(model)"
-        else:
-            model, label = _manualbp().convert(copy.deepcopy(native)), "manualbp.convert(model)"
-        opt = _manualbp("optim").SGD(model.parameters(), lr=MLP_LR, momentum=MLP_MOMENTUM)
-    else:
-        raise UnavailableError(f"provider {provider!r} does not apply to this case")
-    params = [p for group in opt.param_groups for p in group["params"]]
+    seq = "nn.Sequential(nn.Linear, act, ...)"
+    model, label = _pick(provider, {
+        NATIVE: lambda: (native, seq),
+        COMPILE: lambda: (_compile(native), f"torch.compile({seq})"),
+        MANUALBP: lambda: _fused_mlp(native),
+        MANUALBP_CONVERT: lambda: (_manualbp().convert(copy.deepcopy(native)),
+                                   "manualbp.convert(model)"),
+    })  # fmt: skip
+    sgd = torch.optim.SGD if provider in (NATIVE, COMPILE) else _manualbp("optim").SGD
+    opt = sgd(model.parameters(), lr=MLP_LR, momentum=MLP_MOMENTUM)
 
     def loss_of(s: dict[str, Any]) -> Tensor:
         try:
@@ -1093,24 +1022,8 @@ def _second_order_bound(provider: str, native: nn.Sequential, kind: str,
                 raise UnavailableError(f"unsupported: {e}") from e
             raise
 
-    def step(s: dict[str, Any]) -> None:
-        with _Precision(precision):
-            opt.zero_grad(set_to_none=True)
-            loss_of(s).backward()
-            opt.step()
-
-    def output(s: dict[str, Any]) -> Tensor:
-        with _Precision(precision):
-            opt.zero_grad(set_to_none=True)
-            loss = loss_of(s)
-            loss.backward()
-            grads = [_unit_max(p.grad) for p in params]
-            out = torch.cat([loss.detach().float().reshape(1), *grads])
-            opt.step()
-        return out
-
     label += " + SGD" + ("" if precision is None else f", float32 matmul precision {precision!r}")
-    return Bound(modes={"step": (lambda s: s, step)}, label=label, output=output)
+    return _step_bound(loss_of, opt, opt.step, label, precision=precision)
 
 
 def second_order_case(

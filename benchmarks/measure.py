@@ -1,11 +1,9 @@
 """Measure one pass of a case (some or all of its providers) into the case's record.
 
-Providers are measured one after another (only that provider's model exists at a time): its
-Triton kernels compiled at once (:mod:`benchmarks.precompile`), bind, check its forward result
-against ``native`` on input set 0, peak memory with that set, every mode timed rotating among
-the input sets, and what it decided (:attr:`Bound.details`) recorded. Interleaved cases
-(:attr:`Case.interleaved`) bind all their providers first and time them side by side. Dynamo
-is never reset between cases (:func:`configure_compile`), only after a compile provider failed.
+Providers are measured one after another, so that only that provider's model exists while its
+peak memory is measured; interleaved cases (:attr:`Case.interleaved`) bind all their providers
+first and time them side by side. Dynamo is never reset between cases
+(:func:`configure_compile`), only after a compile provider failed.
 """
 
 from __future__ import annotations
@@ -16,7 +14,7 @@ import math
 import time
 import traceback
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -35,14 +33,8 @@ from benchmarks.precompile import precompile_provider
 from benchmarks.suites import Pass
 from benchmarks.timing import Timing, bench, bench_interleaved, peak_memory
 
-__all__ = [
-    "CPU_COMPILE_REASON",
-    "Context",
-    "configure_compile",
-    "new_record",
-    "run_pass",
-    "skip_pass",
-]
+__all__ = ["CPU_COMPILE_REASON", "Context", "configure_compile", "new_record", "run_pass",
+           "skip_pass"]  # fmt: skip
 
 CPU_COMPILE_REASON = (
     "torch.compile not run on CPU: inductor's C++ compile takes tens of seconds per case "
@@ -134,26 +126,7 @@ def _n_sets(case: Case, ctx: Context) -> int:
     return n
 
 
-# ---------------------------------------------------------------------------------------------
-# Records
-# ---------------------------------------------------------------------------------------------
-
-
-def _record_header(case: Case, label: str) -> dict[str, Any]:
-    """What every record of a case says about the case itself."""
-    return {
-        "name": case.name,
-        "group": case.group,
-        "params": case.params,
-        "label": label,
-        "metric": case.metric,
-        "work": case.work,
-        "work_note": case.work_note,
-        "min_bytes": case.min_bytes,
-        "samples": case.samples,
-        "modes": case.modes,
-        "plot": {"key": case.plot_key, "x": case.plot_x, "x_label": case.plot_x_label},
-    }
+# ---- Records
 
 
 def new_record(case: Case, label: str, reason: str | None = None) -> dict[str, Any]:
@@ -165,8 +138,11 @@ def new_record(case: Case, label: str, reason: str | None = None) -> dict[str, A
         deferred = f"deferred to a priority-{case.priority_of(p)} pass, which did not run"
         if reason is not None or case.priority_of(p) != first:
             providers[p] = {"status": "skipped", "reason": deferred if reason is None else reason}
-    rec = {**_record_header(case, label), "providers": providers, "status": "ran"}
-    rec["results"] = {m: {} for m in case.modes}
+    rec = {"name": case.name, "group": case.group, "params": case.params, "label": label}
+    keys = ("metric", "work", "work_note", "min_bytes", "samples", "modes")
+    rec |= {k: getattr(case, k) for k in keys}
+    rec["plot"] = {"key": case.plot_key, "x": case.plot_x, "x_label": case.plot_x_label}
+    rec |= {"providers": providers, "status": "ran", "results": {m: {} for m in case.modes}}
     rec["elapsed_s"] = 0.0
     return finish_record(rec)
 
@@ -174,22 +150,17 @@ def new_record(case: Case, label: str, reason: str | None = None) -> dict[str, A
 def finish_record(rec: dict[str, Any]) -> dict[str, Any]:
     """Results of providers that did not run, speedups, and the case's status."""
     for provider, prec in rec["providers"].items():
-        for mode in rec["modes"]:
-            if prec["status"] != "ran" and provider not in rec["results"][mode]:
-                rec["results"][mode][provider] = {
-                    "status": prec["status"],
-                    "reason": prec.get("reason"),
-                }
+        if prec["status"] != "ran":
+            for mode in rec["modes"]:
+                missing = {"status": prec["status"], "reason": prec.get("reason")}
+                rec["results"][mode].setdefault(provider, missing)
     rec["speedups"] = _speedups(rec)
     statuses = {p["status"] for p in rec["providers"].values()}
     rec.pop("reason", None)
-    if "error" in statuses:
-        rec["status"] = "error"
-    elif statuses == {"skipped"}:
+    rec["status"] = "error" if "error" in statuses else "ran"
+    if statuses == {"skipped"}:
         rec["status"] = "skipped"
         rec["reason"] = "; ".join(sorted({p["reason"] for p in rec["providers"].values()}))
-    else:
-        rec["status"] = "ran"
     return rec
 
 
@@ -211,7 +182,7 @@ def _ceiling(case: Case, ceilings: dict[str, Any], metric: str) -> float | None:
 def _result(case: Case, mode: str, t: Timing, ceilings: dict[str, Any]) -> dict[str, Any]:
     """One measured (mode, provider): time, rate, % of ceiling and, where the case has byte
     counts, % of its bound (benchmarks.bounds)."""
-    res: dict[str, Any] = {"status": "ran", **t.as_dict()}
+    res: dict[str, Any] = {"status": "ran", **asdict(t)}
     rate = case.work[mode] / (t.median_ms * 1e-3)
     ceiling = _ceiling(case, ceilings, case.metric)
     key, scale = ("tflops", 1e12) if case.metric == "tflops" else ("gbps", 1e9)
@@ -232,9 +203,7 @@ def _result(case: Case, mode: str, t: Timing, ceilings: dict[str, Any]) -> dict[
     return res
 
 
-# ---------------------------------------------------------------------------------------------
-# Passes
-# ---------------------------------------------------------------------------------------------
+# ---- Passes
 
 
 def skip_pass(p: Pass, rec: dict[str, Any], reason: str) -> dict[str, Any]:
@@ -289,11 +258,7 @@ def _check(
         ctx.refs[case.name] = out
     elif case.name in ctx.refs:
         err = _rel_err(out, ctx.refs[case.name])
-        prec["check"] = {
-            "max_rel_err_vs_native": err,
-            "tolerance": case.tol,
-            "ok": bool(err <= case.tol),
-        }
+        prec["check"] = {"max_rel_err_vs_native": err, "tolerance": case.tol, "ok": err <= case.tol}
 
 
 def _run_provider(case: Case, provider: str, ctx: Context, rec: dict[str, Any]) -> None:

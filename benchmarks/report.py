@@ -12,14 +12,8 @@ import torch
 
 from benchmarks.targets import evaluate_targets
 
-__all__ = [
-    "format_case",
-    "format_ceilings",
-    "format_ratios",
-    "format_table",
-    "format_targets",
-    "write_outputs",
-]
+__all__ = ["format_case", "format_ceilings", "format_ratios", "format_table", "format_targets",
+           "write_outputs"]  # fmt: skip
 
 MIB = 1024 * 1024
 

@@ -102,12 +102,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _device(arg: str | None) -> torch.device:
-    if arg:
-        return torch.device(arg)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _label(device: torch.device) -> str:
     if device.type != "cuda":
         return CPU_LABEL
@@ -148,12 +142,6 @@ def _out_dir(args: argparse.Namespace) -> Path:
     return REPO_ROOT / "benchmarks" / "results" / name
 
 
-def _print_passes(passes: list[Pass]) -> None:
-    for p in passes:
-        later = "" if p.first else "  (later pass)"
-        print(f"{p.priority}  {p.case.name}  [{', '.join(p.providers)}]{later}")
-
-
 def print_plan(args: argparse.Namespace) -> int:
     """``--plan``: the CUDA suite's passes with estimated times (no GPU needed)."""
     from benchmarks.plan import estimate, format_plan
@@ -167,21 +155,17 @@ def rerender(args: argparse.Namespace) -> int:
     doc = json.loads(args.from_json.read_text())
     out_dir = args.out or args.from_json.parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(doc["settings"]["device"])
-    report.write_outputs(doc, out_dir, device)
-    _print_summary(doc)
-    _plots(doc, out_dir, device, args)
+    _write_all(doc, out_dir, torch.device(doc["settings"]["device"]), args)
     print(f"re-rendered into {out_dir} (complete run: {doc.get('complete')})")
     return 0
 
 
-def _print_summary(doc: dict[str, Any]) -> None:
+def _write_all(doc: dict[str, Any], out_dir: Path, device: torch.device, args) -> None:
+    """results.json and summary.md, the summary printed, then the plots (and the files again)."""
+    report.write_outputs(doc, out_dir, device)
     for part in (report.format_table(doc), report.format_ratios(doc), report.format_targets(doc)):
         if part:  # the ratios: only where the run has host-overhead cases
             print(f"\n{part}")
-
-
-def _plots(doc: dict[str, Any], out_dir: Path, device: torch.device, args) -> None:
     if args.no_plots:
         return
     from benchmarks.plots import write_plots
@@ -214,14 +198,9 @@ def _new_doc(ctx: Context, args: argparse.Namespace, passes: list[Pass]) -> dict
         "environment": collect_environment(ctx.device),
         "settings": {
             "device": str(ctx.device),
-            "quick": args.quick,
-            "filter": args.filter,
-            "providers": args.providers,
+            **{k: getattr(args, k) for k in ("quick", "filter", "providers")},
             "budget_s": args.budget,
-            "warmup_ms": args.warmup_ms,
-            "rep_ms": args.rep_ms,
-            "min_reps": args.min_reps,
-            "max_reps": args.max_reps,
+            **{k: getattr(args, k) for k in ("warmup_ms", "rep_ms", "min_reps", "max_reps")},
             "cpu_compile": args.cpu_compile,
             "precompile": ctx.precompile,
             "argv": sys.argv[1:],
@@ -283,14 +262,16 @@ def run(args: argparse.Namespace) -> int:
     if args.plan:
         return print_plan(args)
     t0 = time.perf_counter()
-    device = _device(args.device)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
         threads = args.cpu_threads or (1 if args.quick else None)
         if threads:
             torch.set_num_threads(threads)
     passes = _select(device, args)
     if args.list:
-        _print_passes(passes)
+        for p in passes:
+            later = "" if p.first else "  (later pass)"
+            print(f"{p.priority}  {p.case.name}  [{', '.join(p.providers)}]{later}")
         return 0
     out_dir = _out_dir(args)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -313,9 +294,7 @@ def run(args: argparse.Namespace) -> int:
     status = _run_passes(ctx, passes, doc, out_dir)
     doc["complete"] = True
     doc["elapsed_s"] = time.perf_counter() - t0
-    report.write_outputs(doc, out_dir, device)
-    _print_summary(doc)
-    _plots(doc, out_dir, device, args)
+    _write_all(doc, out_dir, device, args)
     print(
         f"\nwrote {out_dir / 'results.json'} and {out_dir / 'summary.md'}; {doc['elapsed_s']:.1f} s"
     )

@@ -73,10 +73,8 @@ DEFER_COMPILE = {COMPILE: P_DEFERRED}
 
 
 def candidates_later(priority: int, **more: int) -> dict[str, int]:
-    """Provider priorities of a bf16 Linear case at ``priority`` with the forced Linear
-    candidates (``manualbp_triton``, ``manualbp_cublas``): a later pass than the case's own
-    providers (P_DEFERRED for priorities 0 and 1, P_MATRIX for P_DEFERRED and P_REST), plus
-    ``more``."""
+    """Provider priorities of a bf16 Linear case at ``priority``: the forced Linear candidates
+    in a later pass than the case's own providers, plus ``more``."""
     later = P_DEFERRED if priority < P_DEFERRED else max(priority, P_MATRIX)
     return {**{p: later for p in LINEAR_CANDIDATES}, **more}
 

@@ -87,16 +87,6 @@ GEMM_BOUND_SHAPE = {"M": 8192, "K": 4096, "N": 16384}
 FUSION_BOUND_SHAPE = {"M": 65536, "K": 1024, "N": 1024}
 
 
-def _linear_pct_of_bound(doc: dict[str, Any]) -> Iterator[tuple[str, float]]:
-    """manualbp's % of the bound (benchmarks/bounds.py) of every Linear case, fwd+bwd."""
-    for c in doc["cases"]:
-        if c["group"] != "linear":
-            continue
-        r = _ran(c, "fwd+bwd", "manualbp")
-        if r is not None and r.get("pct_of_bound") is not None:
-            yield f"{c['name']} fwd+bwd", r["pct_of_bound"]
-
-
 def _gemm_pct(doc: dict[str, Any]) -> Iterator[tuple[str, float]]:
     """Mode ``gemms``: the Linear's three GEMMs alone, manualbp's kernels against
     ``torch.matmul`` at the same shapes and layouts: 100 * time(torch.matmul) / time(manualbp)."""
@@ -118,14 +108,17 @@ def _time_ratio(goal: str) -> Collect:
     return collect
 
 
-def _pct(group: str, mode: str, min_numel: int = 0) -> Collect:
+def _pct(group: str, mode: str, min_numel: int = 0, of: str = "ceiling") -> Collect:
+    """manualbp's ``pct_of_<of>`` in ``mode`` of the ``group`` cases of at least ``min_numel``
+    elements (the place names the mode for the bound)."""
+
     def collect(doc: dict[str, Any]) -> Iterator[tuple[str, float]]:
         for c in doc["cases"]:
             if c["group"] != group or c["params"].get("numel", 1 << 62) < min_numel:
                 continue
             r = _ran(c, mode, "manualbp")
-            if r is not None and r.get("pct_of_ceiling") is not None:
-                yield c["name"], r["pct_of_ceiling"]
+            if r is not None and r.get(f"pct_of_{of}") is not None:
+                yield c["name"] + (f" {mode}" if of == "bound" else ""), r[f"pct_of_{of}"]
 
     return collect
 
@@ -211,7 +204,7 @@ TARGETS: list[Target] = [
         "every Linear case fwd+bwd >= 85% of its bound (best time from its FLOPs and least "
         "bytes at the measured ceilings, benchmarks/bounds.py)",
         85.0,
-        _linear_pct_of_bound,
+        _pct("linear", "fwd+bwd", of="bound"),
         unit="%",
         ceiling="100% by definition of the bound",
     ),
@@ -346,50 +339,26 @@ def evaluate_targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
     measures_triton = doc.get("label", "").endswith("runs its Triton kernels")
     out = []
     for t in TARGETS:
-        entry: dict[str, Any] = {
-            "key": t.key,
-            "target": t.text,
-            "bound": t.bound,
-            "unit": t.unit,
-            "lower_is_better": t.lower_is_better,
-            "path": t.path,
-            "ceiling": t.ceiling,
-        }
-        if t.path == "triton" and not measures_triton:
-            entry.update(
-                verdict=NOT_MEASURED,
-                detail=f"not measured: this run does not measure the Triton kernels "
-                f"({doc.get('label')})",
-            )
-            out.append(entry)
-            continue
-        values = list(t.collect(doc))
-        if not values:
-            entry.update(verdict=NOT_MEASURED, detail="not measured: no case it needs ran")
-            out.append(entry)
-            continue
-        ok = [(w, v) for w, v in values if (v <= t.bound if t.lower_is_better else v >= t.bound)]
-        bad = [(w, v) for w, v in values if (w, v) not in ok]
-        bad.sort(key=lambda wv: -wv[1] if t.lower_is_better else wv[1])
-        worst = (
-            bad[0] if bad else min(values, key=lambda wv: -wv[1] if t.lower_is_better else wv[1])
-        )
-        entry.update(
-            verdict=PASS if not bad else SHORT,
-            n_measured=len(values),
-            n_met=len(ok),
-            worst={"where": worst[0], "value": worst[1]},
-            values=[{"where": w, "value": v} for w, v in values],
-            detail=(
-                f"{len(ok)}/{len(values)} meet it; worst {_fmt(worst[1], t.unit)} at {worst[0]}"
-                + (
-                    ""
-                    if not bad
-                    else "; short: "
-                    + ", ".join(f"{w} ({_fmt(v, t.unit)})" for w, v in bad[:4])
-                    + (f", ... {len(bad) - 4} more" if len(bad) > 4 else "")
-                )
-            ),
-        )
+        entry: dict[str, Any] = {"key": t.key, "target": t.text}
+        entry |= {f: getattr(t, f) for f in ("bound", "unit", "lower_is_better", "path", "ceiling")}
         out.append(entry)
+        values = list(t.collect(doc)) if t.path != "triton" or measures_triton else None
+        if not values:
+            why = "no case it needs ran"
+            if values is None:
+                why = f"this run does not measure the Triton kernels ({doc.get('label')})"
+            entry.update(verdict=NOT_MEASURED, detail=f"not measured: {why}")
+            continue
+        badness = (lambda wv: -wv[1]) if t.lower_is_better else (lambda wv: wv[1])
+        ok = [(w, v) for w, v in values if (v <= t.bound if t.lower_is_better else v >= t.bound)]
+        bad = sorted([(w, v) for w, v in values if (w, v) not in ok], key=badness)
+        worst = min(values, key=badness)  # the first of ``bad`` where any falls short
+        detail = f"{len(ok)}/{len(values)} meet it; worst {_fmt(worst[1], t.unit)} at {worst[0]}"
+        if bad:
+            detail += "; short: " + ", ".join(f"{w} ({_fmt(v, t.unit)})" for w, v in bad[:4])
+            detail += f", ... {len(bad) - 4} more" if len(bad) > 4 else ""
+        entry.update(verdict=SHORT if bad else PASS, n_measured=len(values), n_met=len(ok))
+        entry["worst"] = {"where": worst[0], "value": worst[1]}
+        entry["values"] = [{"where": w, "value": v} for w, v in values]
+        entry["detail"] = detail
     return out

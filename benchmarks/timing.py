@@ -12,7 +12,7 @@ import gc
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,12 +37,6 @@ def _flush(device: torch.device) -> None:
         _flush_buffers[key].zero_()
 
 
-def release_flush_buffers() -> None:
-    """Free the L2-flush buffers (made again on the next timed call), so that they are not part
-    of a peak-memory measurement."""
-    _flush_buffers.clear()
-
-
 @dataclass
 class Timing:
     """Per-call times of one measured function, in milliseconds (warm-up excluded)."""
@@ -57,9 +51,6 @@ class Timing:
     n_sets: int
     first_call_ms: float
     method: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _quantile(sorted_values: Sequence[float], q: float) -> float:
@@ -226,7 +217,7 @@ def peak_memory(
             "peak_mem_extra_bytes": None,
             "peak_mem_note": "not measured on CPU (no allocator statistics)",
         }
-    release_flush_buffers()
+    _flush_buffers.clear()  # made again on the next timed call: not part of the peak
     arg = prepare(one_set)
     run(arg)
     del arg

@@ -30,7 +30,7 @@ import torch
 
 __all__ = ["FLOAT_DTYPES", "Decision", "Launch", "acc_dtype", "gpu_code", "interpreting",
            "keep_decision", "launch", "observe", "on_device", "record", "recording", "runs_on",
-           "simulate", "target"]  # fmt: skip
+           "simulate", "stream_key", "target"]  # fmt: skip
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -50,6 +50,12 @@ def on_device(device: torch.device) -> contextlib.AbstractContextManager:
     """Make ``device`` current for a launch when it is a CUDA device (Triton launches on the
     current device); a no-op otherwise."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def stream_key(device: torch.device) -> int:
+    """The stream a launch on ``device`` is queued on, as a cache key: the current CUDA stream's
+    handle (0 for the legacy default stream), 0 off CUDA (no streams)."""
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
 
 
 # --------------------------------------------------------------------------------------------

@@ -194,18 +194,20 @@ def matmul_kernel(
     tl.store(c_ptrs, cast_out(acc, c_ptr.dtype.element_ty), mask=c_mask)
 
 
+def major(t: torch.Tensor, names: str = "rcs") -> str:
+    """``names[0]`` for a row-major 2-D ``t``, ``names[1]`` for column-major, ``names[2]`` for
+    neither."""
+    if t.stride(1) == 1 or t.shape[1] <= 1:
+        return names[0]
+    return names[1] if t.stride(0) == 1 or t.shape[0] <= 1 else names[2]
+
+
 def operand_layout(a: torch.Tensor, b: torch.Tensor) -> str:
     """Which dimension of each GEMM operand is contiguous, from its strides: ``"A:K"`` (A
     (M, K) row-major, K-major) or ``"A:M"`` (column-major, e.g. dW's stride-swapped dZ^T),
     ``"B:N"`` or ``"B:K"``, ``S`` for neither. Part of the tuning key: the best tile and
     pipeline depth differ between layouts, so dX = dZ W and dW = dZ^T X tune apart."""
-
-    def major(t: torch.Tensor, inner: str, outer: str) -> str:
-        if t.stride(1) == 1 or t.shape[1] <= 1:
-            return inner
-        return outer if t.stride(0) == 1 or t.shape[0] <= 1 else "S"
-
-    return f"A:{major(a, 'K', 'M')},B:{major(b, 'N', 'K')}"
+    return f"A:{major(a, 'KMS')},B:{major(b, 'NKS')}"
 
 
 def tuning_key(a: torch.Tensor, b: torch.Tensor, accumulate: bool = False) -> str:

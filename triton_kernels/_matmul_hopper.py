@@ -1,39 +1,33 @@
 """The Hopper (sm_90+) GEMM path: a persistent, TMA-fed GEMM with the fused Linear epilogue.
 
-``C = epilogue(A @ B)`` for A (M, K) and B (K, N), the same contract as the pointer kernels of
-:mod:`triton_kernels._matmul` / :mod:`triton_kernels.linear_forward`, built the Hopper way:
+``C = epilogue(A @ B)`` for A (M, K) and B (K, N), the contract of the pointer kernels of
+:mod:`._matmul` and :mod:`.linear`, built the Hopper way:
 
-* **persistent grid**: one program per SM, each looping over output tiles in grouped order
-  (GROUP_M row-blocks share the column-blocks they visit, for L2 reuse); Triton flattens the
-  tile and K loops so the next tile's loads overlap this tile's epilogue;
-* **tensor descriptors** (TMA) for every load and store, made on the host
-  (``triton.tools.tensor_descriptor.TensorDescriptor``, present in Triton 3.6 and 3.9): the
-  hardware clips and zero-fills the tile edges, so the main loop has no masks and no address
-  arithmetic;
-* **epilogue subtiling**: the accumulator is split into two (BLOCK_M, BLOCK_N / 2) halves,
-  each biased, activated and stored on its own (half the registers and store buffer);
-* **warp specialisation**: the tile loop is a ``tl.range(..., warp_specialize=...)`` driven
-  by the configs' ``WARP_SPECIALIZE``, off in every shipped config. On sm_90 neither supported
-  Triton specialises this loop: with 8 warps 3.6 and 3.9 compile it to the very same PTX as
-  without (no producer/consumer split, no ``setmaxnreg``), with 4 warps their Hopper pass
-  (``NVGPUWarpSpecialization``) fails ("descriptor block and tensor must have the same number
-  of elements"). The switch stays so that a Triton that does it on Hopper needs a config
-  entry, not a new kernel.
+* **persistent grid**: one program per SM, looping over output tiles in grouped order (L2
+  reuse); Triton flattens the tile and K loops so the next tile's loads overlap this epilogue;
+* **tensor descriptors** (TMA, ``triton.tools.tensor_descriptor.TensorDescriptor``) for every
+  load and store, made on the host: the hardware clips and zero-fills the tile edges, so the
+  main loop has no masks and no address arithmetic;
+* **epilogue subtiling**: the accumulator is split into two (BLOCK_M, BLOCK_N / 2) halves, each
+  biased, activated and stored on its own (half the registers and store buffer);
+* **warp specialisation**: the tile loop's ``tl.range(..., warp_specialize=WARP_SPECIALIZE)``,
+  off in every shipped config. On sm_90 neither supported Triton specialises this loop: with
+  8 warps 3.6 and 3.9 compile it to the very same PTX as without, with 4 warps their Hopper
+  pass (``NVGPUWarpSpecialization``) fails ("descriptor block and tensor must have the same
+  number of elements"). The switch stays so that a Triton that does it needs a config entry,
+  not a new kernel.
 
-TMA reads 2-D row-major boxes: a descriptor needs a 16-byte aligned base, 16-byte aligned row
-stride and a unit last stride. An operand stored transposed (a column-major view) is read
-through a descriptor on its transpose and transposed back in registers (``A_T`` / ``B_T``): so
-``x @ W^T`` (forward), ``dZ @ W`` (dX) and ``dZ^T @ X`` (dW) all run without copies (in TF32
-only the forward: an MN-major fp32 operand takes a trip through registers per K step).
-:func:`tma_eligible` decides; everything else (sm_80, the CPU interpreter, fp64, IEEE fp32,
-misaligned or overlapping views) stays on the pointer kernels. Accumulation is fp32: fp16 /
-bf16 inputs, and fp32 inputs with TF32 ``tl.dot`` (float32 matmul precision "high"/"medium").
-The config is chosen per size bucket by :func:`~triton_kernels._tuning.tuned_launch`; each
-config's launch builds its own descriptors (their boxes are the config's block shapes).
+TMA reads 2-D row-major boxes: a 16-byte aligned base and row stride, a unit last stride. An
+operand stored transposed is read through a descriptor on its transpose and transposed back in
+registers (``A_T`` / ``B_T``), so ``x @ W^T``, ``dZ @ W`` (dX) and ``dZ^T @ X`` (dW) need no
+copies (in TF32 only the forward: an MN-major fp32 operand takes a trip through registers per K
+step). :func:`tma_eligible` decides; everything else (sm_80, the interpreter, fp64, IEEE fp32,
+misaligned or overlapping views) stays on the pointer kernels. Accumulation is fp32. The config
+is tuned per size bucket (:func:`~._tuning.tuned_launch`); each config's launch builds its own
+descriptors (their boxes are its block shapes).
 
-Under the CPU interpreter the launchers here run too (tests call them directly, with
-:data:`INTERPRETER_CONFIG`): the interpreter executes tensor descriptors, so the math of this
-kernel is tested on the CPU; what only the GPU shows (TMA, wgmma, spills) is in the audit.
+The interpreter executes tensor descriptors, so tests run these launchers on the CPU (with
+:data:`INTERPRETER_CONFIG`); what only the GPU shows (TMA, wgmma, spills) is in the audit.
 """
 
 from __future__ import annotations

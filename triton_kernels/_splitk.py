@@ -1,34 +1,29 @@
 """Deterministic split-K GEMM: ``C = A @ B`` with the reduction dimension cut into S slices.
 
-The weight gradient of a Linear, ``dW = dZ^T X`` ((N, M) @ (M, K)), reduces over the M rows
-of the batch, which are many, into an (N, K) output that may have few tiles: at N = K = 1024
-and 128 x 128 tiles there are 64 output tiles for an H100/H200's 132 SMs, so one program per
-tile leaves half the GPU idle while each program walks all M rows. Split-K cuts the
-reduction (here M) into S slices of ``chunk`` rows:
+The weight gradient of a Linear, ``dW = dZ^T X`` ((N, M) @ (M, K), ``A = dZ^T`` a stride-swapped
+view of dZ, no copy; called from :mod:`.linear`), reduces over the many batch rows into an
+(N, K) output that may have few tiles: at N = K = 1024 and 128 x 128 tiles, 64 tiles for an
+H100/H200's 132 SMs, so one program per tile leaves half the GPU idle. Split-K cuts the
+reduction into S slices of ``chunk`` rows:
 
-1. :func:`splitk_partial_kernel`, grid ``(tiles, S)``: program ``(t, s)`` computes output tile
-   ``t`` over slice ``s`` only, ``P_s = A[:, s] @ B[s, :]``, and stores it in fp32 (fp64 for
-   fp64 inputs) into a workspace ``(S, M, N)``. Every workspace element is written exactly
-   once (each slice holds at least one row), so the workspace needs no zeroing.
+1. :func:`splitk_partial_kernel`, grid ``(tiles, S)``: program ``(t, s)`` stores tile ``t`` of
+   slice ``s``'s product in fp32 (fp64 for fp64) into a workspace ``(S, M, N)``; each element
+   is written exactly once (no slice is empty), so the workspace needs no zeroing.
 2. :func:`splitk_reduce_kernel` adds the S partials of every element in the fixed order
-   ``s = 0, 1, ..., S-1`` and stores the sum, rounded once, in the output dtype.
+   ``s = 0, 1, ..., S-1`` and rounds the sum once to the output dtype.
 
-No atomics: the result is bitwise the same from run to run (given the config, which is fixed
-per architecture and dtype class here, see :data:`SPLITK_CONFIGS`; the split itself depends on
-the shape and the SM count only).
+No atomics: the result is bitwise the same from run to run (the config is fixed per
+architecture and dtype class, :data:`SPLITK_CONFIGS`; the split depends on the shape and SM
+count only).
 
-When to split (:func:`plan_splits`), data and heuristic: a GEMM whose output has at least
-``SPLIT_BELOW_WAVES * SMs`` tiles keeps one program per tile. Below that, the reduction is cut
-into ``S = cdiv(TARGET_WAVES * SMs, tiles)`` slices (about two waves of programs), at most
-``MAX_SPLITS`` and each at least ``MIN_CHUNK`` long: a slice of ``chunk`` rows reads
-``chunk * (BM + BN)`` operand elements and writes and re-reads ``BM * BN`` fp32 partials, so
-with 128 x 128 tiles and chunks of >= 1024 rows the workspace traffic stays below 1/8 of the
-operand traffic (16-bit operands). Slice starts are aligned to ``CHUNK_ALIGN`` rows (a
-multiple of every BLOCK_K). Under the CPU interpreter the SM count is a fixed stand-in
-(:data:`INTERPRETER_SM_COUNT`) and the chunks small, so small test shapes take the split path.
-
-The fused Linear backward (:mod:`triton_kernels.linear_backward`) calls :func:`splitk_matmul`
-for dW (``A = dZ^T``, an M-major stride-swapped view, no copy).
+When to split (:func:`plan_splits`): an output of at least ``SPLIT_BELOW_WAVES * SMs`` tiles
+keeps one program per tile. Below that the reduction is cut into ``S = cdiv(TARGET_WAVES * SMs,
+tiles)`` slices (about two waves), at most ``MAX_SPLITS``, each at least ``MIN_CHUNK`` long: a
+slice of ``chunk`` rows reads ``chunk * (BM + BN)`` operand elements and writes and re-reads
+``BM * BN`` fp32 partials, so with 128 x 128 tiles and chunks of >= 1024 rows the workspace
+traffic stays below 1/8 of the operand traffic (16-bit operands). Slice starts are aligned to
+``CHUNK_ALIGN`` rows (a multiple of every BLOCK_K). Under the CPU interpreter the SM count is a
+stand-in (:data:`INTERPRETER_SM_COUNT`) and the chunks small, so small test shapes split.
 """
 
 from __future__ import annotations
@@ -40,16 +35,12 @@ import triton
 import triton.language as tl
 
 from ._host import acc_dtype, launch, target
-from ._matmul import INTERPRETER_CONFIG, gemm_mainloop, matmul, smem_estimate, tile_offsets
+from ._matmul import INTERPRETER_CONFIG, _cfg, gemm_mainloop, matmul, smem_estimate, tile_offsets
 from ._runtime import cast_out, dtype_class, input_precision_for, smem_limit
 
 __all__ = ["SPLITK_CONFIGS", "REDUCE_CONFIGS", "SplitPlan", "plan_splits", "sm_count",
            "splitk_config", "splitk_config_for", "splitk_matmul", "splitk_partial_kernel",
            "splitk_reduce_kernel"]  # fmt: skip
-
-
-def _cfg(m: int, n: int, k: int, warps: int, stages: int, group: int = 8) -> dict[str, int]:
-    return dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=group, num_warps=warps, num_stages=stages)
 
 
 # One config per (architecture family, dtype class), as data: the tile shape must be known

@@ -4,36 +4,33 @@ cuBLAS), runs for a bucket of shapes. One mechanism for both, importable without
 :func:`choose` returns the candidate to run for a bucket ``key`` on a device:
 
 1. a decision already made in this process (a dictionary look-up: the steady state);
-2. where nothing may be timed, the caller's ``default``, kept for nothing: under Triton's CPU
-   interpreter or on CPU tensors, while a CUDA graph is being captured (timing synchronises and
-   allocates, which would invalidate the capture: a bucket first met under capture runs its
-   default config, unrecorded, until an eager call decides it), and while launches are only
-   recorded (:func:`manualbp.kernels._host.record`);
-3. else, under a lock (one thread decides; others wait for it): the decision loaded from the
-   cache file (``MANUALBP_LINEAR_CACHE``), or measured: every candidate runs on the call's own
-   tensors, timed by :func:`cuda_event_timer` (one warm-up run, which compiles, then the median
-   of :data:`TIMED_RUNS` runs between CUDA events), and the cheapest wins after its ``margins``
-   (a candidate with margin 0.05 must be 5 % faster than the others to be chosen; ties go to
-   the first). Under ``torch.distributed`` the first rank to decide a key publishes it on the
-   process group's store and every rank runs that one (:func:`agree`): all ranks run the same
-   kernels, for DDP's bitwise reproducibility and for replicated tensor-parallel weights that
-   are never all-reduced. The decision is kept in memory (per device model) and written to the
-   cache file.
+2. where nothing may be timed, the caller's ``default``, kept for nothing: under the interpreter
+   or on CPU tensors, while launches are only recorded (:func:`._host.record`), and during CUDA
+   graph capture (timing synchronises and allocates, which would invalidate the capture: a
+   bucket first met there runs its default, unrecorded, until an eager call decides it);
+3. else, under a lock (one thread decides; others wait): the decision from the cache file
+   (``MANUALBP_LINEAR_CACHE``), or measured: each candidate runs on the call's own tensors,
+   timed by :func:`cuda_event_timer`, and the cheapest after its ``margins`` wins (margin 0.05:
+   must be 5 % faster; ties go to the first). Under ``torch.distributed`` the first rank to
+   decide a key publishes it on the process group's store and every rank runs that one
+   (:func:`agree`): the same kernels on all ranks, for DDP's bitwise reproducibility and for
+   replicated tensor-parallel weights that are never all-reduced. The decision is kept in
+   memory (per device model) and written to the cache file.
 
 No state of a call is kept on a shared object: each launch builds its own arguments for the
 config it is given (a tuned launcher's ``make(config)``), so threads never see each other's.
 
-Cache file: ``MANUALBP_LINEAR_CACHE=/path/file.json``, read at a device's first decision and
-rewritten atomically after each new one (through a symbolic link, to its target)::
+Cache file, read at a device's first decision and rewritten atomically after each new one
+(through a symbolic link, to its target)::
 
     {"format": "manualbp.tuning", "schema": 2, "device": "NVIDIA H200", "torch": "2.11.0",
      "triton": "3.6.0", "choices": {"fwd|bfloat16|gelu|...|K=4096": "cublas",
                                     "cfg|matmul_tma_kernel|...": "128x256x64 g8 w8 s3", ...}}
 
-Only a regular file of at most :data:`MAX_CACHE_BYTES` is read, only as JSON, validated whole;
-anything else (not JSON, too deep, another format, schema, device, torch or triton version, an
-entry that is not a known key form mapped to a name) is ignored with a warning. A choice naming
-a config or candidate that no longer exists is ignored when met.
+Only a regular file of at most :data:`MAX_CACHE_BYTES` is read, as JSON, validated whole;
+anything else (another format, schema, device or version, an entry that is not a known key
+form mapped to a name) is ignored with a warning, as is a choice naming a config or candidate
+that no longer exists.
 """
 
 from __future__ import annotations
@@ -251,7 +248,7 @@ def _parse(text: str, name: str) -> dict[str, str] | str:
 
 
 def _read(path: str, name: str, *, warn: bool) -> dict[str, str]:
-    problem: str | None = None
+    problem: dict[str, str] | str  # the choices, or why not
     try:
         info = os.stat(path)  # through a link, to its target
     except FileNotFoundError:
@@ -263,15 +260,14 @@ def _read(path: str, name: str, *, warn: bool) -> dict[str, str]:
             problem = "not a regular file"
         elif info.st_size > MAX_CACHE_BYTES:
             problem = f"larger than {MAX_CACHE_BYTES} bytes"
-    if problem is None:
-        try:
-            with open(path, encoding="utf-8") as f:
-                parsed = _parse(f.read(MAX_CACHE_BYTES + 1), name)
-        except (OSError, UnicodeDecodeError) as e:
-            parsed = f"unreadable ({type(e).__name__})"
-        if not isinstance(parsed, str):
-            return parsed
-        problem = parsed
+        else:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    problem = _parse(f.read(MAX_CACHE_BYTES + 1), name)
+            except (OSError, UnicodeDecodeError) as e:
+                problem = f"unreadable ({type(e).__name__})"
+            if not isinstance(problem, str):
+                return problem
     if warn:
         warnings.warn(f"{CACHE_ENV}: ignoring {path}: {problem}", stacklevel=5)
     return {}
@@ -355,11 +351,9 @@ def tuned_launch(kernel: Any, key: str, configs: list[dict[str, Any]], make: Mak
                         timing=timing)  # fmt: skip
         chosen = by_label[picked]
     grid, args, kwargs = make(chosen)
-    # _host.launch, inline: one frame fewer between an op's entry point and its kernel.
-    if (_host._recorders or _host._observers) and not _host.keep(
-        _host.Launch(kernel, grid, args, kwargs)
-    ):
-        return chosen
+    # _host.launch, inline (nothing records here): one frame fewer between op and kernel.
+    if _host._observers:
+        _host.keep(_host.Launch(kernel, grid, args, kwargs))
     kernel[grid](*args, **kwargs)
     return chosen
 

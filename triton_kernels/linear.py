@@ -4,34 +4,28 @@ backward of ``Linear -> act_p -> Linear``; each GEMM Triton or cuBLAS, chosen pe
 Forward (:func:`forward`). Candidate ``"triton"``: one GEMM whose epilogue adds the bias to the
 fp32 (fp64) accumulator, rounds Z to the output dtype (as native Linear does before its
 activation), stores Z only when the backward reads it, and applies the activation
-(:func:`linear_forward_kernel`; on sm_90+ the persistent TMA kernel of :mod:`._matmul_hopper`
-with the same epilogue). Candidate ``"cublas"``: ``torch.addmm`` / ``torch.mm`` (the bias in
-cuBLASLt's epilogue, native's own rounding; fp64 adds it in the pass), then, where needed, one
-elementwise pass over the GEMM output (:func:`linear_epilogue_kernel`, in place unless Z is
-kept).
+(:func:`linear_forward_kernel`; on sm_90+ the persistent TMA kernel of :mod:`._matmul_hopper`).
+Candidate ``"cublas"``: ``torch.addmm`` / ``torch.mm`` (the bias in cuBLASLt's epilogue; fp64
+adds it in the pass), then, where needed, one elementwise pass over the GEMM output
+(:func:`linear_epilogue_kernel`, in place unless Z is kept).
 
-Backward (:func:`backward`), deterministic (no atomics):
-
-1. :func:`act_grad_kernel`, one elementwise pass over (M, N): dZ = dY * act'(saved) written
-   once in the input dtype, and the fp32 (fp64) column sums of its row block into a
-   ``(cdiv(M, BLOCK_M * ROW_STEPS), N)`` partials buffer; :func:`bias_grad_kernel` sums those
-   in a fixed order: db.
-2. dX = dZ W and dW = dZ^T X, each chosen on its own between the Triton GEMM (dW through the
-   deterministic split-K GEMM of :mod:`._splitk`; dZ^T is a stride-swapped view, no copy) and
-   ``torch.mm``.
+Backward (:func:`backward`), deterministic (no atomics): :func:`act_grad_kernel`, one pass over
+(M, N), writes dZ = dY * act'(saved) and the fp32 (fp64) column sums of its row block into a
+``(cdiv(M, BLOCK_M * ROW_STEPS), N)`` partials buffer, which :func:`bias_grad_kernel` sums in a
+fixed order (db); then dX = dZ W and dW = dZ^T X, each Triton (dW by the deterministic split-K
+GEMM of :mod:`._splitk` on a stride-swapped dZ^T, no copy) or ``torch.mm``.
 
 Cross-layer fusion (:func:`backward_chain`): the upper layer's dX GEMM, ``dH = dZ W``, is the
 lower layer's dY; :func:`chain_grad_kernel` applies the lower activation's derivative in that
-GEMM's epilogue, writes ``dZ_p = dH * act_p'(saved_p)`` once and the bias partials of its row
-block: dH never exists in memory. Its alternative: ``torch.mm`` then :func:`act_grad_kernel`.
+GEMM's epilogue, writing ``dZ_p = dH * act_p'(saved_p)`` and its bias partials: dH never exists
+in memory. Its alternative: ``torch.mm`` then :func:`act_grad_kernel`.
 
-The choice (:func:`forward`, each backward GEMM, the chain GEMM), per *bucket*: op, dtype (fp32
+The choice (forward, each backward GEMM, the chain GEMM) is made per *bucket*: op, dtype (fp32
 with its matmul precision), activation, bias and pre-activation store, operand layouts, M
-rounded up to a power of two, N, K. The first call of a bucket times both candidates on its own
-tensors and keeps the faster (``_tuning.choose``: cuBLAS replaces the fused Triton candidate
-only when :data:`CUBLAS_MARGIN` faster; under the interpreter, on CPU tensors and during graph
-capture ``"triton"`` runs); later calls time nothing. :func:`force` or ``MANUALBP_LINEAR_IMPL``
-(``auto`` | ``triton`` | ``cublas``) forces one candidate.
+rounded up to a power of two, N, K. A bucket's first call times both candidates on its own
+tensors (``_tuning.choose``: cuBLAS replaces the fused Triton candidate only when
+:data:`CUBLAS_MARGIN` faster; the interpreter, CPU tensors and graph capture run ``"triton"``).
+:func:`force` or ``MANUALBP_LINEAR_IMPL`` (``auto`` | ``triton`` | ``cublas``) forces one.
 """
 
 from __future__ import annotations
@@ -55,6 +49,7 @@ from ._matmul import (
     gemm_configs,
     gemm_mainloop,
     grid_of,
+    major,
     matmul,
     operand_layout,
     tile_offsets,
@@ -343,13 +338,6 @@ def mode() -> str:
     return value.lower()
 
 
-def _layout(t: Tensor) -> str:
-    """``r`` row-major, ``c`` column-major, ``s`` neither (of a 2-D tensor)."""
-    if t.stride(1) == 1 or t.shape[1] <= 1:
-        return "r"
-    return "c" if t.stride(0) == 1 or t.shape[0] <= 1 else "s"
-
-
 def _dtype_tag(dtype: torch.dtype) -> str:
     tag = str(dtype).removeprefix("torch.")
     return tag + "-" + torch.get_float32_matmul_precision() if dtype == torch.float32 else tag
@@ -365,7 +353,7 @@ def forward_key(x: Tensor, weight: Tensor, bias: Tensor | None, activation: str 
     return "|".join(("fwd", _dtype_tag(x.dtype), constexpr(activation),
                      "bias" if bias is not None else "nobias",
                      "preact" if store_preact else "nopreact",
-                     f"x:{_layout(x)},w:{_layout(weight)}",
+                     f"x:{major(x)},w:{major(weight)}",
                      _bucket(x.shape[0], weight.shape[0], x.shape[1])))  # fmt: skip
 
 
@@ -377,7 +365,7 @@ def gemm_key(op: str, a: Tensor, b: Tensor, activation: str | None = None) -> st
     n = b.shape[1]
     M, N, K = (k, m, n) if op == "dw" else (m, k, n)
     tag = _dtype_tag(a.dtype) + ("" if op != "chain" else "|" + constexpr(activation))
-    return "|".join((op, tag, f"a:{_layout(a)},b:{_layout(b)}", _bucket(M, N, K)))
+    return "|".join((op, tag, f"a:{major(a)},b:{major(b)}", _bucket(M, N, K)))
 
 
 def _choose(M: int, N: int, K: int, key: Callable[[], str], device: torch.device,
@@ -528,27 +516,14 @@ def act_grad_and_bias(grad_y: Tensor, saved: Tensor | None, activation: str | No
     return dz, _reduce_bias(part, grid_m, grad_y) if compute_db else None
 
 
-def _dx_triton(dz: Tensor, weight: Tensor, out: Tensor | None = None) -> Tensor:
-    return matmul(dz, weight, out=out)
-
-
-def _dw_triton(dz: Tensor, x: Tensor, splits: int | None = None) -> Tensor:
-    return splitk_matmul(dz.t(), x, splits=splits)  # (N, M) @ (M, K)
-
-
-def _dx_cublas(dz: Tensor, weight: Tensor, out: Tensor | None = None) -> Tensor:
-    return torch.mm(dz, weight, out=out)
-
-
-def _dw_cublas(dz: Tensor, x: Tensor, splits: int | None = None) -> Tensor:
-    return torch.mm(dz.t(), x)
-
-
-#: op -> impl -> ``f(dz, operand)``: dX = f(dZ, W), dW = f(dZ, X).
+#: op -> impl -> ``f(dz, operand, extra)``: dX = f(dZ, W, out), dW = f(dZ, X, splits) (dZ^T X:
+#: (N, M) @ (M, K); cuBLAS ignores the splits).
 GEMMS: dict[str, dict[str, Callable[..., Tensor]]] = {
-    "dx": {"triton": _dx_triton, "cublas": _dx_cublas},
-    "dw": {"triton": _dw_triton, "cublas": _dw_cublas},
-}
+    "dx": {"triton": lambda dz, w, out=None: matmul(dz, w, out=out),
+           "cublas": lambda dz, w, out=None: torch.mm(dz, w, out=out)},
+    "dw": {"triton": lambda dz, x, splits=None: splitk_matmul(dz.t(), x, splits=splits),
+           "cublas": lambda dz, x, splits=None: torch.mm(dz.t(), x)},
+}  # fmt: skip
 
 
 def _gemm(op: str, dz: Tensor, operand: Tensor, extra: Any = None) -> Tensor:
@@ -609,10 +584,8 @@ def _chain_triton(dz: Tensor, weight: Tensor, prev_saved: Tensor | None, prev_ac
     K = weight.shape[1]
     precision = input_precision_for(dz.dtype, dz.device)
     gpu = target(dz.device)
-    if gpu is None:
-        cfgs = gemm_configs(dz.device, dz.dtype, precision)
-    else:
-        cfgs = chain_configs(gpu[0], dz.dtype, precision)
+    cfgs = (gemm_configs(dz.device, dz.dtype, precision) if gpu is None
+            else chain_configs(gpu[0], dz.dtype, precision))  # fmt: skip
     out = dz.new_empty((M, K))
     s = out if prev_saved is None else prev_saved  # dummy without an activation
     meta = dict(ACTIVATION=constexpr(prev_act), COMPUTE_DB=compute_db,

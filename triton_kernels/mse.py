@@ -2,59 +2,49 @@
 
 Launchers take tensors and return tensors; nothing here records autograd.
 
-Memory traffic. The kernels are bandwidth bound, so the common layout (every operand contiguous
-after coalescing, see below) takes a path built for 16-byte vector accesses: blocks that lie
-wholly inside the ``N`` elements load and store without a mask, at offsets that Triton knows to
-be contiguous and block aligned, so with 16-byte aligned pointers (Triton specialises pointer
-arguments on that) every access is a 128-bit ``ld/st.global.v4`` (``v2.b64`` for fp64); only the
-last, partial block is masked. The fused forward reads ``input`` and ``target`` once and writes
-the gradient once: 12 bytes per fp32 element, nothing else per element (the partials below are
-at most :data:`CONFIGS`' ``PARTIALS`` values per launch). An unaligned view (say at storage
-offset 1) compiles to a variant with scalar accesses and stays correct.
+Memory traffic. The kernels are bandwidth bound. On the common, contiguous layout (below) the
+blocks wholly inside the ``N`` elements load and store unmasked, at offsets Triton knows to be
+contiguous and block aligned, so with 16-byte aligned pointers (Triton specialises pointers on
+that) every access is a 128-bit ``ld/st.global.v4`` (``v2.b64`` for fp64); only the last,
+partial block is masked. An unaligned view (say at storage offset 1) compiles to scalar accesses
+and stays correct. The fused forward reads ``input`` and ``target`` once and writes the gradient
+once: 12 bytes per fp32 element, plus at most ``PARTIALS`` partial sums per launch.
 
-Layout handling. ``input`` and ``target`` arrive with the same shape but arbitrary strides (the
-caller broadcasts with ``expand`` views, so stride-0 dimensions are common). Instead of
-materialising them, the launchers *coalesce* the shared shape: size-1 dimensions are dropped and
-adjacent dimensions ``i, i+1`` are merged when ``stride[i] == stride[i+1] * size[i+1]`` holds for
-every operand. When one unit-stride dimension is left for every operand the layout is
-*contiguous* (the vector path above). Otherwise what is left (at most :data:`MAX_DIMS` dimensions)
-is indexed in-kernel by decomposing the row-major linear index into per-dimension indices and
-dotting them with each operand's strides, in int64, with every access masked. Only when more than
-:data:`MAX_DIMS` non-mergeable dimensions remain (rare: e.g. a 5-d permuted view) do the launchers
-fall back to ``.contiguous()`` copies.
+Layout handling. ``input`` and ``target`` share a shape but not strides (the caller broadcasts
+with ``expand`` views: stride 0 is common). Instead of materialising them, the launchers
+*coalesce* the shape: size-1 dims are dropped and adjacent dims ``i, i+1`` merged where
+``stride[i] == stride[i+1] * size[i+1]`` for every operand. One unit-stride dim left for every
+operand is the *contiguous* layout (the vector path). Otherwise up to :data:`MAX_DIMS` dims are
+indexed in-kernel (the linear index decomposed per dim and dotted with each operand's strides,
+in int64, every access masked); more (rare: a 5-d permuted view) fall back to ``.contiguous()``.
 
-Persistent grids. The forward and the in-place scale run a fixed, small grid whose programs
-stride over the work (program ``p`` of ``P`` takes units ``p, p + P, p + 2P, ...``): a few
-programs per SM for the forward (``PROGRAMS_PER_SM`` of its config), at most one per SM for the
-scale. ``P`` depends only on the amount of work and the device's SM count (:func:`programs`;
-the interpreter stands in for a GPU of :data:`INTERPRETER_SMS` SMs), never on timing.
+Persistent grids. The forward and the in-place scale run a small fixed grid of ``P`` programs,
+program ``p`` taking units ``p, p + P, ...``: a few per SM for the forward (its config's
+``PROGRAMS_PER_SM``), at most one per SM for the scale. ``P`` depends only on the work and the
+SM count (:func:`programs`; the interpreter stands in for :data:`INTERPRETER_SMS` SMs).
 
-Reductions are deterministic, take one launch, and do not depend on ``P``. The ``B = cdiv(N,
-BLOCK)`` blocks are cut into at most ``PARTIALS`` *segments* of ``cdiv(B, PARTIALS)`` consecutive
-blocks; the cut depends only on ``N`` and the config. A program sums each of its segments in a
-fixed order (per lane of a ``BLOCK``-wide fp32 accumulator, fp64 for fp64 inputs, block after
-block, then a fixed tree over the lanes) into ``partials[segment]``, then takes a ticket from an
-int32 counter (``atomic_add``, acquire-release; the counter only orders programs, no float is
-added atomically). The program that draws the last ticket loads the ``<= PARTIALS`` partials at
-once (one masked vector load, no loop) and sums them with a fixed tree, divides by ``N`` for
-``"mean"``, stores the loss in the input dtype and resets the counter to 0 for the next launch.
-Which program sums which segment changes nothing: two runs, and two grids of any size, give
-bitwise equal losses. The counter is one int32 per (device, stream), zeroed once and left at 0 by
-every launch; under CUDA-graph capture each call takes a fresh zeroed counter (a memset node in
-the graph), so graphs never share one with eager work.
+Reductions are deterministic, take one launch, and do not depend on ``P``. The ``cdiv(N, BLOCK)``
+blocks are cut into at most ``PARTIALS`` *segments* of consecutive blocks, by ``N`` and the
+config only. A program sums each of its segments in a fixed order (per lane of a ``BLOCK``-wide
+fp32 accumulator, fp64 for fp64, block after block, then a fixed tree over the lanes) into
+``partials[segment]``, then takes a ticket from an int32 counter (``atomic_add``, acq_rel; it
+only orders programs, no float is added atomically). The program drawing the last ticket sums
+the partials with one masked load and a fixed tree, divides by ``N`` for ``"mean"``, stores the
+loss and resets the counter to 0: runs and grids of any size give bitwise equal losses. The
+counter is one int32 per (device, stream), left at 0 by every launch; under CUDA-graph capture
+each call takes a fresh zeroed one (a memset node), so graphs never share one with eager work.
 
 The scale by the upstream gradient (:func:`mse_grad_scale_`) reads that gradient on the device:
-autograd hands it over as a device tensor (``loss.backward()`` makes ``ones_like(loss)`` there),
-so the host could only learn its value with a sync, and under CUDA-graph capture the value may
-change between replays. Every program loads it first and, when it is exactly 1, returns at once:
-the launch of at most one program per SM then costs one scalar load each and writes nothing.
+autograd hands it over as a device tensor, so the host could only learn its value with a sync,
+and under CUDA-graph capture it may change between replays. Every program loads it first and
+returns at once when it is exactly 1 (one scalar load per program, nothing written).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -68,6 +58,7 @@ from ._host import (
     interpreting,
     launch,
     on_device,
+    stream_key,
     strided_4d,
     target,
     unaligned,
@@ -438,12 +429,10 @@ def _check_pair(input: Tensor, target: Tensor, reduction: str) -> None:
         raise ValueError(f"input on {input.device} but target on {target.device}")
 
 
-@dataclass(frozen=True)
-class ForwardPlan:
-    """How :func:`mse_forward` cuts its ``n`` elements (module docstring): blocks of ``block``
-    elements; for a reduction, ``segments`` segments of ``segment_blocks`` blocks (the last
-    ones may be short), one partial each; ``programs`` programs (the grid); ``config`` the
-    launch config."""
+class ForwardPlan(NamedTuple):
+    """How :func:`mse_forward` cuts its ``n`` elements: blocks of ``block`` elements; for a
+    reduction, ``segments`` segments of ``segment_blocks`` blocks (the last ones may be short),
+    one partial each; ``programs`` programs (the grid); ``config`` the launch config."""
 
     config: dict[str, int]
     block: int
@@ -474,18 +463,13 @@ _counters: dict[tuple, Tensor] = {}
 def _ticket_counter(device: torch.device) -> Tensor:
     """A zeroed int32 ticket counter for a reducing forward launch (module docstring): one per
     (device, stream), reused (each launch leaves it at 0); a fresh one under graph capture."""
-    if device.type == "meta":  # a recorded launch (the audit, --plan): nothing to keep
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if capturing or device.type == "meta":  # meta: a recorded launch (audit, --plan)
         return torch.zeros(1, dtype=torch.int32, device=device)
-    if device.type == "cuda":
-        if torch.cuda.is_current_stream_capturing():
-            return torch.zeros(1, dtype=torch.int32, device=device)
-        key: tuple = (device, torch.cuda.current_stream(device).cuda_stream)
-    else:
-        key = (device, 0)
-    counter = _counters.get(key)
-    if counter is None:
-        counter = _counters[key] = torch.zeros(1, dtype=torch.int32, device=device)
-    return counter
+    key = (device, stream_key(device))
+    if key not in _counters:
+        _counters[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return _counters[key]
 
 
 # --------------------------------------------------------------------------------------------
@@ -494,24 +478,16 @@ def _ticket_counter(device: torch.device) -> Tensor:
 def mse_forward(
     input: Tensor, target: Tensor, reduction: str, *, compute_grad: bool
 ) -> tuple[Tensor, Tensor | None]:
-    """MSE loss of ``input`` against ``target`` and, optionally, its gradient, in one launch.
-
-    ``input`` and ``target`` have the same shape (any strides, stride 0 included) and the same
-    floating dtype; each is read once. Returns ``(loss, grad)``:
+    """``(loss, grad)`` of ``input`` against ``target`` (one shape, any strides, one floating
+    dtype; each read once), in one launch of a persistent grid (none for ``N == 0``: ``"mean"``
+    gives nan as ``F.mse_loss`` does, ``"sum"`` 0, ``"none"`` an empty tensor).
 
     * ``loss``: for ``"mean"``/``"sum"`` a 0-dim tensor in the input dtype, accumulated in fp32
-      (fp64 for fp64) by the deterministic one-launch reduction of the module docstring (its
-      cut: :func:`forward_plan`); for ``"none"`` the contiguous elementwise
-      ``(input - target)**2``.
-    * ``grad``: only when ``compute_grad`` and ``reduction != "none"`` (else ``None``):
-      ``d loss / d input`` for an upstream gradient of 1, i.e. ``2 (input - target) / N`` for
-      ``"mean"`` and ``2 (input - target)`` for ``"sum"``, a new contiguous tensor of the input's
-      shape and dtype, written by the same kernel. Scale it by the real upstream gradient with
-      :func:`mse_grad_scale_`.
-
-    One kernel launch of a persistent grid whatever the reduction. With ``N == 0`` elements
-    there is none: ``"mean"`` gives nan (as ``F.mse_loss``), ``"sum"`` gives 0, ``"none"`` an
-    empty tensor.
+      (fp64 for fp64) by the deterministic reduction of the module docstring (its cut:
+      :func:`forward_plan`); for ``"none"`` the contiguous ``(input - target)**2``.
+    * ``grad``: only with ``compute_grad`` and a reduction (else ``None``): ``d loss / d input``
+      for an upstream gradient of 1, ``2 (input - target) [/ N]``, a new contiguous tensor of
+      the input's shape and dtype; scale it by the real one with :func:`mse_grad_scale_`.
     """
     _check_pair(input, target, reduction)
     reduce = reduction != "none"
@@ -588,25 +564,17 @@ def mse_backward(grad_output: Tensor, input: Tensor, target: Tensor, reduction: 
 
 
 def mse_grad_scale_(grad: Tensor, grad_output: Tensor) -> Tensor:
-    """``grad *= grad_output`` in place, on the device, without a host sync; returns ``grad``.
+    """``grad *= grad_output`` in place, on the device, without a host sync; returns ``grad``:
+    the backward of a reducing MSE whose forward (:func:`mse_forward` with ``compute_grad``)
+    wrote the gradient for an upstream gradient of 1.
 
-    For the backward of a reducing MSE whose forward (:func:`mse_forward` with ``compute_grad``)
-    already wrote the gradient for an upstream gradient of 1: scaling it by the real upstream
-    gradient ``grad_output`` gives ``d loss / d input``.
-
-    * ``grad``: fp16/bf16/fp32/fp64, any strides without stride-0 dimensions (overlapping
-      memory is not supported); contiguous ``grad`` (as :func:`mse_forward` returns it) takes
-      the 16-byte vector path.
-    * ``grad_output``: a 1-element floating tensor of any shape and dtype on ``grad``'s device,
-      read by the kernel (never by the host).
-    * Each element becomes ``(grad * grad_output)`` computed in fp32 (fp64 for an fp64
-      ``grad``; ``grad_output`` is first converted to that dtype), rounded once to ``grad``'s
-      dtype. When ``grad_output`` is exactly 1 every program returns after reading it and
-      ``grad`` is left bitwise unchanged (module docstring: why the device decides).
-    * One kernel launch of at most one program per SM (:func:`scale_programs`; none when
-      ``grad`` is empty). Not recorded by autograd, and Triton's
-      write does not bump ``grad``'s version counter: the caller must own ``grad`` (e.g. scale
-      a saved gradient at most once).
+    ``grad``: floating, any strides without stride-0 dims (no overlapping memory); contiguous,
+    as :func:`mse_forward` returns it, takes the vector path. ``grad_output``: a 1-element
+    floating tensor on ``grad``'s device, read by the kernel only. The product is computed in
+    fp32 (fp64 for fp64 ``grad``) and rounded once; ``grad_output == 1`` leaves ``grad``
+    bitwise unchanged. One launch of at most one program per SM (:func:`scale_programs`). Not
+    recorded by autograd, and Triton's write does not bump ``grad``'s version counter: the
+    caller must own ``grad`` (e.g. scale a saved gradient at most once).
     """
     if grad_output.numel() != 1:
         raise ValueError(

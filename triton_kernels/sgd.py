@@ -1,45 +1,38 @@
 """Multi-tensor SGD step: one kernel launch updates a whole list of same-dtype, same-device params.
 
-How one launch covers many tensors. The launch grid is the flattened list of (tensor, block)
-pairs over all tensors, ``BLOCK`` elements a block, so no program is idle whatever the size mix.
-The launcher builds a *block map* on the params' device: one row of four int64 per block,
-``(param address, grad address, momentum-buffer address, 2 * elements_left + init)``, the
-addresses already advanced to the block's first element and ``elements_left`` the tensor's
-element count from there (``init``: the momentum buffer is new, its old value is not used).
-Program ``pid`` loads its row (four independent loads of one 32-byte row: one round trip, no
-load waits on another), casts the addresses to typed pointers (``int64 -> tl.pointer_type``; this
-works in the Triton interpreter too) and starts loading data.
+How one launch covers many tensors. The grid is the flattened list of (tensor, block) pairs over
+all tensors, ``BLOCK`` elements a block, so no program is idle whatever the size mix. The
+launcher builds a *block map* on the params' device, one row of four int64 per block: ``(param
+address, grad address, momentum-buffer address, 2 * elements_left + init)``, the addresses
+advanced to the block's first element (``init``: the momentum buffer is new, its old value
+unused). Program ``pid`` loads its row (four independent loads: one round trip) and casts the
+addresses to typed pointers (``int64 -> tl.pointer_type``, which the interpreter runs too).
 
-Bandwidth. A program whose block is full (``elements_left >= BLOCK``) takes an unmasked path; a
-tensor's last, partial block is masked. When every param, grad and buffer address is 16-byte
-aligned (checked on the host, which all freshly allocated tensors are) the launch passes
-``ALIGNED=True`` and the kernel marks the row's pointers ``tl.multiple_of(ptr, 16)``: blocks
-start at multiples of ``BLOCK`` elements, so the full blocks' accesses compile to 128-bit
-``ld/st.global.v4`` (``v2.b64`` for fp64). Otherwise the kernel is compiled without the hint
-(scalar accesses, still correct).
+Bandwidth. A full block (``elements_left >= BLOCK``) takes an unmasked path; a tensor's last,
+partial block is masked. When every address is 16-byte aligned (checked on the host; fresh
+allocations are) the launch passes ``ALIGNED=True`` and the kernel marks the pointers
+``tl.multiple_of(ptr, 16)``: blocks start at multiples of ``BLOCK`` elements, so full blocks
+compile to 128-bit ``ld/st.global.v4`` (``v2.b64`` for fp64); otherwise scalar accesses.
 
 The block map depends only on addresses, sizes, dtype and the ``init`` flags, so it is cached
-(keyed by exactly those values: a hit is always correct); a miss moves O(tensors) integers to the
-device and expands them there (no host sync), and after the first steps no host-to-device copy
-is needed at all. Hyper-parameters travel in a small fp64 device tensor (Triton passes Python
-floats as fp32, which would round an fp64 model's learning rate), cached alike; a tensor ``lr``
-is read on the device, so no ``.item()`` host sync happens. Arithmetic is fp32 for fp16/bf16/fp32
-params and fp64 for fp64.
+(keyed by exactly those: a hit is always correct); a miss moves O(tensors) integers to the
+device and expands them there (no host sync). Hyper-parameters travel in a small fp64 device
+tensor (Triton passes Python floats as fp32, which would round an fp64 model's learning rate),
+cached alike; a tensor ``lr`` is read on the device (no ``.item()``). Arithmetic is fp32 for
+fp16/bf16/fp32 params and fp64 for fp64.
 
-Streams. A cached tensor is made by work queued on the stream current at the miss (the copy from
-pinned memory, the expansion), and when the LRU evicts it its memory goes back to the caching
-allocator, which hands it out again to later work on *that* stream without waiting for work on
-any other. Both are safe exactly when the tensor is only ever read on the stream that made it. So
-the caches are keyed by the current stream as well (:func:`_stream_key`): a step on another
-stream makes its own block map and hyper-parameters there, once, and never reads another
-stream's. No ``record_stream``, event or ``wait_stream`` is needed: every read of a cached tensor
-is queued after its making, and before any reuse of its memory, on one stream. The cost is one
-miss per stream and parameter set.
+Streams. A cached tensor is made by work queued on the stream current at the miss, and when the
+LRU evicts it the caching allocator hands its memory to later work on *that* stream without
+waiting for any other: safe exactly when the tensor is only read on the stream that made it. So
+the caches are keyed by the current stream too (:func:`_stream_key`): a step on another stream
+makes its own block map and hyper-parameters there, once. No ``record_stream``, event or
+``wait_stream`` is needed; the cost is one miss per stream and parameter set.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -50,6 +43,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._host import FLOAT_DTYPES, gpu_code, interpreting, launch, on_device, unaligned
+from ._host import stream_key as _stream_key  # a module global: tests patch it
 from ._runtime import load, store, tl_acc_dtype
 
 __all__ = ["CONFIGS", "launch_config", "sgd_step_", "supports"]
@@ -148,14 +142,6 @@ _meta_cache: OrderedDict[tuple, Tensor] = OrderedDict()
 _hp_cache: OrderedDict[tuple, Tensor] = OrderedDict()
 
 
-def _stream_key(device: torch.device) -> int:
-    """The stream a launch on ``device`` is queued on, as a cache key: the current CUDA stream's
-    handle (0 for the legacy default stream), 0 off CUDA (no streams)."""
-    if device.type == "cuda":
-        return torch.cuda.current_stream(device).cuda_stream
-    return 0
-
-
 def _to_device(values: list[int] | list[float], dtype: torch.dtype, device: torch.device) -> Tensor:
     if device.type == "cuda":
         host = torch.tensor(values, dtype=dtype, pin_memory=True)
@@ -192,10 +178,7 @@ def _block_map(
     n_blocks = sum(counts)
 
     def make() -> Tensor:
-        first, acc = [], 0
-        for c in counts:
-            first.append(acc)
-            acc += c
+        first = list(itertools.accumulate(counts, initial=0))[:-1]
         # Only O(tensors) values cross from the host; the O(blocks) rows are expanded on the
         # device (output_size given: no host sync), so a miss stays cheap for a model of
         # billions of parameters.
@@ -247,11 +230,10 @@ def sgd_step_(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[
             g = g + momentum * buf if nesterov else buf
         p = p - lr * g
 
-    All tensors must share one device and one floating dtype and be contiguous (see
-    :func:`supports`); otherwise ``ValueError``. With ``momentum != 0``,
-    ``momentum_buffers`` has one entry per param; each ``None`` entry is replaced, in the list,
-    by a new buffer (the initialised momentum, as torch does). With ``momentum == 0`` it is
-    ignored. ``lr`` may be a 1-element tensor (read on the device, no host sync).
+    All tensors share one device and floating dtype and are contiguous (:func:`supports`; else
+    ``ValueError``). ``momentum_buffers`` (ignored without momentum): one entry per param, a
+    ``None`` replaced in the list by a new buffer, as torch does. ``lr`` may be a 1-element
+    tensor (read on the device, no host sync).
     """
     if len(grads) != len(params):
         raise ValueError(f"{len(params)} params but {len(grads)} grads")

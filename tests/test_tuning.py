@@ -197,3 +197,21 @@ def test_every_rank_runs_the_same_decision():
     mp.spawn(_rank_worker, args=(_free_port(), queue), nprocs=2, join=True)
     results = dict(queue.get(timeout=10) for _ in range(2))
     assert results[0] == results[1] and len(results[0]) == 3, results  # fwd, dx, dw
+
+
+@pytest.mark.skipif(not _INTERPRET, reason="the Triton GEMM on CPU tensors")
+def test_an_accumulating_gemm_adds_once_while_its_configs_are_timed(monkeypatch):
+    """Timing runs every config on the call's own tensors: ``out += a @ b`` (the fused head's dW
+    accumulator) must come out added once, not once per timing run."""
+    from manualbp.kernels import _matmul
+
+    base = _matmul.INTERPRETER_CONFIG
+    configs = [dict(base), {**base, "BLOCK_N": base["BLOCK_N"] * 2}]
+    monkeypatch.setattr(_matmul, "gemm_configs", lambda *args, **kwargs: configs)
+    a, b = torch.randn(20, 12), torch.randn(12, 24)
+    out = torch.ones(20, 24)
+    timer = Timer({_tuning.label(configs[1]): 0.5})
+    with _tuning.use_timer(timer):
+        _matmul.matmul(a, b, out=out, accumulate=True)
+    assert sorted(timer.calls) == sorted(_tuning.label(c) for c in configs)  # both timed
+    torch.testing.assert_close(out, 1 + a.double().mm(b.double()).float())

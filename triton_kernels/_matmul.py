@@ -266,5 +266,7 @@ def matmul(
     # tiles (the bigger ones spill there); the FMA lists are small enough as they are.
     on_tensor_cores = dtype_class(a.dtype, precision) in ("fp16", "tf32")
     cfgs = gemm_configs(a.device, a.dtype, precision, epilogue=accumulate and on_tensor_cores)
-    tuned_launch(matmul_kernel, tuning_key(a, b, accumulate), cfgs, make, a.device)
+    # Timing runs every config on the call's tensors: an accumulating launch gets C put back.
+    tuned_launch(matmul_kernel, tuning_key(a, b, accumulate), cfgs, make, a.device,
+                 restore=(c,) if accumulate else ())  # fmt: skip
     return c

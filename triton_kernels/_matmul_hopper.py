@@ -323,7 +323,8 @@ def launch_gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, z: torch.Tens
                                   out_dtype=c.dtype, accumulate=accumulate)  # fmt: skip
     flags = "".join(str(int(v)) for k, v in meta.items() if isinstance(v, bool))
     key = f"{a.dtype}|{precision}|{meta['ACTIVATION']}|{flags}|{size_bucket(M, N, K)}"
-    tuned_launch(matmul_tma_kernel, key, cfgs, make, a.device)
+    tuned_launch(matmul_tma_kernel, key, cfgs, make, a.device,
+                 restore=(c,) if accumulate else ())  # timing must not add into C  # fmt: skip
 
 
 def matmul_tma(

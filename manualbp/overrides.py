@@ -37,8 +37,7 @@ from manualbp.ops.mse import mse_loss
 __all__ = ["enable", "is_enabled"]
 
 
-def _plain(*tensors: object) -> bool:
-    """Whether each of ``tensors`` is a plain ``Tensor`` or ``Parameter`` (no subclass)."""
+def _plain(*tensors: object) -> bool:  # each a Tensor or Parameter, no subclass
     return all(type(t) in PLAIN for t in tensors)
 
 
@@ -151,14 +150,8 @@ class enable:  # noqa: N801 -- a function-like context manager, as torch.set_gra
         with manualbp.enable(False):     # off for a block, then back to what it was
             ...
 
-    ``manualbp.overrides.is_enabled()`` says whether it is on. Switching it off (``False``, or
-    leaving a block that switched it on) takes manualbp's mode out of the thread's
-    ``TorchFunctionMode`` stack wherever it is: a mode entered after it and not left yet stays
-    on, and manualbp is off whatever else the block did. See :mod:`manualbp.overrides` for
-    what is routed and what is left to PyTorch.
-
-    Args:
-        mode: ``True`` (default) to route, ``False`` to stop routing.
+    ``manualbp.overrides.is_enabled()`` says whether it is on. Switching it off leaves a mode
+    entered after it (and not left yet) on. :mod:`manualbp.overrides` says what is routed.
     """
 
     def __init__(self, mode: bool = True) -> None:

@@ -23,16 +23,11 @@ rules:
   (before squaring) while a fused kernel keeps it in fp32 and rounds once; both are correct,
   and the more accurate one may differ from native by native's error, which is measured
   (``exact``) rather than guessed. Anything beyond that is a bug.
-* **The activations to cover**, read off the registry: :data:`ACTIVATION_NAMES` (every
-  activation and ``None``) and :data:`ACTIVATION_CASES` (also a negative slope for those that
-  take one).
-* **The cases to cover**, one table per op, which ``manualbp check`` runs row by row and the
-  parity and gradcheck tests cross with their shapes and layouts: :data:`LINEAR_CASES` (every
-  activation case, with and without bias) and :data:`MSE_CASES` (every reduction, with every
-  target layout of :data:`MSE_TARGETS`), gathered in :data:`CASES`. A case added here is
-  checked by both. Each case knows manualbp's op (``ours``), its oracle (``native``), its
-  inputs and the sums bounding its rounding (``abs_sums``), and :func:`parity` holds an op to
-  them: what ``manualbp check`` reports, and the tests assert.
+* **The cases to cover**, one table per op (:data:`LINEAR_CASES`, :data:`MSE_CASES`, gathered
+  in :data:`CASES`), read off the activation registry: ``manualbp check`` runs them row by row
+  and the parity and gradcheck tests cross them with their shapes and layouts, so a case added
+  here is checked by both. :func:`parity` holds a case's op (``ours``) to its oracle
+  (``native``).
 """
 
 from __future__ import annotations
@@ -105,19 +100,16 @@ class LinearCase:
     bias: bool = True
 
     @property
-    def variant(self) -> str:
-        """Its name in ``manualbp check``'s table and in test ids: ``leaky_relu(-0.5), bias``."""
+    def variant(self) -> str:  # its name in check's table and in test ids
         act = str(self.activation)
         if self.negative_slope != default_param(self.activation):
             act += f"({self.negative_slope:g})"
         return f"{act}, {'bias' if self.bias else 'no bias'}"
 
     def native(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-        """The oracle of this case: :func:`native_linear` with its activation and slope."""
         return native_linear(x, weight, bias, self.activation, self.negative_slope)
 
     def ours(self) -> Callable[..., Tensor]:
-        """manualbp's op of this case, as a function of the case's tensors."""
         from manualbp import functional  # the op under test; never the oracle's
 
         act, slope = self.activation, self.negative_slope
@@ -176,8 +168,7 @@ class MSECase:
     reduction: str
     target: str = "same"
 
-    def target_shape(self, rows: int, cols: int) -> tuple[int, ...]:
-        """The shape of the target (the leaf) for an input of shape ``(rows, cols)``."""
+    def target_shape(self, rows: int, cols: int) -> tuple[int, ...]:  # the leaf's
         return MSE_TARGETS[self.target](rows, cols)
 
     def target_seen(self, target: Tensor, rows: int, cols: int) -> Tensor:
@@ -185,23 +176,19 @@ class MSECase:
         return target.expand(rows, cols) if self.target == "expanded" else target
 
     @property
-    def variant(self) -> str:
-        """Its name in ``manualbp check``'s table and in test ids: ``sum, row target``."""
+    def variant(self) -> str:  # its name in check's table and in test ids
         target = "" if self.target == "same" else f", {self.target} target"
         return self.reduction + target
 
     def native(self, input: Tensor, target: Tensor) -> Tensor:
-        """The oracle of this case: :func:`native_mse_loss` of a ``(rows, cols)`` input."""
         return native_mse_loss(input, self.target_seen(target, *input.shape), self.reduction)
 
     def ours(self) -> Callable[..., Tensor]:
-        """manualbp's op of this case, as a function of the case's tensors."""
         from manualbp import functional  # the op under test; never the oracle's
 
         return lambda x, t: functional.mse_loss(x, self.target_seen(t, *x.shape), self.reduction)
 
     def inputs(self, draw: Callable[..., Tensor], small: bool) -> tuple[list, tuple[int, ...]]:
-        """The case's tensors drawn by ``draw(*shape)``, and its output's shape."""
         rows, cols = (3, 4) if small else (17, 23)
         inputs = [draw(rows, cols), draw(*self.target_shape(rows, cols))]
         return inputs, (rows, cols) if self.reduction == "none" else ()
@@ -217,8 +204,7 @@ class MSECase:
         return self.reduction == "mean"
 
     def skip(self, dtype: torch.dtype, interpreted: bool) -> str | None:
-        """Why the case cannot be checked in ``dtype``, if it cannot: never."""
-        return None
+        return None  # checkable in every dtype
 
     def abs_sums(self, input: Tensor, target: Tensor, grad_out: Tensor) -> list[Tensor | None]:
         """The sums over absolute values bounding the rounding of the loss, ``d input`` and
@@ -325,9 +311,7 @@ def compare(
 def assert_close_through_sum(
     got: Tensor, want: Tensor, abs_sum: Tensor, ulps: int = SUM_ULPS
 ) -> None:
-    """``assert_close`` at the dtype's default tolerances, plus the rounding a sum can add:
-    ``ulps * eps * abs_sum``, ``abs_sum`` being the same sum over absolute values (see the
-    module docstring). Raises ``AssertionError`` naming how many elements are off."""
+    """:func:`compare` through a sum: ``AssertionError`` naming how many elements are off."""
     result = compare(got, want, abs_sum=abs_sum, ulps=ulps)
     if not result.ok:
         raise AssertionError(result.detail)

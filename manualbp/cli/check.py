@@ -98,12 +98,6 @@ def cases_to_check(quick: bool) -> list[Case]:
     return [c for c in testing.CASES if c.quick or not quick]
 
 
-def _double_checks(case: Case, quick: bool) -> tuple[str, ...]:
-    """Which of gradcheck/gradgradcheck run for ``case`` (in float64)."""
-    both = case.quick_gradgradcheck or not quick
-    return ("gradcheck", "gradgradcheck") if both else ("gradcheck",)
-
-
 # --- The checks ------------------------------------------------------------------------------
 def _parity(case: Case, inputs: list[Tensor | None], grad_out: Tensor) -> dict[str, Outcome]:
     """The forward, and every gradient in one row: :func:`manualbp.testing.parity`."""
@@ -139,7 +133,8 @@ def _check_case(
     if dtype != torch.float64:
         return checks
     leaves = [t.requires_grad_(True) for t in case.inputs(draw, small=True)[0] if t is not None]
-    for name in _double_checks(case, quick):
+    both = case.quick_gradgradcheck or not quick
+    for name in ("gradcheck", "gradgradcheck") if both else ("gradcheck",):
         check = getattr(torch.autograd, name)
         try:  # fast_mode (--quick): a random projection of the Jacobian, far fewer evaluations
             ok = bool(check(case.ours(), leaves, fast_mode=quick))

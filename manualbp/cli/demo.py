@@ -1,18 +1,8 @@
 """``manualbp demo``: the same MLP trained with manualbp and with native autograd, side by side.
 
-Both runs start from the same initial weights and see the same mini-batches in the same order;
-one uses ``manualbp.Linear`` (by :func:`manualbp.convert` of a copy of the native model, which
-also fuses each activation into the Linear before it), ``manualbp.MSELoss`` and
-``manualbp.optim.SGD``, the other ``nn.Linear``, ``nn.MSELoss`` and ``torch.optim.SGD``. As both
-compute the same math, the two loss curves may differ only by floating-point rounding; the demo
-measures that difference and fails when it is larger (see :data:`CURVE_TOL`). When the loss
-becomes NaN/Inf in both runs (a learning rate too large), the run is reported as diverged, not
-as a mismatch.
-
-The datasets ship inside scikit-learn (no download): ``digits`` (8x8 images of handwritten
-digits, 10 classes, trained as regression onto one-hot targets with MSE; reports accuracy) and
-``diabetes`` (10 features, one continuous target; reports R²). Progress is a tqdm bar on stderr,
-shown only when stderr is a terminal.
+Both runs start from the same weights and see the same mini-batches, so their loss curves may
+differ only by floating-point rounding (:data:`CURVE_TOL`). What it runs, reports and exits
+with: the command's description in :func:`add_parser`.
 """
 
 from __future__ import annotations
@@ -68,28 +58,20 @@ DEFAULT_PLOT = "manualbp-demo.png"
 PLOT_EXTENSIONS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 
 # Agreement of the two loss curves, step by step: |l_manualbp(t) - l_native(t)| <= CURVE_TOL * S,
-# where S = max_t |l_native(t)| is the curve's scale (in practice its first, largest loss).
-#
-# Why this tolerance. Both runs evaluate the same formulas in float32 from bit-identical
-# weights; what may differ is only the order in which sums are rounded (a Triton GEMM's K loop
-# against cuBLAS's, the fused bias/activation epilogue, MSE's reduction tree): a few float32 ulps
-# (eps = 1.2e-7) of relative change per gradient per step. (On the CPU reference path even that
-# is absent: manualbp's curve is bit-identical to native's.) Training carries such differences
-# along, and near the end, where the loss is small and noisy, amplifies them relative to the
-# loss itself, which is why the scale S and not |l(t)| is the yardstick. Measured with native
-# autograd on the default runs: starting from weights moved by one ulp moves the loss curve by
-# at most 4e-7 * S (digits, 1000 steps) and 2e-7 * S (diabetes); a relative error of 1e-3 made
-# in a weight gradient at *every* step moves it by 1.4e-2 * S, so a persistent ulp-level
-# difference (1e-6) stays near 1e-5 * S. A genuine bug is far outside: a bias gradient averaged
-# instead of summed over the batch moves the curve by 1.4e-2 * S (diabetes) to 3.7e-2 * S
-# (digits) within 20 to 45 steps, a missing factor 2 in MSE's gradient by 0.15 * S to 0.26 * S.
-# CURVE_TOL = 1e-3 leaves a margin of 100x to 1000x over rounding drift and still flags those.
+# where S = max_t |l_native(t)| (in practice the first loss): near the end, where the loss is
+# small and noisy, training amplifies rounding differences relative to l(t) itself.
+# Why 1e-3: both runs evaluate the same float32 formulas from bit-identical weights; only the
+# order in which sums are rounded may differ (a Triton GEMM's K loop against cuBLAS's, the fused
+# epilogue, MSE's reduction tree; on the CPU reference path the curves are bit-identical).
+# Measured with native autograd on the default runs: weights moved by one ulp move the curve by
+# at most 4e-7 * S; a relative error of 1e-3 in a weight gradient at every step, by 1.4e-2 * S,
+# so a persistent ulp-level difference (1e-6) stays near 1e-5 * S. A bias gradient averaged
+# instead of summed moves it by 1.4e-2 * S to 3.7e-2 * S within 20 to 45 steps, a missing
+# factor 2 in MSE's gradient by 0.15 * S to 0.26 * S: a margin of 100x to 1000x over rounding.
 CURVE_TOL = 1e-3
 
 
-# --------------------------------------------------------------------------------------------
-# Configuration and results
-# --------------------------------------------------------------------------------------------
+# --- Configuration and results ---------------------------------------------------------------
 @dataclass
 class DemoConfig:
     """The demo's options (the CLI flags of ``manualbp demo``); ``None`` = dataset default."""
@@ -174,9 +156,7 @@ class DemoResult:
         return torch.tensor(self.manual.losses, dtype=torch.float64)
 
 
-# --------------------------------------------------------------------------------------------
-# Data, models, training
-# --------------------------------------------------------------------------------------------
+# --- Data, models, training ------------------------------------------------------------------
 def _import_extra(module: str) -> Any:
     """``module`` from the ``demo`` extra; ``RuntimeError`` saying how to install it."""
     try:
@@ -312,9 +292,7 @@ def _evaluate(model: nn.Module, data: dict[str, Tensor], task: str) -> float:
     return (1 - ss_res / ss_tot).item()
 
 
-# --------------------------------------------------------------------------------------------
-# The verdict
-# --------------------------------------------------------------------------------------------
+# --- The verdict -----------------------------------------------------------------------------
 def _first_nonfinite(curve: Tensor) -> int | None:
     bad = (~curve.isfinite()).nonzero()
     return int(bad[0, 0]) if len(bad) else None
@@ -348,9 +326,7 @@ def compare_curves(manual: Tensor, native: Tensor, tol: float = CURVE_TOL) -> Cu
     )
 
 
-# --------------------------------------------------------------------------------------------
-# Running and reporting
-# --------------------------------------------------------------------------------------------
+# --- Running and reporting -------------------------------------------------------------------
 def describe_backend(dev: torch.device) -> tuple[str, str]:
     """``(backend, sentence)`` for what manualbp runs on ``dev`` under the current setting;
     raises what the backend setting raises when it cannot run there."""
@@ -457,16 +433,11 @@ def _curves_sentence(c: CurveComparison) -> str:
     return f"loss curves DISAGREE: {blew_up}; before that, {numbers}"
 
 
-# --------------------------------------------------------------------------------------------
-# The plot
-# --------------------------------------------------------------------------------------------
+# --- The plot --------------------------------------------------------------------------------
 def save_plot(result: DemoResult, path: str) -> None:
-    """Write both loss curves (and their difference) to ``path``; the image type follows its
-    extension (:data:`PLOT_EXTENSIONS`). Non-finite losses (a diverged run) leave gaps.
-
-    Uses matplotlib's object API with the Agg canvas, so no display or global backend state
-    is touched.
-    """
+    """Write both loss curves (and their difference) to ``path``, an image of the type its
+    extension names. Non-finite losses (a diverged run) leave gaps. Matplotlib's object API
+    with the Agg canvas: no display or global backend state is touched."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -484,8 +455,7 @@ def save_plot(result: DemoResult, path: str) -> None:
     top.plot(steps, manual, "--", label="manualbp (Linear, MSELoss, optim.SGD)", lw=1.2)
     if any(v > 0 for v in native + manual):  # NaN > 0 is False
         top.set_yscale("log")
-    top.set_xlim(1, max(n_steps, 2))  # all of the run, even where the losses are NaN
-    top.set_ylabel("training loss (MSE)")
+    top.set(xlim=(1, max(n_steps, 2)), ylabel="training loss (MSE)")  # xlim: NaN steps too
     top.set_title(
         f"{cfg.dataset}: held-out {name} native {_format_metric(name, result.native.metric)}, "
         f"manualbp {_format_metric(name, result.manual.metric)} "
@@ -495,8 +465,7 @@ def save_plot(result: DemoResult, path: str) -> None:
     compared = result.curves.steps_compared
     diff = (result.manual_losses - result.native_losses).abs()[:compared]
     bottom.plot(range(1, compared + 1), diff.tolist(), color="C2", lw=1)
-    bottom.set_ylabel("|Δ loss|")
-    bottom.set_xlabel("step")
+    bottom.set(ylabel="|Δ loss|", xlabel="step")
     if bool((diff > 0).any()):
         bottom.set_yscale("log")
     if compared < n_steps:
@@ -507,9 +476,7 @@ def save_plot(result: DemoResult, path: str) -> None:
     fig.savefig(path, dpi=100)
 
 
-# --------------------------------------------------------------------------------------------
-# The command line: ``manualbp demo``
-# --------------------------------------------------------------------------------------------
+# --- The command line: ``manualbp demo`` -----------------------------------------------------
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``demo`` sub-command to ``sub``; its handler is :func:`command`."""
     defaults = "; ".join(

@@ -13,21 +13,17 @@ from manualbp.ops._checks import check_reduction
 class LinearMSELoss(nn.Module):
     r"""``loss = mse(x A^T + b, target)``: the last Linear layer and the MSE loss as one op.
 
-    Holds ``weight`` ``(out_features, in_features)`` and ``bias`` ``(out_features,)``
-    exactly as :class:`torch.nn.Linear` does (same names, shapes and initial draw for the
-    same seed; ``state_dict`` loads both ways with ``nn.Linear``), and is called as
-    ``loss = head(x, target)``. The result equals
-    ``nn.MSELoss(reduction)(nn.Linear(...)(x), target)``, but the prediction is never
-    stored (nor returned): how, and when that helps, is
-    :func:`manualbp.functional.linear_mse_loss`'s docstring.
+    Holds ``weight`` and ``bias`` exactly as :class:`torch.nn.Linear` does (names, shapes,
+    initial draw; ``state_dict`` loads both ways). ``loss = head(x, target)`` equals
+    ``nn.MSELoss(reduction)(nn.Linear(...)(x), target)``, but the prediction is never stored
+    (nor returned): how, and when that helps, is :func:`manualbp.functional.linear_mse_loss`.
 
     Args:
         in_features: size of each input sample.
         out_features: size of each prediction (and target) sample.
         bias: if ``False``, no additive bias. Default ``True``.
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
-        chunk_rows: rows per chunk (default: chosen from the shapes, see
-            :func:`manualbp.functional.linear_mse_loss`).
+        chunk_rows: rows per chunk (default: chosen from the shapes).
 
     Shape:
         - x: :math:`(*, H_{in})`; target: :math:`(*, H_{out})` (broadcastable).

@@ -137,13 +137,10 @@ class LinearMSELossFunction(Function):
     """``loss = mse(input @ weight.T + bias, target)`` with gradients made during forward.
 
     ``apply(input, weight, bias, target, reduction, loss_dtype, chunk_rows)`` on 2-D ``input``
-    (M, K), ``weight`` (N, K), ``bias`` (N,) or None and ``target`` (M, N) (any strides,
-    stride-0 broadcast views included) returns ``(loss, dx, dW, db)``: the last three are the
-    gradients of the loss itself for a scalar reduction (upstream gradient 1, times the module
-    docstring's ``s``; dW and db fp32/fp64 accumulators), ``None`` where not needed or for
-    ``"none"``; not differentiable. ``loss_dtype`` is the dtype the loss is computed in
-    (float32 under autocast, as for ``F.mse_loss``). It saves x, W, b and the target (it
-    recomputes ŷ where it must: the bias too, unlike the unfused pair, which keeps ŷ).
+    (M, K), ``weight`` (N, K), ``bias`` (N,) or None and ``target`` (M, N) (any strides)
+    returns ``(loss, dx, dW, db)``: the last three (not differentiable) are the gradients for
+    an upstream gradient of 1 times ``s`` (dW, db in fp32/fp64), ``None`` where not needed or
+    for ``"none"``. ``loss_dtype``: float32 under autocast, as for ``F.mse_loss``.
     """
 
     @staticmethod
@@ -278,12 +275,8 @@ def linear_mse_loss(
 
     Equal to ``F.mse_loss(F.linear(input, weight, bias), target, reduction=reduction)``
     (with its size warning), but the prediction ``ŷ = input @ weight.T + bias`` is made
-    ``chunk_rows`` rows at a time and never kept: for ``"mean"``/``"sum"`` the gradients for
-    ``input``, ``weight`` and ``bias`` are computed during the forward pass and backward only
-    scales them (module docstring: float16 carries a power-of-two scale); for ``"none"``
-    backward recomputes ``ŷ`` chunk by chunk instead, so that the per-element upstream gradient
-    is applied before rounding, exactly as native autograd does. Without a graph to record
-    (``no_grad``, ``inference_mode``) it computes the loss alone, with no gradient buffer.
+    ``chunk_rows`` rows at a time and never kept (how: the module docstring). Without a graph
+    to record (``no_grad``, ``inference_mode``) it computes the loss alone.
 
     When it helps: wide outputs (``out_features`` >> ``in_features``, e.g. N >= 4096), where
     ``ŷ`` and ``dL/dŷ`` (each tokens x N) dominate the memory of the unfused pair. When it
@@ -298,8 +291,7 @@ def linear_mse_loss(
         input: ``(*, in_features)``; weight: ``(out_features, in_features)``;
         bias: ``(out_features,)`` or None; target: broadcastable to ``(*, out_features)``.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        chunk_rows: rows of ``ŷ`` per chunk; default about ``rows / ceil(N / K)``, so a chunk
-            is about the size of ``input``.
+        chunk_rows: rows of ``ŷ`` per chunk; default: :func:`default_chunk_rows`.
     """
     out_shape, shape = _check_head_args(input, weight, bias, target, reduction, chunk_rows)
     cast = _mode.autocast_dtype(input)

@@ -130,14 +130,10 @@ def _kernels(*tensors: Tensor | None) -> Any:
 class MSELossFunction(Function):
     """``L = reduce((input - target)^2)`` as a ``torch.autograd.Function``.
 
-    ``MSELossFunction.apply(input, target, reduction)`` with ``reduction`` one of ``"mean"``,
-    ``"sum"``, ``"none"`` returns ``(loss, grad)``; ``input`` and ``target`` broadcast against
-    each other and promote to a common dtype, as in ``F.mse_loss``. On the Triton path with a
-    scalar reduction, ``grad`` is ``dL/d input`` for an upstream gradient of 1, written by the
-    same kernel pass that reads ``input`` and ``target`` for the loss, so backward only scales
-    it; otherwise ``grad`` is ``None`` and backward computes it. ``grad`` is not
-    differentiable. Inputs are not validated here: use :func:`mse_loss`, which returns the loss
-    alone.
+    ``apply(input, target, reduction)`` returns ``(loss, grad)``; the operands broadcast and
+    promote as in ``F.mse_loss``. ``grad`` (not differentiable) is ``dL/d input`` for an
+    upstream gradient of 1 where the Triton kernel's loss pass wrote it (a scalar reduction),
+    so backward only scales it; else ``None``. Inputs are not validated: :func:`mse_loss` does.
     """
 
     generate_vmap_rule = True
@@ -185,11 +181,7 @@ class MSELossFunction(Function):
         )
         loss_t = 2 * (x - t) * d_t
         reduction = ctx.spec[0]
-        if reduction == "mean":
-            loss_t = loss_t.mean()
-        elif reduction == "sum":
-            loss_t = loss_t.sum()
-        return loss_t, None
+        return (loss_t if reduction == "none" else getattr(loss_t, reduction)()), None
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor | None, _grad_grad: None = None) -> tuple:

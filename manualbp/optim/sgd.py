@@ -22,12 +22,10 @@ class SGD(torch.optim.SGD):
 
     Same constructor, defaults, validation, ``param_groups`` and ``state_dict`` layout (state key
     ``"momentum_buffer"``) as :class:`torch.optim.SGD`; a state dict saved by either loads into
-    the other. Only :meth:`step` differs: for each param group, the params with a dense gradient
-    are split by (device, dtype) and each split is updated on the backend the setting picks
-    (``manualbp.use_backend``): Triton runs one multi-tensor kernel launch per split
-    (``triton_kernels/sgd.py``), the reference backend plain torch ops (:func:`reference_step`).
-    Splits the kernel cannot take (non-contiguous params, grads or buffers) use the reference
-    ops.
+    the other. Only :meth:`step` differs: each (device, dtype) split of a group's params with a
+    dense gradient is updated by one multi-tensor Triton launch (``triton_kernels/sgd.py``) or,
+    on the reference backend and where the kernel cannot (non-contiguous tensors), by plain
+    torch ops (:func:`reference_step`).
 
     Update, per parameter :math:`w` with gradient :math:`g = \partial L / \partial w`:
 
@@ -52,32 +50,25 @@ class SGD(torch.optim.SGD):
         weight_decay: L2 penalty :math:`\lambda`. Default 0.
         nesterov: Nesterov momentum (needs momentum > 0 and dampening 0). Default False.
         maximize: maximize the objective instead of minimizing it. Default False.
-        foreach: accepted for compatibility and stored in the groups; the backend, not this flag,
-            chooses the implementation.
-        differentiable: must be False: differentiating through the update is not supported
-            (``NotImplementedError``).
-        fused: accepted for compatibility (same validation as torch) and stored; the backend
-            chooses the implementation. Unlike torch's fused SGD this optimizer does not consume
-            ``GradScaler``'s scale itself: the scaler unscales the gradients before :meth:`step`.
+        foreach, fused: accepted and stored (with torch's validation); the backend chooses the
+            implementation. Unlike torch's fused SGD this one does not consume ``GradScaler``'s
+            scale itself: the scaler unscales the gradients before :meth:`step`.
+        differentiable: must be False (``NotImplementedError``).
 
     Why a subclass of :class:`torch.optim.SGD` (rather than of ``Optimizer``): the constructor,
     its defaults and error messages, ``__setstate__`` (defaults for old state dicts) and the
-    state layout are then exactly torch's for the installed torch version, and code that checks
-    ``isinstance(opt, torch.optim.SGD)`` keeps working. Only :meth:`step` is replaced; none of
-    torch's functional SGD code runs.
+    state layout are then exactly torch's for the installed version, and ``isinstance(opt,
+    torch.optim.SGD)`` holds. None of torch's functional SGD code runs.
 
-    Sparse (COO) gradients, e.g. from ``nn.Embedding(sparse=True)``, take the same path as in
-    :class:`torch.optim.SGD`'s single-tensor implementation, with the same ops (so the same
-    values, and a sparse ``momentum_buffer`` as torch keeps one). What torch rejects with them
-    is rejected with torch's exception type: ``weight_decay != 0`` (``RuntimeError``),
-    ``fused=True`` (``RuntimeError``), a dense gradient after a sparse momentum buffer
-    (``RuntimeError``). A step captured in a CUDA graph runs the reference ops (graph-safe)
-    instead of the multi-tensor kernel.
+    Sparse (COO) gradients, e.g. from ``nn.Embedding(sparse=True)``, take the ops of torch's
+    single-tensor SGD (the same values, and a sparse ``momentum_buffer``); what torch rejects
+    with them (``weight_decay != 0``, ``fused=True``, a dense gradient after a sparse momentum
+    buffer) raises ``RuntimeError`` as torch does. A step captured in a CUDA graph runs the
+    reference ops (graph-safe).
 
     A step is all or nothing: every group is checked (gradients, momentum buffers, backends)
-    before the first parameter is written, so a step that raises leaves parameters,
-    gradients and optimizer state exactly as they were. (Torch's own SGD may raise after
-    updating earlier groups or parameters.)
+    before the first parameter is written, so a step that raises leaves parameters, gradients
+    and state as they were (torch's own SGD may raise after updating earlier groups).
     """
 
     def __init__(
@@ -107,14 +98,7 @@ class SGD(torch.optim.SGD):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Perform one optimization step (all or nothing: see the class docstring).
-
-        Args:
-            closure: optional callable that re-evaluates the model and returns the loss.
-
-        Returns:
-            The closure's loss, or ``None``.
-        """
+        """One optimization step (all or nothing); returns ``closure()``'s loss, if given."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -176,13 +160,9 @@ class SGD(torch.optim.SGD):
         return [*splits, (False, sparse)] if sparse else splits
 
     def _apply(self, group: dict[str, Any], plan: list[tuple[bool, list[Tensor]]]) -> None:
-        momentum = group["momentum"]
-        use_momentum = momentum != 0
-        hyper = dict(
-            lr=group["lr"], weight_decay=group["weight_decay"], momentum=momentum,
-            dampening=group["dampening"], nesterov=group["nesterov"],
-            maximize=group["maximize"],
-        )  # fmt: skip
+        use_momentum = group["momentum"] != 0
+        names = ("lr", "weight_decay", "momentum", "dampening", "nesterov", "maximize")
+        hyper = {name: group[name] for name in names}
         for kernels, params in plan:
             grads = [p.grad for p in params]
             bufs: list[Tensor | None] = [self._buffer(p) for p in params] if use_momentum else []

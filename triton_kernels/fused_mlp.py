@@ -110,9 +110,6 @@ def _cfg(
 # needs 16).
 _NARROW = {w: _cfg(128, 4, 64, 64, 64, 4) for w in (16, 32)}
 _WIDE64 = _cfg(128, 8, 64, 64, 64, 4)
-# VALUE_STORES_Y: the folded loss without a backward still writes y (to a scratch buffer): the
-# store-free epilogue spills 16 bytes at sm_80 TF32, width 128.
-_SM80_TF32_128 = {**_cfg(128, 8, 16, 64, 64, 4), "VALUE_STORES_Y": 1}
 _FMA = {16: _cfg(64, 4, 16, 32, 16, 4), 32: _cfg(32, 4, 32, 32, 32, 4),
         64: _cfg(32, 8, 64, 32, 32, 4)}  # fmt: skip
 CONFIGS: dict[tuple[int, str], dict[int, dict[str, int]]] = {
@@ -120,12 +117,12 @@ CONFIGS: dict[tuple[int, str], dict[int, dict[str, int]]] = {
     (90, "tf32"): {**_NARROW, 64: _WIDE64, 128: _cfg(128, 8, 32, 64, 64, 4)},
     (90, "fp32"): _FMA,
     (80, "fp16"): {**_NARROW, 64: _WIDE64, 128: _cfg(128, 8, 32, 64, 64, 4)},
-    # VALUE_STORES_Y: the folded loss without a backward still writes y (to a scratch buffer):
-    # the store-free epilogue spills 16 bytes there.
+    # VALUE_AS_Y: the folded loss without a backward (no store at all) spills there (44-48
+    # bytes under Triton 3.9 at 32 to 128 rows): it runs the storing variant into scratch.
     (80, "tf32"): {
         **_NARROW,
         64: _WIDE64,
-        128: {**_cfg(128, 8, 16, 64, 64, 4), "VALUE_STORES_Y": 1},
+        128: {**_cfg(128, 8, 16, 64, 64, 4), "VALUE_AS_Y": 1},
     },
     (80, "fp32"): _FMA,
 }
@@ -898,31 +895,32 @@ def mlp_mse_forward(
         raise ValueError(f"mlp_mse_forward: mode {mode!r}, reduction {reduction!r}")
     M = x.shape[0]
     dims = _dims(weights)
+    cfg, meta = _common(x, dims, hidden_act, out_act)
     grad = mode != "value"
-    head = x.new_empty((M, dims[-1])) if grad else None
-    saved = [x.new_empty((M, w)) for w in dims[1:-1]] if grad else []
-    zo = x.new_empty((M, dims[-1])) if mode == "y" and out_preact else None
+    # VALUE_AS_Y: where the store-free "value" variant spills, the "y" one runs instead, into
+    # scratch buffers that are dropped.
+    stores = grad or bool(cfg.get("VALUE_AS_Y"))
+    head = x.new_empty((M, dims[-1])) if stores else None
+    saved = [x.new_empty((M, w)) for w in dims[1:-1]] if stores else []
+    zo = x.new_empty((M, dims[-1])) if stores and out_preact else None
     result = [*saved, zo] if grad else []
     loss = torch.empty((), dtype=loss_dtype, device=x.device)
     if M == 0:  # the mean of no elements is NaN, as natively
         return loss.fill_(float("nan") if reduction == "mean" else 0.0), head, result
-    cfg, meta = _common(x, dims, hidden_act, out_act)
     tiles = triton.cdiv(M, cfg["BLOCK_M"])
     target = target.contiguous()
     partials = torch.empty(tiles, dtype=acc_dtype(x.dtype), device=x.device)
-    if mode == "value" and cfg.get("VALUE_STORES_Y"):  # the store-free variant spills here
-        mode, head_out = "y", x.new_empty((M, dims[-1]))  # y to a scratch buffer, dropped
-    else:
-        head_out = x if head is None else head
-    _launch_forward(x, head_out, zo, saved, weights, biases, slopes, cfg, meta, target=target,
-                    partials=partials, HIDDEN_PREACT=hidden_preact,
-                    STORE_OUT_PREACT=zo is not None, LOSS=mode,
+    _launch_forward(x, x if head is None else head, zo, saved, weights, biases, slopes, cfg,
+                    meta, target=target, partials=partials, HIDDEN_PREACT=hidden_preact,
+                    STORE_OUT_PREACT=zo is not None, LOSS="y" if stores else "value",
                     LOSS_MEAN=reduction == "mean")  # fmt: skip
     cuda = gpu_code(x.device)
     launch(
         mlp_loss_reduce_kernel, (1,), partials, loss, tiles, M * dims[-1], MEAN=reduction == "mean",
         BLOCK=REDUCE_BLOCK["cuda" if cuda else "interpreter"], num_warps=4,
     )  # fmt: skip
+    if not grad:
+        head = None
     return loss, head, result
 
 

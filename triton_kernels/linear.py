@@ -68,9 +68,12 @@ __all__ = ["CHAIN_EXCLUDED", "CUBLAS_MARGIN", "ELEMENTWISE_CONFIGS", "EPILOGUE_C
 # act_grad: each program walks ROW_STEPS blocks of BLOCK_M rows of one BLOCK_N column block,
 # so the partials buffer has cdiv(M, BLOCK_M * ROW_STEPS) rows. bias_grad sums BLOCK_R rows of
 # partials per step. fp64 math (libdevice erf, exp) is register-hungry: smaller tiles (the
-# audit shows 16x128 with 4 warps spilling for fp64 GELU).
+# audit shows 16x128 with 4 warps spilling for fp64 GELU). sin's derivative (libdevice cosf
+# and its range reduction, inlined per element) spills at 32 elements a thread (bf16, sm_80):
+# half the rows per block, twice the steps (the same rows per program and partials).
 ELEMENTWISE_CONFIGS: dict[str, dict[str, int]] = {
     "cuda": dict(BLOCK_M=32, BLOCK_N=128, ROW_STEPS=8, BLOCK_R=32, num_warps=4),
+    "cuda_sin": dict(BLOCK_M=16, BLOCK_N=128, ROW_STEPS=16, BLOCK_R=32, num_warps=4),
     "cuda_fp64": dict(BLOCK_M=8, BLOCK_N=128, ROW_STEPS=32, BLOCK_R=16, num_warps=4),
     "interpreter": dict(BLOCK_M=8, BLOCK_N=32, ROW_STEPS=2, BLOCK_R=4, num_warps=4),
 }
@@ -500,6 +503,8 @@ def act_grad_and_bias(grad_y: Tensor, saved: Tensor | None, activation: str | No
     ``store_dz``, its row sums db when ``compute_db`` (``None`` otherwise)."""
     M, N = grad_y.shape
     cfg = _elementwise(ELEMENTWISE_CONFIGS, grad_y)
+    if activation == "sin" and cfg is ELEMENTWISE_CONFIGS["cuda"]:
+        cfg = ELEMENTWISE_CONFIGS["cuda_sin"]
     grid_m = triton.cdiv(M, cfg["BLOCK_M"] * cfg["ROW_STEPS"])
     dz = grad_y.new_empty((M, N)) if store_dz else None
     part = grad_y.new_empty((grid_m, N), dtype=acc_dtype(grad_y.dtype)) if compute_db else None

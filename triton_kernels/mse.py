@@ -89,7 +89,8 @@ _REDUCTIONS = ("none", "mean", "sum")
 #   compiles to at most 128 registers on sm_80 and sm_90).
 # * "elementwise": the recomputing backward (one block per program).
 # * "scale": the in-place scale of the forward's gradient, at most one program per SM: a wide
-#   block keeps 32 KB of fp32 loads in flight per SM.
+#   block keeps 32 KB of fp32 loads in flight per SM. fp64 ("scale_fp64"): 8 warps, whose
+#   255-register cap fits the 4-d strided index math (16 warps cap a thread at 128 and spill).
 # The interpreter gets small blocks so that small test tensors still cover several programs,
 # multi-block segments, full and partial blocks; tests may patch these.
 CONFIGS: dict[str, dict[str, dict[str, int]]] = {
@@ -99,6 +100,7 @@ CONFIGS: dict[str, dict[str, dict[str, int]]] = {
         "fwd_strided": dict(BLOCK=1024, PARTIALS=2048, PROGRAMS_PER_SM=4, num_warps=4),
         "elementwise": dict(BLOCK=2048, num_warps=8),
         "scale": dict(BLOCK=8192, num_warps=16),
+        "scale_fp64": dict(BLOCK=4096, num_warps=8),
     },
     "interpreter": {
         "fwd": dict(BLOCK=64, PARTIALS=8, PROGRAMS_PER_SM=1, num_warps=1),
@@ -106,6 +108,7 @@ CONFIGS: dict[str, dict[str, dict[str, int]]] = {
         "fwd_strided": dict(BLOCK=64, PARTIALS=8, PROGRAMS_PER_SM=1, num_warps=1),
         "elementwise": dict(BLOCK=64, num_warps=1),
         "scale": dict(BLOCK=64, num_warps=1),
+        "scale_fp64": dict(BLOCK=64, num_warps=1),
     },
 }
 
@@ -116,11 +119,11 @@ def launch_config(
     """The launch config of ``kind`` (``"fwd"``, ``"elementwise"`` or ``"scale"``) for a layout
     of ``ndim`` merged dims of ``dtype``: the CUDA one or the interpreter's (``cuda=None``:
     whichever this process runs). ``"fwd"`` resolves to ``"fwd_strided"`` for 2 or more dims,
-    else to ``"fwd_fp64"`` for fp64."""
+    else to ``"fwd_fp64"`` for fp64; ``"scale"`` to ``"scale_fp64"`` for fp64."""
     if kind == "fwd" and ndim >= 2:
         kind = "fwd_strided"
-    elif kind == "fwd" and dtype == torch.float64:
-        kind = "fwd_fp64"
+    elif kind in ("fwd", "scale") and dtype == torch.float64:
+        kind += "_fp64"
     if cuda is None:
         cuda = not interpreting()
     return CONFIGS["cuda" if cuda else "interpreter"][kind]
@@ -135,9 +138,9 @@ def programs(units: int, per_sm: int, device: torch.device) -> int:
     return max(1, min(units, per_sm * sms))
 
 
-def scale_programs(n: int, device: torch.device) -> int:
+def scale_programs(n: int, device: torch.device, dtype: torch.dtype | None = None) -> int:
     """The grid of :func:`mse_grad_scale_` on ``n`` elements: at most one program per SM."""
-    block = launch_config("scale", cuda=gpu_code(device))["BLOCK"]
+    block = launch_config("scale", cuda=gpu_code(device), dtype=dtype)["BLOCK"]
     return programs(triton.cdiv(n, block), 1, device)
 
 
@@ -600,10 +603,10 @@ def mse_grad_scale_(grad: Tensor, grad_output: Tensor) -> Tensor:
         mse_grad_scale_(tmp, grad_output)
         return grad.copy_(tmp)
     ndim, contiguous, sizes, (strides,) = _padded(sizes, [strides])
-    cfg = launch_config("scale", cuda=gpu_code(grad.device))
+    cfg = launch_config("scale", cuda=gpu_code(grad.device), dtype=grad.dtype)
     with on_device(grad.device):
         launch(
-            _grad_scale_kernel, (scale_programs(n, grad.device),), grad, grad_output, n,
+            _grad_scale_kernel, (scale_programs(n, grad.device, grad.dtype),), grad, grad_output, n,
             sizes[1], sizes[2], sizes[3], *strides,
             NDIM=ndim, CONTIG=contiguous, ACC=tl_acc_dtype(grad.dtype), BLOCK=cfg["BLOCK"],
             num_warps=cfg["num_warps"],

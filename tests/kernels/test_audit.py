@@ -206,7 +206,9 @@ def test_mse_and_sgd_kernels_are_audited():
         if j["kernel"] == "sgd":
             return sgd.launch_config(cuda=True)
         kind = "scale" if j["kernel"] == "grad_scale" else "elementwise"
-        return mse.launch_config(kind, cuda=True)
+        return mse.launch_config(
+            kind, cuda=True, dtype=torch.float64 if j["dtype"] == "fp64" else None
+        )
 
     mine = [j for j in jobs if j["kernel"] in names]
     for j in mine:

@@ -501,14 +501,14 @@ def test_forward_is_independent_of_the_grid(monkeypatch, case, dtype):
 
 @pytest.mark.parametrize(
     "n, dtype, segment_blocks, segments",
-    [(1 << 26, torch.float32, 8, 2048), (1 << 26, torch.float16, 8, 2048),
-     (1 << 26, torch.float64, 16, 2048), (1 << 20, torch.float32, 1, 256),
-     (3 * 4096 + 5, torch.float32, 1, 4)],
+    [(1 << 26, torch.float32, 16, 2048), (1 << 26, torch.float16, 16, 2048),
+     (1 << 26, torch.float64, 32, 2048), (1 << 20, torch.float32, 1, 512),
+     (3 * 4096 + 5, torch.float32, 1, 7)],
 )  # fmt: skip
 @needs_kernels
 def test_forward_plan_on_a_132_sm_gpu(n, dtype, segment_blocks, segments):
     """What the launcher would launch on sm_90 with 132 SMs (recorded, nothing run, ``meta``
-    tensors): 2 programs per SM at most, at most 2048 partials; the kernel's only per-element
+    tensors): 4 programs per SM at most, at most 2048 partials; the kernel's only per-element
     traffic is input and target read and the gradient written (12 bytes per fp32 element), the
     partials add at most 2048 accumulator values."""
     x = torch.empty(n, dtype=dtype, device="meta")
@@ -516,7 +516,7 @@ def test_forward_plan_on_a_132_sm_gpu(n, dtype, segment_blocks, segments):
         loss, grad = mse.mse_forward(x, x, "mean", compute_grad=True)
     (fwd,) = launches
     x_arg, t_arg, out, grad_arg, partials, counter = fwd.args[:6]
-    assert fwd.grid == (min(segments, 2 * 132),)
+    assert fwd.grid == (min(segments, 4 * 132),)
     assert fwd.args[7:9] == (segment_blocks, segments)  # segment_blocks, n_segments
     assert partials.numel() == segments and partials.dtype == _host.acc_dtype(dtype)
     assert x_arg is x and t_arg is x and grad_arg is grad and out is loss

@@ -79,14 +79,16 @@ INTERPRETER_SMS = 3
 _REDUCTIONS = ("none", "mean", "sum")
 
 # Fixed launch configurations, as data (the audit compiles the "cuda" ones).
-# * "fwd": the forward kernel for contiguous layouts (one merged dim), "fwd_fp64" the same for
-#   fp64 (a block of 16 KB per operand, as fp32's: 4096 fp64 took 167 registers), "fwd_strided"
-#   for 2 to 4 merged dims (the per-element div/mod index math: 4096 x 8 warps took 168-200
-#   registers for 2 dims and spilled for 4). PARTIALS: the most segments (and partial sums) a
-#   reduction is cut into, and the lanes of the last program's single load over them.
-#   PROGRAMS_PER_SM: the persistent grid's programs per SM, all resident at once:
-#   PROGRAMS_PER_SM * num_warps * 32 threads * 128 registers = 64K registers (every variant
-#   compiles to at most 128 registers on sm_80 and sm_90).
+# * "fwd": the forward kernel for contiguous layouts (one merged dim): 2048 elements a block,
+#   4 programs per SM (4096 with 2 spilled in fp16/bf16 under Triton 3.6 on sm_80: the same
+#   bytes in flight per SM); "fwd_fp64" the same bytes for fp64 (2048 with 2 spilled on sm_80
+#   under Triton 3.6),
+#   "fwd_strided" for 2 to 4 merged dims (the per-element div/mod index math: 4096 x 8 warps
+#   took 168-200 registers for 2 dims and spilled for 4). PARTIALS: the most segments (and
+#   partial sums) a reduction is cut into, and the lanes of the last program's single load
+#   over them. PROGRAMS_PER_SM: the persistent grid's programs per SM, all resident at once:
+#   PROGRAMS_PER_SM * num_warps * 32 threads * registers <= 64K (the audit's register counts:
+#   at most 64 for "fwd", 128 for the others, on sm_80 and sm_90).
 # * "elementwise": the recomputing backward (one block per program).
 # * "scale": the in-place scale of the forward's gradient, at most one program per SM: a wide
 #   block keeps 32 KB of fp32 loads in flight per SM. fp64 ("scale_fp64"): 8 warps, whose
@@ -95,8 +97,8 @@ _REDUCTIONS = ("none", "mean", "sum")
 # multi-block segments, full and partial blocks; tests may patch these.
 CONFIGS: dict[str, dict[str, dict[str, int]]] = {
     "cuda": {
-        "fwd": dict(BLOCK=4096, PARTIALS=2048, PROGRAMS_PER_SM=2, num_warps=8),
-        "fwd_fp64": dict(BLOCK=2048, PARTIALS=2048, PROGRAMS_PER_SM=2, num_warps=8),
+        "fwd": dict(BLOCK=2048, PARTIALS=2048, PROGRAMS_PER_SM=4, num_warps=8),
+        "fwd_fp64": dict(BLOCK=1024, PARTIALS=2048, PROGRAMS_PER_SM=4, num_warps=8),
         "fwd_strided": dict(BLOCK=1024, PARTIALS=2048, PROGRAMS_PER_SM=4, num_warps=4),
         "elementwise": dict(BLOCK=2048, num_warps=8),
         "scale": dict(BLOCK=8192, num_warps=16),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from numbers import Real
 from typing import Literal, NamedTuple
 
 import torch
@@ -354,6 +355,8 @@ def resolve_param(name: str | None, value: float | None) -> float:
     activation's own default (leaky_relu's slope 0.01, softplus's beta and sin's omega 1); a
     placeholder 0.01 for activations without one."""
     if value is not None:
+        if not isinstance(value, Real) or isinstance(value, bool):
+            raise TypeError(f"negative_slope must be a real number, got {type(value).__name__}")
         return float(value)
     fn = ACTIVATIONS.get(name) if name is not None else None
     return fn.param_default if fn is not None and fn.slope_attr else 0.01

@@ -319,3 +319,12 @@ def test_sdf_example_runs(tmp_path):
     args = ["--points", "64", "--steps", "3", "--threads", threads, "--out", str(out)]
     assert example.main(args) == 0
     assert out.stat().st_size > 0
+
+
+def test_a_parameter_that_is_not_a_real_number_is_a_type_error():
+    w, x = [torch.randn(4, 3)], torch.randn(2, 3)
+    for bad in ("2", True, torch.tensor(2.0)):
+        with pytest.raises(TypeError, match="real number"):
+            fused_mlp(x, w, [None], "softplus", negative_slope=bad)
+    with pytest.raises(TypeError, match="real number"):
+        manualbp.Linear(3, 4, activation="sin", negative_slope="1")
